@@ -1,0 +1,76 @@
+"""Settings: one pydantic-settings object. Building it reads the environment and nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class Settings(BaseSettings):
+    """Every knob of DAN. Each field can be set as an environment variable ``DAN_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="DAN_", extra="ignore")
+
+    # HTTP
+    host: str = Field("127.0.0.1", description="address the API listens on")
+    port: int = Field(6006, ge=0, le=65535, description="port the API listens on")
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="largest request body accepted, in bytes"
+    )
+    sync_timeout_s: float = Field(
+        120.0, gt=0, description="how long a synchronous request waits before answering timeout"
+    )
+    poll_interval_s: float = Field(
+        0.05, gt=0, description="how often a waiting request looks at its task (seconds)"
+    )
+
+    # Where things live
+    data_dir: Path = Field(Path("data"), description="database, results and caches")
+    models_dir: Path = Field(Path("models"), description="checkpoints, loras, controlnet, upscalers")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default: SQLite file inside data_dir"
+    )
+
+    # Models
+    download: bool = Field(True, description="pull the default checkpoint when none is installed")
+    allow_ckpt: bool = Field(
+        False, description="load pickled .ckpt files (unpickling can run code; trust them first)"
+    )
+    default_model: str | None = Field(
+        None, description="checkpoint used when a request names none (hash or name)"
+    )
+
+    # Queue
+    max_pending_per_account: int = Field(10, ge=1, description="pending tasks per account")
+    result_ttl_s: float = Field(24 * 3600.0, gt=0, description="how long results are kept")
+    lease_s: float = Field(30.0, gt=0, description="a worker's claim lasts this long unrenewed")
+    max_attempts: int = Field(3, ge=1, description="tries before a task whose worker died fails")
+    max_prompt_chars: int = Field(8000, ge=1, description="longest prompt accepted")
+
+    # Worker / engine
+    worker: bool = Field(True, description="run a local worker next to the API")
+    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, ...")
+    dtype: DType = Field("auto", description="auto: fp16 on CUDA, bf16 on CPUs with native bf16")
+    cpu_threads: int = Field(0, ge=0, description="torch threads on CPU (0: torch's default)")
+    pipeline_cache_bytes: int = Field(
+        12 * 1024**3, ge=0, description="memory budget for checkpoints kept loaded"
+    )
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'dan.sqlite3').resolve()}"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
