@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Any
@@ -114,9 +113,9 @@ class TaskRecord:
     kind: TaskKind
     status: TaskStatus
     params: dict[str, Any]
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: float  # UNIX seconds
+    started_at: float | None = None
+    finished_at: float | None = None
     progress: float = 0.0
     error: str | None = None
     result: TaskResult = field(default_factory=TaskResult)

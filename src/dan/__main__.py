@@ -1,0 +1,5 @@
+import sys
+
+from dan.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The queue: TaskService (business rules), TaskStore (SQL, claims, leases), TaskWatcher."""

@@ -1,0 +1,237 @@
+"""The TaskStore contract, on SQLite and (when configured) PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from sqlalchemy import Engine
+
+from dan.domain import TaskKind, TaskResult, TaskStatus
+from dan.errors import TooManyPendingTasks
+from dan.tasks.store import CANCELLED_MESSAGE, NewTask, SqlTaskStore
+from tests.store.conftest import Clock
+
+LEASE = 30.0
+
+
+def submit(store: SqlTaskStore, account: str = "alice", max_pending: int = 100) -> str:
+    task = NewTask(str(uuid.uuid4()), account, TaskKind.TXT2IMG, {"prompt": account})
+    return store.submit(task, max_pending=max_pending).id
+
+
+def claim_all(store: SqlTaskStore) -> list[str]:
+    """Claim and complete every pending task; the accounts in the order they ran."""
+    order = []
+    while (task := store.claim("w", lease_s=LEASE)) is not None:
+        order.append(task.params["prompt"])
+        assert store.complete(task.id, "w", TaskResult(("k",), (1,)))
+    return order
+
+
+def test_submit_then_get_round_trips(store: SqlTaskStore) -> None:
+    task_id = submit(store)
+    record = store.get(task_id)
+    assert record is not None
+    assert (record.status, record.queue_position, record.params) == (
+        TaskStatus.PENDING,
+        1,
+        {"prompt": "alice"},
+    )
+    assert store.get("no-such-task") is None
+
+
+def test_fifo_within_an_account(store: SqlTaskStore) -> None:
+    ids = [submit(store) for _ in range(4)]
+    assert [store.get(i).queue_position for i in ids] == [1, 2, 3, 4]  # type: ignore[union-attr]
+    claimed = [store.claim("w", lease_s=LEASE) for _ in ids]
+    assert [c.id for c in claimed if c] == ids
+
+
+def test_accounts_interleave_round_robin(store: SqlTaskStore) -> None:
+    for account in ["a", "a", "a", "b", "b", "c"]:
+        submit(store, account)
+    assert claim_all(store) == ["a", "b", "c", "a", "b", "a"]
+
+
+def test_queue_position_counts_the_tasks_that_run_first(store: SqlTaskStore) -> None:
+    a = [submit(store, "a") for _ in range(3)]
+    b1 = submit(store, "b")
+    # b's first task runs right after a's first: a flood from one account does not bury it.
+    assert store.get(b1).queue_position == 2  # type: ignore[union-attr]
+    assert store.get(a[2]).queue_position == 4  # type: ignore[union-attr]
+    store.claim("w", lease_s=LEASE)
+    assert store.get(b1).queue_position == 1  # type: ignore[union-attr]
+    assert store.get(a[0]).queue_position == 0  # type: ignore[union-attr]
+
+
+def test_an_account_arriving_late_waits_for_one_round_not_the_backlog(store: SqlTaskStore) -> None:
+    for _ in range(6):
+        submit(store, "flood")
+    store.claim("w", lease_s=LEASE)
+    store.claim("w", lease_s=LEASE)
+    late = submit(store, "late")
+    # Behind the flood's next task only, not behind its 4 pending ones.
+    assert store.get(late).queue_position == 2  # type: ignore[union-attr]
+    assert claim_all(store) == ["flood", "late", "flood", "flood", "flood"]
+
+
+def test_pending_limit_per_account(store: SqlTaskStore) -> None:
+    for _ in range(3):
+        submit(store, "a", max_pending=3)
+    with pytest.raises(TooManyPendingTasks):
+        submit(store, "a", max_pending=3)
+    submit(store, "b", max_pending=3)  # other accounts are not affected
+    store.claim("w", lease_s=LEASE)
+    submit(store, "a", max_pending=3)  # a running task no longer counts as pending
+
+
+def test_claim_is_exclusive_under_concurrency(store: SqlTaskStore) -> None:
+    ids = {submit(store, f"acct{i % 3}") for i in range(30)}
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def work(name: str) -> None:
+        while (task := store.claim(name, lease_s=LEASE)) is not None:
+            with lock:
+                claimed.append(task.id)
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(ids)
+
+
+def test_success_stores_the_result(store: SqlTaskStore) -> None:
+    task_id = submit(store)
+    task = store.claim("w", lease_s=LEASE)
+    assert task is not None and task.attempt == 1
+    assert store.complete(task_id, "w", TaskResult(("x/0.png",), (42,)))
+    record = store.get(task_id)
+    assert record is not None
+    assert (record.status, record.result.image_keys, record.result.seeds, record.progress) == (
+        TaskStatus.SUCCESS,
+        ("x/0.png",),
+        (42,),
+        1.0,
+    )
+
+
+def test_failure_keeps_its_message(store: SqlTaskStore) -> None:
+    task_id = submit(store)
+    store.claim("w", lease_s=LEASE)
+    assert store.fail(task_id, "w", "out of memory")
+    record = store.get(task_id)
+    assert record is not None and (record.status, record.error) == (TaskStatus.FAILURE, "out of memory")
+
+
+def test_cancel_pending_never_runs(store: SqlTaskStore) -> None:
+    task_id = submit(store)
+    record = store.cancel(task_id)
+    assert record is not None and record.status == TaskStatus.FAILURE
+    assert record.error == CANCELLED_MESSAGE
+    assert store.claim("w", lease_s=LEASE) is None
+
+
+def test_cancel_processing_asks_the_worker_to_stop(store: SqlTaskStore) -> None:
+    task_id = submit(store)
+    store.claim("w", lease_s=LEASE)
+    assert not store.heartbeat(task_id, "w", lease_s=LEASE).cancel_requested
+    store.cancel(task_id)
+    beat = store.heartbeat(task_id, "w", lease_s=LEASE, progress=0.5)
+    assert beat.held and beat.cancel_requested
+
+
+def test_heartbeat_records_progress(store: SqlTaskStore) -> None:
+    task_id = submit(store)
+    store.claim("w", lease_s=LEASE)
+    store.heartbeat(task_id, "w", lease_s=LEASE, progress=0.25)
+    assert store.get(task_id).progress == 0.25  # type: ignore[union-attr]
+
+
+def test_expired_lease_requeues_and_late_result_is_rejected(store: SqlTaskStore, clock: Clock) -> None:
+    task_id = submit(store)
+    store.claim("dead", lease_s=LEASE)
+    clock.advance(LEASE - 1)
+    assert store.requeue_expired(max_attempts=3) == 0
+    clock.advance(2)
+    assert store.requeue_expired(max_attempts=3) == 1
+    record = store.get(task_id)
+    assert record is not None and (record.status, record.queue_position) == (TaskStatus.PENDING, 1)
+    retry = store.claim("alive", lease_s=LEASE)
+    assert retry is not None and (retry.id, retry.attempt) == (task_id, 2)
+    # The first worker comes back too late: nothing it says changes the task.
+    assert not store.heartbeat(task_id, "dead", lease_s=LEASE).held
+    assert not store.complete(task_id, "dead", TaskResult(("late",), (0,)))
+    assert store.complete(task_id, "alive", TaskResult(("ok",), (1,)))
+    assert store.get(task_id).result.image_keys == ("ok",)  # type: ignore[union-attr]
+
+
+def test_heartbeats_keep_the_lease(store: SqlTaskStore, clock: Clock) -> None:
+    task_id = submit(store)
+    store.claim("w", lease_s=LEASE)
+    for _ in range(5):
+        clock.advance(LEASE / 2)
+        assert store.heartbeat(task_id, "w", lease_s=LEASE).held
+        assert store.requeue_expired(max_attempts=3) == 0
+
+
+def test_gives_up_after_max_attempts(store: SqlTaskStore, clock: Clock) -> None:
+    task_id = submit(store)
+    for _ in range(2):
+        assert store.claim("w", lease_s=LEASE) is not None
+        clock.advance(LEASE + 1)
+        store.requeue_expired(max_attempts=2)
+    record = store.get(task_id)
+    assert record is not None and record.status == TaskStatus.FAILURE
+    assert "stopped responding 2 times" in (record.error or "")
+
+
+def test_release_worker_requeues_what_it_held(store: SqlTaskStore) -> None:
+    task_id = submit(store)
+    store.claim("restarted", lease_s=LEASE)
+    assert store.release_worker("other") == 0
+    assert store.release_worker("restarted") == 1
+    assert store.get(task_id).status == TaskStatus.PENDING  # type: ignore[union-attr]
+
+
+def test_statuses_reads_many_at_once(store: SqlTaskStore) -> None:
+    a, b = submit(store), submit(store)
+    store.claim("w", lease_s=LEASE)
+    assert store.statuses([a, b, "missing"]) == {a: TaskStatus.PROCESSING, b: TaskStatus.PENDING}
+
+
+def test_old_results_are_listed_and_marked_expired(store: SqlTaskStore, clock: Clock) -> None:
+    task_id = submit(store)
+    store.claim("w", lease_s=LEASE)
+    store.complete(task_id, "w", TaskResult(("k",), (1,)))
+    assert store.finished_before(clock.now - 10, limit=10) == []
+    clock.advance(100)
+    assert [r.id for r in store.finished_before(clock.now - 10, limit=10)] == [task_id]
+    store.mark_expired([task_id])
+    assert store.finished_before(clock.now, limit=10) == []
+    assert store.get(task_id).expired  # type: ignore[union-attr]
+
+
+def test_statistics_count_successes_by_age(store: SqlTaskStore, clock: Clock) -> None:
+    for _ in range(2):
+        submit(store)
+    claim_all(store)
+    clock.advance(2 * 86400)
+    submit(store)
+    claim_all(store)
+    failed = submit(store)
+    store.claim("w", lease_s=LEASE)
+    store.fail(failed, "w", "boom")
+    stats = store.statistics()
+    assert (stats.total, stats.last_day, stats.last_week) == (3, 1, 3)
+
+
+def test_migrations_are_idempotent(db_url: str, db: Engine) -> None:
+    from dan.tasks.db import migrate
+
+    migrate(db_url)  # the fixture already migrated once
+    assert SqlTaskStore(db).statistics().total == 0
