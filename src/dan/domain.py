@@ -41,7 +41,9 @@ class ModelKind(StrEnum):
     @property
     def folder(self) -> str:
         """Sub-folder of the models directory holding this kind."""
-        return {"checkpoint": "checkpoints", "lora": "loras"}.get(self.value, self.value)
+        return {"checkpoint": "checkpoints", "lora": "loras", "upscaler": "upscalers"}.get(
+            self.value, self.value
+        )
 
 
 @dataclass(frozen=True)
