@@ -1,0 +1,1 @@
+"""The HTTP edge: app factory, thin routers, wire schemas, one error-to-response table."""

@@ -1,0 +1,60 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from dan import __version__
+from dan.api.errors import install_error_handlers
+from dan.api.generation import ApiContext
+from dan.api.limits import BodySizeLimit
+from dan.api.routes import sd, system, v0
+from dan.services import Services
+from dan.tasks.watcher import TaskWatcher, running
+
+log = logging.getLogger(__name__)
+SWEEP_INTERVAL_S = 5.0
+
+
+async def _sweep_forever(services: Services) -> None:
+    """Re-queue lost tasks and delete expired results, forever; errors are logged."""
+    while True:
+        try:
+            await asyncio.to_thread(services.tasks.sweep, time.time())
+        except Exception:
+            log.exception("sweep failed; will retry")
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+
+
+def create_app(services: Services) -> FastAPI:
+    """The DAN HTTP API over ``services``; OpenAPI docs at /docs."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        watcher = TaskWatcher(services.store, interval_s=services.settings.poll_interval_s)
+        app.state.ctx = ApiContext(services=services, watcher=watcher)
+        sweeper = asyncio.create_task(_sweep_forever(services), name="sweeper")
+        async with running(watcher):
+            yield
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+
+    app = FastAPI(
+        title="DAN",
+        version=__version__,
+        description="Stable Diffusion image generation: the DAN API.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(sd.router)
+    app.include_router(v0.router)
+    app.include_router(system.router)
+    app.add_middleware(BodySizeLimit, max_bytes=services.settings.max_body_bytes)
+    return app

@@ -1,0 +1,72 @@
+"""The one table from errors to responses: the DAN envelope, or the v0 format under /v0."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from dan.errors import DanError, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+V0_PREFIX = "/v0"
+
+
+def is_v0(request: Request) -> bool:
+    return request.url.path.startswith(V0_PREFIX + "/")
+
+
+def error_response(request: Request, status: int, code: int, message: str, data: Any = None) -> JSONResponse:
+    """Failure as the reference says: ``{code, message}`` (+ ``data`` when it helps), or v0's
+    ``{"msg"}`` (``{"detail"}`` for interrogate)."""
+    if is_v0(request):
+        return JSONResponse({"msg": message}, status_code=status)
+    body: dict[str, Any] = {"code": code, "message": message}
+    if data:
+        body["data"] = data
+    return JSONResponse(body, status_code=status)
+
+
+def describe_validation_error(exc: RequestValidationError) -> str:
+    """One sentence naming the first bad field and what is valid, e.g.
+    ``Invalid height: must be a multiple of 8 between 64 and 2048, got 500``."""
+    first = exc.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return "the request body is not valid JSON"
+    if not loc or kind in ("model_attributes_type", "dict_type"):
+        return "the request body must be a JSON object"
+    message = str(first.get("msg", "invalid value"))
+    if kind == "missing":
+        message = "is required"
+    return f"Invalid {'.'.join(loc)}: {message}"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def dan_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, DanError)
+        return error_response(request, exc.http_status, exc.code, exc.message, exc.data)
+
+    async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(request, 400, InvalidArgument.code, describe_validation_error(exc))
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        code = InvalidArgument.code if exc.status_code < 500 else DanError.code
+        return error_response(request, exc.status_code, code, str(exc.detail))
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        return error_response(request, 500, DanError.code, "internal server error")
+
+    app.add_exception_handler(DanError, dan_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

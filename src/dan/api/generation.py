@@ -1,0 +1,93 @@
+"""What the current and the v0 routers share: submit, wait, and turn a task into wire data."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from dan.api.schemas import Txt2ImgBody
+from dan.domain import TaskRecord, TaskStatus
+from dan.errors import NodeError, SyncTimeout, TaskCancelled
+from dan.services import Services
+from dan.tasks.service import Txt2ImgOrder
+from dan.tasks.store import CANCELLED_MESSAGE
+from dan.tasks.watcher import TaskWatcher
+
+
+@dataclass
+class ApiContext:
+    services: Services
+    watcher: TaskWatcher
+
+
+def context(request: Request) -> ApiContext:
+    ctx = request.app.state.ctx
+    assert isinstance(ctx, ApiContext)
+    return ctx
+
+
+def txt2img_order(body: Txt2ImgBody) -> Txt2ImgOrder:
+    return Txt2ImgOrder(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        seed=body.seed,
+        sampler_name=body.sampler_name,
+        steps=body.steps,
+        cfg_scale=body.cfg_scale,
+        width=body.width,
+        height=body.height,
+        model=body.model,
+    )
+
+
+async def submit_txt2img(ctx: ApiContext, account: str, body: Txt2ImgBody) -> TaskRecord:
+    order = txt2img_order(body)
+    return await asyncio.to_thread(ctx.services.tasks.submit_txt2img, account, order)
+
+
+async def wait_for_success(ctx: ApiContext, record: TaskRecord) -> dict[str, Any]:
+    """Wait for the task and return its result data; raise if it failed or took too long."""
+    timeout = ctx.services.settings.sync_timeout_s
+    finished = await ctx.watcher.wait(record.id, timeout)
+    record = await asyncio.to_thread(ctx.services.tasks.get, record.id)
+    if not finished or not record.status.finished:
+        raise SyncTimeout(
+            f"the task did not finish within {timeout:g} s; it keeps running: poll "
+            "/api/sd/task/status with its taskId",
+            taskId=record.id,
+            status=int(record.status),
+            queuePosition=record.queue_position,
+        )
+    if record.status == TaskStatus.FAILURE:
+        if record.error == CANCELLED_MESSAGE:
+            raise TaskCancelled(f"the task was {CANCELLED_MESSAGE}", taskId=record.id)
+        raise NodeError(record.error or "the task failed", taskId=record.id)
+    return await asyncio.to_thread(result_data, ctx, record)
+
+
+def result_data(ctx: ApiContext, record: TaskRecord) -> dict[str, Any]:
+    """``images`` (base64 PNGs) and ``seeds`` of a successful task."""
+    images = [base64.b64encode(png).decode("ascii") for png in ctx.services.tasks.images(record)]
+    return {"images": images, "seeds": list(record.result.seeds)}
+
+
+async def task_status(ctx: ApiContext, task_id: str, account: str | None) -> dict[str, Any]:
+    """The task-status data of the reference, plus ``progress`` and a failure ``message``."""
+    record = await asyncio.to_thread(ctx.services.tasks.get, task_id, account)
+    data: dict[str, Any] = {
+        "taskId": record.id,
+        "status": int(record.status),
+        "queuePosition": record.queue_position,
+        "progress": round(record.progress, 4),
+    }
+    if record.status == TaskStatus.SUCCESS:
+        data.update(await asyncio.to_thread(result_data, ctx, record))
+        if record.expired:
+            data["message"] = "the results of this task have expired and were deleted"
+    elif record.status == TaskStatus.FAILURE:
+        data["message"] = record.error or "the task failed"
+    return data

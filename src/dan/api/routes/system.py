@@ -1,0 +1,36 @@
+"""Health and the public API key the original example clients ask for first."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from sqlalchemy import text
+
+from dan import __version__
+from dan.api.generation import context
+from dan.api.routes.sd import ok
+from dan.errors import ResourceUnavailable
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/health", summary="Liveness and database reachability")
+async def health(request: Request) -> dict[str, Any]:
+    services = context(request).services
+
+    def check_db() -> None:
+        with services.db.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    try:
+        await asyncio.to_thread(check_db)
+    except Exception as exc:
+        raise ResourceUnavailable(f"database unreachable: {exc}") from exc
+    return ok({"status": "ok", "version": __version__})
+
+
+@router.get("/api/user/public-api-key", summary="A key any client may use (keyless mode)")
+async def public_api_key(request: Request) -> dict[str, Any]:
+    return ok({"apiKey": context(request).services.public_api_key})

@@ -1,0 +1,174 @@
+"""The ``dan`` command: parse arguments, build services, call one method, print."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from dan import __version__
+from dan.config import Settings
+from dan.domain import ModelKind
+from dan.errors import DanError
+
+log = logging.getLogger("dan")
+
+# (flag, settings field, help) for the options `dan serve` and `dan worker` share.
+COMMON_OPTIONS: list[tuple[str, str, str]] = [
+    ("--models-dir", "models_dir", "folder with checkpoints/, loras/, controlnet/, upscalers/"),
+    ("--data-dir", "data_dir", "folder for the database, results and caches"),
+    ("--database-url", "database_url", "SQLAlchemy URL (default: SQLite in the data dir)"),
+    ("--device", "device", "torch device: auto, cpu, cuda, cuda:1, ..."),
+    ("--dtype", "dtype", "auto, float32, float16 or bfloat16"),
+]
+SERVE_OPTIONS: list[tuple[str, str, str]] = [
+    ("--host", "host", "address to listen on"),
+    ("--port", "port", "port to listen on"),
+]
+
+
+def _add_options(parser: argparse.ArgumentParser, options: list[tuple[str, str, str]]) -> None:
+    defaults = Settings.model_fields
+    for flag, field, text in options:
+        default = defaults[field].default
+        parser.add_argument(
+            flag, dest=field, default=None, help=f"{text} [env DAN_{field.upper()}; default {default}]"
+        )
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """Environment first, then the command line on top."""
+    values = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that reproduces ``settings`` in a child process."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"DAN_{name.upper()}"] = str(value)
+    return env
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from dan.api.app import create_app
+    from dan.models.bootstrap import ensure_default_checkpoint
+    from dan.services import build_services
+    from dan.workers.supervisor import WorkerSupervisor
+
+    overrides: dict[str, Any] = {}
+    if args.no_download:
+        overrides["download"] = False
+    if args.no_worker:
+        overrides["worker"] = False
+    settings = _settings(args, **overrides)
+    services = build_services(settings)
+    threading.Thread(
+        target=ensure_default_checkpoint, args=(services.registry, settings), daemon=True
+    ).start()
+    supervisor = WorkerSupervisor(settings_env(settings)) if settings.worker else None
+    if supervisor:
+        supervisor.start()
+    try:
+        uvicorn.run(create_app(services), host=settings.host, port=settings.port, log_level="info")
+    finally:
+        if supervisor:
+            supervisor.stop()
+        services.close()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from dan.workers.local import exit_when_parent_dies, run_local_worker
+
+    if args.watch_stdin:
+        exit_when_parent_dies()
+    run_local_worker(_settings(args))
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from dan.models.registry import ModelRegistry
+
+    settings = _settings(args)
+    registry = ModelRegistry(settings.models_dir, settings.cache_dir, allow_ckpt=settings.allow_ckpt)
+    registry.scan()
+    kinds = [ModelKind(args.kind)] if args.kind else list(ModelKind)
+    for kind in kinds:
+        models = registry.list(kind)
+        print(f"{kind.folder}/ ({len(models)})")
+        for model in models:
+            print(f"  {model.sha256[:10]}  {model.name:40s}  {model.size / 1e6:10.1f} MB")
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from dan.models import catalog
+    from dan.models.download import pull
+
+    settings = _settings(args)
+    from dan.models.hashing import HashCache
+
+    entry = catalog.find(args.name)
+    hashes = HashCache(settings.cache_dir)
+    path = pull(entry, settings.models_dir, progress=sys.stderr.isatty(), hashes=hashes)
+    print(f"installed {path} (sha256 {entry.sha256})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dan", description="DAN image-generation network")
+    parser.add_argument("--version", action="version", version=f"dan {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the API with an embedded database and a local worker")
+    _add_options(serve, SERVE_OPTIONS + COMMON_OPTIONS)
+    serve.add_argument("--no-download", action="store_true", help="never pull the default checkpoint [env DAN_DOWNLOAD=false]")
+    serve.add_argument("--no-worker", action="store_true", help="API only, no local worker [env DAN_WORKER=false]")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run a worker on the server's database")
+    _add_options(worker, COMMON_OPTIONS)
+    worker.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes")
+    worker.set_defaults(func=cmd_worker)
+
+    models = sub.add_parser("models", help="list and download models").add_subparsers(
+        dest="models_command", required=True
+    )
+    listing = models.add_parser("list", help="installed models with their short hashes")
+    _add_options(listing, COMMON_OPTIONS[:2])
+    listing.add_argument("--kind", choices=[k.value for k in ModelKind])
+    listing.set_defaults(func=cmd_models_list)
+    pull = models.add_parser("pull", help="download a catalog model, verified by sha256")
+    _add_options(pull, COMMON_OPTIONS[:2])
+    pull.add_argument("name", help="catalog name or alias, e.g. chillout_mix")
+    pull.set_defaults(func=cmd_models_pull)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except DanError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""FakeEngine: the Engine contract without torch, for testing the layers above the seam.
+
+It draws a flat image whose colour comes from the seed, reports every step, and can be told
+to be slow or to fail, so tests of the worker loop and the API can exercise progress,
+cancellation and failure isolation quickly. The real engine has its own tests.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from PIL import Image as PILImage
+from PIL.Image import Image
+
+from dan.domain import GenerationRequest, InstalledModel, ProgressCallback
+from dan.errors import EngineError, FatalEngineError
+
+
+class FakeEngine:
+    FAIL_PROMPT = "fake:fail"
+    FATAL_PROMPT = "fake:fatal"
+
+    def __init__(self, *, step_s: float = 0.0) -> None:
+        self.step_s = step_s
+        self.calls: list[GenerationRequest] = []
+
+    def describe(self) -> dict[str, str]:
+        return {"device": "fake", "dtype": "none"}
+
+    def txt2img(
+        self, request: GenerationRequest, checkpoint: InstalledModel, progress: ProgressCallback
+    ) -> list[Image]:
+        self.calls.append(request)
+        if request.prompt == self.FATAL_PROMPT:
+            raise FatalEngineError("the fake device died")
+        for step in range(request.steps):
+            time.sleep(self.step_s)
+            progress(step + 1, request.steps)
+        if request.prompt == self.FAIL_PROMPT:
+            raise EngineError("the fake engine was told to fail")
+        colour = tuple(random.Random(request.seed).randrange(256) for _ in range(3))
+        return [PILImage.new("RGB", (request.width, request.height), colour)]

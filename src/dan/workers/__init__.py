@@ -1,0 +1,1 @@
+"""Workers: the loop that claims tasks and runs them on an engine, and its supervisor."""

@@ -1,0 +1,64 @@
+"""Runs the local worker as a child process and restarts it when it dies.
+
+The worker is a separate process so that the API process never imports torch, and so that a
+dead engine (a CUDA error, a crash in native code) costs one restart, not the server. The child
+reads its stdin until EOF: when the server dies, even by ``kill -9``, the pipe closes and the
+worker exits instead of running on as an orphan.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+
+log = logging.getLogger(__name__)
+
+MIN_BACKOFF_S, MAX_BACKOFF_S = 1.0, 30.0
+HEALTHY_AFTER_S = 60.0
+
+
+class WorkerSupervisor:
+    def __init__(self, env: Mapping[str, str], argv: list[str] | None = None) -> None:
+        self._env = dict(env)
+        self._argv = argv or [sys.executable, "-m", "dan", "worker", "--watch-stdin"]
+        self._stopping = threading.Event()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the worker (SIGTERM, then SIGKILL after ``timeout_s``) and stop restarting it."""
+        self._stopping.set()
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._thread.join(timeout_s)
+
+    def _supervise(self) -> None:
+        backoff = MIN_BACKOFF_S
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            self._process = subprocess.Popen(self._argv, env=self._env, stdin=subprocess.PIPE)
+            code = self._process.wait()
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - started > HEALTHY_AFTER_S:
+                backoff = MIN_BACKOFF_S
+            log.error("the local worker exited with code %s; restarting in %.0f s", code, backoff)
+            self._stopping.wait(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
