@@ -36,7 +36,10 @@ def _add_options(parser: argparse.ArgumentParser, options: list[tuple[str, str, 
     for flag, field, text in options:
         default = defaults[field].default
         parser.add_argument(
-            flag, dest=field, default=None, help=f"{text} [env DAN_{field.upper()}; default {default}]"
+            flag,
+            dest=field,
+            default=None,
+            help=f"{text} [env DAN_{field.upper()}; default {default}]",
         )
 
 
@@ -99,7 +102,9 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     from dan.models.registry import ModelRegistry
 
     settings = _settings(args)
-    registry = ModelRegistry(settings.models_dir, settings.cache_dir, allow_ckpt=settings.allow_ckpt)
+    registry = ModelRegistry(
+        settings.models_dir, settings.cache_dir, allow_ckpt=settings.allow_ckpt
+    )
     registry.scan()
     kinds = [ModelKind(args.kind)] if args.kind else list(ModelKind)
     for kind in kinds:
@@ -132,8 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the API with an embedded database and a local worker")
     _add_options(serve, SERVE_OPTIONS + COMMON_OPTIONS)
-    serve.add_argument("--no-download", action="store_true", help="never pull the default checkpoint [env DAN_DOWNLOAD=false]")
-    serve.add_argument("--no-worker", action="store_true", help="API only, no local worker [env DAN_WORKER=false]")
+    serve.add_argument(
+        "--no-download",
+        action="store_true",
+        help="never pull the default checkpoint [env DAN_DOWNLOAD=false]",
+    )
+    serve.add_argument(
+        "--no-worker", action="store_true", help="API only, no local worker [env DAN_WORKER=false]"
+    )
     serve.set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="run a worker on the server's database")
@@ -161,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return int(args.func(args))
     except DanError as exc:

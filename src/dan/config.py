@@ -31,7 +31,9 @@ class Settings(BaseSettings):
 
     # Where things live
     data_dir: Path = Field(Path("data"), description="database, results and caches")
-    models_dir: Path = Field(Path("models"), description="checkpoints, loras, controlnet, upscalers")
+    models_dir: Path = Field(
+        Path("models"), description="checkpoints, loras, controlnet, upscalers"
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default: SQLite file inside data_dir"
     )

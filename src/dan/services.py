@@ -37,7 +37,9 @@ def build_services(settings: Settings) -> Services:
     db = create_db_engine(settings.db_url)
     store = SqlTaskStore(db)
     blobs = LocalBlobStore(settings.results_dir)
-    registry = ModelRegistry(settings.models_dir, settings.cache_dir, allow_ckpt=settings.allow_ckpt)
+    registry = ModelRegistry(
+        settings.models_dir, settings.cache_dir, allow_ckpt=settings.allow_ckpt
+    )
     registry.scan()
     tasks = TaskService(store, blobs, registry, settings)
     key = public_api_key(settings.data_dir)

@@ -21,7 +21,9 @@ def small(**fields: Any) -> dict[str, Any]:
     return {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, **fields}
 
 
-def wait_status(api: Api, task_id: str, statuses: set[int], timeout: float = 10.0) -> dict[str, Any]:
+def wait_status(
+    api: Api, task_id: str, statuses: set[int], timeout: float = 10.0
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         data = api.post("/api/sd/task/status", {"taskId": task_id})["data"]
@@ -35,7 +37,10 @@ def test_async_answers_at_once_with_queue_positions(api: Api) -> None:
     first = api.post(f"{TXT2IMG}/async", small())
     second = api.post(f"{TXT2IMG}/async", small())
     assert first["_http"] == 200 and first["code"] == 200 and first["message"] == "success"
-    assert {k: first["data"][k] for k in ("status", "queuePosition")} == {"status": 0, "queuePosition": 1}
+    assert {k: first["data"][k] for k in ("status", "queuePosition")} == {
+        "status": 0,
+        "queuePosition": 1,
+    }
     assert second["data"]["queuePosition"] == 2
     status = api.post("/api/sd/task/status", {"taskId": second["data"]["taskId"]})
     assert status["data"] == {
@@ -54,7 +59,10 @@ def test_sync_txt2img_returns_png_with_parameters(api: Api) -> None:
     png = base64.b64decode(reply["data"]["images"][0])
     assert Image.open(io.BytesIO(png)).size == (64, 64)
     parameters = read_parameters(png) or ""
-    assert parameters.startswith("a cat\nNegative prompt: dog\nSteps: 2, Sampler: Euler a, CFG scale: 6.5, Seed: 1234, Size: 64x64")
+    assert parameters.startswith(
+        "a cat\nNegative prompt: dog\n"
+        "Steps: 2, Sampler: Euler a, CFG scale: 6.5, Seed: 1234, Size: 64x64"
+    )
     assert f"Model hash: {api.checkpoint_sha256[:10]}, Model: dummy" in parameters
 
 
@@ -158,7 +166,9 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize(("fields", "message"), BAD_BODIES)
-def test_bad_input_is_a_400_naming_the_field(api: Api, fields: dict[str, Any], message: str) -> None:
+def test_bad_input_is_a_400_naming_the_field(
+    api: Api, fields: dict[str, Any], message: str
+) -> None:
     for path in (TXT2IMG, f"{TXT2IMG}/async"):
         reply = api.post(path, small(**fields))
         assert (reply["_http"], reply["code"]) == (400, 3000), reply
@@ -167,14 +177,18 @@ def test_bad_input_is_a_400_naming_the_field(api: Api, fields: dict[str, Any], m
 
 def test_body_that_is_not_a_json_object(api: Api) -> None:
     for content in (b"{not json", b"[1, 2]", b'"text"'):
-        response = api.client.post(TXT2IMG, content=content, headers={"content-type": "application/json"})
+        response = api.client.post(
+            TXT2IMG, content=content, headers={"content-type": "application/json"}
+        )
         assert response.status_code == 400 and response.json()["code"] == 3000
         assert "JSON" in response.json()["message"]
 
 
 def test_huge_body_is_refused_before_parsing(api: Api) -> None:
     limit = api.services.settings.max_body_bytes
-    response = api.client.post(TXT2IMG, content=b"x" * (limit + 1), headers={"content-type": "application/json"})
+    response = api.client.post(
+        TXT2IMG, content=b"x" * (limit + 1), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413 and response.json()["code"] == 3000
 
 
@@ -183,8 +197,15 @@ def test_unknown_fields_and_defaults(api: Api) -> None:
     assert reply["_http"] == 200
     record = api.services.tasks.get(reply["data"]["taskId"])
     params = record.params
-    assert (params["steps"], params["cfg_scale"], params["width"], params["height"]) == (20, 7.0, 512, 512)
-    assert params["sampler_name"] == "Euler a" and params["model"]["sha256"] == api.checkpoint_sha256
+    assert (params["steps"], params["cfg_scale"], params["width"], params["height"]) == (
+        20,
+        7.0,
+        512,
+        512,
+    )
+    assert (
+        params["sampler_name"] == "Euler a" and params["model"]["sha256"] == api.checkpoint_sha256
+    )
 
 
 def test_model_by_full_hash_short_hash_and_name(api: Api) -> None:

@@ -125,7 +125,10 @@ def test_failure_keeps_its_message(store: SqlTaskStore) -> None:
     store.claim("w", lease_s=LEASE)
     assert store.fail(task_id, "w", "out of memory")
     record = store.get(task_id)
-    assert record is not None and (record.status, record.error) == (TaskStatus.FAILURE, "out of memory")
+    assert record is not None and (record.status, record.error) == (
+        TaskStatus.FAILURE,
+        "out of memory",
+    )
 
 
 def test_cancel_pending_never_runs(store: SqlTaskStore) -> None:
@@ -152,7 +155,9 @@ def test_heartbeat_records_progress(store: SqlTaskStore) -> None:
     assert store.get(task_id).progress == 0.25  # type: ignore[union-attr]
 
 
-def test_expired_lease_requeues_and_late_result_is_rejected(store: SqlTaskStore, clock: Clock) -> None:
+def test_expired_lease_requeues_and_late_result_is_rejected(
+    store: SqlTaskStore, clock: Clock
+) -> None:
     task_id = submit(store)
     store.claim("dead", lease_s=LEASE)
     clock.advance(LEASE - 1)

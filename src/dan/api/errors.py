@@ -21,7 +21,9 @@ def is_v0(request: Request) -> bool:
     return request.url.path.startswith(V0_PREFIX + "/")
 
 
-def error_response(request: Request, status: int, code: int, message: str, data: Any = None) -> JSONResponse:
+def error_response(
+    request: Request, status: int, code: int, message: str, data: Any = None
+) -> JSONResponse:
     """Failure as the reference says: ``{code, message}`` (+ ``data`` when it helps), or v0's
     ``{"msg"}`` (``{"detail"}`` for interrogate)."""
     if is_v0(request):

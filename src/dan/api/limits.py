@@ -47,6 +47,9 @@ class BodySizeLimit:
         v0 = str(scope.get("path", "")).startswith("/v0/")
         payload: dict[str, Any] = {"msg": text} if v0 else {"code": 3000, "message": text}
         body = json.dumps(payload).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -148,4 +148,4 @@ class TaskIdBody(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    taskId: Annotated[str, Field(min_length=1, max_length=64)]  # noqa: N815 (wire name)
+    taskId: Annotated[str, Field(min_length=1, max_length=64)]

@@ -213,7 +213,9 @@ class SqlTaskStore:
             ).first()
         if row is None:
             return None
-        return ClaimedTask(id=row.id, kind=TaskKind(row.kind), params=row.params, attempt=row.attempts)
+        return ClaimedTask(
+            id=row.id, kind=TaskKind(row.kind), params=row.params, attempt=row.attempts
+        )
 
     def heartbeat(
         self, task_id: str, worker_id: str, *, lease_s: float, progress: float | None = None
@@ -234,7 +236,9 @@ class SqlTaskStore:
 
     def complete(self, task_id: str, worker_id: str, result: TaskResult) -> bool:
         payload = {"image_keys": list(result.image_keys), "seeds": list(result.seeds)}
-        return self._finish(task_id, worker_id, status=TaskStatus.SUCCESS, result=payload, progress=1.0)
+        return self._finish(
+            task_id, worker_id, status=TaskStatus.SUCCESS, result=payload, progress=1.0
+        )
 
     def fail(self, task_id: str, worker_id: str, error: str) -> bool:
         return self._finish(task_id, worker_id, status=TaskStatus.FAILURE, error=error)
@@ -257,7 +261,9 @@ class SqlTaskStore:
             requeued = conn.execute(
                 update(tasks)
                 .where(lost)
-                .values(status=TaskStatus.PENDING, worker_id=None, lease_expires_at=None, progress=0.0)
+                .values(
+                    status=TaskStatus.PENDING, worker_id=None, lease_expires_at=None, progress=0.0
+                )
             ).rowcount
         return int(failed) + int(requeued)
 
@@ -266,7 +272,9 @@ class SqlTaskStore:
             released = conn.execute(
                 update(tasks)
                 .where(tasks.c.worker_id == worker_id, tasks.c.status == TaskStatus.PROCESSING)
-                .values(status=TaskStatus.PENDING, worker_id=None, lease_expires_at=None, progress=0.0)
+                .values(
+                    status=TaskStatus.PENDING, worker_id=None, lease_expires_at=None, progress=0.0
+                )
             ).rowcount
         return int(released)
 
@@ -354,5 +362,3 @@ def _record(row: RowMapping, position: int) -> TaskRecord:
         expired=bool(row["expired"]),
         queue_position=position,
     )
-
-

@@ -19,11 +19,14 @@ from sqlalchemy import (
 metadata = MetaData()
 
 # One row per task. ``id`` is the public taskId; ``tag`` then ``seq`` order the queue (see
-# dan.tasks.store). Times are UNIX seconds (float) so lease arithmetic is the same on every database.
+# dan.tasks.store). Times are UNIX seconds (float), so lease arithmetic is the same on every
+# database.
 tasks = Table(
     "tasks",
     metadata,
-    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column(
+        "seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
     Column("id", String(36), nullable=False, unique=True),
     Column("account", String(128), nullable=False),
     Column("kind", String(32), nullable=False),

@@ -43,7 +43,9 @@ def run_local_worker(settings: Settings, *, engine: Engine | None = None) -> Non
     """Serve tasks from the database of ``settings`` until SIGTERM/SIGINT."""
     migrate(settings.db_url)
     store = SqlTaskStore(create_db_engine(settings.db_url))
-    registry = ModelRegistry(settings.models_dir, settings.cache_dir, allow_ckpt=settings.allow_ckpt)
+    registry = ModelRegistry(
+        settings.models_dir, settings.cache_dir, allow_ckpt=settings.allow_ckpt
+    )
     registry.scan()
     worker_id = local_worker_id(settings)
     released = store.release_worker(worker_id)

@@ -33,7 +33,9 @@ class Lease:
         self._store, self._task_id, self._worker_id = store, task_id, worker_id
         self._lease_s = lease_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._renew, name=f"lease-{task_id[:8]}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._renew, name=f"lease-{task_id[:8]}", daemon=True
+        )
         self.lost = False
 
     def __enter__(self) -> Lease:
@@ -138,7 +140,9 @@ class Worker:
         images = self._engine.txt2img(request, checkpoint, lease.report)
         return self._store_images(task.id, request, images)
 
-    def _store_images(self, task_id: str, request: GenerationRequest, images: list[Image]) -> TaskResult:
+    def _store_images(
+        self, task_id: str, request: GenerationRequest, images: list[Image]
+    ) -> TaskResult:
         seeds = tuple(request.seed + i for i in range(len(images)))
         keys = []
         for i, (image, seed) in enumerate(zip(images, seeds, strict=True)):

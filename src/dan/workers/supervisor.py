@@ -27,7 +27,9 @@ class WorkerSupervisor:
         self._argv = argv or [sys.executable, "-m", "dan", "worker", "--watch-stdin"]
         self._stopping = threading.Event()
         self._process: subprocess.Popen[bytes] | None = None
-        self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
+        self._thread = threading.Thread(
+            target=self._supervise, name="worker-supervisor", daemon=True
+        )
 
     @property
     def running(self) -> bool:

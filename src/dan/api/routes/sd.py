@@ -31,7 +31,9 @@ async def txt2img(body: Txt2ImgBody, request: Request) -> dict[str, Any]:
 @router.post("/txt2img/async", summary="Queue a txt2img task and return its taskId at once")
 async def txt2img_async(body: Txt2ImgBody, request: Request) -> dict[str, Any]:
     record = await submit_txt2img(context(request), account_of(request), body)
-    return ok({"status": int(record.status), "taskId": record.id, "queuePosition": record.queue_position})
+    return ok(
+        {"status": int(record.status), "taskId": record.id, "queuePosition": record.queue_position}
+    )
 
 
 @router.post("/task/status", summary="Status, progress and result of a task")
