@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,99 +15,7 @@ from dan.errors import ChecksumMismatch, DownloadError
 from dan.models.catalog import CatalogEntry
 from dan.models.download import PART_SUFFIX, pull, target_path
 from dan.models.hashing import HashCache
-
-BODY = os.urandom(300_000)
-SHA = hashlib.sha256(BODY).hexdigest()
-
-
-class FileServer(HTTPServer):
-    """Serves BODY at any path, honouring ``Range: bytes=N-``, with a misbehaviour ``mode``:
-    ``ok``; ``drop_once`` (the first response stops half-way); ``ignore_range``; ``wrong``
-    (other bytes); ``missing`` (404); ``redirect`` (302 to /file first)."""
-
-    def __init__(self, mode: str) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.mode = mode
-        self.ranges: list[str | None] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/model.safetensors"
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: FileServer
-
-    def do_GET(self) -> None:
-        server = self.server
-        server.ranges.append(self.headers.get("Range"))
-        if server.mode == "missing":
-            self.send_error(404)
-        elif server.mode == "redirect" and self.path != "/file":
-            self.send_response(302)
-            self.send_header("Location", "/file")
-            self.end_headers()
-        elif server.mode == "drop_once" and len(server.ranges) == 1:
-            self._send(200, BODY, length=len(BODY), cut=len(BODY) // 2)
-        elif server.mode == "wrong":
-            self._send(200, BODY[::-1])
-        else:
-            self._send_range()
-
-    def _send_range(self) -> None:
-        header = self.headers.get("Range")
-        if header is None or self.server.mode == "ignore_range":
-            self._send(200, BODY)
-            return
-        start = int(header.removeprefix("bytes=").rstrip("-"))
-        if start >= len(BODY):
-            self.send_response(416)
-            self.send_header("Content-Range", f"bytes */{len(BODY)}")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        self._send(206, BODY[start:], content_range=f"bytes {start}-{len(BODY) - 1}/{len(BODY)}")
-
-    def _send(
-        self,
-        status: int,
-        body: bytes,
-        *,
-        length: int | None = None,
-        cut: int | None = None,
-        content_range: str | None = None,
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", str(length if length is not None else len(body)))
-        if content_range:
-            self.send_header("Content-Range", content_range)
-        self.end_headers()
-        self.wfile.write(body[:cut])
-        self.wfile.flush()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-Serve = Callable[[str], FileServer]
-
-
-@pytest.fixture
-def serve() -> Iterator[Serve]:
-    started: list[tuple[FileServer, threading.Thread]] = []
-
-    def start(mode: str = "ok") -> FileServer:
-        server = FileServer(mode)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
-        thread.start()
-        started.append((server, thread))
-        return server
-
-    yield start
-    for server, thread in started:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+from tests.fixtures.file_server import BODY, SHA, FileServer, Serve
 
 
 @pytest.fixture

@@ -1,0 +1,153 @@
+"""DiffusersEngine on a tiny checkpoint: what a worker relies on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import EulerAncestralDiscreteScheduler
+
+from dan.config import Settings
+from dan.domain import GenerationRequest, InstalledModel, ModelKind, ModelRef, ProgressCallback
+from dan.engine.checkpoint import load_sd_pipeline
+from dan.engine.sd import DiffusersEngine, pick_dtype
+from dan.errors import TaskCancelled, UnsupportedCheckpoint
+from tests.fixtures.tiny_sd import write_tiny_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def installed(path: Path, sha: str) -> InstalledModel:
+    return InstalledModel(ModelKind.CHECKPOINT, path.stem, sha, path, path.stat().st_size)
+
+
+def request(**fields: object) -> GenerationRequest:
+    values: dict[str, object] = {
+        "prompt": "a red fox",
+        "negative_prompt": "",
+        "seed": 1,
+        "sampler_name": "Euler a",
+        "steps": 3,
+        "cfg_scale": 7.0,
+        "width": 64,
+        "height": 64,
+        "model": ModelRef("a" * 64, "tiny"),
+    }
+    values.update(fields)
+    return GenerationRequest(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> DiffusersEngine:
+    settings = Settings(data_dir=tmp_path / "data", device="cpu", dtype="float32")  # type: ignore[call-arg]
+    return DiffusersEngine(settings)
+
+
+@pytest.fixture
+def checkpoint(tiny_checkpoint: Path) -> InstalledModel:
+    return installed(tiny_checkpoint, "a" * 64)
+
+
+def no_progress(step: int, total: int) -> None:
+    pass
+
+
+def record_into(seen: list[tuple[int, int]]) -> ProgressCallback:
+    return lambda step, total: seen.append((step, total))
+
+
+def test_same_pixels_as_a_direct_diffusers_call(
+    engine: DiffusersEngine, checkpoint: InstalledModel, engine_cache_dir: Path
+) -> None:
+    # Through DAN: A1111 prompt encoding (no weights here), own scheduler, CPU noise.
+    [ours] = engine.txt2img(request(seed=42), checkpoint, no_progress)
+    pipeline, _ = load_sd_pipeline(
+        checkpoint.path,
+        cache_dir=engine_cache_dir,
+        dtype=torch.float32,
+        device="cpu",
+        allow_ckpt=False,
+    )
+    pipeline.scheduler = EulerAncestralDiscreteScheduler.from_config(
+        pipeline.scheduler.config, timestep_spacing="linspace"
+    )
+    direct = pipeline(
+        "a red fox",
+        negative_prompt="",
+        num_inference_steps=3,
+        width=64,
+        height=64,
+        guidance_scale=7.0,
+        generator=torch.Generator("cpu").manual_seed(42),
+    ).images[0]
+    difference = np.abs(np.asarray(ours, dtype=int) - np.asarray(direct, dtype=int))
+    assert difference.max() <= 1  # identical but for float rounding at the last bit
+
+
+def test_checkpoint_stays_loaded(engine: DiffusersEngine, checkpoint: InstalledModel) -> None:
+    engine.txt2img(request(), checkpoint, no_progress)
+    engine.txt2img(request(seed=2, sampler_name="DDIM"), checkpoint, no_progress)
+    assert engine.pipelines.loads == 1
+
+
+def test_least_recently_used_checkpoint_leaves_first(
+    tmp_path: Path, checkpoint: InstalledModel
+) -> None:
+    # A budget smaller than one checkpoint: only the one in use stays loaded.
+    settings = Settings(  # type: ignore[call-arg]
+        data_dir=tmp_path / "data", device="cpu", dtype="float32", pipeline_cache_bytes=1
+    )
+    engine = DiffusersEngine(settings)
+    other = installed(write_tiny_checkpoint(tmp_path / "other.safetensors", seed=1), "b" * 64)
+    engine.txt2img(request(), checkpoint, no_progress)
+    assert engine.pipelines.loaded() == ["a" * 64]
+    engine.txt2img(request(), other, no_progress)
+    assert engine.pipelines.loaded() == ["b" * 64]
+
+
+def test_progress_reports_every_step(engine: DiffusersEngine, checkpoint: InstalledModel) -> None:
+    for sampler, steps in (("Euler", 4), ("DPM++ SDE", 3)):
+        seen: list[tuple[int, int]] = []
+        engine.txt2img(request(sampler_name=sampler, steps=steps), checkpoint, record_into(seen))
+        totals = {total for _, total in seen}
+        assert len(totals) == 1 and seen[-1][0] == seen[-1][1]  # ends at 100 %
+        assert [s for s, _ in seen] == list(range(1, len(seen) + 1))
+
+
+def test_cancel_stops_at_the_next_step(engine: DiffusersEngine, checkpoint: InstalledModel) -> None:
+    steps_run = []
+
+    def cancel_after_two(step: int, total: int) -> None:
+        steps_run.append(step)
+        if step == 2:
+            raise TaskCancelled()
+
+    with pytest.raises(TaskCancelled):
+        engine.txt2img(request(steps=50), checkpoint, cancel_after_two)
+    assert steps_run == [1, 2]
+
+
+def test_seed_reproduces_and_size_is_honoured(
+    engine: DiffusersEngine, checkpoint: InstalledModel
+) -> None:
+    [a] = engine.txt2img(request(seed=7, width=96, height=64), checkpoint, no_progress)
+    [b] = engine.txt2img(request(seed=7, width=96, height=64), checkpoint, no_progress)
+    [c] = engine.txt2img(request(seed=8, width=96, height=64), checkpoint, no_progress)
+    assert a.size == (96, 64)
+    assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+
+
+def test_unloadable_file_is_an_engine_error(engine: DiffusersEngine, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(os.urandom(100))
+    with pytest.raises(UnsupportedCheckpoint):
+        engine.txt2img(request(), installed(bad, "c" * 64), no_progress)
+
+
+def test_dtype_choice() -> None:
+    assert pick_dtype("auto", torch.device("cuda")) == torch.float16
+    assert pick_dtype("float32", torch.device("cpu")) == torch.float32
+    assert pick_dtype("auto", torch.device("cpu")) in (torch.bfloat16, torch.float32)

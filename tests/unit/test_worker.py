@@ -1,0 +1,87 @@
+"""The worker loop above the Engine seam (FakeEngine; the real engine has tests/engine)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dan.domain import GenerationRequest, ModelKind, ModelRef, TaskKind, TaskStatus
+from dan.engine.fake import FakeEngine
+from dan.errors import FatalEngineError
+from dan.models.registry import ModelRegistry
+from dan.storage import InMemoryBlobStore
+from dan.tasks.db import create_db_engine, migrate
+from dan.tasks.store import NewTask, SqlTaskStore
+from dan.workers.loop import Worker
+from tests.api.conftest import install_dummy_checkpoint
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> tuple[SqlTaskStore, ModelRegistry, InMemoryBlobStore]:
+    url = f"sqlite:///{tmp_path / 'q.sqlite3'}"
+    migrate(url)
+    install_dummy_checkpoint(tmp_path / "models")
+    registry = ModelRegistry(tmp_path / "models", tmp_path / "cache", allow_ckpt=False)
+    registry.scan()
+    return SqlTaskStore(create_db_engine(url)), registry, InMemoryBlobStore()
+
+
+def submit(
+    store: SqlTaskStore, registry: ModelRegistry, prompt: str, model: str | None = None
+) -> str:
+    checkpoint = registry.list(ModelKind.CHECKPOINT)[0]
+    ref = ModelRef(model or checkpoint.sha256, checkpoint.name)
+    request = GenerationRequest(prompt, "", 1, "Euler", 2, 7.0, 64, 64, ref)
+    task = NewTask(str(uuid.uuid4()), "a", TaskKind.TXT2IMG, request.to_params())
+    return store.submit(task, max_pending=100).id
+
+
+def make_worker(
+    parts: tuple[SqlTaskStore, ModelRegistry, InMemoryBlobStore], engine: FakeEngine
+) -> Worker:
+    store, registry, blobs = parts
+    return Worker(store, engine, registry, blobs, worker_id="w", lease_s=30, idle_sleep_s=0.01)
+
+
+def test_failures_stay_with_their_task(
+    parts: tuple[SqlTaskStore, ModelRegistry, InMemoryBlobStore],
+) -> None:
+    store, registry, blobs = parts
+    worker = make_worker(parts, FakeEngine())
+    bad = submit(store, registry, FakeEngine.FAIL_PROMPT)
+    missing = submit(store, registry, "ok", model="d" * 64)
+    good = submit(store, registry, "ok")
+    while worker.run_once():
+        pass
+    records = {tid: store.get(tid) for tid in (bad, missing, good)}
+    assert records[bad].status == TaskStatus.FAILURE and "told to fail" in records[bad].error  # type: ignore[union-attr,operator]
+    assert records[missing].status == TaskStatus.FAILURE and "d" * 10 in records[missing].error  # type: ignore[union-attr,operator]
+    assert records[good].status == TaskStatus.SUCCESS  # type: ignore[union-attr]
+    assert blobs.get(records[good].result.image_keys[0]).startswith(b"\x89PNG")  # type: ignore[union-attr]
+
+
+def test_a_dead_engine_ends_the_loop_and_leaves_the_task_for_another_worker(
+    parts: tuple[SqlTaskStore, ModelRegistry, InMemoryBlobStore],
+) -> None:
+    store, registry, _ = parts
+    task_id = submit(store, registry, FakeEngine.FATAL_PROMPT)
+    with pytest.raises(FatalEngineError):
+        make_worker(parts, FakeEngine()).run(threading.Event())
+    record = store.get(task_id)
+    assert record is not None and record.status == TaskStatus.PROCESSING
+    assert store.release_worker("w") == 1  # what a restarted worker does first
+
+
+def test_lease_is_renewed_while_a_long_task_runs(
+    parts: tuple[SqlTaskStore, ModelRegistry, InMemoryBlobStore],
+) -> None:
+    store, registry, blobs = parts
+    engine = FakeEngine(step_s=0.2)
+    worker = Worker(store, engine, registry, blobs, worker_id="w", lease_s=0.3, idle_sleep_s=0.01)
+    task_id = submit(store, registry, "slow")
+    worker.run_once()  # 2 steps of 0.2 s: longer than the 0.3 s lease without renewals
+    assert store.requeue_expired(max_attempts=3) == 0
+    assert store.get(task_id).status == TaskStatus.SUCCESS  # type: ignore[union-attr]
