@@ -26,7 +26,7 @@ class Settings(BaseSettings):
         120.0, gt=0, description="how long a synchronous request waits before answering timeout"
     )
     poll_interval_s: float = Field(
-        0.05, gt=0, description="how often a waiting request looks at its task (seconds)"
+        0.02, gt=0, description="how often waiting requests and idle workers look at the queue (s)"
     )
 
     # Where things live

@@ -34,7 +34,9 @@ def encode_png(image: Image.Image, parameters: str) -> bytes:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    # Level 3 encodes a 512x512 result about 2.5x faster than PIL's default 6 for ~20 % more
+    # bytes; encoding sits between two generations on the worker, so speed wins.
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=3)
     return buffer.getvalue()
 
 

@@ -150,7 +150,9 @@ class DiffusersEngine:
     ) -> list[Image]:
         # A pipeline of its own per request: shares the weights, but never the scheduler state.
         scheduler = make_scheduler(request.sampler_name, base.scheduler.config, seed=request.seed)
-        pipeline = StableDiffusionPipeline(**{**base.components, "scheduler": scheduler})
+        pipeline = StableDiffusionPipeline(
+            **{**base.components, "scheduler": scheduler}, requires_safety_checker=False
+        )
         pipeline.set_progress_bar_config(disable=True)
         with torch.inference_mode():
             embeds, negative_embeds = encode_prompts(

@@ -193,6 +193,10 @@ class SqlTaskStore:
 
     # -- worker side -------------------------------------------------------------------------
     def claim(self, worker_id: str, *, lease_s: float) -> ClaimedTask | None:
+        # Idle workers poll often: look without taking the write lock first.
+        with self._engine.connect().execution_options(dan_read_only=True) as conn:
+            if conn.execute(_pending_in_order()).first() is None:
+                return None
         now = self._clock()
         with self._engine.begin() as conn:
             seq = conn.execute(self._next_candidate()).scalar_one_or_none()
@@ -291,13 +295,8 @@ class SqlTaskStore:
             return bool(done.rowcount == 1)
 
     def _next_candidate(self) -> Select[tuple[int]]:
-        query = (
-            select(tasks.c.seq)
-            .where(tasks.c.status == TaskStatus.PENDING)
-            .order_by(tasks.c.tag, tasks.c.seq)
-            .limit(1)
-        )
         # SQLite serialises writers already; PostgreSQL workers skip rows others are claiming.
+        query = _pending_in_order()
         return query.with_for_update(skip_locked=True) if self._postgres else query
 
     @staticmethod
@@ -316,6 +315,16 @@ class SqlTaskStore:
             tuple_(tasks.c.tag, tasks.c.seq) < tuple_(row["tag"], row["seq"]),
         )
         return int(conn.execute(ahead).scalar_one()) + 1
+
+
+def _pending_in_order() -> Select[tuple[int]]:
+    """The seq of the pending task that runs next."""
+    return (
+        select(tasks.c.seq)
+        .where(tasks.c.status == TaskStatus.PENDING)
+        .order_by(tasks.c.tag, tasks.c.seq)
+        .limit(1)
+    )
 
 
 def _held_by(task_id: str, worker_id: str) -> tuple[Any, ...]:

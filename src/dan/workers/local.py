@@ -68,5 +68,6 @@ def run_local_worker(settings: Settings, *, engine: Engine | None = None) -> Non
         LocalBlobStore(settings.results_dir),
         worker_id=worker_id,
         lease_s=settings.lease_s,
+        idle_sleep_s=settings.poll_interval_s,
     )
     worker.run(stop)
