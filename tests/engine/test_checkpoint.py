@@ -11,15 +11,8 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from dan.engine.checkpoint import (
-    CONFIG_FILES,
-    UNET,
-    base_configs,
-    detect_architecture,
-    load_sd_pipeline,
-    read_state_dict,
-    write_config_folder,
-)
+from dan.engine.checkpoint import load_sd_pipeline, read_state_dict, write_config_folder
+from dan.engine.detect import CONFIG_FILES, UNET, base_configs, detect_architecture
 from dan.errors import UnsupportedCheckpoint
 from tests.fixtures.tiny_sd import (
     CLIP,

@@ -18,7 +18,8 @@ from PIL.Image import Image
 
 from dan.config import Settings
 from dan.domain import GenerationRequest, InstalledModel, ProgressCallback
-from dan.engine.checkpoint import Sd1Architecture, load_sd_pipeline
+from dan.engine.checkpoint import load_sd_pipeline
+from dan.engine.detect import Sd1Architecture
 from dan.engine.prompts import encode_prompts
 from dan.engine.samplers import make_scheduler
 from dan.errors import EngineError, FatalEngineError
