@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import TypeAdapter
 
 # The six sampler names of the reference, in its order (AUTOMATIC1111 names).
 SAMPLERS: tuple[str, ...] = ("DPM++ SDE Karras", "Euler a", "Euler", "DPM++ SDE", "LMS", "DDIM")
 
 SEED_MAX = 2**32 - 1
+T = TypeVar("T")
 
 
 class TaskStatus(IntEnum):
@@ -30,6 +32,8 @@ class TaskStatus(IntEnum):
 
 class TaskKind(StrEnum):
     TXT2IMG = "txt2img"
+    IMG2IMG = "img2img"
+    UPSCALE = "upscale"
 
 
 class ModelKind(StrEnum):
@@ -74,6 +78,49 @@ class InstalledModel:
         return ModelRef(sha256=self.sha256, name=self.name)
 
 
+class ResizeMode(IntEnum):
+    """How an input image is fitted to the requested size (AUTOMATIC1111's modes)."""
+
+    JUST_RESIZE = 0
+    CROP_AND_RESIZE = 1
+    RESIZE_AND_FILL = 2
+
+
+class MaskMode(IntEnum):
+    REGENERATE_MASKED = 0  # white (or opaque) mask pixels are regenerated
+    REGENERATE_UNMASKED = 1
+
+
+class InpaintArea(IntEnum):
+    WHOLE_PICTURE = 0
+    ONLY_MASKED = 1  # crop around the mask (with padding), regenerate the crop, paste it back
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA applied to a task, and its weight."""
+
+    model: ModelRef
+    weight: float
+
+
+@dataclass(frozen=True)
+class UpscalerChoice:
+    """An upscaler by its A1111 name; ``model`` is the file of a model upscaler (ESRGAN...)."""
+
+    name: str
+    model: ModelRef | None = None
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """txt2img's ``upscale``: generate, upscale by ``scale``, denoise again."""
+
+    scale: float
+    denoising_strength: float
+    upscaler: UpscalerChoice
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """A txt2img request after validation: every value is explicit, the seed is resolved."""
@@ -87,15 +134,69 @@ class GenerationRequest:
     width: int
     height: int
     model: ModelRef
+    loras: tuple[LoraSpec, ...] = ()
+    hires: HiresFix | None = None
 
     def to_params(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _to_params(self)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> GenerationRequest:
-        values = dict(params)
-        values["model"] = ModelRef(**values["model"])
-        return cls(**values)
+        return _from_params(cls, params)
+
+
+@dataclass(frozen=True)
+class InpaintSpec:
+    mask_key: str  # blob key of the mask (grayscale PNG, as uploaded)
+    mask_blur: int
+    mask_mode: MaskMode
+    inpaint_area: InpaintArea
+    padding: int = 32  # A1111's "only masked padding", pixels around the mask's box
+
+
+@dataclass(frozen=True)
+class Img2ImgRequest:
+    """An img2img (or inpaint) request: the generation, and the image it starts from."""
+
+    generation: GenerationRequest  # width x height is the size of the result
+    init_image_key: str  # blob key of the input image (PNG, as uploaded)
+    resize_mode: ResizeMode
+    denoising_strength: float
+    inpaint: InpaintSpec | None = None
+
+    def to_params(self) -> dict[str, Any]:
+        return _to_params(self)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Img2ImgRequest:
+        return _from_params(cls, params)
+
+
+@dataclass(frozen=True)
+class UpscaleRequest:
+    """Standalone upscaling, as the original service's extras endpoint."""
+
+    image_key: str
+    rate: float
+    upscaler: UpscalerChoice
+    upscaler2: UpscalerChoice | None = None
+    upscaler2_factor: float = 0.0  # how much of upscaler2's result is blended in
+
+    def to_params(self) -> dict[str, Any]:
+        return _to_params(self)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> UpscaleRequest:
+        return _from_params(cls, params)
+
+
+def _to_params(value: Any) -> dict[str, Any]:
+    """JSON-ready dict of a request dataclass (what the task row stores)."""
+    return TypeAdapter(type(value)).dump_python(value, mode="json")  # type: ignore[no-any-return]
+
+
+def _from_params(cls: type[T], params: dict[str, Any]) -> T:
+    return TypeAdapter(cls).validate_python(params)
 
 
 @dataclass(frozen=True)
@@ -136,6 +237,9 @@ class ClaimedTask:
     params: dict[str, Any]
     attempt: int
 
+
+# The files a task names, by sha256: its checkpoint, LoRAs and model upscalers.
+ModelFiles = Mapping[str, InstalledModel]
 
 # Called by the engine after every denoising step with (steps done, steps in all).
 # It raises dan.errors.TaskCancelled to stop the run.

@@ -51,6 +51,11 @@ def checkpoint(tiny_checkpoint: Path) -> InstalledModel:
     return installed(tiny_checkpoint, "a" * 64)
 
 
+def files(model: InstalledModel) -> dict[str, InstalledModel]:
+    """What the worker passes: the request's model (any sha here) mapped to the file."""
+    return {"a" * 64: model}
+
+
 def no_progress(step: int, total: int) -> None:
     pass
 
@@ -63,7 +68,7 @@ def test_same_pixels_as_a_direct_diffusers_call(
     engine: DiffusersEngine, checkpoint: InstalledModel, engine_cache_dir: Path
 ) -> None:
     # Through DAN: A1111 prompt encoding (no weights here), own scheduler, CPU noise.
-    [ours] = engine.txt2img(request(seed=42), checkpoint, no_progress)
+    [ours] = engine.txt2img(request(seed=42), files(checkpoint), no_progress)
     pipeline, _ = load_sd_pipeline(
         checkpoint.path,
         cache_dir=engine_cache_dir,
@@ -88,8 +93,8 @@ def test_same_pixels_as_a_direct_diffusers_call(
 
 
 def test_checkpoint_stays_loaded(engine: DiffusersEngine, checkpoint: InstalledModel) -> None:
-    engine.txt2img(request(), checkpoint, no_progress)
-    engine.txt2img(request(seed=2, sampler_name="DDIM"), checkpoint, no_progress)
+    engine.txt2img(request(), files(checkpoint), no_progress)
+    engine.txt2img(request(seed=2, sampler_name="DDIM"), files(checkpoint), no_progress)
     assert engine.pipelines.loads == 1
 
 
@@ -102,16 +107,18 @@ def test_least_recently_used_checkpoint_leaves_first(
     )
     engine = DiffusersEngine(settings)
     other = installed(write_tiny_checkpoint(tmp_path / "other.safetensors", seed=1), "b" * 64)
-    engine.txt2img(request(), checkpoint, no_progress)
+    engine.txt2img(request(), files(checkpoint), no_progress)
     assert engine.pipelines.loaded() == ["a" * 64]
-    engine.txt2img(request(), other, no_progress)
+    engine.txt2img(request(), files(other), no_progress)
     assert engine.pipelines.loaded() == ["b" * 64]
 
 
 def test_progress_reports_every_step(engine: DiffusersEngine, checkpoint: InstalledModel) -> None:
     for sampler, steps in (("Euler", 4), ("DPM++ SDE", 3)):
         seen: list[tuple[int, int]] = []
-        engine.txt2img(request(sampler_name=sampler, steps=steps), checkpoint, record_into(seen))
+        engine.txt2img(
+            request(sampler_name=sampler, steps=steps), files(checkpoint), record_into(seen)
+        )
         totals = {total for _, total in seen}
         assert len(totals) == 1 and seen[-1][0] == seen[-1][1]  # ends at 100 %
         assert [s for s, _ in seen] == list(range(1, len(seen) + 1))
@@ -126,16 +133,16 @@ def test_cancel_stops_at_the_next_step(engine: DiffusersEngine, checkpoint: Inst
             raise TaskCancelled()
 
     with pytest.raises(TaskCancelled):
-        engine.txt2img(request(steps=50), checkpoint, cancel_after_two)
+        engine.txt2img(request(steps=50), files(checkpoint), cancel_after_two)
     assert steps_run == [1, 2]
 
 
 def test_seed_reproduces_and_size_is_honoured(
     engine: DiffusersEngine, checkpoint: InstalledModel
 ) -> None:
-    [a] = engine.txt2img(request(seed=7, width=96, height=64), checkpoint, no_progress)
-    [b] = engine.txt2img(request(seed=7, width=96, height=64), checkpoint, no_progress)
-    [c] = engine.txt2img(request(seed=8, width=96, height=64), checkpoint, no_progress)
+    [a] = engine.txt2img(request(seed=7, width=96, height=64), files(checkpoint), no_progress)
+    [b] = engine.txt2img(request(seed=7, width=96, height=64), files(checkpoint), no_progress)
+    [c] = engine.txt2img(request(seed=8, width=96, height=64), files(checkpoint), no_progress)
     assert a.size == (96, 64)
     assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
 
@@ -144,7 +151,7 @@ def test_unloadable_file_is_an_engine_error(engine: DiffusersEngine, tmp_path: P
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(os.urandom(100))
     with pytest.raises(UnsupportedCheckpoint):
-        engine.txt2img(request(), installed(bad, "c" * 64), no_progress)
+        engine.txt2img(request(), files(installed(bad, "c" * 64)), no_progress)
 
 
 def test_dtype_choice() -> None:

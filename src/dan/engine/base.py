@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from dan.domain import GenerationRequest, InstalledModel, ProgressCallback
+from dan.domain import (
+    GenerationRequest,
+    Img2ImgRequest,
+    ModelFiles,
+    ProgressCallback,
+    UpscaleRequest,
+)
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -15,16 +21,35 @@ if TYPE_CHECKING:
 class Engine(Protocol):
     """Runs one task at a time on one device.
 
-    Implementations raise :class:`dan.errors.EngineError` for a task that cannot run (the
-    worker fails that task and goes on), :class:`dan.errors.FatalEngineError` when the device is
-    unusable (the worker exits), and let :class:`dan.errors.TaskCancelled` raised by
-    ``progress`` propagate.
+    ``files`` maps the sha256 of every model the request names (checkpoint, LoRAs, model
+    upscalers) to its installed file. Implementations raise :class:`dan.errors.EngineError` for
+    a task that cannot run (the worker fails that task and goes on),
+    :class:`dan.errors.FatalEngineError` when the device is unusable (the worker exits), and let
+    :class:`dan.errors.TaskCancelled` raised by ``progress`` propagate. A task never leaves
+    state (LoRAs, schedulers) behind for the next one.
     """
 
     def txt2img(
-        self, request: GenerationRequest, checkpoint: InstalledModel, progress: ProgressCallback
+        self, request: GenerationRequest, files: ModelFiles, progress: ProgressCallback
     ) -> list[Image]:
-        """Images for ``request``, generated with the checkpoint file ``checkpoint``."""
+        """Images for ``request`` (with its LoRAs and hires fix)."""
+        ...
+
+    def img2img(
+        self,
+        request: Img2ImgRequest,
+        init_image: Image,
+        mask: Image | None,
+        files: ModelFiles,
+        progress: ProgressCallback,
+    ) -> list[Image]:
+        """Images made from ``init_image``; with ``mask``, only the masked part is redrawn."""
+        ...
+
+    def upscale(
+        self, request: UpscaleRequest, image: Image, files: ModelFiles, progress: ProgressCallback
+    ) -> Image:
+        """``image`` enlarged ``request.rate`` times."""
         ...
 
     def describe(self) -> dict[str, str]:

@@ -13,7 +13,13 @@ import time
 from PIL import Image as PILImage
 from PIL.Image import Image
 
-from dan.domain import GenerationRequest, InstalledModel, ProgressCallback
+from dan.domain import (
+    GenerationRequest,
+    Img2ImgRequest,
+    ModelFiles,
+    ProgressCallback,
+    UpscaleRequest,
+)
 from dan.errors import EngineError, FatalEngineError
 
 
@@ -29,7 +35,7 @@ class FakeEngine:
         return {"device": "fake", "dtype": "none"}
 
     def txt2img(
-        self, request: GenerationRequest, checkpoint: InstalledModel, progress: ProgressCallback
+        self, request: GenerationRequest, files: ModelFiles, progress: ProgressCallback
     ) -> list[Image]:
         self.calls.append(request)
         if request.prompt == self.FATAL_PROMPT:
@@ -41,3 +47,25 @@ class FakeEngine:
             raise EngineError("the fake engine was told to fail")
         colour = tuple(random.Random(request.seed).randrange(256) for _ in range(3))
         return [PILImage.new("RGB", (request.width, request.height), colour)]
+
+    def img2img(
+        self,
+        request: Img2ImgRequest,
+        init_image: Image,
+        mask: Image | None,
+        files: ModelFiles,
+        progress: ProgressCallback,
+    ) -> list[Image]:
+        """The txt2img image, pasted over ``init_image`` where ``mask`` is white."""
+        [generated] = self.txt2img(request.generation, files, progress)
+        base = init_image.convert("RGB").resize(generated.size)
+        if mask is None:
+            return [generated]
+        return [PILImage.composite(generated, base, mask.convert("L").resize(generated.size))]
+
+    def upscale(
+        self, request: UpscaleRequest, image: Image, files: ModelFiles, progress: ProgressCallback
+    ) -> Image:
+        progress(1, 1)
+        size = (round(image.width * request.rate), round(image.height * request.rate))
+        return image.resize(size, PILImage.Resampling.NEAREST)

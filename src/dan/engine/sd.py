@@ -17,7 +17,14 @@ from diffusers import StableDiffusionPipeline
 from PIL.Image import Image
 
 from dan.config import Settings
-from dan.domain import GenerationRequest, InstalledModel, ProgressCallback
+from dan.domain import (
+    GenerationRequest,
+    Img2ImgRequest,
+    InstalledModel,
+    ModelFiles,
+    ProgressCallback,
+    UpscaleRequest,
+)
 from dan.engine.checkpoint import load_sd_pipeline
 from dan.engine.detect import Sd1Architecture
 from dan.engine.prompts import encode_prompts
@@ -131,9 +138,9 @@ class DiffusersEngine:
         }
 
     def txt2img(
-        self, request: GenerationRequest, checkpoint: InstalledModel, progress: ProgressCallback
+        self, request: GenerationRequest, files: ModelFiles, progress: ProgressCallback
     ) -> list[Image]:
-        loaded = self.pipelines.get(checkpoint)
+        loaded = self.pipelines.get(files[request.model.sha256])
         try:
             return self._txt2img(loaded.pipeline, request, progress)
         except torch.cuda.OutOfMemoryError as exc:
@@ -145,6 +152,21 @@ class DiffusersEngine:
             if "CUDA" in str(exc) or "cuDNN" in str(exc):
                 raise FatalEngineError(f"the GPU failed: {exc}") from exc
             raise EngineError(f"generation failed: {exc}") from exc
+
+    def img2img(
+        self,
+        request: Img2ImgRequest,
+        init_image: Image,
+        mask: Image | None,
+        files: ModelFiles,
+        progress: ProgressCallback,
+    ) -> list[Image]:
+        raise EngineError("img2img is not supported by this worker yet")
+
+    def upscale(
+        self, request: UpscaleRequest, image: Image, files: ModelFiles, progress: ProgressCallback
+    ) -> Image:
+        raise EngineError("upscaling is not supported by this worker yet")
 
     def _txt2img(
         self, base: StableDiffusionPipeline, request: GenerationRequest, progress: ProgressCallback

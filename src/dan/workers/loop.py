@@ -14,7 +14,14 @@ from collections.abc import Callable
 
 from PIL.Image import Image
 
-from dan.domain import ClaimedTask, GenerationRequest, ModelKind, TaskKind, TaskResult
+from dan.domain import (
+    ClaimedTask,
+    GenerationRequest,
+    ModelFiles,
+    ModelKind,
+    TaskKind,
+    TaskResult,
+)
 from dan.engine.base import Engine
 from dan.errors import DanError, FatalEngineError, TaskCancelled
 from dan.imaging import encode_png, infotext
@@ -136,9 +143,16 @@ class Worker:
         if task.kind != TaskKind.TXT2IMG:
             raise DanError(f"this worker cannot run {task.kind} tasks")
         request = GenerationRequest.from_params(task.params)
-        checkpoint = self._models.resolve(ModelKind.CHECKPOINT, request.model.sha256)
-        images = self._engine.txt2img(request, checkpoint, lease.report)
+        images = self._engine.txt2img(request, self._files(request), lease.report)
         return self._store_images(task.id, request, images)
+
+    def _files(self, request: GenerationRequest) -> ModelFiles:
+        """The installed file of every model the request names, by sha256."""
+        wanted = [(ModelKind.CHECKPOINT, request.model)]
+        wanted += [(ModelKind.LORA, lora.model) for lora in request.loras]
+        if request.hires and request.hires.upscaler.model:
+            wanted.append((ModelKind.UPSCALER, request.hires.upscaler.model))
+        return {ref.sha256: self._models.resolve(kind, ref.sha256) for kind, ref in wanted}
 
     def _store_images(
         self, task_id: str, request: GenerationRequest, images: list[Image]
