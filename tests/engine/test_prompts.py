@@ -13,12 +13,12 @@ from dan.engine.prompts import (
     PromptChunk,
     clean_text,
     encode_prompts,
-    extract_lora_tags,
     parse_prompt_attention,
     tokenize_prompt,
 )
 from dan.engine.tokenizer import ensure_tokenizer
 from dan.errors import InvalidArgument
+from dan.prompt_tags import extract_lora_tags
 
 BOS, EOS, COMMA = 49406, 49407, 267
 A_ID = 320  # "a</w>": one token per word, handy for counting

@@ -13,15 +13,12 @@ prompt, so that prompts written for A1111 behave the same in DAN.
 from __future__ import annotations
 
 import html
-import math
 import re
 from dataclasses import dataclass
 
 import ftfy
 import torch
 from transformers import CLIPTextModel, PreTrainedTokenizerBase
-
-from dan.errors import InvalidArgument
 
 CHUNK_LENGTH = 75  # prompt tokens per chunk; with BOS and EOS a chunk is 77 ids
 COMMA_BACKTRACK = 20  # A1111's default "comma_padding_backtrack"
@@ -43,7 +40,6 @@ _ATTENTION_TOKEN = re.compile(
     re.VERBOSE,
 )
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
-_LORA_TAG = re.compile(r"<lora:([^>]+)>")
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -149,40 +145,6 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         BREAK_FRAGMENT if fragment.is_break else (fragment.text, fragment.weight)
         for fragment in _parse_fragments(text)
     ]
-
-
-def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """Remove A1111 ``<lora:name>`` / ``<lora:name:weight>`` tags from ``prompt``.
-
-    Returns the prompt without the tags (the text around them is kept as is, like A1111) and the
-    ``(name, weight)`` pairs in order of appearance, duplicates included; the weight defaults to
-    1.0. Other extra-network tags (``<lyco:...>``, ``<hypernet:...>``) are left in the text.
-    Raises :class:`InvalidArgument` for a weight that is not a finite number and for tags with
-    separate text-encoder/UNet weights (``<lora:name:0.8:0.5>``), which DAN does not support.
-    """
-    loras: list[tuple[str, float]] = []
-
-    def take(match: re.Match[str]) -> str:
-        loras.append(_lora_from_tag(match.group(0), match.group(1)))
-        return ""
-
-    return _LORA_TAG.sub(take, prompt), loras
-
-
-def _lora_from_tag(tag: str, arguments: str) -> tuple[str, float]:
-    """``(name, weight)`` of one tag; ``arguments`` is the text after ``lora:``."""
-    name, *weights = arguments.split(":")
-    if not name.strip() or len(weights) > 1:
-        raise InvalidArgument(f"LoRA tags are written <lora:name> or <lora:name:weight>, got {tag}")
-    if not weights:
-        return name.strip(), 1.0
-    try:
-        weight = float(weights[0])
-    except ValueError:
-        weight = math.nan
-    if not math.isfinite(weight):
-        raise InvalidArgument(f"the weight in {tag} must be a number such as 0.8, got {weights[0]}")
-    return name.strip(), weight
 
 
 # --- Tokens and chunks ------------------------------------------------------------------------
@@ -339,7 +301,8 @@ def encode_prompts(
     Both are (1, 77 * k, width) on ``device`` in ``dtype``, where k is the larger chunk count of
     the two prompts; the shorter one is padded with chunks of the empty prompt (A1111's
     "pad_cond_uncond"). The prompts use A1111 syntax (see :func:`parse_prompt_attention`); LoRA
-    tags must have been removed first (:func:`extract_lora_tags`). No gradients are tracked.
+    tags must have been removed first (:func:`dan.prompt_tags.extract_lora_tags`). No gradients
+    are tracked.
     """
     positive = tokenize_prompt(tokenizer, prompt)
     negative = tokenize_prompt(tokenizer, negative_prompt)
