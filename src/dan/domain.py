@@ -14,6 +14,18 @@ from pydantic import TypeAdapter
 SAMPLERS: tuple[str, ...] = ("DPM++ SDE Karras", "Euler a", "Euler", "DPM++ SDE", "LMS", "DDIM")
 
 SEED_MAX = 2**32 - 1
+
+# Upscalers that need no model file (AUTOMATIC1111 names). Latent modes only make sense inside
+# hires fix, where the image is still a latent; model upscalers are files in models/upscalers.
+LATENT_UPSCALERS: tuple[str, ...] = (
+    "Latent",
+    "Latent (antialiased)",
+    "Latent (bicubic)",
+    "Latent (bicubic antialiased)",
+    "Latent (nearest)",
+    "Latent (nearest-exact)",
+)
+IMAGE_UPSCALERS: tuple[str, ...] = ("Lanczos", "Nearest")
 T = TypeVar("T")
 
 

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+from collections.abc import Mapping
+from math import isqrt
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from dan import __version__
 from dan.domain import GenerationRequest
+from dan.errors import InvalidArgument
 
 
-def infotext(request: GenerationRequest, seed: int) -> str:
+def infotext(request: GenerationRequest, seed: int, extra: Mapping[str, object] = {}) -> str:
     """The generation parameters in A1111's infotext format, which its clients parse back."""
     lines = [request.prompt]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
-    fields = {
+    fields: dict[str, object] = {
         "Steps": request.steps,
         "Sampler": request.sampler_name,
         "CFG scale": f"{request.cfg_scale:g}",
@@ -23,10 +28,17 @@ def infotext(request: GenerationRequest, seed: int) -> str:
         "Size": f"{request.width}x{request.height}",
         "Model hash": request.model.short_hash,
         "Model": request.model.name,
-        "Version": f"DAN {__version__}",
+        **extra,
     }
-    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
-    return "\n".join(lines)
+    if request.hires is not None:
+        fields["Denoising strength"] = f"{request.hires.denoising_strength:g}"
+        fields["Hires upscale"] = f"{request.hires.scale:g}"
+        fields["Hires upscaler"] = request.hires.upscaler.name
+    if request.loras:
+        hashes = ", ".join(f"{lora.model.name}: {lora.model.short_hash}" for lora in request.loras)
+        fields["Lora hashes"] = f'"{hashes}"'
+    fields["Version"] = f"DAN {__version__}"
+    return "\n".join([*lines, ", ".join(f"{key}: {value}" for key, value in fields.items())])
 
 
 def encode_png(image: Image.Image, parameters: str) -> bytes:
@@ -45,3 +57,69 @@ def read_parameters(png: bytes) -> str | None:
     with Image.open(io.BytesIO(png)) as image:
         value = image.info.get("parameters")
     return value if isinstance(value, str) else None
+
+
+# Input images: base64 from the client, checked before anything else touches them.
+INPUT_FORMATS = {"PNG", "JPEG", "WEBP"}
+MAX_INPUT_PIXELS = 4096 * 4096
+
+
+def decode_image(data: object, field: str, *, max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
+    """The image in ``data`` (base64, optionally a ``data:image/...;base64,`` URL), loaded.
+
+    Raises InvalidArgument naming ``field`` for anything that is not a PNG, JPEG or WebP image
+    of at most ``max_pixels`` pixels: wrong type, broken base64, another file type, a truncated
+    file, or a huge (or decompression-bomb) image, which is refused from its header, before
+    its pixels are decoded.
+    """
+    raw = _base64_payload(data, field)
+    try:
+        image = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as exc:
+        raise InvalidArgument(f"Invalid {field}: the image is far too large ({exc})") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InvalidArgument(f"Invalid {field}: not a PNG, JPEG or WebP image") from exc
+    if image.format not in INPUT_FORMATS:
+        raise InvalidArgument(
+            f"Invalid {field}: {image.format} images are not accepted; send PNG, JPEG or WebP"
+        )
+    if image.width * image.height > max_pixels:
+        raise InvalidArgument(
+            f"Invalid {field}: the image is {image.width}x{image.height}; at most "
+            f"{max_pixels} pixels (e.g. {isqrt(max_pixels)}x{isqrt(max_pixels)}) are accepted"
+        )
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidArgument(f"Invalid {field}: the image data is damaged or truncated") from exc
+    return image
+
+
+def _base64_payload(data: object, field: str) -> bytes:
+    if not isinstance(data, str) or not data.strip():
+        raise InvalidArgument(f"Invalid {field}: must be a base64-encoded PNG, JPEG or WebP image")
+    text = data.strip()
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise InvalidArgument(
+                f"Invalid {field}: a data URL must be base64 (data:image/png;base64,...)"
+            )
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidArgument(f"Invalid {field}: not valid base64 ({exc})") from exc
+
+
+def encode_input_png(image: Image.Image) -> bytes:
+    """A lossless copy of an input image, as it is kept for the worker."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def load_png(data: bytes) -> Image.Image:
+    """An image stored by :func:`encode_input_png`, loaded."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image

@@ -13,7 +13,8 @@ from diffusers import EulerAncestralDiscreteScheduler
 from dan.config import Settings
 from dan.domain import GenerationRequest, InstalledModel, ModelKind, ModelRef, ProgressCallback
 from dan.engine.checkpoint import load_sd_pipeline
-from dan.engine.sd import DiffusersEngine, pick_dtype
+from dan.engine.device import pick_dtype
+from dan.engine.sd import DiffusersEngine
 from dan.errors import TaskCancelled, UnsupportedCheckpoint
 from tests.fixtures.tiny_sd import write_tiny_checkpoint
 

@@ -42,11 +42,13 @@ def describe_validation_error(exc: RequestValidationError) -> str:
     kind = first.get("type", "")
     if kind == "json_invalid":
         return "the request body is not valid JSON"
-    if not loc or kind in ("model_attributes_type", "dict_type"):
+    if not loc:
         return "the request body must be a JSON object"
     message = str(first.get("msg", "invalid value"))
     if kind == "missing":
         message = "is required"
+    elif kind in ("model_attributes_type", "model_type", "dict_type"):
+        message = "must be a JSON object"
     return f"Invalid {'.'.join(loc)}: {message}"
 
 

@@ -9,11 +9,18 @@ from typing import Any
 
 from fastapi import Request
 
-from dan.api.schemas import Txt2ImgBody
+from dan.api.schemas import GenerationBody, Img2ImgBody, Txt2ImgBody, UpscaleBody
 from dan.domain import TaskRecord, TaskStatus
 from dan.errors import NodeError, SyncTimeout, TaskCancelled
 from dan.services import Services
-from dan.tasks.service import Txt2ImgOrder
+from dan.tasks.orders import (
+    GenerationOrder,
+    HiresOrder,
+    Img2ImgOrder,
+    InpaintOrder,
+    Txt2ImgOrder,
+    UpscaleOrder,
+)
 from dan.tasks.store import CANCELLED_MESSAGE
 from dan.tasks.watcher import TaskWatcher
 
@@ -30,8 +37,8 @@ def context(request: Request) -> ApiContext:
     return ctx
 
 
-def txt2img_order(body: Txt2ImgBody) -> Txt2ImgOrder:
-    return Txt2ImgOrder(
+def generation_order(body: GenerationBody) -> GenerationOrder:
+    return GenerationOrder(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
         seed=body.seed,
@@ -41,12 +48,53 @@ def txt2img_order(body: Txt2ImgBody) -> Txt2ImgOrder:
         width=body.width,
         height=body.height,
         model=body.model,
+        loras=body.loras,
     )
 
 
-async def submit_txt2img(ctx: ApiContext, account: str, body: Txt2ImgBody) -> TaskRecord:
-    order = txt2img_order(body)
-    return await asyncio.to_thread(ctx.services.tasks.submit_txt2img, account, order)
+def txt2img_order(body: Txt2ImgBody) -> Txt2ImgOrder:
+    hires = body.upscale
+    return Txt2ImgOrder(
+        generation=generation_order(body),
+        hires=HiresOrder(hires.scale, hires.denoising_strength, hires.upscaler) if hires else None,
+    )
+
+
+def img2img_order(body: Img2ImgBody) -> Img2ImgOrder:
+    inpaint = body.inpaint
+    return Img2ImgOrder(
+        generation=generation_order(body),
+        init_image=body.init_image,
+        resize_mode=body.resize_mode,
+        denoising_strength=body.denoising_strength,
+        inpaint=InpaintOrder(
+            inpaint.mask, inpaint.mask_blur, inpaint.mask_mode, inpaint.inpaint_area
+        )
+        if inpaint
+        else None,
+    )
+
+
+def upscale_order(body: UpscaleBody) -> UpscaleOrder:
+    return UpscaleOrder(
+        image=body.image,
+        rate=body.upscalingRate,
+        upscaler=body.upscaler,
+        upscaler2=body.upscaler2,
+        upscaler2_factor=body.upscaler2_factor,
+    )
+
+
+async def submit(
+    ctx: ApiContext, account: str, body: Txt2ImgBody | Img2ImgBody | UpscaleBody
+) -> TaskRecord:
+    """Queue the task ``body`` describes (decoding images and resolving models off the loop)."""
+    tasks = ctx.services.tasks
+    if isinstance(body, Txt2ImgBody):
+        return await asyncio.to_thread(tasks.submit_txt2img, account, txt2img_order(body))
+    if isinstance(body, Img2ImgBody):
+        return await asyncio.to_thread(tasks.submit_img2img, account, img2img_order(body))
+    return await asyncio.to_thread(tasks.submit_upscale, account, upscale_order(body))
 
 
 async def wait_for_success(ctx: ApiContext, record: TaskRecord) -> dict[str, Any]:

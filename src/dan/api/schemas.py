@@ -15,7 +15,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationInfo,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -105,19 +104,77 @@ Text = Annotated[str, BeforeValidator(_text)]
 ModelName = Annotated[str | None, BeforeValidator(_optional_name)]
 SamplerName = Annotated[str, BeforeValidator(_sampler)]
 
-# Fields of the reference that later work will implement. Until then a request that uses them
-# is refused, never silently served without them.
-NOT_YET_SUPPORTED = {
-    "loras": "LoRAs",
-    "upscale": "hires-fix upscaling",
-    "control_net": "ControlNet",
-}
+MAX_LORAS = 8
+LORA_WEIGHT = 4.0
 
 
-class Txt2ImgBody(BaseModel):
-    """Body of ``POST /api/sd/txt2img`` (and its async and v0 forms)."""
+def _loras(value: Any) -> tuple[tuple[str, float], ...]:
+    """``[[hash, weight], ...]`` as the reference writes it."""
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise _fail('must be a list of [hash, weight] pairs, e.g. [["62efe75048", 0.6]]')
+    if len(value) > MAX_LORAS:
+        raise _fail(f"at most {MAX_LORAS} LoRAs per request, got {len(value)}")
+    return tuple(_lora_pair(i, pair) for i, pair in enumerate(value))
 
+
+def _lora_pair(index: int, pair: Any) -> tuple[str, float]:
+    if not isinstance(pair, list | tuple) or len(pair) != 2:
+        raise _fail(f"entry {index} must be a [hash, weight] pair, got {pair!r}")
+    ref, weight = pair
+    if not isinstance(ref, str) or not ref.strip():
+        raise _fail(f"entry {index}: the LoRA must be a sha256, short hash or name, got {ref!r}")
+    what = f"a number between {-LORA_WEIGHT:g} and {LORA_WEIGHT:g}"
+    try:
+        number = _as_number(weight, what)
+    except PydanticCustomError:
+        number = math.nan
+    if not -LORA_WEIGHT <= number <= LORA_WEIGHT:
+        raise _fail(f"entry {index}: the weight must be {what}, got {weight!r}")
+    return ref.strip(), number
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(f"must be a name (a string), got {value!r}")
+    return value.strip()
+
+
+Loras = Annotated[tuple[tuple[str, float], ...], BeforeValidator(_loras)]
+Name = Annotated[str, BeforeValidator(_name)]
+
+
+class Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class HiresBody(Body):
+    """txt2img's ``upscale``: hires fix."""
+
+    denoising_strength: real(0.0, 1.0) = 0.5  # type: ignore[valid-type]
+    scale: real(1.0, 2.0) = 2.0  # type: ignore[valid-type]
+    upscaler: Name = "Latent"
+
+    @field_validator("scale")
+    @classmethod
+    def _above_one(cls, value: float) -> float:
+        if value <= 1.0:
+            raise _fail(f"must be above 1 and at most 2, got {value:g}")
+        return value
+
+
+class InpaintBody(Body):
+    """img2img's ``inpaint``. White (or opaque) mask pixels are regenerated."""
+
+    mask: str
+    mask_blur: integer(0, 64) = 0  # type: ignore[valid-type]
+    mask_mode: integer(0, 1) = 0  # type: ignore[valid-type]
+    inpaint_area: integer(0, 1) = 0  # type: ignore[valid-type]
+
+
+class GenerationBody(Body):
+    """Fields txt2img and img2img share."""
 
     prompt: Text = ""
     negative_prompt: Text = ""
@@ -128,19 +185,43 @@ class Txt2ImgBody(BaseModel):
     width: integer(MIN_SIZE, MAX_SIZE, multiple_of=8) = 512  # type: ignore[valid-type]
     height: integer(MIN_SIZE, MAX_SIZE, multiple_of=8) = 512  # type: ignore[valid-type]
     model: ModelName = None
-    loras: Any = None
-    upscale: Any = None
+    loras: Loras = ()
     control_net: Any = None
 
-    @field_validator(*NOT_YET_SUPPORTED)
+    @field_validator("control_net")
     @classmethod
-    def _refuse_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+    def _refuse_control_net(cls, value: Any) -> Any:
+        # Part of the reference that is not served yet: refused, never silently ignored.
         if value not in (None, [], {}):
-            feature = NOT_YET_SUPPORTED[str(info.field_name)]
             raise _fail(
-                f"this server does not support {feature} yet; remove the '{info.field_name}' field"
+                "this server does not support ControlNet yet; remove the 'control_net' field"
             )
         return None
+
+
+class Txt2ImgBody(GenerationBody):
+    """Body of ``POST /api/sd/txt2img`` (and its async and v0 forms)."""
+
+    upscale: HiresBody | None = None
+
+
+class Img2ImgBody(GenerationBody):
+    """Body of ``POST /api/sd/img2img`` (and its async and v0 forms)."""
+
+    init_image: str
+    resize_mode: integer(0, 2) = 0  # type: ignore[valid-type]
+    denoising_strength: real(0.0, 1.0) = 0.5  # type: ignore[valid-type]
+    inpaint: InpaintBody | None = None
+
+
+class UpscaleBody(Body):
+    """Body of ``POST /api/sd/upscale``, the original service's standalone upscaler."""
+
+    image: str
+    upscalingRate: real(1.0, 4.0) = 2.0  # type: ignore[valid-type]
+    upscaler: Name = "Lanczos"
+    upscaler2: str | None = None
+    upscaler2_factor: real(0.0, 1.0) = 0.0  # type: ignore[valid-type]
 
 
 class TaskIdBody(BaseModel):

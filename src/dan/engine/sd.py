@@ -1,14 +1,18 @@
-"""DiffusersEngine: Stable Diffusion 1.x on diffusers, with warm pipelines."""
+"""DiffusersEngine: Stable Diffusion 1.x on diffusers, with warm pipelines.
+
+Every request runs on pipelines of its own, built around the cached checkpoint's components
+with a fresh scheduler, so requests share weights but never sampler state. LoRAs are applied to
+the cached components for the duration of one request and removed in ``finally``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
-import threading
 import warnings
-from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import diffusers
@@ -25,89 +29,38 @@ from dan.domain import (
     ProgressCallback,
     UpscaleRequest,
 )
+from dan.engine.cache import LoadedCheckpoint, PipelineCache, pipeline_bytes
 from dan.engine.checkpoint import load_sd_pipeline
-from dan.engine.detect import Sd1Architecture
+from dan.engine.device import pick_device, pick_dtype
+from dan.engine.hires import PromptEmbeds, hires_fix
+from dan.engine.img2img import run_img2img, validate_img2img
 from dan.engine.prompts import encode_prompts
 from dan.engine.samplers import make_scheduler
+from dan.engine.upscale import UpscalerModels, upscale
 from dan.errors import EngineError, FatalEngineError
+from dan.prompt_tags import extract_lora_tags
 
 log = logging.getLogger(__name__)
 
 
-def pick_device(setting: str) -> torch.device:
-    """``auto``: the first CUDA GPU if there is one, else the CPU."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+@dataclass(frozen=True)
+class Conditioning:
+    """What every denoising pass of one request shares."""
 
+    base: StableDiffusionPipeline
+    embeds: PromptEmbeds
+    request: GenerationRequest
+    progress: ProgressCallback
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 is fastest."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    def scheduler(self) -> Any:
+        """A new scheduler for one pass: passes never share sampler state."""
+        return make_scheduler(
+            self.request.sampler_name, self.base.scheduler.config, seed=self.request.seed
+        )
 
-
-def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """``auto``: fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise."""
-    if setting != "auto":
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
-            setting
-        ]
-    if device.type == "cuda":
-        return torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-
-
-@dataclass
-class LoadedCheckpoint:
-    pipeline: StableDiffusionPipeline
-    architecture: Sd1Architecture
-    size_bytes: int
-
-
-class PipelineCache:
-    """Loaded checkpoints by sha256, least recently used evicted beyond a memory budget.
-
-    The entry in use is never evicted, so one checkpoint larger than the budget still loads.
-    """
-
-    def __init__(self, budget_bytes: int, load: Any) -> None:
-        self._budget = budget_bytes
-        self._load = load
-        self._entries: OrderedDict[str, LoadedCheckpoint] = OrderedDict()
-        self._lock = threading.Lock()
-        self.loads = 0
-
-    def get(self, model: InstalledModel) -> LoadedCheckpoint:
-        with self._lock:
-            entry = self._entries.get(model.sha256)
-            if entry is None:
-                entry = self._load(model)
-                self.loads += 1
-                self._entries[model.sha256] = entry
-            self._entries.move_to_end(model.sha256)
-            self._evict()
-            return entry
-
-    def loaded(self) -> list[str]:
-        with self._lock:
-            return list(self._entries)
-
-    def _evict(self) -> None:
-        while len(self._entries) > 1 and self._total() > self._budget:
-            sha, _ = self._entries.popitem(last=False)
-            log.info("unloaded checkpoint %s (memory budget)", sha[:10])
-
-    def _total(self) -> int:
-        return sum(entry.size_bytes for entry in self._entries.values())
-
-
-def _pipeline_bytes(pipeline: StableDiffusionPipeline) -> int:
-    modules = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
-    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    def generator(self) -> torch.Generator:
+        # Noise from a CPU generator: the same seed gives the same image on any device.
+        return torch.Generator("cpu").manual_seed(self.request.seed)
 
 
 class DiffusersEngine:
@@ -122,13 +75,11 @@ class DiffusersEngine:
         # torchsde warns on float rounding of Karras sigmas (t slightly below t0); harmless.
         warnings.filterwarnings("ignore", message="Should have ta>=t0", category=UserWarning)
         self.pipelines = PipelineCache(settings.pipeline_cache_bytes, self._load)
+        self.upscalers = UpscalerModels(self.device, self.dtype)
 
     def describe(self) -> dict[str, str]:
-        name = (
-            torch.cuda.get_device_name(self.device)
-            if self.device.type == "cuda"
-            else platform.processor()
-        )
+        on_gpu = self.device.type == "cuda"
+        name = torch.cuda.get_device_name(self.device) if on_gpu else platform.processor()
         return {
             "device": str(self.device),
             "device_name": name or "cpu",
@@ -140,18 +91,24 @@ class DiffusersEngine:
     def txt2img(
         self, request: GenerationRequest, files: ModelFiles, progress: ProgressCallback
     ) -> list[Image]:
-        loaded = self.pipelines.get(files[request.model.sha256])
-        try:
-            return self._txt2img(loaded.pipeline, request, progress)
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            raise EngineError(
-                f"out of GPU memory at {request.width}x{request.height}; try a smaller size"
-            ) from exc
-        except RuntimeError as exc:
-            if "CUDA" in str(exc) or "cuDNN" in str(exc):
-                raise FatalEngineError(f"the GPU failed: {exc}") from exc
-            raise EngineError(f"generation failed: {exc}") from exc
+        with self._conditioned(request, files, progress) as c:
+            if request.hires is not None:
+                return [self._hires(c, files)]
+            pipeline = StableDiffusionPipeline(
+                **{**c.base.components, "scheduler": c.scheduler()}, requires_safety_checker=False
+            )
+            pipeline.set_progress_bar_config(disable=True)
+            output = pipeline(
+                prompt_embeds=c.embeds.prompt_embeds,
+                negative_prompt_embeds=c.embeds.negative_prompt_embeds,
+                width=request.width,
+                height=request.height,
+                num_inference_steps=request.steps,
+                guidance_scale=request.cfg_scale,
+                generator=c.generator(),
+                callback_on_step_end=_step_callback(progress),
+            )
+            return list(output.images)
 
     def img2img(
         self,
@@ -161,54 +118,71 @@ class DiffusersEngine:
         files: ModelFiles,
         progress: ProgressCallback,
     ) -> list[Image]:
-        raise EngineError("img2img is not supported by this worker yet")
+        validate_img2img(request, init_image, mask)
+        with self._conditioned(request.generation, files, progress) as c:
+            images = run_img2img(
+                c.base,
+                request,
+                init_image,
+                mask,
+                scheduler=c.scheduler(),
+                prompt_embeds=c.embeds.prompt_embeds,
+                negative_prompt_embeds=c.embeds.negative_prompt_embeds,
+                generator=c.generator(),
+                callback_on_step_end=_step_callback(progress),
+            )
+        progress(1, 1)  # strength 0 runs no step
+        return images
 
     def upscale(
         self, request: UpscaleRequest, image: Image, files: ModelFiles, progress: ProgressCallback
     ) -> Image:
-        raise EngineError("upscaling is not supported by this worker yet")
+        with _engine_errors(f"{image.width}x{image.height} x {request.rate:g}"):
+            return upscale(request, image, files, models=self.upscalers, progress=progress)
 
-    def _txt2img(
-        self, base: StableDiffusionPipeline, request: GenerationRequest, progress: ProgressCallback
-    ) -> list[Image]:
-        # A pipeline of its own per request: shares the weights, but never the scheduler state.
-        scheduler = make_scheduler(request.sampler_name, base.scheduler.config, seed=request.seed)
-        pipeline = StableDiffusionPipeline(
-            **{**base.components, "scheduler": scheduler}, requires_safety_checker=False
+    def _hires(self, c: Conditioning, files: ModelFiles) -> Image:
+        return hires_fix(
+            c.base,
+            c.request,
+            c.embeds,
+            new_scheduler=c.scheduler,
+            new_generator=c.generator,
+            files=files,
+            upscalers=self.upscalers,
+            progress=c.progress,
         )
-        pipeline.set_progress_bar_config(disable=True)
-        with torch.inference_mode():
-            embeds, negative_embeds = encode_prompts(
+
+    @contextlib.contextmanager
+    def _conditioned(
+        self, request: GenerationRequest, files: ModelFiles, progress: ProgressCallback
+    ) -> Iterator[Conditioning]:
+        """The loaded checkpoint with the request's LoRAs applied and its prompts encoded."""
+        base = self.pipelines.get(files[request.model.sha256]).pipeline
+        with (
+            _engine_errors(f"{request.width}x{request.height}"),
+            self._loras(base, request, files),
+            torch.inference_mode(),
+        ):
+            prompt, _ = extract_lora_tags(request.prompt)  # the service resolved them already
+            embeds, negative = encode_prompts(
                 base.tokenizer,
                 base.text_encoder,
-                request.prompt,
+                prompt,
                 request.negative_prompt,
                 device=self.device,
                 dtype=self.dtype,
             )
-            # Noise from a CPU generator: the same seed gives the same image on any device.
-            generator = torch.Generator("cpu").manual_seed(request.seed)
-            output = pipeline(
-                prompt_embeds=embeds,
-                negative_prompt_embeds=negative_embeds,
-                width=request.width,
-                height=request.height,
-                num_inference_steps=request.steps,
-                guidance_scale=request.cfg_scale,
-                generator=generator,
-                callback_on_step_end=_step_callback(progress),
-            )
-        images: list[Image] = output.images
-        return images
+            yield Conditioning(base, PromptEmbeds(embeds, negative), request, progress)
+
+    def _loras(
+        self, base: StableDiffusionPipeline, request: GenerationRequest, files: ModelFiles
+    ) -> contextlib.AbstractContextManager[None]:
+        if request.loras:
+            raise EngineError("LoRAs are not supported by this worker yet")
+        return contextlib.nullcontext()
 
     def _load(self, model: InstalledModel) -> LoadedCheckpoint:
-        log.info(
-            "loading checkpoint %s (%s) on %s as %s",
-            model.name,
-            model.sha256[:10],
-            self.device,
-            self.dtype,
-        )
+        log.info("loading checkpoint %s (%s) on %s", model.name, model.sha256[:10], self.device)
         pipeline, architecture = load_sd_pipeline(
             model.path,
             cache_dir=self._settings.cache_dir,
@@ -216,7 +190,21 @@ class DiffusersEngine:
             device=self.device,
             allow_ckpt=self._settings.allow_ckpt,
         )
-        return LoadedCheckpoint(pipeline, architecture, _pipeline_bytes(pipeline))
+        return LoadedCheckpoint(pipeline, architecture, pipeline_bytes(pipeline))
+
+
+@contextlib.contextmanager
+def _engine_errors(size: str) -> Iterator[None]:
+    """Translate torch's failures: out of memory fails the task, a broken GPU the worker."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        raise EngineError(f"out of GPU memory at {size}; try a smaller size") from exc
+    except RuntimeError as exc:
+        if "CUDA" in str(exc) or "cuDNN" in str(exc):
+            raise FatalEngineError(f"the GPU failed: {exc}") from exc
+        raise EngineError(f"generation failed: {exc}") from exc
 
 
 def _step_callback(progress: ProgressCallback) -> Any:

@@ -6,45 +6,22 @@ import logging
 import secrets
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
 from dan.config import Settings
-from dan.domain import (
-    GenerationRequest,
-    InstalledModel,
-    ModelKind,
-    TaskKind,
-    TaskRecord,
-)
-from dan.errors import InvalidArgument, ModelNotFound, ResourceUnavailable, TaskNotFound
+from dan.domain import TaskKind, TaskRecord
+from dan.errors import TaskNotFound
 from dan.storage import BlobStore
+from dan.tasks.orders import (
+    Img2ImgOrder,
+    ModelLookup,
+    Prepared,
+    RequestBuilder,
+    Txt2ImgOrder,
+    UpscaleOrder,
+)
 from dan.tasks.store import NewTask, Statistics, TaskStore
 
 log = logging.getLogger(__name__)
-
-
-class ModelLookup(Protocol):
-    """What the service needs of the model registry."""
-
-    def resolve(self, kind: ModelKind, ref: str) -> InstalledModel: ...
-
-    def default_checkpoint(self, preferred: str | None) -> InstalledModel | None: ...
-
-
-@dataclass(frozen=True)
-class Txt2ImgOrder:
-    """A txt2img request as the client sent it (validated for types and ranges)."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int  # -1: pick one
-    sampler_name: str
-    steps: int
-    cfg_scale: float
-    width: int
-    height: int
-    model: str | None
 
 
 class TaskService:
@@ -61,28 +38,33 @@ class TaskService:
     ) -> None:
         self._store = store
         self._blobs = blobs
-        self._models = models
         self._settings = settings
-        self._random_seed = random_seed
+        self._build = RequestBuilder(models, settings, random_seed=random_seed)
 
     def submit_txt2img(self, account: str, order: Txt2ImgOrder) -> TaskRecord:
         """Queue a txt2img task; raises InvalidArgument, ModelNotFound, TooManyPendingTasks."""
-        self._check_prompt("prompt", order.prompt)
-        self._check_prompt("negative_prompt", order.negative_prompt)
-        request = GenerationRequest(
-            prompt=order.prompt,
-            negative_prompt=order.negative_prompt,
-            # Resolved now, so a task that is re-run after a crash makes the same image.
-            seed=order.seed if order.seed >= 0 else self._random_seed(),
-            sampler_name=order.sampler_name,
-            steps=order.steps,
-            cfg_scale=order.cfg_scale,
-            width=order.width,
-            height=order.height,
-            model=self._checkpoint(order.model).ref,
-        )
-        new = NewTask(str(uuid.uuid4()), account, TaskKind.TXT2IMG, request.to_params())
-        return self._store.submit(new, max_pending=self._settings.max_pending_per_account)
+        params = self._build.txt2img(order).to_params()
+        return self._submit(account, TaskKind.TXT2IMG, str(uuid.uuid4()), Prepared(params, {}))
+
+    def submit_img2img(self, account: str, order: Img2ImgOrder) -> TaskRecord:
+        """Queue an img2img or inpaint task; the input images are checked and stored first."""
+        task_id = str(uuid.uuid4())
+        return self._submit(account, TaskKind.IMG2IMG, task_id, self._build.img2img(order, task_id))
+
+    def submit_upscale(self, account: str, order: UpscaleOrder) -> TaskRecord:
+        """Queue a standalone upscale of an image."""
+        task_id = str(uuid.uuid4())
+        return self._submit(account, TaskKind.UPSCALE, task_id, self._build.upscale(order, task_id))
+
+    def _submit(self, account: str, kind: TaskKind, task_id: str, prepared: Prepared) -> TaskRecord:
+        for key, data in prepared.inputs.items():
+            self._blobs.put(key, data)
+        try:
+            new = NewTask(task_id, account, kind, dict(prepared.params))
+            return self._store.submit(new, max_pending=self._settings.max_pending_per_account)
+        except BaseException:
+            self._blobs.delete_group(task_id)  # a refused task leaves nothing behind
+            raise
 
     def get(self, task_id: str, account: str | None = None) -> TaskRecord:
         """The task; TaskNotFound if it does not exist or belongs to another account."""
@@ -118,24 +100,3 @@ class TaskService:
         for record in old:
             self._blobs.delete_group(record.id)
         self._store.mark_expired([record.id for record in old])
-
-    def _checkpoint(self, ref: str | None) -> InstalledModel:
-        if ref is not None:
-            try:
-                return self._models.resolve(ModelKind.CHECKPOINT, ref)
-            except ModelNotFound as exc:
-                raise ModelNotFound(f"Invalid model: {exc.message}") from exc
-        model = self._models.default_checkpoint(self._settings.default_model)
-        if model is None:
-            raise ResourceUnavailable(
-                "no checkpoint is installed; put a .safetensors file in the models/checkpoints "
-                "folder or run `dan models pull chillout_mix`"
-            )
-        return model
-
-    def _check_prompt(self, field: str, text: str) -> None:
-        limit = self._settings.max_prompt_chars
-        if len(text) > limit:
-            raise InvalidArgument(
-                f"Invalid {field}: at most {limit} characters are accepted, got {len(text)}"
-            )

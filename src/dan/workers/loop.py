@@ -12,22 +12,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from PIL.Image import Image
-
 from dan.domain import (
     ClaimedTask,
-    GenerationRequest,
-    ModelFiles,
-    ModelKind,
-    TaskKind,
-    TaskResult,
 )
 from dan.engine.base import Engine
 from dan.errors import DanError, FatalEngineError, TaskCancelled
-from dan.imaging import encode_png, infotext
 from dan.storage import BlobStore
-from dan.tasks.service import ModelLookup
+from dan.tasks.orders import ModelLookup
 from dan.tasks.store import CANCELLED_MESSAGE, TaskStore
+from dan.workers.runner import TaskRunner
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +79,8 @@ class Worker:
         idle_sleep_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._store, self._engine, self._models, self._blobs = store, engine, models, blobs
+        self._store = store
+        self._runner = TaskRunner(engine, models, blobs)
         self.worker_id = worker_id
         self._lease_s = lease_s
         self._idle_sleep_s = idle_sleep_s
@@ -118,7 +112,7 @@ class Worker:
         started = self._clock()
         try:
             with Lease(self._store, task.id, self.worker_id, self._lease_s) as lease:
-                result = self._run(task, lease)
+                result = self._runner.run(task, lease.report)
         except TaskCancelled:
             self._store.fail(task.id, self.worker_id, CANCELLED_MESSAGE)
             log.info("task %s cancelled", task.id)
@@ -138,29 +132,3 @@ class Worker:
             log.warning("task %s finished after its lease was lost; result dropped", task.id)
         else:
             log.info("task %s done in %.2f s", task.id, self._clock() - started)
-
-    def _run(self, task: ClaimedTask, lease: Lease) -> TaskResult:
-        if task.kind != TaskKind.TXT2IMG:
-            raise DanError(f"this worker cannot run {task.kind} tasks")
-        request = GenerationRequest.from_params(task.params)
-        images = self._engine.txt2img(request, self._files(request), lease.report)
-        return self._store_images(task.id, request, images)
-
-    def _files(self, request: GenerationRequest) -> ModelFiles:
-        """The installed file of every model the request names, by sha256."""
-        wanted = [(ModelKind.CHECKPOINT, request.model)]
-        wanted += [(ModelKind.LORA, lora.model) for lora in request.loras]
-        if request.hires and request.hires.upscaler.model:
-            wanted.append((ModelKind.UPSCALER, request.hires.upscaler.model))
-        return {ref.sha256: self._models.resolve(kind, ref.sha256) for kind, ref in wanted}
-
-    def _store_images(
-        self, task_id: str, request: GenerationRequest, images: list[Image]
-    ) -> TaskResult:
-        seeds = tuple(request.seed + i for i in range(len(images)))
-        keys = []
-        for i, (image, seed) in enumerate(zip(images, seeds, strict=True)):
-            key = f"{task_id}/{i}.png"
-            self._blobs.put(key, encode_png(image, infotext(request, seed)))
-            keys.append(key)
-        return TaskResult(image_keys=tuple(keys), seeds=seeds)

@@ -8,9 +8,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from dan.api.auth import account_of
-from dan.api.generation import context, submit_txt2img, task_status, wait_for_success
-from dan.api.schemas import TaskIdBody, Txt2ImgBody
-from dan.domain import SAMPLERS, ModelKind
+from dan.api.generation import context, submit, task_status, wait_for_success
+from dan.api.schemas import Img2ImgBody, TaskIdBody, Txt2ImgBody, UpscaleBody
+from dan.domain import IMAGE_UPSCALERS, LATENT_UPSCALERS, SAMPLERS, ModelKind
 
 router = APIRouter(prefix="/api/sd", tags=["generation"])
 
@@ -20,20 +20,48 @@ def ok(data: Any) -> dict[str, Any]:
     return {"code": 200, "data": data, "message": "success"}
 
 
+async def run(body: Txt2ImgBody | Img2ImgBody | UpscaleBody, request: Request) -> dict[str, Any]:
+    """Submit and wait: ``{taskId, images, seeds}``."""
+    ctx = context(request)
+    record = await submit(ctx, account_of(request), body)
+    return ok({"taskId": record.id, **await wait_for_success(ctx, record)})
+
+
+async def queue(body: Txt2ImgBody | Img2ImgBody | UpscaleBody, request: Request) -> dict[str, Any]:
+    """Submit and answer at once: ``{status: 0, taskId, queuePosition}``."""
+    record = await submit(context(request), account_of(request), body)
+    position = record.queue_position
+    return ok({"status": int(record.status), "taskId": record.id, "queuePosition": position})
+
+
 @router.post("/txt2img", summary="Generate images from text and wait for them")
 async def txt2img(body: Txt2ImgBody, request: Request) -> dict[str, Any]:
-    ctx = context(request)
-    record = await submit_txt2img(ctx, account_of(request), body)
-    result = await wait_for_success(ctx, record)
-    return ok({"taskId": record.id, **result})
+    return await run(body, request)
 
 
 @router.post("/txt2img/async", summary="Queue a txt2img task and return its taskId at once")
 async def txt2img_async(body: Txt2ImgBody, request: Request) -> dict[str, Any]:
-    record = await submit_txt2img(context(request), account_of(request), body)
-    return ok(
-        {"status": int(record.status), "taskId": record.id, "queuePosition": record.queue_position}
-    )
+    return await queue(body, request)
+
+
+@router.post("/img2img", summary="Redraw an image (or its masked part) and wait")
+async def img2img(body: Img2ImgBody, request: Request) -> dict[str, Any]:
+    return await run(body, request)
+
+
+@router.post("/img2img/async", summary="Queue an img2img or inpaint task")
+async def img2img_async(body: Img2ImgBody, request: Request) -> dict[str, Any]:
+    return await queue(body, request)
+
+
+@router.post("/upscale", summary="Enlarge an image with an upscaler and wait")
+async def upscale(body: UpscaleBody, request: Request) -> dict[str, Any]:
+    return await run(body, request)
+
+
+@router.post("/upscale/async", summary="Queue an upscale task")
+async def upscale_async(body: UpscaleBody, request: Request) -> dict[str, Any]:
+    return await queue(body, request)
 
 
 @router.post("/task/status", summary="Status, progress and result of a task")
@@ -55,11 +83,14 @@ async def supported_model_info(request: Request) -> dict[str, Any]:
     def listing(kind: ModelKind) -> list[dict[str, str]]:
         return [{"name": m.name, "hash": m.sha256} for m in registry.list(kind)]
 
+    upscalers = [m.name for m in registry.list(ModelKind.UPSCALER)]
     return ok(
         {
             "Models": listing(ModelKind.CHECKPOINT),
             "LoRAs": listing(ModelKind.LORA),
             "Samplers": list(SAMPLERS),
+            "Upscalers": [*IMAGE_UPSCALERS, *upscalers],
+            "HiresUpscalers": [*LATENT_UPSCALERS, *IMAGE_UPSCALERS, *upscalers],
         }
     )
 

@@ -9,15 +9,23 @@ from fastapi import APIRouter, Request
 
 from dan.api.auth import account_of
 from dan.api.errors import V0_PREFIX
-from dan.api.generation import context, submit_txt2img, wait_for_success
-from dan.api.schemas import Txt2ImgBody
+from dan.api.generation import context, submit, wait_for_success
+from dan.api.schemas import Img2ImgBody, Txt2ImgBody
 
 router = APIRouter(prefix=V0_PREFIX, tags=["v0 format"])
 
 
+async def run(body: Txt2ImgBody | Img2ImgBody, request: Request) -> dict[str, Any]:
+    ctx = context(request)
+    record = await submit(ctx, account_of(request), body)
+    return {"images": (await wait_for_success(ctx, record))["images"]}
+
+
 @router.post("/txt2img", summary="txt2img answered in the v0 format")
 async def txt2img(body: Txt2ImgBody, request: Request) -> dict[str, Any]:
-    ctx = context(request)
-    record = await submit_txt2img(ctx, account_of(request), body)
-    result = await wait_for_success(ctx, record)
-    return {"images": result["images"]}
+    return await run(body, request)
+
+
+@router.post("/img2img", summary="img2img answered in the v0 format")
+async def img2img(body: Img2ImgBody, request: Request) -> dict[str, Any]:
+    return await run(body, request)

@@ -1,0 +1,67 @@
+"""Loaded checkpoints kept warm: an LRU cache with a memory budget."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from diffusers import StableDiffusionPipeline
+
+from dan.domain import InstalledModel
+from dan.engine.detect import Sd1Architecture
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedCheckpoint:
+    pipeline: StableDiffusionPipeline
+    architecture: Sd1Architecture
+    size_bytes: int
+
+
+class PipelineCache:
+    """Loaded checkpoints by sha256, least recently used evicted beyond a memory budget.
+
+    The entry in use is never evicted, so one checkpoint larger than the budget still loads.
+    """
+
+    def __init__(
+        self, budget_bytes: int, load: Callable[[InstalledModel], LoadedCheckpoint]
+    ) -> None:
+        self._budget = budget_bytes
+        self._load = load
+        self._entries: OrderedDict[str, LoadedCheckpoint] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, model: InstalledModel) -> LoadedCheckpoint:
+        with self._lock:
+            entry = self._entries.get(model.sha256)
+            if entry is None:
+                entry = self._load(model)
+                self.loads += 1
+                self._entries[model.sha256] = entry
+            self._entries.move_to_end(model.sha256)
+            self._evict()
+            return entry
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def _evict(self) -> None:
+        while len(self._entries) > 1 and self._total() > self._budget:
+            sha, _ = self._entries.popitem(last=False)
+            log.info("unloaded checkpoint %s (memory budget)", sha[:10])
+
+    def _total(self) -> int:
+        return sum(entry.size_bytes for entry in self._entries.values())
+
+
+def pipeline_bytes(pipeline: StableDiffusionPipeline) -> int:
+    modules = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())

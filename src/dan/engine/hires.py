@@ -1,0 +1,243 @@
+"""Hires fix (txt2img's ``upscale``): generate, upscale, denoise again at the larger size.
+
+As in AUTOMATIC1111:
+
+1. the first pass is an ordinary txt2img at the requested ``width`` x ``height``;
+2. the target is ``scale`` times that size, each side rounded to a multiple of 8;
+3. a latent upscaler interpolates the first pass's latents, which img2img takes as ``image``
+   (4-channel input skips the VAE encode); an image upscaler (Lanczos, Nearest, a model)
+   enlarges the decoded image, which img2img encodes;
+4. the second pass denoises over the last ``denoising_strength`` of a stretched schedule, so it
+   runs ``steps`` steps like the first (A1111's "hires steps" 0), with noise from the same seed.
+
+``denoising_strength`` 0 returns the upscaled first pass without a second pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from PIL.Image import Image
+
+from dan.domain import GenerationRequest, HiresFix, ModelFiles, ProgressCallback
+from dan.engine.upscale import (
+    UpscalerModels,
+    is_latent_upscaler,
+    model_file_of,
+    resize_image,
+    upscale_latents,
+)
+from dan.errors import EngineError
+
+# A fresh scheduler (its own state) and a freshly seeded generator, for each pass.
+SchedulerFactory = Callable[[], Any]
+GeneratorFactory = Callable[[], torch.Generator]
+
+
+@dataclass(frozen=True)
+class PromptEmbeds:
+    """The encoded prompts both passes use (see :func:`dan.engine.prompts.encode_prompts`)."""
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ProgressPlan:
+    """Denoising calls of each pass; progress reports ``(done, first + second)``."""
+
+    first: int
+    second: int
+
+    @property
+    def total(self) -> int:
+        return self.first + self.second
+
+
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """``scale`` x (``width``, ``height``), each side rounded to the nearest multiple of 8."""
+    return (max(8, 8 * round(width * scale / 8)), max(8, 8 * round(height * scale / 8)))
+
+
+def second_pass_steps(steps: int, denoising_strength: float, *, limit: int = 999) -> int:
+    """``num_inference_steps`` for img2img so that it runs ``steps`` steps at this strength.
+
+    img2img runs ``int(num_inference_steps * strength)`` steps; the smallest count that gives
+    ``steps`` is returned, capped at ``limit`` (below the scheduler's training timesteps), so a
+    tiny strength runs fewer steps. 0 means no second pass (strength 0, or too small to run one).
+    """
+    if denoising_strength <= 0:
+        return 0
+    # Start just below the exact count: steps / strength is off by float rounding either way.
+    count = min(max(int(steps / denoising_strength) - 1, 1), limit)
+    while int(count * denoising_strength) < steps and count < limit:
+        count += 1
+    return count if int(count * denoising_strength) >= 1 else 0
+
+
+def denoising_calls(scheduler: Any, num_inference_steps: int, strength: float = 1.0) -> int:
+    """How many times a pipeline calls ``callback_on_step_end`` with ``scheduler``.
+
+    Mirrors diffusers' txt2img (all timesteps) and img2img (the last ``strength`` of them);
+    second-order schedulers have more timesteps than steps. ``scheduler`` is set up here, so pass
+    a spare instance, not the one a pipeline will use.
+    """
+    scheduler.set_timesteps(num_inference_steps, device="cpu")
+    kept = min(int(num_inference_steps * strength), num_inference_steps)
+    start = (num_inference_steps - kept) * scheduler.order
+    return len(scheduler.timesteps[start:])
+
+
+def hires_fix(
+    base: StableDiffusionPipeline,
+    request: GenerationRequest,
+    embeds: PromptEmbeds,
+    *,
+    new_scheduler: SchedulerFactory,
+    new_generator: GeneratorFactory,
+    files: ModelFiles,
+    upscalers: UpscalerModels,
+    progress: ProgressCallback,
+) -> Image:
+    """The hires-fixed image for ``request`` (which must have ``hires``), of :func:`hires_size`.
+
+    ``base`` lends its components (never its scheduler); each pass gets ``new_scheduler()`` and
+    ``new_generator()``. ``progress(done, total)`` counts the denoising calls of both passes (the
+    total is fixed from the start), is also called between the passes and after every upscaler
+    tile (to let cancellation in), and ends at ``(total, total)``. Raises EngineError for an
+    upscaler that cannot run; TaskCancelled from ``progress`` propagates.
+    """
+    hires = _hires_of(request)
+    # 1. Sizes, step counts and the progress total, all fixed before anything runs.
+    target = hires_size(request.width, request.height, hires.scale)
+    limit = int(base.scheduler.config.num_train_timesteps) - 1
+    second_steps = second_pass_steps(request.steps, hires.denoising_strength, limit=limit)
+    plan = plan_progress(new_scheduler, request.steps, second_steps, hires.denoising_strength)
+    latent = is_latent_upscaler(hires.upscaler.name)
+    with torch.inference_mode():
+        # 2. First pass at the requested size: latents for latent modes, else the image.
+        pipeline = _txt2img_pipeline(base, new_scheduler())
+        first = pipeline(
+            **_common_arguments(request, embeds, new_generator()),
+            width=request.width,
+            height=request.height,
+            num_inference_steps=request.steps,
+            output_type="latent" if latent else "pil",
+            callback_on_step_end=step_callback(progress, 0, plan.total),
+        ).images
+        # 3. Upscale to the target size.
+        hold = _holding(progress, plan.first, plan.total)
+        init = _upscale_first_pass(first, target, hires, files, upscalers, hold)
+        progress(plan.first, plan.total)
+        if not second_steps:
+            return decode_latents(pipeline, init) if isinstance(init, torch.Tensor) else init
+        # 4. Second pass: img2img of the upscaled latents or image, noise from the same seed.
+        images = _img2img_pipeline(base, new_scheduler())(
+            **_common_arguments(request, embeds, new_generator()),
+            image=init,
+            strength=hires.denoising_strength,
+            num_inference_steps=second_steps,
+            callback_on_step_end=step_callback(progress, plan.first, plan.total),
+        ).images
+    progress(plan.total, plan.total)
+    image: Image = images[0]
+    return image
+
+
+def plan_progress(
+    new_scheduler: SchedulerFactory, steps: int, second_steps: int, denoising_strength: float
+) -> ProgressPlan:
+    """Denoising calls of both passes (``second_steps`` 0: none), counted on spare schedulers."""
+    first = denoising_calls(new_scheduler(), steps)
+    if not second_steps:
+        return ProgressPlan(first, 0)
+    return ProgressPlan(first, denoising_calls(new_scheduler(), second_steps, denoising_strength))
+
+
+def _upscale_first_pass(
+    first: Any,
+    target: tuple[int, int],
+    hires: HiresFix,
+    files: ModelFiles,
+    upscalers: UpscalerModels,
+    hold: ProgressCallback,
+) -> torch.Tensor | Image:
+    """The first pass's latents or image (``first``: the pipeline's ``images``) at ``target``."""
+    if is_latent_upscaler(hires.upscaler.name):
+        latents: torch.Tensor = first
+        return upscale_latents(latents, *target, hires.upscaler.name)
+    # A model upscaler's tiles may take minutes on a CPU: ``hold`` lets cancellation in.
+    model_file = model_file_of(hires.upscaler, files)
+    return resize_image(
+        first[0], target, hires.upscaler, model_file, models=upscalers, progress=hold
+    )
+
+
+def _hires_of(request: GenerationRequest) -> HiresFix:
+    if request.hires is None:
+        raise EngineError("hires_fix needs a request with hires settings")
+    return request.hires
+
+
+def _txt2img_pipeline(base: StableDiffusionPipeline, scheduler: Any) -> StableDiffusionPipeline:
+    """A txt2img pipeline sharing ``base``'s weights, with its own ``scheduler``."""
+    pipeline = StableDiffusionPipeline(
+        **{**base.components, "scheduler": scheduler}, requires_safety_checker=False
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _img2img_pipeline(base: StableDiffusionPipeline, scheduler: Any) -> Any:
+    """An img2img pipeline sharing ``base``'s weights, with its own ``scheduler``."""
+    pipeline = StableDiffusionImg2ImgPipeline(
+        **{**base.components, "scheduler": scheduler}, requires_safety_checker=False
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _common_arguments(
+    request: GenerationRequest, embeds: PromptEmbeds, generator: torch.Generator
+) -> dict[str, Any]:
+    return {
+        "prompt_embeds": embeds.prompt_embeds,
+        "negative_prompt_embeds": embeds.negative_prompt_embeds,
+        "guidance_scale": request.cfg_scale,
+        "generator": generator,
+    }
+
+
+def decode_latents(pipeline: StableDiffusionPipeline, latents: torch.Tensor) -> Image:
+    """The image of SD ``latents`` (1, 4, h, w), decoded by ``pipeline``'s VAE."""
+    vae = pipeline.vae
+    with torch.inference_mode():
+        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
+        images = pipeline.image_processor.postprocess(decoded[0], output_type="pil")
+    image: Image = images[0]
+    return image
+
+
+def _holding(progress: ProgressCallback, done: int, total: int) -> ProgressCallback:
+    """A progress callback that reports ``(done, total)`` whatever it is told."""
+
+    def report(_done: int, _total: int) -> None:
+        progress(done, total)
+
+    return report
+
+
+def step_callback(progress: ProgressCallback, offset: int, total: int) -> Any:
+    """A ``callback_on_step_end`` reporting ``(offset + steps done, total)``, never past total."""
+
+    def on_step_end(
+        _pipeline: Any, step: int, _timestep: Any, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        progress(min(offset + step + 1, total), total)
+        return kwargs
+
+    return on_step_end

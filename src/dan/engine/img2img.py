@@ -1,0 +1,234 @@
+"""img2img and inpainting on a loaded Stable Diffusion 1.x pipeline, with A1111's semantics.
+
+The engine owns loading, prompt encoding, the scheduler and the generator; this module turns an
+:class:`~dan.domain.Img2ImgRequest` into images. Geometry (fitting, masks, crop boxes, pasting
+back) lives in :mod:`dan.engine.masks`.
+
+Sizes of the result:
+
+- img2img, and inpaint with WHOLE_PICTURE: ``width`` x ``height``; the init image (and the mask)
+  are first fitted with ``resize_mode``.
+- inpaint with ONLY_MASKED: the init image's own size, as in A1111. ``width`` x ``height`` is
+  the resolution at which the crop around the mask is regenerated; ``resize_mode`` is not used.
+
+Inpainting guarantee: where the prepared mask (thresholded, inverted for mask_mode 1, blurred)
+is 0, result pixels are byte-identical to the (fitted) init image flattened to RGB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
+from PIL import Image
+
+from dan.domain import Img2ImgRequest, InpaintArea, InpaintSpec, ResizeMode
+from dan.engine.masks import crop_region, fit_image, paste_back, prepare_mask, to_rgb
+from dan.errors import EngineError
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every denoising call of one request shares."""
+
+    base: StableDiffusionPipeline
+    scheduler: Any
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor
+    generator: torch.Generator
+    callback_on_step_end: Any
+    steps: int
+    cfg_scale: float
+    strength: float
+    width: int
+    height: int
+
+    def call_kwargs(self) -> dict[str, Any]:
+        return {
+            "prompt_embeds": self.prompt_embeds,
+            "negative_prompt_embeds": self.negative_prompt_embeds,
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.cfg_scale,
+            "generator": self.generator,
+            "callback_on_step_end": self.callback_on_step_end,
+        }
+
+    def size_kwargs(self) -> dict[str, int]:
+        # Only txt2img and inpaint take a size; img2img takes its image's (and ignores extras).
+        return {"width": self.width, "height": self.height}
+
+
+def validate_img2img(
+    request: Img2ImgRequest, init_image: Image.Image, mask: Image.Image | None
+) -> None:
+    """Raise EngineError, with a message that says what to change, for a request that cannot run.
+
+    Checked: strength in [0, 1]; ``int(steps * strength) >= 1`` unless strength is 0 (diffusers
+    runs that many steps); a mask exactly when the request has ``inpaint``; the mask's size equals
+    the init image's (the API rejects others; A1111 would silently stretch it).
+    """
+    strength, steps = request.denoising_strength, request.generation.steps
+    if not 0.0 <= strength <= 1.0:
+        raise EngineError(f"denoising_strength must be between 0 and 1, got {strength}")
+    if strength > 0 and int(steps * strength) < 1:
+        raise EngineError(
+            f"denoising_strength {strength} with {steps} steps runs int({steps} * {strength}) = 0 "
+            f"denoising steps; use at least {_min_steps(strength)} steps or a higher strength"
+        )
+    if (mask is None) != (request.inpaint is None):
+        raise EngineError("a mask is required exactly when the request has inpaint settings")
+    if mask is not None and mask.size != init_image.size:
+        raise EngineError(
+            f"the mask is {mask.width}x{mask.height} but the init image is "
+            f"{init_image.width}x{init_image.height}; they must have the same size"
+        )
+
+
+def _min_steps(strength: float) -> int:
+    steps = max(1, int(1 / strength))
+    while int(steps * strength) < 1:  # float rounding: 1 / 0.1 * 0.1 may fall short of 1
+        steps += 1
+    return steps
+
+
+def run_img2img(
+    base: StableDiffusionPipeline,
+    request: Img2ImgRequest,
+    init_image: Image.Image,
+    mask: Image.Image | None,
+    *,
+    scheduler: Any,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    generator: torch.Generator,
+    callback_on_step_end: Any,
+) -> list[Image.Image]:
+    """The images (one) of an img2img or inpaint request, made from ``init_image``.
+
+    ``base`` is the cached pipeline; it is only read (its components are shared, ``scheduler``
+    is this request's own). 9-channel inpainting checkpoints are recognised from the UNet.
+    Strength 0 returns the fitted input passed through the VAE (encode to the latent mean,
+    decode) without running the UNet; strength 1 ignores the input entirely for img2img on a
+    4-channel checkpoint (it is then txt2img). ``mask`` is the uploaded mask, required exactly
+    when ``request.inpaint`` is set. Raises EngineError for invalid requests (see
+    :func:`validate_img2img`, :func:`~dan.engine.masks.prepare_mask`) and when diffusers
+    rejects the inputs; TaskCancelled raised by the callback propagates.
+    """
+    validate_img2img(request, init_image, mask)
+    generation = request.generation
+    run = _Run(
+        base=base,
+        scheduler=scheduler,
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds,
+        generator=generator,
+        callback_on_step_end=callback_on_step_end,
+        steps=generation.steps,
+        cfg_scale=generation.cfg_scale,
+        strength=request.denoising_strength,
+        width=generation.width,
+        height=generation.height,
+    )
+    source = to_rgb(init_image)
+    with torch.inference_mode():
+        if request.inpaint is None or mask is None:
+            fitted = fit_image(source, run.width, run.height, request.resize_mode)
+            return [_img2img(run, fitted)]
+        return [_inpaint(run, source, mask, request.resize_mode, request.inpaint)]
+
+
+def _img2img(run: _Run, image: Image.Image) -> Image.Image:
+    if run.strength == 0:
+        return through_vae(run.base, image)
+    if is_inpainting_unet(run.base):
+        # A1111 runs an inpainting model's img2img as inpainting of the whole picture.
+        return _denoise_masked(run, image, Image.new("L", image.size, 255))
+    if run.strength == 1:
+        # diffusers' img2img still adds the init latents to the first noise at strength 1;
+        # "ignores the input" means starting from pure noise, which is txt2img.
+        return _call(StableDiffusionPipeline, run, **run.size_kwargs())
+    return _call(StableDiffusionImg2ImgPipeline, run, image=image, strength=run.strength)
+
+
+def _inpaint(
+    run: _Run,
+    source: Image.Image,
+    mask_image: Image.Image,
+    resize_mode: ResizeMode,
+    spec: InpaintSpec,
+) -> Image.Image:
+    """Regenerate the masked part and paste it back over the untouched original."""
+    if spec.inpaint_area == InpaintArea.ONLY_MASKED:
+        # Mask at the original's size; only the crop around it is brought to width x height.
+        mask = prepare_mask(
+            mask_image, *source.size, ResizeMode.JUST_RESIZE, spec.mask_blur, spec.mask_mode
+        )
+        box = crop_region(mask, spec.padding, run.width, run.height)
+        # The box has (nearly) the target's aspect ratio; stretching both ways keeps the
+        # round trip crop -> generate -> paste aligned even where clipping bent the ratio.
+        crop = fit_image(source.crop(box), run.width, run.height, ResizeMode.JUST_RESIZE)
+        crop_mask = fit_image(mask.crop(box), run.width, run.height, ResizeMode.JUST_RESIZE)
+        return paste_back(source, _regenerate(run, crop, crop_mask), mask, box)
+    original = fit_image(source, run.width, run.height, resize_mode)
+    mask = prepare_mask(
+        mask_image, run.width, run.height, resize_mode, spec.mask_blur, spec.mask_mode
+    )
+    return paste_back(original, _regenerate(run, original, mask), mask)
+
+
+def _regenerate(run: _Run, image: Image.Image, mask: Image.Image) -> Image.Image:
+    if run.strength == 0:
+        return through_vae(run.base, image)
+    return _denoise_masked(run, image, mask)
+
+
+def _denoise_masked(run: _Run, image: Image.Image, mask: Image.Image) -> Image.Image:
+    # diffusers binarises the mask at 0.5 for the latents, as A1111 rounds its latent mask; the
+    # blur only shapes the final paste-back. On a 4-channel UNet the pipeline re-imposes the
+    # noised original latents outside the mask after every step (A1111's approach).
+    return _call(
+        StableDiffusionInpaintPipeline,
+        run,
+        image=image,
+        mask_image=mask,
+        strength=run.strength,
+        **run.size_kwargs(),
+    )
+
+
+def _call(pipeline_class: Any, run: _Run, **inputs: Any) -> Image.Image:
+    """One image from a ``pipeline_class`` sharing the base's weights, with the run's scheduler."""
+    components = {**run.base.components, "scheduler": run.scheduler}
+    pipeline = pipeline_class(**components, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    try:
+        output = pipeline(**run.call_kwargs(), **inputs)
+    except ValueError as exc:  # diffusers' check_inputs and shape checks
+        raise EngineError(f"img2img failed: {exc}") from exc
+    image: Image.Image = output.images[0]
+    return image
+
+
+def is_inpainting_unet(pipeline: StableDiffusionPipeline) -> bool:
+    """True for a 9-channel UNet (latents + mask + masked-image latents)."""
+    return int(pipeline.unet.config.in_channels) == 9
+
+
+def through_vae(pipeline: StableDiffusionPipeline, image: Image.Image) -> Image.Image:
+    """``image`` encoded by the pipeline's VAE (the latent mean, no sampling) and decoded.
+
+    This is what img2img at strength 0 returns: no noise, no UNet. Deterministic.
+    """
+    vae, processor = pipeline.vae, pipeline.image_processor
+    with torch.inference_mode():
+        pixels = processor.preprocess(image).to(device=vae.device, dtype=vae.dtype)
+        latents = vae.encode(pixels).latent_dist.mode()
+        decoded = vae.decode(latents, return_dict=False)[0]
+    images: list[Image.Image] = processor.postprocess(decoded, output_type="pil")
+    return images[0]

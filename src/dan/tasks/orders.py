@@ -1,0 +1,282 @@
+"""Orders: what a client asked for, and how each becomes a domain request.
+
+An order carries the client's values after type and range checks. Turning it into a request
+resolves every model it names (checkpoint, LoRAs, model upscalers) to the sha256 of an installed
+file, picks the seed, and decodes the input images, so that every mistake a client can make is
+reported at submission, naming the field, and never as a failed task.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from PIL.Image import Image
+
+from dan.config import Settings
+from dan.domain import (
+    IMAGE_UPSCALERS,
+    LATENT_UPSCALERS,
+    GenerationRequest,
+    HiresFix,
+    Img2ImgRequest,
+    InpaintArea,
+    InpaintSpec,
+    InstalledModel,
+    LoraSpec,
+    MaskMode,
+    ModelKind,
+    ResizeMode,
+    UpscalerChoice,
+    UpscaleRequest,
+)
+from dan.errors import InvalidArgument, ModelNotFound, ResourceUnavailable
+from dan.imaging import decode_image, encode_input_png
+from dan.prompt_tags import extract_lora_tags
+
+MAX_UPSCALED_SIDE = 8192
+
+
+class ModelLookup(Protocol):
+    """What orders need of the model registry."""
+
+    def resolve(self, kind: ModelKind, ref: str) -> InstalledModel: ...
+
+    def default_checkpoint(self, preferred: str | None) -> InstalledModel | None: ...
+
+    def list(self, kind: ModelKind) -> list[InstalledModel]: ...
+
+
+@dataclass(frozen=True)
+class GenerationOrder:
+    prompt: str
+    negative_prompt: str
+    seed: int  # -1: pick one
+    sampler_name: str
+    steps: int
+    cfg_scale: float
+    width: int
+    height: int
+    model: str | None
+    loras: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class HiresOrder:
+    scale: float
+    denoising_strength: float
+    upscaler: str
+
+
+@dataclass(frozen=True)
+class Txt2ImgOrder:
+    generation: GenerationOrder
+    hires: HiresOrder | None = None
+
+
+@dataclass(frozen=True)
+class InpaintOrder:
+    mask: str  # base64
+    mask_blur: int
+    mask_mode: int
+    inpaint_area: int
+
+
+@dataclass(frozen=True)
+class Img2ImgOrder:
+    generation: GenerationOrder
+    init_image: str  # base64
+    resize_mode: int
+    denoising_strength: float
+    inpaint: InpaintOrder | None = None
+
+
+@dataclass(frozen=True)
+class UpscaleOrder:
+    image: str  # base64
+    rate: float
+    upscaler: str
+    upscaler2: str | None
+    upscaler2_factor: float
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready to queue, and the input images to store with it (blob key -> PNG)."""
+
+    params: dict[str, object]
+    inputs: dict[str, bytes]
+
+
+class RequestBuilder:
+    def __init__(
+        self,
+        models: ModelLookup,
+        settings: Settings,
+        *,
+        random_seed: Callable[[], int] = lambda: secrets.randbelow(2**32),
+    ) -> None:
+        self._models = models
+        self._settings = settings
+        self._random_seed = random_seed
+
+    def txt2img(self, order: Txt2ImgOrder) -> GenerationRequest:
+        request = self._generation(order.generation)
+        if order.hires is None:
+            return request
+        hires = order.hires
+        upscaler = self._upscaler(hires.upscaler, "upscale.upscaler", latent=True)
+        return replace(request, hires=HiresFix(hires.scale, hires.denoising_strength, upscaler))
+
+    def img2img(self, order: Img2ImgOrder, task_id: str) -> Prepared:
+        generation = self._generation(order.generation)
+        _check_denoising_steps(generation.steps, order.denoising_strength)
+        init = decode_image(order.init_image, "init_image")
+        inputs = {f"{task_id}/init.png": encode_input_png(init.convert("RGB"))}
+        inpaint = None
+        if order.inpaint is not None:
+            inpaint = _inpaint(order.inpaint, f"{task_id}/mask.png")
+            inputs[inpaint.mask_key] = encode_input_png(_mask_image(order.inpaint.mask, init))
+        request = Img2ImgRequest(
+            generation=generation,
+            init_image_key=f"{task_id}/init.png",
+            resize_mode=ResizeMode(order.resize_mode),
+            denoising_strength=order.denoising_strength,
+            inpaint=inpaint,
+        )
+        return Prepared(request.to_params(), inputs)
+
+    def upscale(self, order: UpscaleOrder, task_id: str) -> Prepared:
+        image = decode_image(order.image, "image")
+        longest = max(image.size) * order.rate
+        if longest > MAX_UPSCALED_SIDE:
+            raise InvalidArgument(
+                f"Invalid upscalingRate: {image.width}x{image.height} x {order.rate:g} would be "
+                f"{longest:.0f} pixels wide; at most {MAX_UPSCALED_SIDE} are produced"
+            )
+        second = order.upscaler2
+        request = UpscaleRequest(
+            image_key=f"{task_id}/input.png",
+            rate=order.rate,
+            upscaler=self._upscaler(order.upscaler, "upscaler", latent=False),
+            upscaler2=None
+            if second is None or _is_none(second)
+            else self._upscaler(second, "upscaler2", latent=False),
+            upscaler2_factor=order.upscaler2_factor,
+        )
+        return Prepared(
+            request.to_params(), {request.image_key: encode_input_png(image.convert("RGB"))}
+        )
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _generation(self, order: GenerationOrder) -> GenerationRequest:
+        self._check_prompt("prompt", order.prompt)
+        self._check_prompt("negative_prompt", order.negative_prompt)
+        return GenerationRequest(
+            prompt=order.prompt,
+            negative_prompt=order.negative_prompt,
+            # Resolved now, so a task that is re-run after a crash makes the same image.
+            seed=order.seed if order.seed >= 0 else self._random_seed(),
+            sampler_name=order.sampler_name,
+            steps=order.steps,
+            cfg_scale=order.cfg_scale,
+            width=order.width,
+            height=order.height,
+            model=self._checkpoint(order.model).ref,
+            loras=self._loras(order.loras) + self._prompt_loras(order.prompt),
+        )
+
+    def _checkpoint(self, ref: str | None) -> InstalledModel:
+        if ref is not None:
+            try:
+                return self._models.resolve(ModelKind.CHECKPOINT, ref)
+            except ModelNotFound as exc:
+                raise ModelNotFound(f"Invalid model: {exc.message}") from exc
+        model = self._models.default_checkpoint(self._settings.default_model)
+        if model is None:
+            raise ResourceUnavailable(
+                "no checkpoint is installed; put a .safetensors file in the models/checkpoints "
+                "folder or run `dan models pull chillout_mix`"
+            )
+        return model
+
+    def _loras(self, pairs: tuple[tuple[str, float], ...]) -> tuple[LoraSpec, ...]:
+        specs = []
+        for index, (ref, weight) in enumerate(pairs):
+            try:
+                model = self._models.resolve(ModelKind.LORA, ref)
+            except ModelNotFound as exc:
+                raise ModelNotFound(f"Invalid loras: entry {index}: {exc.message}") from exc
+            specs.append(LoraSpec(model.ref, weight))
+        return tuple(specs)
+
+    def _prompt_loras(self, prompt: str) -> tuple[LoraSpec, ...]:
+        try:
+            _, tags = extract_lora_tags(prompt)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"Invalid prompt: {exc.message}") from exc
+        specs = []
+        for name, weight in tags:
+            try:
+                model = self._models.resolve(ModelKind.LORA, name)
+            except ModelNotFound as exc:
+                raise ModelNotFound(f"Invalid prompt: <lora:{name}>: {exc.message}") from exc
+            specs.append(LoraSpec(model.ref, weight))
+        return tuple(specs)
+
+    def _upscaler(self, name: str, field: str, *, latent: bool) -> UpscalerChoice:
+        builtin = IMAGE_UPSCALERS + (LATENT_UPSCALERS if latent else ())
+        match = next((b for b in builtin if b.lower() == name.lower()), None)
+        if match is not None:
+            return UpscalerChoice(match)
+        try:
+            return UpscalerChoice(name, self._models.resolve(ModelKind.UPSCALER, name).ref)
+        except ModelNotFound as exc:
+            installed = [m.name for m in self._models.list(ModelKind.UPSCALER)]
+            valid = ", ".join(builtin + tuple(installed))
+            raise InvalidArgument(
+                f"Invalid {field}: {name!r} is not available; use one of {valid}"
+            ) from exc
+
+    def _check_prompt(self, field: str, text: str) -> None:
+        limit = self._settings.max_prompt_chars
+        if len(text) > limit:
+            raise InvalidArgument(
+                f"Invalid {field}: at most {limit} characters are accepted, got {len(text)}"
+            )
+
+
+def _inpaint(order: InpaintOrder, mask_key: str) -> InpaintSpec:
+    return InpaintSpec(
+        mask_key=mask_key,
+        mask_blur=order.mask_blur,
+        mask_mode=MaskMode(order.mask_mode),
+        inpaint_area=InpaintArea(order.inpaint_area),
+    )
+
+
+def _mask_image(data: str, init: Image) -> Image:
+    mask = decode_image(data, "inpaint.mask")
+    if mask.size != init.size:
+        raise InvalidArgument(
+            f"Invalid inpaint.mask: must be the same size as init_image "
+            f"({init.width}x{init.height}), got {mask.width}x{mask.height}"
+        )
+    # Keep the alpha channel if there is one: the engine reads an alpha mask from it.
+    return mask if mask.mode in ("L", "LA", "RGBA", "RGB") else mask.convert("RGBA")
+
+
+def _check_denoising_steps(steps: int, strength: float) -> None:
+    # img2img runs int(steps * strength) denoising steps; 0 would silently do nothing.
+    if strength > 0 and int(steps * strength) < 1:
+        raise InvalidArgument(
+            f"Invalid denoising_strength: {strength:g} x {steps} steps runs no denoising step; "
+            f"use at least {1 / steps:.3g}, more steps, or 0 to keep the image"
+        )
+
+
+def _is_none(name: str) -> bool:
+    """A1111 clients send "None" (or nothing) for "no second upscaler"."""
+    return name.strip().lower() in ("", "none")

@@ -1,0 +1,112 @@
+"""TaskRunner: turns a claimed task into engine calls and stored result images."""
+
+from __future__ import annotations
+
+from PIL.Image import Image
+
+from dan.domain import (
+    ClaimedTask,
+    GenerationRequest,
+    Img2ImgRequest,
+    ModelFiles,
+    ModelKind,
+    ModelRef,
+    ProgressCallback,
+    TaskKind,
+    TaskResult,
+    UpscaleRequest,
+)
+from dan.engine.base import Engine
+from dan.errors import DanError, EngineError
+from dan.imaging import encode_png, infotext, load_png
+from dan.storage import BlobStore
+from dan.tasks.orders import ModelLookup
+
+
+class TaskRunner:
+    """Runs one task of any kind. Raises what the engine raises (see Engine)."""
+
+    def __init__(self, engine: Engine, models: ModelLookup, blobs: BlobStore) -> None:
+        self._engine, self._models, self._blobs = engine, models, blobs
+
+    def run(self, task: ClaimedTask, progress: ProgressCallback) -> TaskResult:
+        if task.kind == TaskKind.TXT2IMG:
+            return self._txt2img(task.id, GenerationRequest.from_params(task.params), progress)
+        if task.kind == TaskKind.IMG2IMG:
+            return self._img2img(task.id, Img2ImgRequest.from_params(task.params), progress)
+        if task.kind == TaskKind.UPSCALE:
+            return self._upscale(task.id, UpscaleRequest.from_params(task.params), progress)
+        raise DanError(f"this worker cannot run {task.kind} tasks")
+
+    def _txt2img(
+        self, task_id: str, request: GenerationRequest, progress: ProgressCallback
+    ) -> TaskResult:
+        images = self._engine.txt2img(request, self._files(request), progress)
+        return self._store(task_id, request, images)
+
+    def _img2img(
+        self, task_id: str, request: Img2ImgRequest, progress: ProgressCallback
+    ) -> TaskResult:
+        init = self._input(request.init_image_key)
+        mask = self._input(request.inpaint.mask_key) if request.inpaint else None
+        files = self._files(request.generation)
+        images = self._engine.img2img(request, init, mask, files, progress)
+        extra = {"Denoising strength": f"{request.denoising_strength:g}"}
+        if request.inpaint:
+            extra["Mask blur"] = str(request.inpaint.mask_blur)
+        return self._store(task_id, request.generation, images, extra)
+
+    def _upscale(
+        self, task_id: str, request: UpscaleRequest, progress: ProgressCallback
+    ) -> TaskResult:
+        image = self._input(request.image_key)
+        models = [c.model for c in (request.upscaler, request.upscaler2) if c and c.model]
+        files = self._resolve([(ModelKind.UPSCALER, ref) for ref in models])
+        result = self._engine.upscale(request, image, files, progress)
+        key = f"{task_id}/0.png"
+        self._blobs.put(key, encode_png(result, _upscale_infotext(request)))
+        return TaskResult(image_keys=(key,), seeds=())
+
+    def _files(self, request: GenerationRequest) -> ModelFiles:
+        """The installed file of every model the request names, by sha256."""
+        wanted = [(ModelKind.CHECKPOINT, request.model)]
+        wanted += [(ModelKind.LORA, lora.model) for lora in request.loras]
+        if request.hires and request.hires.upscaler.model:
+            wanted.append((ModelKind.UPSCALER, request.hires.upscaler.model))
+        return self._resolve(wanted)
+
+    def _resolve(self, wanted: list[tuple[ModelKind, ModelRef]]) -> ModelFiles:
+        return {ref.sha256: self._models.resolve(kind, ref.sha256) for kind, ref in wanted}
+
+    def _input(self, key: str) -> Image:
+        try:
+            return load_png(self._blobs.get(key))
+        except KeyError as exc:
+            raise EngineError(f"the input image {key} of this task is missing") from exc
+
+    def _store(
+        self,
+        task_id: str,
+        request: GenerationRequest,
+        images: list[Image],
+        extra: dict[str, str] | None = None,
+    ) -> TaskResult:
+        seeds = tuple(request.seed + i for i in range(len(images)))
+        keys = []
+        for i, (image, seed) in enumerate(zip(images, seeds, strict=True)):
+            key = f"{task_id}/{i}.png"
+            self._blobs.put(key, encode_png(image, infotext(request, seed, extra or {})))
+            keys.append(key)
+        return TaskResult(image_keys=tuple(keys), seeds=seeds)
+
+
+def _upscale_infotext(request: UpscaleRequest) -> str:
+    text = (
+        f"Postprocess upscale by: {request.rate:g}, Postprocess upscaler: {request.upscaler.name}"
+    )
+    if request.upscaler2 is not None:
+        text += (
+            f", Postprocess upscaler 2: {request.upscaler2.name}"
+            f", Postprocess upscaler 2 visibility: {request.upscaler2_factor:g}"
+        )
+    return text
