@@ -24,13 +24,8 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL.Image import Image
 
 from dan.domain import GenerationRequest, HiresFix, ModelFiles, ProgressCallback
-from dan.engine.upscale import (
-    UpscalerModels,
-    is_latent_upscaler,
-    model_file_of,
-    resize_image,
-    upscale_latents,
-)
+from dan.engine.upscale import is_latent_upscaler, model_file_of, resize_image, upscale_latents
+from dan.engine.upscale_models import UpscalerModels
 from dan.errors import EngineError
 
 # A fresh scheduler (its own state) and a freshly seeded generator, for each pass.

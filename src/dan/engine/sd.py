@@ -36,7 +36,8 @@ from dan.engine.hires import PromptEmbeds, hires_fix
 from dan.engine.img2img import run_img2img, validate_img2img
 from dan.engine.prompts import encode_prompts
 from dan.engine.samplers import make_scheduler
-from dan.engine.upscale import UpscalerModels, upscale
+from dan.engine.upscale import upscale
+from dan.engine.upscale_models import UpscalerModels
 from dan.errors import EngineError, FatalEngineError
 from dan.prompt_tags import extract_lora_tags
 
