@@ -27,7 +27,7 @@ from diffusers import EulerAncestralDiscreteScheduler
 
 from dan.engine.checkpoint import load_sd_pipeline
 from dan.engine.detect import base_configs
-from dan.engine.sd import pick_device, pick_dtype
+from dan.engine.device import pick_device, pick_dtype
 from tests.fixtures.server import start_server
 from tests.fixtures.tiny_sd import a1111_state_dict, build_models, write_checkpoint
 

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     pipeline_cache_bytes: int = Field(
         12 * 1024**3, ge=0, description="memory budget for checkpoints kept loaded"
     )
+    lora_cache_bytes: int = Field(
+        1024**3, ge=0, description="memory budget for LoRA files kept read"
+    )
 
     @property
     def db_url(self) -> str:

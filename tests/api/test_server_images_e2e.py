@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from tests.fixtures.tiny_lora import write_tiny_lora
     from tests.fixtures.tiny_sd import write_tiny_checkpoint
     from tests.fixtures.tiny_upscaler import esrgan_state_dict, write_upscaler
 
@@ -29,6 +30,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     upscalers = root / "models" / "upscalers"
     upscalers.mkdir(parents=True)
     write_upscaler(esrgan_state_dict(scale=4), upscalers / "tiny-esrgan.pth")
+    loras = root / "models" / "loras"
+    loras.mkdir(parents=True)
+    write_tiny_lora(loras / "style-a.safetensors", seed=1)
+    write_tiny_lora(loras / "style-b.safetensors", seed=2, layout="ldm")
     server = start_server(root)
     yield server
     server.stop()
@@ -128,3 +133,27 @@ def test_upscale_endpoint(server: Server) -> None:
             body |= {"upscaler2": second, "upscaler2_factor": 0.5}
         image = decode(ok(server, "/api/sd/upscale", body)["images"][0])
         assert image.size == (32 * rate, 24 * rate)
+
+
+def test_loras_change_the_image_and_never_leak(server: Server) -> None:
+    body = {"prompt": "a fox", "steps": 3, "width": 64, "height": 64, "model": "tiny", "seed": 4}
+
+    def pixels(**fields: Any) -> bytes:
+        return decode(ok(server, "/api/sd/txt2img", {**body, **fields})["images"][0]).tobytes()
+
+    plain = pixels()
+    with_a = pixels(loras=[["style-a", 1.0]])
+    with_both = pixels(loras=[["style-a", 1.0], ["style-b", 0.7]])
+    assert len({plain, with_a, with_both}) == 3
+    assert pixels() == plain  # the next task does not inherit the LoRA
+    assert pixels(loras=[["style-a", 0]]) == plain
+    # A1111 tags in the prompt mean the same as the loras field.
+    assert pixels(prompt="a fox <lora:style-a:1>") == with_a
+    info = ok(server, "/api/sd/txt2img", {**body, "loras": [["style-a", 1.0]]})["images"][0]
+    assert "Lora hashes: " in Image.open(io.BytesIO(base64.b64decode(info))).info["parameters"]
+
+
+def test_supported_model_info_lists_loras_and_upscalers(server: Server) -> None:
+    data = server.client.get("/api/sd/supportedModelInfo").json()["data"]
+    assert [lora["name"] for lora in data["LoRAs"]] == ["style-a", "style-b"]
+    assert "tiny-esrgan" in data["Upscalers"] and "Latent" in data["HiresUpscalers"]

@@ -17,6 +17,7 @@ from typing import Any
 
 import diffusers
 import torch
+import transformers
 from diffusers import StableDiffusionPipeline
 from PIL.Image import Image
 
@@ -34,6 +35,7 @@ from dan.engine.checkpoint import load_sd_pipeline
 from dan.engine.device import pick_device, pick_dtype
 from dan.engine.hires import PromptEmbeds, hires_fix
 from dan.engine.img2img import run_img2img, validate_img2img
+from dan.engine.lora import LoraCache, LoraStack
 from dan.engine.prompts import encode_prompts
 from dan.engine.samplers import make_scheduler
 from dan.engine.upscale import upscale
@@ -77,6 +79,9 @@ class DiffusersEngine:
         warnings.filterwarnings("ignore", message="Should have ta>=t0", category=UserWarning)
         self.pipelines = PipelineCache(settings.pipeline_cache_bytes, self._load)
         self.upscalers = UpscalerModels(self.device, self.dtype)
+        self.loras = LoraStack(LoraCache(settings.lora_cache_bytes, allow_ckpt=settings.allow_ckpt))
+        # transformers draws a progress bar for every adapter loaded into the text encoder.
+        transformers.utils.logging.disable_progress_bar()
 
     def describe(self) -> dict[str, str]:
         on_gpu = self.device.type == "cuda"
@@ -177,10 +182,10 @@ class DiffusersEngine:
 
     def _loras(
         self, base: StableDiffusionPipeline, request: GenerationRequest, files: ModelFiles
-    ) -> contextlib.AbstractContextManager[None]:
-        if request.loras:
-            raise EngineError("LoRAs are not supported by this worker yet")
-        return contextlib.nullcontext()
+    ) -> contextlib.AbstractContextManager[object]:
+        """Exactly the request's LoRAs switched on, all of them off again afterwards."""
+        loras = [(files[spec.model.sha256], spec.weight) for spec in request.loras]
+        return self.loras.applied(base, loras)
 
     def _load(self, model: InstalledModel) -> LoadedCheckpoint:
         log.info("loading checkpoint %s (%s) on %s", model.name, model.sha256[:10], self.device)
