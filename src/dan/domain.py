@@ -46,6 +46,7 @@ class TaskKind(StrEnum):
     TXT2IMG = "txt2img"
     IMG2IMG = "img2img"
     UPSCALE = "upscale"
+    DETECT = "detect"  # a ControlNet preprocessor's output, to see what a model is given
 
 
 class ModelKind(StrEnum):
@@ -133,6 +134,26 @@ class HiresFix:
     upscaler: UpscalerChoice
 
 
+CONTROLNET_PREPROCESSORS: tuple[str, ...] = ("canny", "openpose")
+CONTROLNET_MODELS: tuple[str, ...] = ("sd15_canny", "sd15_openpose")
+
+
+@dataclass(frozen=True)
+class ControlNetSpec:
+    """The one ControlNet unit a request may carry (the reference uses only the first)."""
+
+    image_key: str  # blob key of the control image (PNG, as uploaded)
+    preprocess: str  # one of CONTROLNET_PREPROCESSORS
+    model: ModelRef  # the ControlNet file
+    weight: float = 1.0
+    resize_mode: ResizeMode = ResizeMode.JUST_RESIZE
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    guess_mode: bool = False
+    low_threshold: int = 100  # canny only
+    high_threshold: int = 200
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """A txt2img request after validation: every value is explicit, the seed is resolved."""
@@ -148,6 +169,7 @@ class GenerationRequest:
     model: ModelRef
     loras: tuple[LoraSpec, ...] = ()
     hires: HiresFix | None = None
+    control_net: ControlNetSpec | None = None
 
     def to_params(self) -> dict[str, Any]:
         return _to_params(self)
@@ -199,6 +221,23 @@ class UpscaleRequest:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> UpscaleRequest:
+        return _from_params(cls, params)
+
+
+@dataclass(frozen=True)
+class DetectRequest:
+    """Run a ControlNet preprocessor on an image and return its control image."""
+
+    image_key: str
+    preprocess: str  # one of CONTROLNET_PREPROCESSORS
+    low_threshold: int = 100
+    high_threshold: int = 200
+
+    def to_params(self) -> dict[str, Any]:
+        return _to_params(self)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> DetectRequest:
         return _from_params(cls, params)
 
 

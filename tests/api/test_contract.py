@@ -169,7 +169,8 @@ BAD_BODIES = [
     ({"upscale": {"upscaler": "Foo"}}, "Invalid upscale.upscaler: 'Foo' is not available"),
     ({"upscale": {"denoising_strength": 2}}, "Invalid upscale.denoising_strength"),
     ({"upscale": "x"}, "Invalid upscale"),
-    ({"control_net": [{"image": "x"}]}, "Invalid control_net: this server does not support"),
+    ({"control_net": [{"image": "x"}]}, "Invalid control_net.0.preprocess: is required"),
+    ({"control_net": "x"}, "Invalid control_net: Input should be a valid list"),
     ({"prompt": "x" * 9000}, "Invalid prompt: at most 8000 characters"),
 ]
 

@@ -164,3 +164,95 @@ def test_supported_model_info_lists_upscalers(api: Api) -> None:
     data = api.client.get("/api/sd/supportedModelInfo").json()["data"]
     assert data["Upscalers"] == ["Lanczos", "Nearest"]
     assert data["HiresUpscalers"][:2] == ["Latent", "Latent (antialiased)"]
+
+
+def unit(**fields: Any) -> dict[str, Any]:
+    return {"image": png(), "preprocess": "canny", "model": "sd15_canny", **fields}
+
+
+BAD_CONTROL_NET = [
+    ({"image": None}, "Invalid control_net.0.image"),
+    ({"image": "abc"}, "Invalid control_net.0.image: not valid base64"),
+    ({"preprocess": "depth"}, "Invalid control_net.0.preprocess: must be one of canny, openpose"),
+    (
+        {"model": "sd15_depth"},
+        "Invalid control_net.0.model: must be one of sd15_canny, sd15_openpose",
+    ),
+    (
+        {"model": "sd15_openpose"},
+        "Invalid control_net.0.model: no ControlNet file serves sd15_openpose",
+    ),
+    ({"weight": 2.5}, "Invalid control_net.0.weight: must be a number between 0 and 2"),
+    ({"resize_mode": 3}, "Invalid control_net.0.resize_mode"),
+    (
+        {"guidance_start": 0.8, "guidance_end": 0.2},
+        "Invalid control_net.0: guidance_start (0.8) must not be after",
+    ),
+    (
+        {"preprocess_param1": 300},
+        "Invalid control_net.0.preprocess_param1: must be a number between 0 and 255",
+    ),
+    (
+        {"preprocess_param1": 200, "preprocess_param2": 100},
+        "Invalid control_net.0.preprocess_param1: the low canny",
+    ),
+    ({"guessmode": "maybe"}, "Invalid control_net.0.guessmode"),
+]
+
+
+@pytest.fixture
+def controlnet_installed(api: Api) -> None:
+    # The registry identifies files by hash and never parses them: any bytes serve the name.
+    folder = api.services.settings.models_dir / "controlnet"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "control_sd15_canny.safetensors").write_bytes(b"controlnet weights")
+    api.services.registry.scan()
+
+
+@pytest.mark.usefixtures("controlnet_installed")
+@pytest.mark.parametrize(("fields", "message"), BAD_CONTROL_NET)
+def test_bad_control_net_is_a_400_naming_the_field(
+    api: Api, fields: dict[str, Any], message: str
+) -> None:
+    body = {"prompt": "a cat", "control_net": [unit(**fields)]}
+    for path in ("/api/sd/txt2img", IMG2IMG):
+        reply = api.post(path, {**img2img(), **body} if path == IMG2IMG else body)
+        assert (reply["_http"], reply["code"]) == (400, 3000), reply
+        assert reply["message"].startswith(message), reply["message"]
+
+
+@pytest.mark.usefixtures("controlnet_installed")
+def test_control_net_is_refused_until_the_engine_runs_it(api: Api) -> None:
+    reply = api.post("/api/sd/txt2img", {"prompt": "a cat", "control_net": [unit()]})
+    assert (reply["_http"], reply["code"]) == (400, 3000)
+    assert reply["message"].startswith("Invalid control_net: this server cannot run ControlNet yet")
+
+
+@pytest.mark.usefixtures("controlnet_installed")
+def test_control_net_unit_is_queued_with_its_image_and_extra_units_are_reported(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("dan.tasks.orders.CONTROLNET_ENABLED", True)
+    units = [unit(preprocess="openopse", guess_mode=True, model="sd15_canny"), unit(), unit()]
+    reply = api.post("/api/sd/txt2img/async", {"prompt": "a cat", "control_net": units})
+    assert reply["_http"] == 200
+    assert reply["message"] == "success; only the first control_net unit is used, 2 more ignored"
+    spec = api.services.tasks.get(reply["data"]["taskId"]).params["control_net"]
+    assert (spec["preprocess"], spec["guess_mode"], spec["model"]["name"]) == (
+        "openpose",
+        True,
+        "control_sd15_canny",
+    )
+    assert api.services.blobs.get(spec["image_key"]).startswith(b"\x89PNG")
+
+
+@pytest.mark.usefixtures("worker")
+def test_controlnet_detect_returns_the_control_image(api: Api) -> None:
+    reply = api.post("/api/sd/controlnet/detect", {"image": png((48, 32)), "preprocess": "canny"})
+    assert reply["_http"] == 200, reply
+    assert Image.open(io.BytesIO(base64.b64decode(reply["data"]["images"][0]))).size == (48, 32)
+    bad = api.post(
+        "/api/sd/controlnet/detect",
+        {"image": png(), "preprocess": "canny", "preprocess_param1": 250},
+    )
+    assert (bad["_http"], bad["code"]) == (400, 3000) and "low canny threshold" in bad["message"]

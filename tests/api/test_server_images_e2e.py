@@ -157,3 +157,12 @@ def test_supported_model_info_lists_loras_and_upscalers(server: Server) -> None:
     data = server.client.get("/api/sd/supportedModelInfo").json()["data"]
     assert [lora["name"] for lora in data["LoRAs"]] == ["style-a", "style-b"]
     assert "tiny-esrgan" in data["Upscalers"] and "Latent" in data["HiresUpscalers"]
+
+
+def test_controlnet_detect_canny_finds_the_edges(server: Server) -> None:
+    square = Image.new("RGB", (64, 48), "black")
+    ImageDraw.Draw(square).rectangle((16, 12, 47, 35), fill="white")
+    body = {"image": encode(square), "preprocess": "canny", "preprocess_param1": 50}
+    edges = np.asarray(decode(ok(server, "/api/sd/controlnet/detect", body)["images"][0]))
+    assert edges.shape == (48, 64, 3)
+    assert edges[12:36, 16].any() and not edges[20:28, 24:40].any()  # border yes, inside no

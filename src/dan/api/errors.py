@@ -42,9 +42,11 @@ def describe_validation_error(exc: RequestValidationError) -> str:
     kind = first.get("type", "")
     if kind == "json_invalid":
         return "the request body is not valid JSON"
+    message = str(first.get("msg", "invalid value"))
+    if not loc and kind == "dan_invalid":  # a check across fields names them itself
+        return f"Invalid {message}"
     if not loc:
         return "the request body must be a JSON object"
-    message = str(first.get("msg", "invalid value"))
     if kind == "missing":
         message = "is required"
     elif kind in ("model_attributes_type", "model_type", "dict_type"):

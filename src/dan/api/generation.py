@@ -9,11 +9,20 @@ from typing import Any
 
 from fastapi import Request
 
-from dan.api.schemas import GenerationBody, Img2ImgBody, Txt2ImgBody, UpscaleBody
+from dan.api.schemas import (
+    ControlNetBody,
+    DetectBody,
+    GenerationBody,
+    Img2ImgBody,
+    Txt2ImgBody,
+    UpscaleBody,
+)
 from dan.domain import TaskRecord, TaskStatus
 from dan.errors import NodeError, SyncTimeout, TaskCancelled
 from dan.services import Services
 from dan.tasks.orders import (
+    ControlNetOrder,
+    DetectOrder,
     GenerationOrder,
     HiresOrder,
     Img2ImgOrder,
@@ -49,6 +58,25 @@ def generation_order(body: GenerationBody) -> GenerationOrder:
         height=body.height,
         model=body.model,
         loras=body.loras,
+        control_net=controlnet_order(body.control_unit),
+    )
+
+
+def controlnet_order(unit: ControlNetBody | None) -> ControlNetOrder | None:
+    if unit is None:
+        return None
+    low, high = unit.thresholds
+    return ControlNetOrder(
+        image=unit.image,
+        preprocess=unit.preprocess,
+        model=unit.model,
+        weight=unit.weight,
+        resize_mode=unit.resize_mode,
+        guidance_start=unit.guidance_start,
+        guidance_end=unit.guidance_end,
+        guess_mode=unit.guess,
+        low_threshold=low,
+        high_threshold=high,
     )
 
 
@@ -86,7 +114,7 @@ def upscale_order(body: UpscaleBody) -> UpscaleOrder:
 
 
 async def submit(
-    ctx: ApiContext, account: str, body: Txt2ImgBody | Img2ImgBody | UpscaleBody
+    ctx: ApiContext, account: str, body: Txt2ImgBody | Img2ImgBody | UpscaleBody | DetectBody
 ) -> TaskRecord:
     """Queue the task ``body`` describes (decoding images and resolving models off the loop)."""
     tasks = ctx.services.tasks
@@ -94,7 +122,12 @@ async def submit(
         return await asyncio.to_thread(tasks.submit_txt2img, account, txt2img_order(body))
     if isinstance(body, Img2ImgBody):
         return await asyncio.to_thread(tasks.submit_img2img, account, img2img_order(body))
-    return await asyncio.to_thread(tasks.submit_upscale, account, upscale_order(body))
+    if isinstance(body, UpscaleBody):
+        return await asyncio.to_thread(tasks.submit_upscale, account, upscale_order(body))
+    order = DetectOrder(
+        body.image, body.preprocess, int(body.preprocess_param1), int(body.preprocess_param2)
+    )
+    return await asyncio.to_thread(tasks.submit_detect, account, order)
 
 
 async def wait_for_success(ctx: ApiContext, record: TaskRecord) -> dict[str, Any]:

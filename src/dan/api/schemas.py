@@ -16,10 +16,11 @@ from pydantic import (
     ConfigDict,
     Field,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from dan.domain import SAMPLERS, SEED_MAX
+from dan.domain import CONTROLNET_MODELS, CONTROLNET_PREPROCESSORS, SAMPLERS, SEED_MAX
 
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_STEPS = 150
@@ -173,6 +174,60 @@ class InpaintBody(Body):
     inpaint_area: integer(0, 1) = 0  # type: ignore[valid-type]
 
 
+def _preprocess(value: Any) -> str:
+    name = value.strip().lower() if isinstance(value, str) else None
+    name = "openpose" if name == "openopse" else name  # the reference's spelling, once
+    if name not in CONTROLNET_PREPROCESSORS:
+        raise _fail(f"must be one of {', '.join(CONTROLNET_PREPROCESSORS)}; got {value!r}")
+    return name
+
+
+def _controlnet_model(value: Any) -> str:
+    if value not in CONTROLNET_MODELS:
+        raise _fail(f"must be one of {', '.join(CONTROLNET_MODELS)}; got {value!r}")
+    return str(value)
+
+
+class ControlNetBody(Body):
+    """One unit of ``control_net`` (only the first is used, as the reference says)."""
+
+    image: str
+    preprocess: Annotated[str, BeforeValidator(_preprocess)]
+    model: Annotated[str, BeforeValidator(_controlnet_model)]
+    preprocess_param1: real(0, 255) | None = None  # type: ignore[valid-type]
+    preprocess_param2: real(0, 255) | None = None  # type: ignore[valid-type]
+    weight: real(0, 2) = 1.0  # type: ignore[valid-type]
+    resize_mode: integer(0, 2) = 0  # type: ignore[valid-type]
+    guidance_start: real(0, 1) = 0.0  # type: ignore[valid-type]
+    guidance_end: real(0, 1) = 1.0  # type: ignore[valid-type]
+    # The reference documents ``guessmode``; the original server read ``guess_mode``.
+    guessmode: bool | None = None
+    guess_mode: bool | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ControlNetBody:
+        if self.guidance_start > self.guidance_end:
+            raise _fail(
+                f"guidance_start ({self.guidance_start:g}) must not be after guidance_end "
+                f"({self.guidance_end:g})"
+            )
+        return self
+
+    @property
+    def thresholds(self) -> tuple[int, int]:
+        low = 100 if self.preprocess_param1 is None else int(self.preprocess_param1)
+        high = 200 if self.preprocess_param2 is None else int(self.preprocess_param2)
+        return low, high
+
+    @property
+    def guess(self) -> bool:
+        return bool(self.guessmode or self.guess_mode)
+
+
+def _units(value: Any) -> Any:
+    return [value] if isinstance(value, dict) else value
+
+
 class GenerationBody(Body):
     """Fields txt2img and img2img share."""
 
@@ -186,17 +241,16 @@ class GenerationBody(Body):
     height: integer(MIN_SIZE, MAX_SIZE, multiple_of=8) = 512  # type: ignore[valid-type]
     model: ModelName = None
     loras: Loras = ()
-    control_net: Any = None
+    control_net: Annotated[list[ControlNetBody] | None, BeforeValidator(_units)] = None
 
-    @field_validator("control_net")
-    @classmethod
-    def _refuse_control_net(cls, value: Any) -> Any:
-        # Part of the reference that is not served yet: refused, never silently ignored.
-        if value not in (None, [], {}):
-            raise _fail(
-                "this server does not support ControlNet yet; remove the 'control_net' field"
-            )
-        return None
+    @property
+    def control_unit(self) -> ControlNetBody | None:
+        """The unit that is used: the first (the reference ignores the others)."""
+        return self.control_net[0] if self.control_net else None
+
+    @property
+    def ignored_units(self) -> int:
+        return max(0, len(self.control_net or []) - 1)
 
 
 class Txt2ImgBody(GenerationBody):
@@ -212,6 +266,23 @@ class Img2ImgBody(GenerationBody):
     resize_mode: integer(0, 2) = 0  # type: ignore[valid-type]
     denoising_strength: real(0.0, 1.0) = 0.5  # type: ignore[valid-type]
     inpaint: InpaintBody | None = None
+
+
+class DetectBody(Body):
+    """Body of ``POST /api/sd/controlnet/detect``: what a ControlNet would be conditioned on."""
+
+    image: str
+    preprocess: Annotated[str, BeforeValidator(_preprocess)]
+    preprocess_param1: real(0, 255) = 100  # type: ignore[valid-type]
+    preprocess_param2: real(0, 255) = 200  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DetectBody:
+        if self.preprocess == "canny" and self.preprocess_param1 > self.preprocess_param2:
+            raise _fail(
+                "preprocess_param1: the low canny threshold must not exceed preprocess_param2"
+            )
+        return self
 
 
 class UpscaleBody(Body):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from dan.domain import (
+    DetectRequest,
     GenerationRequest,
     Img2ImgRequest,
     ModelFiles,
@@ -30,9 +31,14 @@ class Engine(Protocol):
     """
 
     def txt2img(
-        self, request: GenerationRequest, files: ModelFiles, progress: ProgressCallback
+        self,
+        request: GenerationRequest,
+        files: ModelFiles,
+        progress: ProgressCallback,
+        control_image: Image | None = None,
     ) -> list[Image]:
-        """Images for ``request`` (with its LoRAs and hires fix)."""
+        """Images for ``request`` (with its LoRAs, hires fix and ControlNet, whose input image
+        is ``control_image``)."""
         ...
 
     def img2img(
@@ -42,6 +48,7 @@ class Engine(Protocol):
         mask: Image | None,
         files: ModelFiles,
         progress: ProgressCallback,
+        control_image: Image | None = None,
     ) -> list[Image]:
         """Images made from ``init_image``; with ``mask``, only the masked part is redrawn."""
         ...
@@ -50,6 +57,10 @@ class Engine(Protocol):
         self, request: UpscaleRequest, image: Image, files: ModelFiles, progress: ProgressCallback
     ) -> Image:
         """``image`` enlarged ``request.rate`` times."""
+        ...
+
+    def detect(self, request: DetectRequest, image: Image, progress: ProgressCallback) -> Image:
+        """The control image a ControlNet preprocessor (canny, openpose) makes of ``image``."""
         ...
 
     def describe(self) -> dict[str, str]:

@@ -14,6 +14,7 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 
 from dan.domain import (
+    DetectRequest,
     GenerationRequest,
     Img2ImgRequest,
     ModelFiles,
@@ -35,7 +36,11 @@ class FakeEngine:
         return {"device": "fake", "dtype": "none"}
 
     def txt2img(
-        self, request: GenerationRequest, files: ModelFiles, progress: ProgressCallback
+        self,
+        request: GenerationRequest,
+        files: ModelFiles,
+        progress: ProgressCallback,
+        control_image: Image | None = None,
     ) -> list[Image]:
         self.calls.append(request)
         if request.prompt == self.FATAL_PROMPT:
@@ -55,6 +60,7 @@ class FakeEngine:
         mask: Image | None,
         files: ModelFiles,
         progress: ProgressCallback,
+        control_image: Image | None = None,
     ) -> list[Image]:
         """The txt2img image, pasted over ``init_image`` where ``mask`` is white."""
         [generated] = self.txt2img(request.generation, files, progress)
@@ -69,3 +75,7 @@ class FakeEngine:
         progress(1, 1)
         size = (round(image.width * request.rate), round(image.height * request.rate))
         return image.resize(size, PILImage.Resampling.NEAREST)
+
+    def detect(self, request: DetectRequest, image: Image, progress: ProgressCallback) -> Image:
+        progress(1, 1)
+        return image.convert("L").convert("RGB")

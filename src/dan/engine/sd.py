@@ -23,6 +23,7 @@ from PIL.Image import Image
 
 from dan.config import Settings
 from dan.domain import (
+    DetectRequest,
     GenerationRequest,
     Img2ImgRequest,
     InstalledModel,
@@ -36,6 +37,7 @@ from dan.engine.device import pick_device, pick_dtype
 from dan.engine.hires import PromptEmbeds, hires_fix
 from dan.engine.img2img import run_img2img, validate_img2img
 from dan.engine.lora import LoraCache, LoraStack
+from dan.engine.preprocess import preprocess
 from dan.engine.prompts import encode_prompts
 from dan.engine.samplers import make_scheduler
 from dan.engine.upscale import upscale
@@ -95,8 +97,13 @@ class DiffusersEngine:
         }
 
     def txt2img(
-        self, request: GenerationRequest, files: ModelFiles, progress: ProgressCallback
+        self,
+        request: GenerationRequest,
+        files: ModelFiles,
+        progress: ProgressCallback,
+        control_image: Image | None = None,
     ) -> list[Image]:
+        _refuse_control_net(request)
         with self._conditioned(request, files, progress) as c:
             if request.hires is not None:
                 return [self._hires(c, files)]
@@ -123,7 +130,9 @@ class DiffusersEngine:
         mask: Image | None,
         files: ModelFiles,
         progress: ProgressCallback,
+        control_image: Image | None = None,
     ) -> list[Image]:
+        _refuse_control_net(request.generation)
         validate_img2img(request, init_image, mask)
         with self._conditioned(request.generation, files, progress) as c:
             images = run_img2img(
@@ -145,6 +154,13 @@ class DiffusersEngine:
     ) -> Image:
         with _engine_errors(f"{image.width}x{image.height} x {request.rate:g}"):
             return upscale(request, image, files, models=self.upscalers, progress=progress)
+
+    def detect(self, request: DetectRequest, image: Image, progress: ProgressCallback) -> Image:
+        control = preprocess(
+            request.preprocess, image, request.low_threshold, request.high_threshold
+        )
+        progress(1, 1)
+        return control
 
     def _hires(self, c: Conditioning, files: ModelFiles) -> Image:
         return hires_fix(
@@ -197,6 +213,11 @@ class DiffusersEngine:
             allow_ckpt=self._settings.allow_ckpt,
         )
         return LoadedCheckpoint(pipeline, architecture, pipeline_bytes(pipeline))
+
+
+def _refuse_control_net(request: GenerationRequest) -> None:
+    if request.control_net is not None:
+        raise EngineError("ControlNet is not supported by this worker yet")
 
 
 @contextlib.contextmanager

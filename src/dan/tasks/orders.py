@@ -19,6 +19,8 @@ from dan.config import Settings
 from dan.domain import (
     IMAGE_UPSCALERS,
     LATENT_UPSCALERS,
+    ControlNetSpec,
+    DetectRequest,
     GenerationRequest,
     HiresFix,
     Img2ImgRequest,
@@ -37,6 +39,9 @@ from dan.imaging import decode_image, encode_input_png
 from dan.prompt_tags import extract_lora_tags
 
 MAX_UPSCALED_SIDE = 8192
+# The API side of ControlNet is complete; the engine side lands separately. Until then requests
+# that use it are refused here, after their fields were checked.
+CONTROLNET_ENABLED = False
 
 
 class ModelLookup(Protocol):
@@ -47,6 +52,20 @@ class ModelLookup(Protocol):
     def default_checkpoint(self, preferred: str | None) -> InstalledModel | None: ...
 
     def list(self, kind: ModelKind) -> list[InstalledModel]: ...
+
+
+@dataclass(frozen=True)
+class ControlNetOrder:
+    image: str  # base64
+    preprocess: str
+    model: str  # an API name, e.g. sd15_canny
+    weight: float = 1.0
+    resize_mode: int = 0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    guess_mode: bool = False
+    low_threshold: int = 100
+    high_threshold: int = 200
 
 
 @dataclass(frozen=True)
@@ -61,6 +80,7 @@ class GenerationOrder:
     height: int
     model: str | None
     loras: tuple[tuple[str, float], ...] = ()
+    control_net: ControlNetOrder | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,14 @@ class UpscaleOrder:
 
 
 @dataclass(frozen=True)
+class DetectOrder:
+    image: str  # base64
+    preprocess: str
+    low: int = 100
+    high: int = 200
+
+
+@dataclass(frozen=True)
 class Prepared:
     """A request ready to queue, and the input images to store with it (blob key -> PNG)."""
 
@@ -122,19 +150,22 @@ class RequestBuilder:
         self._settings = settings
         self._random_seed = random_seed
 
-    def txt2img(self, order: Txt2ImgOrder) -> GenerationRequest:
-        request = self._generation(order.generation)
-        if order.hires is None:
-            return request
-        hires = order.hires
-        upscaler = self._upscaler(hires.upscaler, "upscale.upscaler", latent=True)
-        return replace(request, hires=HiresFix(hires.scale, hires.denoising_strength, upscaler))
+    def txt2img(self, order: Txt2ImgOrder, task_id: str) -> Prepared:
+        inputs: dict[str, bytes] = {}
+        request = self._generation(order.generation, task_id, inputs)
+        if order.hires is not None:
+            hires = order.hires
+            upscaler = self._upscaler(hires.upscaler, "upscale.upscaler", latent=True)
+            hires_fix = HiresFix(hires.scale, hires.denoising_strength, upscaler)
+            request = replace(request, hires=hires_fix)
+        return Prepared(request.to_params(), inputs)
 
     def img2img(self, order: Img2ImgOrder, task_id: str) -> Prepared:
-        generation = self._generation(order.generation)
+        inputs: dict[str, bytes] = {}
+        generation = self._generation(order.generation, task_id, inputs)
         _check_denoising_steps(generation.steps, order.denoising_strength)
         init = decode_image(order.init_image, "init_image")
-        inputs = {f"{task_id}/init.png": encode_input_png(init.convert("RGB"))}
+        inputs[f"{task_id}/init.png"] = encode_input_png(init.convert("RGB"))
         inpaint = None
         if order.inpaint is not None:
             inpaint = _inpaint(order.inpaint, f"{task_id}/mask.png")
@@ -170,8 +201,18 @@ class RequestBuilder:
             request.to_params(), {request.image_key: encode_input_png(image.convert("RGB"))}
         )
 
+    def detect(self, order: DetectOrder, task_id: str) -> Prepared:
+        image = decode_image(order.image, "image")
+        request = DetectRequest(f"{task_id}/input.png", order.preprocess, order.low, order.high)
+        return Prepared(
+            request.to_params(), {request.image_key: encode_input_png(image.convert("RGB"))}
+        )
+
     # -- pieces ------------------------------------------------------------------------------
-    def _generation(self, order: GenerationOrder) -> GenerationRequest:
+    def _generation(
+        self, order: GenerationOrder, task_id: str, inputs: dict[str, bytes]
+    ) -> GenerationRequest:
+        """The request; a control image is added to ``inputs``."""
         self._check_prompt("prompt", order.prompt)
         self._check_prompt("negative_prompt", order.negative_prompt)
         return GenerationRequest(
@@ -186,6 +227,53 @@ class RequestBuilder:
             height=order.height,
             model=self._checkpoint(order.model).ref,
             loras=self._loras(order.loras) + self._prompt_loras(order.prompt),
+            control_net=self._control_net(order.control_net, task_id, inputs),
+        )
+
+    def _control_net(
+        self, order: ControlNetOrder | None, task_id: str, inputs: dict[str, bytes]
+    ) -> ControlNetSpec | None:
+        if order is None:
+            return None
+        key = f"{task_id}/control.png"
+        image = decode_image(order.image, "control_net.0.image")
+        inputs[key] = encode_input_png(image.convert("RGB"))
+        if order.preprocess == "canny" and order.low_threshold > order.high_threshold:
+            raise InvalidArgument(
+                "Invalid control_net.0.preprocess_param1: the low canny threshold "
+                f"({order.low_threshold}) must not exceed the high one ({order.high_threshold})"
+            )
+        model = self._controlnet_file(order.model)
+        if not CONTROLNET_ENABLED:
+            raise InvalidArgument(
+                "Invalid control_net: this server cannot run ControlNet yet (its engine side is "
+                "not wired in); remove the 'control_net' field"
+            )
+        return ControlNetSpec(
+            image_key=key,
+            preprocess=order.preprocess,
+            model=model.ref,
+            weight=order.weight,
+            resize_mode=ResizeMode(order.resize_mode),
+            guidance_start=order.guidance_start,
+            guidance_end=order.guidance_end,
+            guess_mode=order.guess_mode,
+            low_threshold=order.low_threshold,
+            high_threshold=order.high_threshold,
+        )
+
+    def _controlnet_file(self, name: str) -> InstalledModel:
+        """The file serving an API ControlNet name: the catalog's file (by sha256), else a file
+        named ``control_<name>.*`` (fine-tuned or converted files)."""
+        for ref in (name, f"control_{name}"):
+            try:
+                return self._models.resolve(ModelKind.CONTROLNET, ref)
+            except ModelNotFound:
+                continue
+        raise ModelNotFound(
+            f"Invalid control_net.0.model: no ControlNet file serves {name}; put "
+            f"control_{name}.pth (or .safetensors) into models/controlnet, or run "
+            f"`dan models pull control_{name}`"
         )
 
     def _checkpoint(self, ref: str | None) -> InstalledModel:

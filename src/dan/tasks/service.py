@@ -12,6 +12,7 @@ from dan.domain import TaskKind, TaskRecord
 from dan.errors import TaskNotFound
 from dan.storage import BlobStore
 from dan.tasks.orders import (
+    DetectOrder,
     Img2ImgOrder,
     ModelLookup,
     Prepared,
@@ -43,8 +44,8 @@ class TaskService:
 
     def submit_txt2img(self, account: str, order: Txt2ImgOrder) -> TaskRecord:
         """Queue a txt2img task; raises InvalidArgument, ModelNotFound, TooManyPendingTasks."""
-        params = self._build.txt2img(order).to_params()
-        return self._submit(account, TaskKind.TXT2IMG, str(uuid.uuid4()), Prepared(params, {}))
+        task_id = str(uuid.uuid4())
+        return self._submit(account, TaskKind.TXT2IMG, task_id, self._build.txt2img(order, task_id))
 
     def submit_img2img(self, account: str, order: Img2ImgOrder) -> TaskRecord:
         """Queue an img2img or inpaint task; the input images are checked and stored first."""
@@ -55,6 +56,11 @@ class TaskService:
         """Queue a standalone upscale of an image."""
         task_id = str(uuid.uuid4())
         return self._submit(account, TaskKind.UPSCALE, task_id, self._build.upscale(order, task_id))
+
+    def submit_detect(self, account: str, order: DetectOrder) -> TaskRecord:
+        """Queue a ControlNet preprocessor run (it needs the worker's packages, not torch)."""
+        task_id = str(uuid.uuid4())
+        return self._submit(account, TaskKind.DETECT, task_id, self._build.detect(order, task_id))
 
     def _submit(self, account: str, kind: TaskKind, task_id: str, prepared: Prepared) -> TaskRecord:
         for key, data in prepared.inputs.items():

@@ -6,6 +6,7 @@ from PIL.Image import Image
 
 from dan.domain import (
     ClaimedTask,
+    DetectRequest,
     GenerationRequest,
     Img2ImgRequest,
     ModelFiles,
@@ -36,12 +37,15 @@ class TaskRunner:
             return self._img2img(task.id, Img2ImgRequest.from_params(task.params), progress)
         if task.kind == TaskKind.UPSCALE:
             return self._upscale(task.id, UpscaleRequest.from_params(task.params), progress)
+        if task.kind == TaskKind.DETECT:
+            return self._detect(task.id, DetectRequest.from_params(task.params), progress)
         raise DanError(f"this worker cannot run {task.kind} tasks")
 
     def _txt2img(
         self, task_id: str, request: GenerationRequest, progress: ProgressCallback
     ) -> TaskResult:
-        images = self._engine.txt2img(request, self._files(request), progress)
+        control = self._control_image(request)
+        images = self._engine.txt2img(request, self._files(request), progress, control)
         return self._store(task_id, request, images)
 
     def _img2img(
@@ -50,7 +54,8 @@ class TaskRunner:
         init = self._input(request.init_image_key)
         mask = self._input(request.inpaint.mask_key) if request.inpaint else None
         files = self._files(request.generation)
-        images = self._engine.img2img(request, init, mask, files, progress)
+        control = self._control_image(request.generation)
+        images = self._engine.img2img(request, init, mask, files, progress, control)
         extra = {"Denoising strength": f"{request.denoising_strength:g}"}
         if request.inpaint:
             extra["Mask blur"] = str(request.inpaint.mask_blur)
@@ -67,13 +72,26 @@ class TaskRunner:
         self._blobs.put(key, encode_png(result, _upscale_infotext(request)))
         return TaskResult(image_keys=(key,), seeds=())
 
+    def _detect(
+        self, task_id: str, request: DetectRequest, progress: ProgressCallback
+    ) -> TaskResult:
+        result = self._engine.detect(request, self._input(request.image_key), progress)
+        key = f"{task_id}/0.png"
+        self._blobs.put(key, encode_png(result, f"Preprocessor: {request.preprocess}"))
+        return TaskResult(image_keys=(key,), seeds=())
+
     def _files(self, request: GenerationRequest) -> ModelFiles:
         """The installed file of every model the request names, by sha256."""
         wanted = [(ModelKind.CHECKPOINT, request.model)]
         wanted += [(ModelKind.LORA, lora.model) for lora in request.loras]
         if request.hires and request.hires.upscaler.model:
             wanted.append((ModelKind.UPSCALER, request.hires.upscaler.model))
+        if request.control_net:
+            wanted.append((ModelKind.CONTROLNET, request.control_net.model))
         return self._resolve(wanted)
+
+    def _control_image(self, request: GenerationRequest) -> Image | None:
+        return self._input(request.control_net.image_key) if request.control_net else None
 
     def _resolve(self, wanted: list[tuple[ModelKind, ModelRef]]) -> ModelFiles:
         return {ref.sha256: self._models.resolve(kind, ref.sha256) for kind, ref in wanted}

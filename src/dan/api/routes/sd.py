@@ -9,29 +9,40 @@ from fastapi import APIRouter, Request
 
 from dan.api.auth import account_of
 from dan.api.generation import context, submit, task_status, wait_for_success
-from dan.api.schemas import Img2ImgBody, TaskIdBody, Txt2ImgBody, UpscaleBody
+from dan.api.schemas import DetectBody, Img2ImgBody, TaskIdBody, Txt2ImgBody, UpscaleBody
 from dan.domain import IMAGE_UPSCALERS, LATENT_UPSCALERS, SAMPLERS, ModelKind
 
 router = APIRouter(prefix="/api/sd", tags=["generation"])
 
 
-def ok(data: Any) -> dict[str, Any]:
+def ok(data: Any, message: str = "success") -> dict[str, Any]:
     """The success envelope of the reference."""
-    return {"code": 200, "data": data, "message": "success"}
+    return {"code": 200, "data": data, "message": message}
 
 
-async def run(body: Txt2ImgBody | Img2ImgBody | UpscaleBody, request: Request) -> dict[str, Any]:
+def success_message(body: Txt2ImgBody | Img2ImgBody | UpscaleBody | DetectBody) -> str:
+    ignored = getattr(body, "ignored_units", 0)
+    if ignored:
+        return f"success; only the first control_net unit is used, {ignored} more ignored"
+    return "success"
+
+
+async def run(
+    body: Txt2ImgBody | Img2ImgBody | UpscaleBody | DetectBody, request: Request
+) -> dict[str, Any]:
     """Submit and wait: ``{taskId, images, seeds}``."""
     ctx = context(request)
     record = await submit(ctx, account_of(request), body)
-    return ok({"taskId": record.id, **await wait_for_success(ctx, record)})
+    result = await wait_for_success(ctx, record)
+    return ok({"taskId": record.id, **result}, success_message(body))
 
 
 async def queue(body: Txt2ImgBody | Img2ImgBody | UpscaleBody, request: Request) -> dict[str, Any]:
     """Submit and answer at once: ``{status: 0, taskId, queuePosition}``."""
     record = await submit(context(request), account_of(request), body)
     position = record.queue_position
-    return ok({"status": int(record.status), "taskId": record.id, "queuePosition": position})
+    data = {"status": int(record.status), "taskId": record.id, "queuePosition": position}
+    return ok(data, success_message(body))
 
 
 @router.post("/txt2img", summary="Generate images from text and wait for them")
@@ -62,6 +73,13 @@ async def upscale(body: UpscaleBody, request: Request) -> dict[str, Any]:
 @router.post("/upscale/async", summary="Queue an upscale task")
 async def upscale_async(body: UpscaleBody, request: Request) -> dict[str, Any]:
     return await queue(body, request)
+
+
+@router.post(
+    "/controlnet/detect", summary="The control image a ControlNet preprocessor makes of an image"
+)
+async def controlnet_detect(body: DetectBody, request: Request) -> dict[str, Any]:
+    return await run(body, request)
 
 
 @router.post("/task/status", summary="Status, progress and result of a task")
