@@ -200,6 +200,14 @@ BAD_CONTROL_NET = [
 ]
 
 
+@pytest.mark.usefixtures("controlnet_installed")
+def test_hires_fix_with_control_net_is_refused(api: Api) -> None:
+    body = {"prompt": "a cat", "control_net": [unit()], "upscale": {"scale": 2}}
+    reply = api.post("/api/sd/txt2img", body)
+    assert (reply["_http"], reply["code"]) == (400, 3000)
+    assert reply["message"].startswith("Invalid upscale: hires fix cannot be combined")
+
+
 @pytest.fixture
 def controlnet_installed(api: Api) -> None:
     # The registry identifies files by hash and never parses them: any bytes serve the name.
@@ -222,17 +230,7 @@ def test_bad_control_net_is_a_400_naming_the_field(
 
 
 @pytest.mark.usefixtures("controlnet_installed")
-def test_control_net_is_refused_until_the_engine_runs_it(api: Api) -> None:
-    reply = api.post("/api/sd/txt2img", {"prompt": "a cat", "control_net": [unit()]})
-    assert (reply["_http"], reply["code"]) == (400, 3000)
-    assert reply["message"].startswith("Invalid control_net: this server cannot run ControlNet yet")
-
-
-@pytest.mark.usefixtures("controlnet_installed")
-def test_control_net_unit_is_queued_with_its_image_and_extra_units_are_reported(
-    api: Api, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("dan.tasks.orders.CONTROLNET_ENABLED", True)
+def test_control_net_unit_is_queued_with_its_image_and_extra_units_are_reported(api: Api) -> None:
     units = [unit(preprocess="openopse", guess_mode=True, model="sd15_canny"), unit(), unit()]
     reply = api.post("/api/sd/txt2img/async", {"prompt": "a cat", "control_net": units})
     assert reply["_http"] == 200

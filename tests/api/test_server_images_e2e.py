@@ -18,14 +18,26 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from tests.fixtures.tiny_controlnet import (
+        build_tiny_controlnet,
+        original_state_dict,
+        write_original,
+    )
     from tests.fixtures.tiny_lora import write_tiny_lora
-    from tests.fixtures.tiny_sd import write_tiny_checkpoint
+    from tests.fixtures.tiny_sd import build_tiny_sd, write_tiny_checkpoint
     from tests.fixtures.tiny_upscaler import esrgan_state_dict, write_upscaler
 
     root = tmp_path_factory.mktemp("images-e2e")
     checkpoints = root / "models" / "checkpoints"
     checkpoints.mkdir(parents=True)
     write_tiny_checkpoint(checkpoints / "tiny.safetensors")
+    unet = build_tiny_sd().unet
+    controlnet = build_tiny_controlnet(unet)
+    (root / "models" / "controlnet").mkdir(parents=True)
+    write_original(
+        original_state_dict(controlnet, unet.config),
+        root / "models" / "controlnet" / "control_sd15_canny.safetensors",
+    )
     write_tiny_checkpoint(checkpoints / "tiny-inpainting.safetensors", in_channels=9)
     upscalers = root / "models" / "upscalers"
     upscalers.mkdir(parents=True)
@@ -166,3 +178,26 @@ def test_controlnet_detect_canny_finds_the_edges(server: Server) -> None:
     edges = np.asarray(decode(ok(server, "/api/sd/controlnet/detect", body)["images"][0]))
     assert edges.shape == (48, 64, 3)
     assert edges[12:36, 16].any() and not edges[20:28, 24:40].any()  # border yes, inside no
+
+
+def test_controlnet_canny_conditions_txt2img_and_weight_zero_is_plain(server: Server) -> None:
+    square = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(square).rectangle((16, 16, 47, 47), fill="white")
+    body = {"prompt": "a fox", "steps": 3, "width": 64, "height": 64, "model": "tiny", "seed": 8}
+
+    def pixels(**unit: Any) -> bytes:
+        fields = (
+            {
+                "control_net": [
+                    {"image": encode(square), "preprocess": "canny", "model": "sd15_canny", **unit}
+                ]
+            }
+            if unit
+            else {}
+        )
+        return decode(ok(server, "/api/sd/txt2img", {**body, **fields})["images"][0]).tobytes()
+
+    plain = pixels()
+    assert pixels(weight=0) == plain
+    assert pixels(weight=1) != plain
+    assert pixels(weight=1, guidance_start=0.5) != pixels(weight=1)

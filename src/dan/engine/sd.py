@@ -33,6 +33,12 @@ from dan.domain import (
 )
 from dan.engine.cache import LoadedCheckpoint, PipelineCache, pipeline_bytes
 from dan.engine.checkpoint import load_sd_pipeline
+from dan.engine.controlnet import (
+    ControlNetCache,
+    ControlUnit,
+    controlled_img2img,
+    controlled_txt2img,
+)
 from dan.engine.device import pick_device, pick_dtype
 from dan.engine.hires import PromptEmbeds, hires_fix
 from dan.engine.img2img import run_img2img, validate_img2img
@@ -81,6 +87,7 @@ class DiffusersEngine:
         warnings.filterwarnings("ignore", message="Should have ta>=t0", category=UserWarning)
         self.pipelines = PipelineCache(settings.pipeline_cache_bytes, self._load)
         self.upscalers = UpscalerModels(self.device, self.dtype)
+        self.controlnets = ControlNetCache(self.device, self.dtype)
         self.loras = LoraStack(LoraCache(settings.lora_cache_bytes, allow_ckpt=settings.allow_ckpt))
         # transformers draws a progress bar for every adapter loaded into the text encoder.
         transformers.utils.logging.disable_progress_bar()
@@ -103,8 +110,10 @@ class DiffusersEngine:
         progress: ProgressCallback,
         control_image: Image | None = None,
     ) -> list[Image]:
-        _refuse_control_net(request)
         with self._conditioned(request, files, progress) as c:
+            unit = self._control_unit(request, files, control_image)
+            if unit is not None:
+                return controlled_txt2img(c.base, request, unit, **_denoising(c, progress))
             if request.hires is not None:
                 return [self._hires(c, files)]
             pipeline = StableDiffusionPipeline(
@@ -132,20 +141,15 @@ class DiffusersEngine:
         progress: ProgressCallback,
         control_image: Image | None = None,
     ) -> list[Image]:
-        _refuse_control_net(request.generation)
         validate_img2img(request, init_image, mask)
         with self._conditioned(request.generation, files, progress) as c:
-            images = run_img2img(
-                c.base,
-                request,
-                init_image,
-                mask,
-                scheduler=c.scheduler(),
-                prompt_embeds=c.embeds.prompt_embeds,
-                negative_prompt_embeds=c.embeds.negative_prompt_embeds,
-                generator=c.generator(),
-                callback_on_step_end=_step_callback(progress),
-            )
+            unit = self._control_unit(request.generation, files, control_image)
+            if unit is not None:
+                images = controlled_img2img(
+                    c.base, request, init_image, mask, unit, **_denoising(c, progress)
+                )
+            else:
+                images = run_img2img(c.base, request, init_image, mask, **_denoising(c, progress))
         progress(1, 1)  # strength 0 runs no step
         return images
 
@@ -161,6 +165,18 @@ class DiffusersEngine:
         )
         progress(1, 1)
         return control
+
+    def _control_unit(
+        self, request: GenerationRequest, files: ModelFiles, control_image: Image | None
+    ) -> ControlUnit | None:
+        """The request's ControlNet with its preprocessed control image, if it has one."""
+        spec = request.control_net
+        if spec is None:
+            return None
+        if control_image is None:
+            raise EngineError("control_net needs a control image")
+        image = preprocess(spec.preprocess, control_image, spec.low_threshold, spec.high_threshold)
+        return ControlUnit.from_spec(spec, self.controlnets.get(files[spec.model.sha256]), image)
 
     def _hires(self, c: Conditioning, files: ModelFiles) -> Image:
         return hires_fix(
@@ -215,9 +231,15 @@ class DiffusersEngine:
         return LoadedCheckpoint(pipeline, architecture, pipeline_bytes(pipeline))
 
 
-def _refuse_control_net(request: GenerationRequest) -> None:
-    if request.control_net is not None:
-        raise EngineError("ControlNet is not supported by this worker yet")
+def _denoising(c: Conditioning, progress: ProgressCallback) -> dict[str, Any]:
+    """The per-pass arguments every denoising run of a request takes."""
+    return {
+        "scheduler": c.scheduler(),
+        "prompt_embeds": c.embeds.prompt_embeds,
+        "negative_prompt_embeds": c.embeds.negative_prompt_embeds,
+        "generator": c.generator(),
+        "callback_on_step_end": _step_callback(progress),
+    }
 
 
 @contextlib.contextmanager

@@ -39,9 +39,6 @@ from dan.imaging import decode_image, encode_input_png
 from dan.prompt_tags import extract_lora_tags
 
 MAX_UPSCALED_SIDE = 8192
-# The API side of ControlNet is complete; the engine side lands separately. Until then requests
-# that use it are refused here, after their fields were checked.
-CONTROLNET_ENABLED = False
 
 
 class ModelLookup(Protocol):
@@ -151,6 +148,11 @@ class RequestBuilder:
         self._random_seed = random_seed
 
     def txt2img(self, order: Txt2ImgOrder, task_id: str) -> Prepared:
+        if order.hires is not None and order.generation.control_net is not None:
+            raise InvalidArgument(
+                "Invalid upscale: hires fix cannot be combined with control_net yet; "
+                "send one of them"
+            )
         inputs: dict[str, bytes] = {}
         request = self._generation(order.generation, task_id, inputs)
         if order.hires is not None:
@@ -244,11 +246,6 @@ class RequestBuilder:
                 f"({order.low_threshold}) must not exceed the high one ({order.high_threshold})"
             )
         model = self._controlnet_file(order.model)
-        if not CONTROLNET_ENABLED:
-            raise InvalidArgument(
-                "Invalid control_net: this server cannot run ControlNet yet (its engine side is "
-                "not wired in); remove the 'control_net' field"
-            )
         return ControlNetSpec(
             image_key=key,
             preprocess=order.preprocess,

@@ -1,0 +1,378 @@
+"""ControlNets for Stable Diffusion 1.x: loaded offline, kept warm, run with one control unit.
+
+Files: the original lllyasviel layout (``control_model.*``, as ``control_sd15_canny.pth``, a
+pickled ``{"state_dict": ...}`` or plain dict, or ``.safetensors``; the v1.0 files also carry a
+whole SD checkpoint, which is ignored) and diffusers' layout (``controlnet_cond_embedding.*``,
+``down_blocks.*``, ``controlnet_down_blocks.*``). Names and architecture come from
+:mod:`dan.engine.controlnet_detect` (tensor shapes over the shipped SD1.5 config), so the tiny
+test ControlNets load through the same code as real ones. Pickles load with
+``weights_only=True`` only: a ControlNet file is data, never code.
+
+Running: :func:`controlled_txt2img` and :func:`controlled_img2img` (img2img and inpaint) mirror
+:func:`dan.engine.img2img.run_img2img`; the engine passes the request's scheduler, prompt
+embeddings, generator and step callback, and a :class:`ControlUnit`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from dan.domain import (
+    ControlNetSpec,
+    GenerationRequest,
+    Img2ImgRequest,
+    InpaintArea,
+    InstalledModel,
+    ResizeMode,
+)
+from dan.engine.controlnet_detect import (
+    ControlNetError,
+    StateDict,
+    detect_controlnet_config,
+    to_diffusers_names,
+)
+from dan.engine.img2img import is_inpainting_unet, through_vae, validate_img2img
+from dan.engine.masks import crop_region, fit_image, paste_back, prepare_mask, to_rgb
+from dan.errors import EngineError
+
+__all__ = [
+    "ControlNetCache",
+    "ControlNetError",
+    "ControlUnit",
+    "controlled_img2img",
+    "controlled_txt2img",
+    "load_controlnet",
+    "read_controlnet_state_dict",
+]
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def read_controlnet_state_dict(path: Path) -> StateDict:
+    """The ControlNet's tensors of ``path`` under diffusers' names, on the CPU.
+
+    Raises ControlNetError, naming the file, for an unknown suffix, a file that cannot be read,
+    and a file that holds no ControlNet (an SD checkpoint, a LoRA, ...).
+    """
+    tensors = _tensors_of(_read(path), path)
+    try:
+        return to_diffusers_names(tensors)
+    except ControlNetError as exc:
+        raise ControlNetError(f"{path.name}: {exc.message}") from exc
+
+
+def _read(path: Path) -> object:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        if suffix in PICKLE_SUFFIXES:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors and unpickling raise many types
+        raise ControlNetError(f"{path.name} cannot be read (truncated or corrupt?): {exc}") from exc
+    raise ControlNetError(f"{path.name}: unknown ControlNet format {suffix!r}; use .safetensors")
+
+
+def _tensors_of(raw: object, path: Path) -> StateDict:
+    while isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict):
+        raise ControlNetError(f"{path.name} holds a {type(raw).__name__}, not a state dict")
+    tensors = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ControlNetError(f"{path.name} holds no tensors")
+    return tensors
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_controlnet(path: Path, *, dtype: torch.dtype, device: torch.device | str) -> Any:
+    """A ``ControlNetModel`` holding the weights of ``path``, on ``device`` in ``dtype``, in eval
+    mode without gradients. Every tensor of the architecture must be in the file and nothing
+    else (strict). Nothing is downloaded. Raises ControlNetError naming the file.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel
+
+    tensors = read_controlnet_state_dict(path)
+    try:
+        config = detect_controlnet_config(tensors)
+    except (KeyError, IndexError) as exc:
+        raise ControlNetError(f"{path.name}: incomplete ControlNet, no tensor {exc}") from exc
+    with init_empty_weights():
+        model = ControlNetModel.from_config(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    if missing or unexpected:
+        raise ControlNetError(
+            f"{path.name}: the tensors do not match the detected ControlNet architecture "
+            f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
+            f"e.g. {unexpected[:2]})"
+        )
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as exc:  # size mismatches
+        raise ControlNetError(f"{path.name}: the tensors do not fit: {exc}") from exc
+    return model.to(device).eval().requires_grad_(False)
+
+
+class ControlNetCache:
+    """Loaded ControlNets by sha256, kept warm next to the checkpoints; the least recently used
+    beyond ``max_models`` is dropped. Thread-safe; a load happens once per sha256 while cached.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, max_models: int = 2) -> None:
+        if max_models < 1:
+            raise ValueError(f"max_models must be at least 1, got {max_models}")
+        self._device, self._dtype, self._max = device, dtype, max_models
+        self._models: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, model: InstalledModel) -> Any:
+        """The ControlNetModel of ``model``; raises ControlNetError for an unusable file."""
+        with self._lock:
+            loaded = self._models.get(model.sha256)
+            if loaded is None:
+                loaded = load_controlnet(model.path, dtype=self._dtype, device=self._device)
+                self.loads += 1
+                self._models[model.sha256] = loaded
+            self._models.move_to_end(model.sha256)
+            while len(self._models) > self._max:
+                self._models.popitem(last=False)
+            return loaded
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet and what it is conditioned on: ``image`` is the control image itself (the
+    preprocessed canny/pose map), at any size; it is fitted to the output with ``resize_mode``.
+    """
+
+    model: Any  # ControlNetModel
+    image: Image.Image
+    weight: float = 1.0
+    resize_mode: ResizeMode = ResizeMode.JUST_RESIZE
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    guess_mode: bool = False
+
+    @classmethod
+    def from_spec(cls, spec: ControlNetSpec, model: Any, image: Image.Image) -> ControlUnit:
+        return cls(
+            model,
+            image,
+            spec.weight,
+            spec.resize_mode,
+            spec.guidance_start,
+            spec.guidance_end,
+            spec.guess_mode,
+        )
+
+    def validate(self) -> None:
+        """Raise EngineError unless weight is in [0, 2] and 0 <= start <= end <= 1."""
+        if not 0.0 <= self.weight <= 2.0:
+            raise EngineError(f"ControlNet weight must be between 0 and 2, got {self.weight}")
+        if not 0.0 <= self.guidance_start <= self.guidance_end <= 1.0:
+            raise EngineError(
+                "ControlNet guidance_start and guidance_end must satisfy 0 <= start <= end <= 1, "
+                f"got {self.guidance_start} and {self.guidance_end}"
+            )
+
+    def fitted(self, width: int, height: int) -> Image.Image:
+        return fit_image(to_rgb(self.image), width, height, self.resize_mode)
+
+    def call_kwargs(self) -> dict[str, Any]:
+        return {
+            "controlnet_conditioning_scale": self.weight,
+            "control_guidance_start": self.guidance_start,
+            "control_guidance_end": self.guidance_end,
+            "guess_mode": self.guess_mode,
+        }
+
+
+@dataclass(frozen=True)
+class _Run:
+    base: Any  # the cached StableDiffusionPipeline, only read
+    unit: ControlUnit
+    denoise: dict[str, Any]  # scheduler-independent pipeline arguments shared by every call
+    scheduler: Any
+
+
+def controlled_txt2img(
+    base: Any,
+    request: GenerationRequest,
+    unit: ControlUnit,
+    *,
+    scheduler: Any,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    generator: torch.Generator,
+    callback_on_step_end: Any,
+) -> list[Image.Image]:
+    """The images (one) of a txt2img request conditioned on ``unit``.
+
+    With ``unit.weight == 0`` the result equals plain txt2img's for the same scheduler, seed and
+    embeddings, pixel for pixel. ``base`` is only read. Raises EngineError for an invalid unit,
+    for a request with hires fix (not supported with a ControlNet yet: refused, never ignored) and
+    when diffusers rejects the inputs; TaskCancelled raised by the callback propagates.
+    """
+    unit.validate()
+    if request.hires is not None:
+        raise EngineError("hires fix cannot be combined with a ControlNet yet; leave one out")
+    run = _run(base, unit, scheduler, prompt_embeds, negative_prompt_embeds, generator)
+    run.denoise.update(num_inference_steps=request.steps, guidance_scale=request.cfg_scale)
+    run.denoise["callback_on_step_end"] = callback_on_step_end
+    with torch.inference_mode():
+        return [_txt2img(run, request.width, request.height)]
+
+
+def controlled_img2img(
+    base: Any,
+    request: Img2ImgRequest,
+    init_image: Image.Image,
+    mask: Image.Image | None,
+    unit: ControlUnit,
+    *,
+    scheduler: Any,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    generator: torch.Generator,
+    callback_on_step_end: Any,
+) -> list[Image.Image]:
+    """:func:`~dan.engine.img2img.run_img2img` with ``unit`` conditioning every denoising call.
+
+    Same sizes, strength semantics and inpainting guarantee (pixels where the prepared mask is 0
+    are the fitted init image's, byte for byte). For ONLY_MASKED inpainting the control image is
+    fitted to the init image's size and cropped with the same box as the init image. Raises
+    EngineError as run_img2img does and for an invalid unit.
+    """
+    validate_img2img(request, init_image, mask)
+    unit.validate()
+    generation = request.generation
+    run = _run(base, unit, scheduler, prompt_embeds, negative_prompt_embeds, generator)
+    run.denoise.update(num_inference_steps=generation.steps, guidance_scale=generation.cfg_scale)
+    run.denoise.update(
+        callback_on_step_end=callback_on_step_end, strength=request.denoising_strength
+    )
+    width, height, source = generation.width, generation.height, to_rgb(init_image)
+    with torch.inference_mode():
+        if request.inpaint is None or mask is None:
+            image = fit_image(source, width, height, request.resize_mode)
+            return [_img2img(run, image, unit.fitted(width, height))]
+        if request.inpaint.inpaint_area == InpaintArea.WHOLE_PICTURE:
+            original = fit_image(source, width, height, request.resize_mode)
+            spec = request.inpaint
+            prepared = prepare_mask(
+                mask, width, height, request.resize_mode, spec.mask_blur, spec.mask_mode
+            )
+            regenerated = _masked(run, original, prepared, unit.fitted(width, height))
+            return [paste_back(original, regenerated, prepared)]
+        return [_only_masked(run, source, mask, request, width, height)]
+
+
+def _run(
+    base: Any,
+    unit: ControlUnit,
+    scheduler: Any,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    generator: torch.Generator,
+) -> _Run:
+    denoise = {
+        "prompt_embeds": prompt_embeds,
+        "negative_prompt_embeds": negative_prompt_embeds,
+        "generator": generator,
+        **unit.call_kwargs(),
+    }
+    return _Run(base, unit, denoise, scheduler)
+
+
+def _txt2img(run: _Run, width: int, height: int) -> Image.Image:
+    from diffusers import StableDiffusionControlNetPipeline
+
+    inputs = {k: v for k, v in run.denoise.items() if k != "strength"}
+    image = run.unit.fitted(width, height)
+    return _call(
+        StableDiffusionControlNetPipeline, run, inputs, image=image, width=width, height=height
+    )
+
+
+def _img2img(run: _Run, image: Image.Image, control: Image.Image) -> Image.Image:
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    strength = run.denoise["strength"]
+    if strength == 0:
+        return through_vae(run.base, image)
+    if is_inpainting_unet(run.base):
+        # As run_img2img: an inpainting model's img2img is inpainting of the whole picture.
+        return _masked(run, image, Image.new("L", image.size, 255), control)
+    if strength == 1:  # as run_img2img: starting from pure noise is txt2img
+        return _txt2img(run, *image.size)
+    size = {"width": image.width, "height": image.height}
+    pipeline = StableDiffusionControlNetImg2ImgPipeline
+    return _call(pipeline, run, run.denoise, image=image, control_image=control, **size)
+
+
+def _masked(run: _Run, image: Image.Image, mask: Image.Image, control: Image.Image) -> Image.Image:
+    from diffusers import StableDiffusionControlNetInpaintPipeline
+
+    if run.denoise["strength"] == 0:
+        return through_vae(run.base, image)
+    size = {"width": image.width, "height": image.height}
+    pipeline = StableDiffusionControlNetInpaintPipeline
+    return _call(
+        pipeline, run, run.denoise, image=image, mask_image=mask, control_image=control, **size
+    )
+
+
+def _only_masked(
+    run: _Run,
+    source: Image.Image,
+    mask_image: Image.Image,
+    request: Img2ImgRequest,
+    width: int,
+    height: int,
+) -> Image.Image:
+    """Regenerate the crop around the mask at width x height and paste it back (A1111's way)."""
+    spec, just = request.inpaint, ResizeMode.JUST_RESIZE
+    assert spec is not None
+    mask = prepare_mask(mask_image, *source.size, just, spec.mask_blur, spec.mask_mode)
+    box = crop_region(mask, spec.padding, width, height)
+    crop = fit_image(source.crop(box), width, height, just)
+    crop_mask = fit_image(mask.crop(box), width, height, just)
+    control = fit_image(run.unit.fitted(*source.size).crop(box), width, height, just)
+    return paste_back(source, _masked(run, crop, crop_mask, control), mask, box)
+
+
+def _call(pipeline_class: Any, run: _Run, inputs: dict[str, Any], **images: Any) -> Image.Image:
+    """One image from ``pipeline_class`` sharing the base's weights, the run's scheduler."""
+    components = {**run.base.components, "scheduler": run.scheduler, "controlnet": run.unit.model}
+    pipeline = pipeline_class(**components, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    try:
+        output = pipeline(**inputs, **images)
+    except ValueError as exc:  # diffusers' check_inputs and shape checks
+        raise EngineError(f"ControlNet generation failed: {exc}") from exc
+    image: Image.Image = output.images[0]
+    return image

@@ -1,0 +1,350 @@
+"""ControlNet: offline loading of both file layouts, the cache, and generation with one unit."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from accelerate import init_empty_weights
+from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+
+from dan.domain import (
+    GenerationRequest,
+    HiresFix,
+    Img2ImgRequest,
+    InpaintArea,
+    InpaintSpec,
+    InstalledModel,
+    MaskMode,
+    ModelKind,
+    ModelRef,
+    ResizeMode,
+    UpscalerChoice,
+)
+from dan.engine.checkpoint import load_sd_pipeline
+from dan.engine.controlnet import (
+    ControlNetCache,
+    ControlNetError,
+    ControlUnit,
+    controlled_img2img,
+    controlled_txt2img,
+    load_controlnet,
+)
+from dan.engine.controlnet_detect import (
+    base_controlnet_config,
+    detect_controlnet_config,
+    to_diffusers_names,
+)
+from dan.engine.detect import base_configs
+from dan.engine.masks import fit_image, prepare_mask
+from dan.engine.prompts import encode_prompts
+from dan.engine.samplers import make_scheduler
+from dan.errors import EngineError
+from tests.fixtures.tiny_controlnet import (
+    build_tiny_controlnet,
+    original_state_dict,
+    write_diffusers,
+    write_original,
+)
+from tests.fixtures.tiny_sd import TinySd
+
+slow = pytest.mark.slow
+CPU = torch.device("cpu")
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int32)
+
+
+@pytest.fixture(scope="module")
+def tiny_controlnet(tiny_sd: TinySd) -> ControlNetModel:
+    return build_tiny_controlnet(tiny_sd.unet)
+
+
+@pytest.fixture(scope="module")
+def files(
+    tiny_sd: TinySd, tiny_controlnet: ControlNetModel, tmp_path_factory: Any
+) -> dict[str, Path]:
+    """The tiny ControlNet in every layout; the .pth also carries an SD checkpoint, as v1.0."""
+    folder = tmp_path_factory.mktemp("controlnets")
+    original = original_state_dict(tiny_controlnet, tiny_sd.unet.config)
+    return {
+        "original-safetensors": write_original(original, folder / "control_tiny.safetensors"),
+        "original-pth": write_original(
+            {**tiny_sd.state_dict, **original}, folder / "control_tiny.pth"
+        ),
+        "diffusers": write_diffusers(
+            tiny_controlnet, folder / "diffusion_pytorch_model.safetensors"
+        ),
+    }
+
+
+@pytest.mark.parametrize("layout", ["original-safetensors", "original-pth", "diffusers"])
+def test_loaded_weights_equal_the_written_ones(
+    files: dict[str, Path], tiny_controlnet: ControlNetModel, layout: str
+) -> None:
+    loaded = load_controlnet(files[layout], dtype=torch.float32, device=CPU)
+    expected, got = tiny_controlnet.state_dict(), loaded.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert list(loaded.config.conditioning_embedding_out_channels) == [8, 8, 16, 16]
+    assert list(loaded.config.block_out_channels) == [32, 64]
+    assert loaded.config.cross_attention_dim == 32
+
+
+def test_sd15_layout_gives_the_shipped_config() -> None:
+    """Shapes of a full-size ControlNet (meta tensors, original names) -> lllyasviel's config."""
+    shipped = base_controlnet_config()
+    with init_empty_weights():
+        controlnet = ControlNetModel.from_config(shipped)
+        unet = UNet2DConditionModel.from_config(base_configs()["unet"])
+    tensors = to_diffusers_names(original_state_dict(controlnet, unet.config))
+    assert tensors.keys() == controlnet.state_dict().keys()
+    detected = detect_controlnet_config(tensors)
+    assert {k: detected[k] for k in shipped} == shipped
+    assert detected["conditioning_channels"] == 3
+
+
+def test_unusable_files_raise_controlnet_error(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    corrupt = tmp_path / "control_broken.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    pickle = tmp_path / "control_broken.pth"
+    pickle.write_bytes(b"not a pickle at all")
+    for path in (corrupt, pickle, tiny_checkpoint):
+        with pytest.raises(ControlNetError, match=path.name):
+            load_controlnet(path, dtype=torch.float32, device=CPU)
+    with pytest.raises(ControlNetError, match="a Stable Diffusion checkpoint"):
+        load_controlnet(tiny_checkpoint, dtype=torch.float32, device=CPU)
+    unknown = tmp_path / "control.onnx"
+    unknown.write_bytes(b"")
+    with pytest.raises(ControlNetError, match="unknown ControlNet format"):
+        load_controlnet(unknown, dtype=torch.float32, device=CPU)
+
+
+def test_a_truncated_controlnet_names_what_is_missing(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(files["original-safetensors"])
+    del tensors["control_model.zero_convs.3.0.weight"]
+    path = tmp_path / "control_cut.safetensors"
+    save_file(tensors, path)
+    with pytest.raises(ControlNetError, match=r"control_cut.*controlnet_down_blocks\.3\.weight"):
+        load_controlnet(path, dtype=torch.float32, device=CPU)
+
+
+def test_cache_loads_once_per_sha_and_keeps_a_bounded_number(files: dict[str, Path]) -> None:
+    cache = ControlNetCache(CPU, torch.float32, max_models=2)
+    models = [
+        InstalledModel(ModelKind.CONTROLNET, path.stem, str(i) * 64, path, path.stat().st_size)
+        for i, path in enumerate(files.values())
+    ]
+    first = cache.get(models[0])
+    assert cache.get(models[0]) is first and cache.loads == 1
+    cache.get(models[1])
+    cache.get(models[2])
+    assert cache.loaded() == [models[1].sha256, models[2].sha256] and cache.loads == 3
+
+
+# --- generation on the tiny checkpoint --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base(tiny_checkpoint: Path, engine_cache_dir: Path) -> StableDiffusionPipeline:
+    pipeline, _ = load_sd_pipeline(
+        tiny_checkpoint,
+        cache_dir=engine_cache_dir,
+        dtype=torch.float32,
+        device="cpu",
+        allow_ckpt=False,
+    )
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def controlnet(files: dict[str, Path]) -> Any:
+    return load_controlnet(files["original-pth"], dtype=torch.float32, device=CPU)
+
+
+def control_image(width: int = 64, height: int = 64) -> Image.Image:
+    """A black image with a white ring: what a canny map looks like."""
+    ring = np.zeros((height, width, 3), dtype=np.uint8)
+    y, x = np.ogrid[:height, :width]
+    radius = np.hypot(x - width / 2, y - height / 2)
+    ring[(radius > 14) & (radius < 18)] = 255
+    return Image.fromarray(ring)
+
+
+def generation(steps: int = 3) -> GenerationRequest:
+    return GenerationRequest(
+        prompt="a red fox",
+        negative_prompt="",
+        seed=3,
+        sampler_name="Euler a",
+        steps=steps,
+        cfg_scale=7.0,
+        width=64,
+        height=64,
+        model=ModelRef("a" * 64, "tiny"),
+    )
+
+
+def run_args(base: StableDiffusionPipeline, request: GenerationRequest) -> dict[str, Any]:
+    """What DiffusersEngine passes besides the request and the unit."""
+    embeds, negative = encode_prompts(
+        base.tokenizer, base.text_encoder, request.prompt, "", device="cpu", dtype=torch.float32
+    )
+    return {
+        "scheduler": make_scheduler(request.sampler_name, base.scheduler.config, seed=request.seed),
+        "prompt_embeds": embeds,
+        "negative_prompt_embeds": negative,
+        "generator": torch.Generator("cpu").manual_seed(request.seed),
+        "callback_on_step_end": None,
+    }
+
+
+def txt2img(base: StableDiffusionPipeline, unit: ControlUnit) -> np.ndarray:
+    request = generation()
+    [image] = controlled_txt2img(base, request, unit, **run_args(base, request))
+    assert image.size == (64, 64)
+    return pixels(image)
+
+
+def plain_txt2img(base: StableDiffusionPipeline) -> np.ndarray:
+    request, args = generation(), run_args(base, generation())
+    pipeline = StableDiffusionPipeline(**{**base.components, "scheduler": args.pop("scheduler")})
+    pipeline.set_progress_bar_config(disable=True)
+    output = pipeline(
+        width=64,
+        height=64,
+        num_inference_steps=request.steps,
+        guidance_scale=request.cfg_scale,
+        **args,
+    )
+    return pixels(output.images[0])
+
+
+@slow
+def test_weight_0_reproduces_the_plain_image_exactly(
+    base: StableDiffusionPipeline, controlnet: Any
+) -> None:
+    assert np.array_equal(
+        txt2img(base, ControlUnit(controlnet, control_image(), weight=0.0)), plain_txt2img(base)
+    )
+
+
+@slow
+def test_weight_window_and_guess_mode_each_change_the_image(
+    base: StableDiffusionPipeline, controlnet: Any
+) -> None:
+    unit = ControlUnit(controlnet, control_image(), weight=1.0)
+    full = txt2img(base, unit)
+    assert np.abs(full - plain_txt2img(base)).mean() > 1
+    assert np.array_equal(txt2img(base, unit), full)  # deterministic
+    for changed in (
+        ControlUnit(controlnet, control_image(), weight=1.0, guidance_start=0.5),
+        ControlUnit(controlnet, control_image(), weight=1.0, guess_mode=True),
+        ControlUnit(controlnet, Image.new("RGB", (64, 64)), weight=1.0),  # the image matters
+    ):
+        assert np.abs(txt2img(base, changed) - full).mean() > 0.5, changed
+
+
+@slow
+def test_each_resize_mode_fits_the_control_image_differently(
+    base: StableDiffusionPipeline, controlnet: Any
+) -> None:
+    wide = control_image(96, 48)
+    results = [
+        txt2img(base, ControlUnit(controlnet, wide, resize_mode=mode)) for mode in ResizeMode
+    ]
+    for i, first in enumerate(results):
+        for second in results[i + 1 :]:
+            assert np.abs(first - second).mean() > 0.5
+
+
+def img2img_request(inpaint: InpaintSpec | None = None) -> Img2ImgRequest:
+    return Img2ImgRequest(generation(steps=4), "init", ResizeMode.JUST_RESIZE, 0.75, inpaint)
+
+
+def controlled(
+    base: StableDiffusionPipeline,
+    request: Img2ImgRequest,
+    unit: ControlUnit,
+    init: Image.Image,
+    mask: Image.Image | None,
+) -> Image.Image:
+    [image] = controlled_img2img(
+        base, request, init, mask, unit, **run_args(base, request.generation)
+    )
+    return image
+
+
+def init_image(width: int = 64, height: int = 64) -> Image.Image:
+    values = np.random.default_rng(5).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(values)
+
+
+@slow
+def test_img2img_with_a_controlnet_runs_and_follows_the_weight(
+    base: StableDiffusionPipeline, controlnet: Any
+) -> None:
+    request, init = img2img_request(), init_image(96, 80)
+    with_control = controlled(
+        base, request, ControlUnit(controlnet, control_image(), weight=1.5), init, None
+    )
+    without = controlled(
+        base, request, ControlUnit(controlnet, control_image(), weight=0.0), init, None
+    )
+    assert with_control.size == (64, 64)
+    assert np.abs(pixels(with_control) - pixels(without)).mean() > 1
+
+
+@slow
+@pytest.mark.parametrize("area", list(InpaintArea))
+def test_inpaint_with_a_controlnet_keeps_unmasked_pixels(
+    base: StableDiffusionPipeline, controlnet: Any, area: InpaintArea
+) -> None:
+    init = init_image(96, 80) if area == InpaintArea.ONLY_MASKED else init_image()
+    mask = Image.new("L", init.size, 0)
+    mask.paste(255, (20, 16, 44, 40))
+    spec = InpaintSpec("mask", 0, MaskMode.REGENERATE_MASKED, area, padding=8)
+    unit = ControlUnit(controlnet, control_image(), weight=1.0)
+    image = controlled(base, img2img_request(spec), unit, init, mask)
+    assert image.size == init.size
+    kept = (
+        pixels(
+            prepare_mask(mask, *init.size, ResizeMode.JUST_RESIZE, 0, MaskMode.REGENERATE_MASKED)
+        )
+        == 0
+    )
+    original = pixels(fit_image(init, *init.size, ResizeMode.JUST_RESIZE))
+    assert np.array_equal(pixels(image)[kept], original[kept])
+    assert not np.array_equal(pixels(image)[~kept], original[~kept])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"weight": 2.5}, "weight must be between 0 and 2"),
+        ({"guidance_start": 0.6, "guidance_end": 0.4}, "start <= end"),
+    ],
+)
+def test_invalid_units_are_rejected(
+    base: StableDiffusionPipeline, values: dict[str, Any], message: str
+) -> None:
+    unit = ControlUnit(object(), control_image(), **values)
+    with pytest.raises(EngineError, match=message):
+        controlled_txt2img(base, generation(), unit, **run_args(base, generation()))
+
+
+def test_hires_fix_with_a_controlnet_is_refused(base: StableDiffusionPipeline) -> None:
+    request = replace(generation(), hires=HiresFix(2.0, 0.5, UpscalerChoice("Latent")))
+    unit = ControlUnit(object(), control_image())
+    with pytest.raises(EngineError, match="hires fix"):
+        controlled_txt2img(base, request, unit, **run_args(base, request))
