@@ -109,6 +109,10 @@ class TaskStore(Protocol):
         """Counts of successful tasks: all time, last 24 h, last 7 days."""
         ...
 
+    def ping(self) -> None:
+        """Raise if the database cannot be reached."""
+        ...
+
 
 class SqlTaskStore:
     """TaskStore on SQLAlchemy Core; see the module docstring for the queue rules."""
@@ -156,6 +160,10 @@ class SqlTaskStore:
         with self._engine.connect().execution_options(dan_read_only=True) as conn:
             total, day, week = conn.execute(query).one()
         return Statistics(total=total, last_day=day, last_week=week)
+
+    def ping(self) -> None:
+        with self._engine.connect().execution_options(dan_read_only=True) as conn:
+            conn.execute(select(1))
 
     # -- submit and cancel -------------------------------------------------------------------
     def submit(self, task: NewTask, *, max_pending: int) -> TaskRecord:

@@ -6,7 +6,6 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
-from sqlalchemy import text
 
 from dan import __version__
 from dan.api.generation import context
@@ -18,14 +17,9 @@ router = APIRouter(tags=["system"])
 
 @router.get("/health", summary="Liveness and database reachability")
 async def health(request: Request) -> dict[str, Any]:
-    services = context(request).services
-
-    def check_db() -> None:
-        with services.db.connect() as conn:
-            conn.execute(text("SELECT 1"))
-
+    store = context(request).services.store
     try:
-        await asyncio.to_thread(check_db)
+        await asyncio.to_thread(store.ping)
     except Exception as exc:
         raise ResourceUnavailable(f"database unreachable: {exc}") from exc
     return ok({"status": "ok", "version": __version__})
