@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -195,9 +196,9 @@ def _load_models(
     vae_weights = convert_ldm_vae_checkpoint(state_dict, architecture.vae)  # type: ignore[no-untyped-call]
     text_weights = _text_encoder_weights(state_dict)
     return (
-        _fill(unet, unet_weights, "UNet", dtype, device),
-        _fill(vae, vae_weights, "VAE", dtype, device),
-        _fill(text_encoder, text_weights, "text encoder", dtype, device),
+        fill_module(unet, unet_weights, "UNet", dtype, device),
+        fill_module(vae, vae_weights, "VAE", dtype, device),
+        fill_module(text_encoder, text_weights, "text encoder", dtype, device),
     )
 
 
@@ -212,19 +213,24 @@ def _text_encoder_weights(state_dict: StateDict) -> StateDict:
     }
 
 
-def _fill(
+def fill_module(
     module: torch.nn.Module,
-    weights: dict[str, Any],
+    weights: Mapping[str, Any],
     what: str,
     dtype: torch.dtype,
-    device: torch.device,
+    device: torch.device | str,
+    error: type[EngineError] = UnsupportedCheckpoint,
 ) -> torch.nn.Module:
-    """``module`` holding ``weights`` (every tensor present, with the right shape) in ``dtype``."""
+    """``module`` (built empty) holding ``weights`` in ``dtype`` on ``device``, in eval mode.
+
+    Every tensor must be present with the right shape; otherwise ``error`` is raised, its
+    message naming ``what`` and the missing and unexpected tensors.
+    """
     weights = {k: v for k, v in weights.items() if v is not None}  # converters .get() absent keys
     expected = set(module.state_dict())
     missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
     if missing or unexpected:
-        raise UnsupportedCheckpoint(
+        raise error(
             f"the {what} tensors do not match the detected architecture "
             f"({len(missing)} missing, e.g. {missing[:2]}; "
             f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})"
@@ -234,6 +240,6 @@ def _fill(
     try:
         module.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as exc:  # size mismatches
-        raise UnsupportedCheckpoint(f"the {what} tensors do not fit: {exc}") from exc
+        raise error(f"the {what} tensors do not fit: {exc}") from exc
     # Non-persistent buffers (CLIP's position_ids) were not in the file; move them too.
     return module.to(device).eval().requires_grad_(False)

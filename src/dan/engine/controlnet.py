@@ -32,6 +32,7 @@ from dan.domain import (
     InstalledModel,
     ResizeMode,
 )
+from dan.engine.checkpoint import fill_module
 from dan.engine.controlnet_detect import (
     ControlNetError,
     StateDict,
@@ -113,20 +114,9 @@ def load_controlnet(path: Path, *, dtype: torch.dtype, device: torch.device | st
         raise ControlNetError(f"{path.name}: incomplete ControlNet, no tensor {exc}") from exc
     with init_empty_weights():
         model = ControlNetModel.from_config(config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
-    if missing or unexpected:
-        raise ControlNetError(
-            f"{path.name}: the tensors do not match the detected ControlNet architecture "
-            f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
-            f"e.g. {unexpected[:2]})"
-        )
-    weights = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
-    try:
-        model.load_state_dict(weights, strict=True, assign=True)
-    except RuntimeError as exc:  # size mismatches
-        raise ControlNetError(f"{path.name}: the tensors do not fit: {exc}") from exc
-    return model.to(device).eval().requires_grad_(False)
+    return fill_module(
+        model, tensors, f"{path.name} ControlNet", dtype, device, error=ControlNetError
+    )
 
 
 class ControlNetCache:
