@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 
 import numpy as np
 import pytest
@@ -23,7 +23,6 @@ from dan.engine.preprocess import (
 )
 from dan.errors import EngineError
 
-HAS_MEDIAPIPE = importlib.util.find_spec("mediapipe") is not None
 SIZE = 64
 RECT = (16, 16, 47, 47)  # inclusive corners of the white rectangle
 
@@ -236,31 +235,55 @@ def test_keypoints_validate_their_joints() -> None:
 # --- estimate_pose -------------------------------------------------------------------------
 
 
-def person_image() -> Image:
-    """A crude person from shapes: a skin-coloured head, torso, arms and legs on grey."""
-    image = PILImage.new("RGB", (256, 384), (200, 200, 200))
-    draw = ImageDraw.Draw(image)
-    skin, shirt, trousers = (224, 172, 140), (40, 80, 160), (50, 50, 60)
-    draw.ellipse((103, 20, 153, 80), fill=skin)
-    draw.rectangle((118, 78, 138, 95), fill=skin)
-    draw.polygon([(88, 95), (168, 95), (160, 210), (96, 210)], fill=shirt)
-    draw.line([(92, 100), (66, 160), (58, 215)], fill=shirt, width=18)
-    draw.line([(164, 100), (190, 160), (198, 215)], fill=shirt, width=18)
-    draw.line([(110, 205), (104, 290), (100, 365)], fill=trousers, width=24)
-    draw.line([(146, 205), (152, 290), (156, 365)], fill=trousers, width=24)
-    return image
+def portrait() -> Image:
+    """A real photo of a person: the Grace Hopper portrait matplotlib ships (512x600,
+    head and shoulders)."""
+    from matplotlib import cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as file:
+        return PILImage.open(file).convert("RGB")
 
 
-@pytest.mark.skipif(HAS_MEDIAPIPE, reason="mediapipe is installed")
+def test_estimate_pose_finds_the_head_and_shoulders_of_a_real_portrait() -> None:
+    keypoints = estimate_pose(portrait())
+    nose, neck = keypoints["nose"], keypoints["neck"]
+    right, left = keypoints["r_shoulder"], keypoints["l_shoulder"]
+    assert nose is not None and neck is not None and right is not None and left is not None
+    # Facing the camera: her right shoulder is on the image's left, both below the nose.
+    assert right[0] < nose[0] < left[0]
+    assert right[1] > nose[1] and left[1] > nose[1]
+    assert keypoints["r_eye"] is not None and keypoints["l_eye"] is not None
+
+
 @pytest.mark.parametrize("name", ["openpose", "openopse"])
-def test_openpose_without_mediapipe_says_which_package_it_needs(name: str) -> None:
+def test_openpose_control_image_draws_the_found_limbs(name: str) -> None:
+    image = portrait()
+    keypoints = estimate_pose(image)
+    control = np.asarray(preprocess(name, image))
+    assert control.shape == (600, 512, 3)
+    neck, shoulder = keypoints["neck"], keypoints["r_shoulder"]
+    assert neck is not None and shoulder is not None
+    x, y = int((neck[0] + shoulder[0]) / 2), int((neck[1] + shoulder[1]) / 2)
+    # The neck-right shoulder limb, blended at 0.6 over black, in its OpenPose colour.
+    limb = COLORS[LIMBS.index((1, 2))]
+    assert tuple(control[y, x]) == tuple(round(0.6 * c) for c in limb)
+
+
+def test_openpose_without_a_person_says_so() -> None:
+    with pytest.raises(EngineError, match="found no person"):
+        estimate_pose(PILImage.new("RGB", (128, 128), (30, 30, 30)))
+
+
+def test_openpose_without_mediapipe_says_which_package_it_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_import = importlib.import_module
+
+    def without_mediapipe(name: str, package: str | None = None) -> object:
+        if name == "mediapipe":
+            raise ImportError("No module named 'mediapipe'")
+        return real_import(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", without_mediapipe)
     with pytest.raises(EngineError, match="openpose needs the mediapipe package"):
-        preprocess(name, person_image())
-
-
-@pytest.mark.skipif(not HAS_MEDIAPIPE, reason="needs mediapipe")
-def test_estimate_pose_finds_a_person_from_shapes() -> None:
-    keypoints = estimate_pose(person_image())
-    assert keypoints.visible >= 4
-    control = np.asarray(preprocess("openpose", person_image()))
-    assert control.shape == (384, 256, 3) and control.any()
+        preprocess("openpose", portrait())

@@ -251,8 +251,9 @@ def _mediapipe_pose() -> Any:
         mediapipe = importlib.import_module("mediapipe")
     except ImportError as exc:
         raise EngineError(
-            "openpose needs the mediapipe package: pip install 'mediapipe==0.10.21' "
-            "(its wheel carries the pose model; it needs protobuf<6)"
+            "openpose needs the mediapipe package: pip install --no-deps 'mediapipe==0.10.21' "
+            "(its wheel carries the pose model; ./run installs it) or pull the OpenPose body "
+            "model with `dan models pull body_pose_model`"
         ) from exc
     return mediapipe.solutions.pose
 
