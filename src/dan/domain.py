@@ -26,6 +26,19 @@ LATENT_UPSCALERS: tuple[str, ...] = (
     "Latent (nearest-exact)",
 )
 IMAGE_UPSCALERS: tuple[str, ...] = ("Lanczos", "Nearest")
+# The interrogators of the reference, and the files each needs: role -> catalog name of an
+# interrogator file. `clip` is A1111's: a BLIP caption (BLIP weights and its BERT vocabulary)
+# followed by terms ranked by CLIP ViT-L/14.
+INTERROGATOR_PARTS: dict[str, dict[str, str]] = {
+    "clip": {
+        "blip": "model_base_caption_capfilt_large",
+        "blip_vocab": "bert-base-uncased-vocab",
+        "clip": "ViT-L-14",
+    },
+    "deepdanbooru": {"tagger": "model-resnet_custom_v3"},
+}
+# The optional OpenPose body model (an annotator file): used instead of mediapipe when installed.
+OPENPOSE_BODY_MODEL = "body_pose_model"
 T = TypeVar("T")
 
 
@@ -47,6 +60,7 @@ class TaskKind(StrEnum):
     IMG2IMG = "img2img"
     UPSCALE = "upscale"
     DETECT = "detect"  # a ControlNet preprocessor's output, to see what a model is given
+    INTERROGATE = "interrogate"  # a caption of an image (clip) or its tags (deepdanbooru)
 
 
 class ModelKind(StrEnum):
@@ -54,13 +68,13 @@ class ModelKind(StrEnum):
     LORA = "lora"
     CONTROLNET = "controlnet"
     UPSCALER = "upscaler"
+    INTERROGATOR = "interrogator"  # the CLIP, BLIP and DeepDanbooru weights of interrogate
+    ANNOTATOR = "annotator"  # preprocessor weights, e.g. the OpenPose body model
 
     @property
     def folder(self) -> str:
         """Sub-folder of the models directory holding this kind."""
-        return {"checkpoint": "checkpoints", "lora": "loras", "upscaler": "upscalers"}.get(
-            self.value, self.value
-        )
+        return {"controlnet": "controlnet"}.get(self.value, f"{self.value}s")
 
 
 @dataclass(frozen=True)
@@ -152,6 +166,7 @@ class ControlNetSpec:
     guess_mode: bool = False
     low_threshold: int = 100  # canny only
     high_threshold: int = 200
+    pose_model: ModelRef | None = None  # openpose: the OpenPose body model, else mediapipe
 
 
 @dataclass(frozen=True)
@@ -232,12 +247,30 @@ class DetectRequest:
     preprocess: str  # one of CONTROLNET_PREPROCESSORS
     low_threshold: int = 100
     high_threshold: int = 200
+    pose_model: ModelRef | None = None  # openpose: the OpenPose body model, else mediapipe
 
     def to_params(self) -> dict[str, Any]:
         return _to_params(self)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> DetectRequest:
+        return _from_params(cls, params)
+
+
+@dataclass(frozen=True)
+class InterrogateRequest:
+    """Describe an image: ``model`` is a key of INTERROGATOR_PARTS; ``files`` maps each of its
+    roles to the interrogator file resolved when the task was submitted."""
+
+    image_key: str
+    model: str
+    files: dict[str, ModelRef]
+
+    def to_params(self) -> dict[str, Any]:
+        return _to_params(self)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> InterrogateRequest:
         return _from_params(cls, params)
 
 
@@ -252,10 +285,12 @@ def _from_params(cls: type[T], params: dict[str, Any]) -> T:
 
 @dataclass(frozen=True)
 class TaskResult:
-    """What a finished task produced: keys of its images in the blob store, and their seeds."""
+    """What a finished task produced: keys of its images in the blob store and their seeds, or
+    the caption of an interrogate task."""
 
     image_keys: tuple[str, ...] = ()
     seeds: tuple[int, ...] = ()
+    caption: str | None = None
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import struct
 import zlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -254,3 +256,19 @@ def test_controlnet_detect_returns_the_control_image(api: Api) -> None:
         {"image": png(), "preprocess": "canny", "preprocess_param1": 250},
     )
     assert (bad["_http"], bad["code"]) == (400, 3000) and "low canny threshold" in bad["message"]
+
+
+def test_openpose_records_the_body_model_when_it_is_installed(api: Api) -> None:
+    body = {"image": png(), "preprocess": "openopse"}
+    without = api.post("/api/sd/controlnet/detect/async", body)
+    assert api.services.tasks.get(without["data"]["taskId"]).params["pose_model"] is None
+    folder = Path(api.services.settings.models_dir) / "annotators"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "body_pose_model.pth").write_bytes(b"weights")
+    api.services.registry.scan()
+    queued = api.post("/api/sd/controlnet/detect/async", body)
+    params = api.services.tasks.get(queued["data"]["taskId"]).params
+    assert params["preprocess"] == "openpose"
+    assert params["pose_model"]["sha256"] == hashlib.sha256(b"weights").hexdigest()
+    canny = api.post("/api/sd/controlnet/detect/async", {"image": png(), "preprocess": "canny"})
+    assert api.services.tasks.get(canny["data"]["taskId"]).params["pose_model"] is None

@@ -1,17 +1,19 @@
-"""End to end on the real engine: img2img, inpainting, hires fix and upscaling over HTTP."""
+"""End to end on the real engine: img2img, inpainting, hires fix, upscaling, ControlNet
+detection and interrogate over HTTP."""
 
 from __future__ import annotations
 
 import base64
 import io
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.fixtures.server import Server, start_server
+from tests.fixtures.server import Server, start_server, wait_for_status
 
 pytestmark = pytest.mark.slow
 
@@ -46,9 +48,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     loras.mkdir(parents=True)
     write_tiny_lora(loras / "style-a.safetensors", seed=1)
     write_tiny_lora(loras / "style-b.safetensors", seed=2, layout="ldm")
+    install_tiny_interrogators(root / "models" / "interrogators")
     server = start_server(root)
     yield server
     server.stop()
+
+
+def install_tiny_interrogators(folder: Path) -> None:
+    """Tiny random BLIP, CLIP and DeepDanbooru files, named as the catalog names the real ones
+    (the registry serves a catalog name by file name too)."""
+    from tests.fixtures.tiny_blip import blip_state_dict, write_blip_checkpoint, write_vocabulary
+    from tests.fixtures.tiny_clip import clip_state_dict, write_torchscript
+    from tests.fixtures.tiny_deepdanbooru import write_tiny_tagger
+
+    folder.mkdir(parents=True)
+    write_blip_checkpoint(blip_state_dict(), folder / "model_base_caption_capfilt_large.pth")
+    write_vocabulary(folder / "bert-base-uncased-vocab.txt")
+    write_torchscript(clip_state_dict(), folder / "ViT-L-14.pt")
+    write_tiny_tagger(folder / "model-resnet_custom_v3.pt")
 
 
 def encode(image: Image.Image) -> str:
@@ -201,3 +218,25 @@ def test_controlnet_canny_conditions_txt2img_and_weight_zero_is_plain(server: Se
     assert pixels(weight=0) == plain
     assert pixels(weight=1) != plain
     assert pixels(weight=1, guidance_start=0.5) != pixels(weight=1)
+
+
+def test_interrogate_clip_captions_through_the_real_models(server: Server) -> None:
+    data = ok(server, "/api/sd/interrogate", {"image": encode(photo()), "model": "clip"})
+    caption, *terms = data["caption"].split(", ")
+    assert caption.strip() and len(terms) >= 4 and terms[-4].startswith("by ")
+    again = ok(server, "/api/sd/interrogate", {"image": encode(photo()), "model": "clip"})
+    assert again["caption"] == data["caption"]
+
+
+def test_interrogate_deepdanbooru_async_then_status(server: Server) -> None:
+    body = {"image": encode(photo()), "model": "deepdanbooru"}
+    task_id = ok(server, "/api/sd/interrogate/async", body)["taskId"]
+    data = wait_for_status(server, task_id, {2, 3})
+    assert data["status"] == 2 and isinstance(data["caption"], str), data
+    v0 = server.post("/v0/interrogate", body).json()
+    assert v0 == {"caption": data["caption"]}
+
+
+def test_interrogate_refuses_a_broken_image(server: Server) -> None:
+    reply = server.post("/api/sd/interrogate", {"image": "bm90IGFuIGltYWdl", "model": "clip"})
+    assert reply.status_code == 400 and reply.json()["message"].startswith("Invalid image")

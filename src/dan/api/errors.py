@@ -27,7 +27,8 @@ def error_response(
     """Failure as the reference says: ``{code, message}`` (+ ``data`` when it helps), or v0's
     ``{"msg"}`` (``{"detail"}`` for interrogate)."""
     if is_v0(request):
-        return JSONResponse({"msg": message}, status_code=status)
+        key = "detail" if request.url.path.rstrip("/").endswith("/interrogate") else "msg"
+        return JSONResponse({key: message}, status_code=status)
     body: dict[str, Any] = {"code": code, "message": message}
     if data:
         body["data"] = data

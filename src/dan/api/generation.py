@@ -14,6 +14,7 @@ from dan.api.schemas import (
     DetectBody,
     GenerationBody,
     Img2ImgBody,
+    InterrogateBody,
     Txt2ImgBody,
     UpscaleBody,
 )
@@ -27,6 +28,7 @@ from dan.tasks.orders import (
     HiresOrder,
     Img2ImgOrder,
     InpaintOrder,
+    InterrogateOrder,
     Txt2ImgOrder,
     UpscaleOrder,
 )
@@ -113,9 +115,10 @@ def upscale_order(body: UpscaleBody) -> UpscaleOrder:
     )
 
 
-async def submit(
-    ctx: ApiContext, account: str, body: Txt2ImgBody | Img2ImgBody | UpscaleBody | DetectBody
-) -> TaskRecord:
+AnyBody = Txt2ImgBody | Img2ImgBody | UpscaleBody | DetectBody | InterrogateBody
+
+
+async def submit(ctx: ApiContext, account: str, body: AnyBody) -> TaskRecord:
     """Queue the task ``body`` describes (decoding images and resolving models off the loop)."""
     tasks = ctx.services.tasks
     if isinstance(body, Txt2ImgBody):
@@ -124,10 +127,13 @@ async def submit(
         return await asyncio.to_thread(tasks.submit_img2img, account, img2img_order(body))
     if isinstance(body, UpscaleBody):
         return await asyncio.to_thread(tasks.submit_upscale, account, upscale_order(body))
-    order = DetectOrder(
+    if isinstance(body, InterrogateBody):
+        interrogate = InterrogateOrder(body.image, body.model)
+        return await asyncio.to_thread(tasks.submit_interrogate, account, interrogate)
+    detect = DetectOrder(
         body.image, body.preprocess, int(body.preprocess_param1), int(body.preprocess_param2)
     )
-    return await asyncio.to_thread(tasks.submit_detect, account, order)
+    return await asyncio.to_thread(tasks.submit_detect, account, detect)
 
 
 async def wait_for_success(ctx: ApiContext, record: TaskRecord) -> dict[str, Any]:
@@ -151,7 +157,9 @@ async def wait_for_success(ctx: ApiContext, record: TaskRecord) -> dict[str, Any
 
 
 def result_data(ctx: ApiContext, record: TaskRecord) -> dict[str, Any]:
-    """``images`` (base64 PNGs) and ``seeds`` of a successful task."""
+    """``images`` (base64 PNGs) and ``seeds`` of a successful task, or its ``caption``."""
+    if record.result.caption is not None:
+        return {"caption": record.result.caption}
     images = [base64.b64encode(png).decode("ascii") for png in ctx.services.tasks.images(record)]
     return {"images": images, "seeds": list(record.result.seeds)}
 

@@ -20,7 +20,13 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from dan.domain import CONTROLNET_MODELS, CONTROLNET_PREPROCESSORS, SAMPLERS, SEED_MAX
+from dan.domain import (
+    CONTROLNET_MODELS,
+    CONTROLNET_PREPROCESSORS,
+    INTERROGATOR_PARTS,
+    SAMPLERS,
+    SEED_MAX,
+)
 
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_STEPS = 150
@@ -283,6 +289,20 @@ class DetectBody(Body):
                 "preprocess_param1: the low canny threshold must not exceed preprocess_param2"
             )
         return self
+
+
+def _interrogator(value: Any) -> str:
+    name = value.strip().lower() if isinstance(value, str) else None
+    if name not in INTERROGATOR_PARTS:
+        raise _fail(f"must be one of {', '.join(INTERROGATOR_PARTS)}; got {value!r}")
+    return name
+
+
+class InterrogateBody(Body):
+    """Body of ``POST /api/sd/interrogate``: describe an image."""
+
+    image: str
+    model: Annotated[str, BeforeValidator(_interrogator)] = "clip"
 
 
 class UpscaleBody(Body):

@@ -8,6 +8,7 @@ from dan.domain import (
     DetectRequest,
     GenerationRequest,
     Img2ImgRequest,
+    InterrogateRequest,
     ModelFiles,
     ProgressCallback,
     UpscaleRequest,
@@ -23,8 +24,9 @@ class Engine(Protocol):
     """Runs one task at a time on one device.
 
     ``files`` maps the sha256 of every model the request names (checkpoint, LoRAs, model
-    upscalers) to its installed file. Implementations raise :class:`dan.errors.EngineError` for
-    a task that cannot run (the worker fails that task and goes on),
+    upscalers, ControlNet, pose and interrogator weights) to its installed file.
+    Implementations raise :class:`dan.errors.EngineError` for a task that cannot run (the worker
+    fails that task and goes on),
     :class:`dan.errors.FatalEngineError` when the device is unusable (the worker exits), and let
     :class:`dan.errors.TaskCancelled` raised by ``progress`` propagate. A task never leaves
     state (LoRAs, schedulers) behind for the next one.
@@ -59,8 +61,22 @@ class Engine(Protocol):
         """``image`` enlarged ``request.rate`` times."""
         ...
 
-    def detect(self, request: DetectRequest, image: Image, progress: ProgressCallback) -> Image:
-        """The control image a ControlNet preprocessor (canny, openpose) makes of ``image``."""
+    def detect(
+        self, request: DetectRequest, image: Image, files: ModelFiles, progress: ProgressCallback
+    ) -> Image:
+        """The control image a ControlNet preprocessor (canny, openpose) makes of ``image``;
+        ``files`` holds the OpenPose body model when the request names one."""
+        ...
+
+    def interrogate(
+        self,
+        request: InterrogateRequest,
+        image: Image,
+        files: ModelFiles,
+        progress: ProgressCallback,
+    ) -> str:
+        """A description of ``image``: a caption with ranked style terms (clip) or tags
+        (deepdanbooru), made with the interrogator files in ``files``."""
         ...
 
     def describe(self) -> dict[str, str]:

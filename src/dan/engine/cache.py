@@ -1,4 +1,5 @@
-"""Loaded checkpoints kept warm: an LRU cache with a memory budget."""
+"""Loaded models kept warm: checkpoints in an LRU cache with a memory budget, auxiliary
+models one at a time."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from diffusers import StableDiffusionPipeline
 
@@ -14,6 +16,7 @@ from dan.domain import InstalledModel
 from dan.engine.detect import Sd1Architecture
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,3 +68,25 @@ class PipelineCache:
 def pipeline_bytes(pipeline: StableDiffusionPipeline) -> int:
     modules = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+class WarmModel(Generic[T]):
+    """The model last loaded from a file, kept warm until a task asks for another file.
+
+    For the auxiliary models one worker uses one of at a time (an interrogator part, the
+    OpenPose body model): only the latest is held, so they never pile up in memory.
+    """
+
+    def __init__(self, load: Callable[[InstalledModel], T]) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self._loaded: tuple[str, T] | None = None
+
+    def get(self, model: InstalledModel) -> T:
+        """The loaded ``model``, loading it (and dropping the previous one) if needed."""
+        with self._lock:
+            if self._loaded is None or self._loaded[0] != model.sha256:
+                self._loaded = None  # free the old one before loading the new one
+                self._loaded = (model.sha256, self._load(model))
+                log.info("loaded %s (%s)", model.name, model.sha256[:10])
+            return self._loaded[1]

@@ -17,6 +17,7 @@ from dan.domain import (
     DetectRequest,
     GenerationRequest,
     Img2ImgRequest,
+    InterrogateRequest,
     ModelFiles,
     ProgressCallback,
     UpscaleRequest,
@@ -76,6 +77,19 @@ class FakeEngine:
         size = (round(image.width * request.rate), round(image.height * request.rate))
         return image.resize(size, PILImage.Resampling.NEAREST)
 
-    def detect(self, request: DetectRequest, image: Image, progress: ProgressCallback) -> Image:
+    def detect(
+        self, request: DetectRequest, image: Image, files: ModelFiles, progress: ProgressCallback
+    ) -> Image:
         progress(1, 1)
         return image.convert("L").convert("RGB")
+
+    def interrogate(
+        self,
+        request: InterrogateRequest,
+        image: Image,
+        files: ModelFiles,
+        progress: ProgressCallback,
+    ) -> str:
+        """``"<model> caption of a WxH image"``."""
+        progress(1, 1)
+        return f"{request.model} caption of a {image.width}x{image.height} image"

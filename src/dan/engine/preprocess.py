@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Protocol
@@ -258,21 +258,32 @@ def _mediapipe_pose() -> Any:
     return mediapipe.solutions.pose
 
 
-def openpose(image: Image) -> Image:
-    """The OpenPose control image of ``image``, at its size (see :func:`estimate_pose`)."""
-    return render_openpose(estimate_pose(image), image.width, image.height)
+PoseEstimator = Callable[[Image], Keypoints]
+
+
+def openpose(image: Image, estimator: PoseEstimator | None = None) -> Image:
+    """The OpenPose control image of ``image``, at its size: the keypoints ``estimator`` finds
+    (the OpenPose body model, when installed), else mediapipe's (see :func:`estimate_pose`)."""
+    keypoints = (estimator or estimate_pose)(image)
+    return render_openpose(keypoints, image.width, image.height)
 
 
 # --- Dispatch ------------------------------------------------------------------------------
 
 
 def preprocess(
-    name: str, image: Image, param1: float | None = None, param2: float | None = None
+    name: str,
+    image: Image,
+    param1: float | None = None,
+    param2: float | None = None,
+    *,
+    pose: PoseEstimator | None = None,
 ) -> Image:
     """Run the preprocessor ``name`` on ``image``; the result is an RGB image of the same size.
 
     ``name`` is ``canny`` (``param1``/``param2`` are its low/high thresholds, default 100/200)
-    or ``openpose`` (also spelt ``openopse``, as the reference does once; params are ignored).
+    or ``openpose`` (also spelt ``openopse``, as the reference does once; params are ignored;
+    ``pose`` finds the keypoints, mediapipe when it is ``None``).
     Raises ``EngineError`` for an unknown name, bad thresholds, or a failed pose estimate.
     """
     canonical = PREPROCESSOR_ALIASES.get(name, name)
@@ -281,5 +292,5 @@ def preprocess(
         high = CANNY_HIGH if param2 is None else param2
         return canny(image, low, high)
     if canonical == "openpose":
-        return openpose(image)
+        return openpose(image, pose)
     raise EngineError(f"unknown preprocess {name!r}; choose one of {', '.join(PREPROCESSORS)}")

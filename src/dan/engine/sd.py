@@ -27,11 +27,13 @@ from dan.domain import (
     GenerationRequest,
     Img2ImgRequest,
     InstalledModel,
+    InterrogateRequest,
     ModelFiles,
+    ModelRef,
     ProgressCallback,
     UpscaleRequest,
 )
-from dan.engine.cache import LoadedCheckpoint, PipelineCache, pipeline_bytes
+from dan.engine.cache import LoadedCheckpoint, PipelineCache, WarmModel, pipeline_bytes
 from dan.engine.checkpoint import load_sd_pipeline
 from dan.engine.controlnet import (
     ControlNetCache,
@@ -42,8 +44,10 @@ from dan.engine.controlnet import (
 from dan.engine.device import pick_device, pick_dtype
 from dan.engine.hires import PromptEmbeds, hires_fix
 from dan.engine.img2img import run_img2img, validate_img2img
+from dan.engine.interrogate import Interrogators
 from dan.engine.lora import LoraCache, LoraStack
-from dan.engine.preprocess import preprocess
+from dan.engine.openpose_body import OpenPoseBody
+from dan.engine.preprocess import PoseEstimator, preprocess
 from dan.engine.prompts import encode_prompts
 from dan.engine.samplers import make_scheduler
 from dan.engine.upscale import upscale
@@ -89,6 +93,8 @@ class DiffusersEngine:
         self.upscalers = UpscalerModels(self.device, self.dtype)
         self.controlnets = ControlNetCache(self.device, self.dtype)
         self.loras = LoraStack(LoraCache(settings.lora_cache_bytes, allow_ckpt=settings.allow_ckpt))
+        self.interrogators = Interrogators(self.device, self.dtype, settings.cache_dir)
+        self.pose_models = WarmModel(lambda m: OpenPoseBody.load(m.path, self.device, self.dtype))
         # transformers draws a progress bar for every adapter loaded into the text encoder.
         transformers.utils.logging.disable_progress_bar()
 
@@ -159,12 +165,34 @@ class DiffusersEngine:
         with _engine_errors(f"{image.width}x{image.height} x {request.rate:g}"):
             return upscale(request, image, files, models=self.upscalers, progress=progress)
 
-    def detect(self, request: DetectRequest, image: Image, progress: ProgressCallback) -> Image:
+    def detect(
+        self, request: DetectRequest, image: Image, files: ModelFiles, progress: ProgressCallback
+    ) -> Image:
         control = preprocess(
-            request.preprocess, image, request.low_threshold, request.high_threshold
+            request.preprocess,
+            image,
+            request.low_threshold,
+            request.high_threshold,
+            pose=self._pose(request.pose_model, files),
         )
         progress(1, 1)
         return control
+
+    def interrogate(
+        self,
+        request: InterrogateRequest,
+        image: Image,
+        files: ModelFiles,
+        progress: ProgressCallback,
+    ) -> str:
+        with _engine_errors(f"{request.model} interrogate"):
+            return self.interrogators.interrogate(request, image, files, progress)
+
+    def _pose(self, ref: ModelRef | None, files: ModelFiles) -> PoseEstimator | None:
+        """The OpenPose body model's estimator when the request names it, else None."""
+        if ref is None:
+            return None
+        return self.pose_models.get(files[ref.sha256]).estimate
 
     def _control_unit(
         self, request: GenerationRequest, files: ModelFiles, control_image: Image | None
@@ -175,7 +203,10 @@ class DiffusersEngine:
             return None
         if control_image is None:
             raise EngineError("control_net needs a control image")
-        image = preprocess(spec.preprocess, control_image, spec.low_threshold, spec.high_threshold)
+        pose = self._pose(spec.pose_model, files)
+        image = preprocess(
+            spec.preprocess, control_image, spec.low_threshold, spec.high_threshold, pose=pose
+        )
         return ControlUnit.from_spec(spec, self.controlnets.get(files[spec.model.sha256]), image)
 
     def _hires(self, c: Conditioning, files: ModelFiles) -> Image:

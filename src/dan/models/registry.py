@@ -5,7 +5,9 @@ Layout (created on the first scan)::
     models/checkpoints/  *.safetensors, *.ckpt
     models/loras/        *.safetensors, *.pt, *.ckpt
     models/controlnet/   *.safetensors, *.pth
-    models/upscaler/     *.safetensors, *.pth, *.pt, *.ckpt
+    models/upscalers/    *.safetensors, *.pth, *.pt, *.ckpt
+    models/interrogators/ *.safetensors, *.pth, *.pt, *.txt (CLIP, BLIP, DeepDanbooru)
+    models/annotators/   *.safetensors, *.pth (the OpenPose body model)
 
 (folder names come from :attr:`dan.domain.ModelKind.folder`)
 
@@ -17,9 +19,10 @@ changed files.
 Pickled checkpoints and LoRAs (``.ckpt``, ``.pt``) can run code when loaded. Unless
 ``allow_ckpt`` is set they are *blocked*: scanned and shown by ``list(kind, include_blocked=True)``
 (so the CLI can say why they are unusable), but left out of ``list(kind)`` and refused by
-:meth:`ModelRegistry.resolve` with a message saying how to allow them. ControlNet and upscaler
-weights ship only as ``.pth`` pickles; they are always listed, and the engine must load them with
-``torch.load(weights_only=True)``.
+:meth:`ModelRegistry.resolve` with a message saying how to allow them. ControlNet, upscaler,
+interrogator and annotator weights ship mostly as ``.pth``/``.pt`` pickles; they are always
+listed, and the engine loads them with ``torch.load(weights_only=True)`` (CLIP's ``ViT-L-14.pt``
+is a TorchScript archive, read with ``torch.jit.load``, which runs no Python code).
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ EXTENSIONS: dict[ModelKind, frozenset[str]] = {
     ModelKind.LORA: frozenset({".safetensors", ".pt", ".ckpt"}),
     ModelKind.CONTROLNET: frozenset({".safetensors", ".pth"}),
     ModelKind.UPSCALER: frozenset({".safetensors", ".pth", ".pt", ".ckpt"}),
+    # CLIP's archive is .pt, BLIP's and DeepDanbooru's weights .pth/.pt, BLIP's vocabulary .txt.
+    ModelKind.INTERROGATOR: frozenset({".safetensors", ".pth", ".pt", ".txt"}),
+    ModelKind.ANNOTATOR: frozenset({".safetensors", ".pth"}),
 }
 # Kinds whose pickled files need allow_ckpt, and which suffixes count as pickled for them.
 GATED_KINDS = frozenset({ModelKind.CHECKPOINT, ModelKind.LORA})

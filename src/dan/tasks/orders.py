@@ -18,7 +18,9 @@ from PIL.Image import Image
 from dan.config import Settings
 from dan.domain import (
     IMAGE_UPSCALERS,
+    INTERROGATOR_PARTS,
     LATENT_UPSCALERS,
+    OPENPOSE_BODY_MODEL,
     ControlNetSpec,
     DetectRequest,
     GenerationRequest,
@@ -27,9 +29,11 @@ from dan.domain import (
     InpaintArea,
     InpaintSpec,
     InstalledModel,
+    InterrogateRequest,
     LoraSpec,
     MaskMode,
     ModelKind,
+    ModelRef,
     ResizeMode,
     UpscalerChoice,
     UpscaleRequest,
@@ -128,6 +132,12 @@ class DetectOrder:
 
 
 @dataclass(frozen=True)
+class InterrogateOrder:
+    image: str  # base64
+    model: str  # a key of INTERROGATOR_PARTS
+
+
+@dataclass(frozen=True)
 class Prepared:
     """A request ready to queue, and the input images to store with it (blob key -> PNG)."""
 
@@ -205,12 +215,43 @@ class RequestBuilder:
 
     def detect(self, order: DetectOrder, task_id: str) -> Prepared:
         image = decode_image(order.image, "image")
-        request = DetectRequest(f"{task_id}/input.png", order.preprocess, order.low, order.high)
+        request = DetectRequest(
+            f"{task_id}/input.png",
+            order.preprocess,
+            order.low,
+            order.high,
+            pose_model=self._pose_model(order.preprocess),
+        )
+        return Prepared(
+            request.to_params(), {request.image_key: encode_input_png(image.convert("RGB"))}
+        )
+
+    def interrogate(self, order: InterrogateOrder, task_id: str) -> Prepared:
+        """Raises InvalidArgument for an unknown model or a bad image, ResourceUnavailable
+        when a file the interrogator needs is not installed (naming what to pull)."""
+        parts = INTERROGATOR_PARTS.get(order.model)
+        if parts is None:
+            raise InvalidArgument(
+                f"Invalid model: interrogate models are {', '.join(INTERROGATOR_PARTS)}, "
+                f"got {order.model!r}"
+            )
+        image = decode_image(order.image, "image")
+        files = {role: self._interrogator_file(order.model, name) for role, name in parts.items()}
+        request = InterrogateRequest(f"{task_id}/input.png", order.model, files)
         return Prepared(
             request.to_params(), {request.image_key: encode_input_png(image.convert("RGB"))}
         )
 
     # -- pieces ------------------------------------------------------------------------------
+    def _interrogator_file(self, model: str, name: str) -> ModelRef:
+        try:
+            return self._models.resolve(ModelKind.INTERROGATOR, name).ref
+        except ModelNotFound as exc:
+            raise ResourceUnavailable(
+                f"the {model} interrogator needs {name}, which is not installed on this server; "
+                f"an administrator can download it with `dan models pull {name}`"
+            ) from exc
+
     def _generation(
         self, order: GenerationOrder, task_id: str, inputs: dict[str, bytes]
     ) -> GenerationRequest:
@@ -257,7 +298,18 @@ class RequestBuilder:
             guess_mode=order.guess_mode,
             low_threshold=order.low_threshold,
             high_threshold=order.high_threshold,
+            pose_model=self._pose_model(order.preprocess),
         )
+
+    def _pose_model(self, preprocess: str) -> ModelRef | None:
+        """The OpenPose body model for an openpose preprocess, when installed (the worker
+        falls back to mediapipe's bundled pose model without it)."""
+        if preprocess != "openpose":
+            return None
+        try:
+            return self._models.resolve(ModelKind.ANNOTATOR, OPENPOSE_BODY_MODEL).ref
+        except ModelNotFound:
+            return None
 
     def _controlnet_file(self, name: str) -> InstalledModel:
         """The file serving an API ControlNet name: the catalog's file (by sha256), else a file

@@ -14,6 +14,7 @@ from dan.storage import BlobStore
 from dan.tasks.orders import (
     DetectOrder,
     Img2ImgOrder,
+    InterrogateOrder,
     ModelLookup,
     Prepared,
     RequestBuilder,
@@ -61,6 +62,13 @@ class TaskService:
         """Queue a ControlNet preprocessor run (it needs the worker's packages, not torch)."""
         task_id = str(uuid.uuid4())
         return self._submit(account, TaskKind.DETECT, task_id, self._build.detect(order, task_id))
+
+    def submit_interrogate(self, account: str, order: InterrogateOrder) -> TaskRecord:
+        """Queue a caption (clip) or tagging (deepdanbooru) of an image; raises
+        ResourceUnavailable at once when the interrogator's weights are not installed."""
+        task_id = str(uuid.uuid4())
+        prepared = self._build.interrogate(order, task_id)
+        return self._submit(account, TaskKind.INTERROGATE, task_id, prepared)
 
     def _submit(self, account: str, kind: TaskKind, task_id: str, prepared: Prepared) -> TaskRecord:
         for key, data in prepared.inputs.items():

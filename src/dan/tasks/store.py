@@ -247,7 +247,12 @@ class SqlTaskStore:
         return Heartbeat(held=True, cancel_requested=bool(row.cancel_requested))
 
     def complete(self, task_id: str, worker_id: str, result: TaskResult) -> bool:
-        payload = {"image_keys": list(result.image_keys), "seeds": list(result.seeds)}
+        payload: dict[str, object] = {
+            "image_keys": list(result.image_keys),
+            "seeds": list(result.seeds),
+        }
+        if result.caption is not None:
+            payload["caption"] = result.caption
         return self._finish(
             task_id, worker_id, status=TaskStatus.SUCCESS, result=payload, progress=1.0
         )
@@ -372,7 +377,9 @@ def _record(row: RowMapping, position: int) -> TaskRecord:
         progress=row["progress"],
         error=row["error"],
         result=TaskResult(
-            image_keys=tuple(result.get("image_keys", ())), seeds=tuple(result.get("seeds", ()))
+            image_keys=tuple(result.get("image_keys", ())),
+            seeds=tuple(result.get("seeds", ())),
+            caption=result.get("caption"),
         ),
         attempts=row["attempts"],
         cancel_requested=bool(row["cancel_requested"]),

@@ -9,6 +9,7 @@ from dan.domain import (
     DetectRequest,
     GenerationRequest,
     Img2ImgRequest,
+    InterrogateRequest,
     ModelFiles,
     ModelKind,
     ModelRef,
@@ -39,6 +40,8 @@ class TaskRunner:
             return self._upscale(task.id, UpscaleRequest.from_params(task.params), progress)
         if task.kind == TaskKind.DETECT:
             return self._detect(task.id, DetectRequest.from_params(task.params), progress)
+        if task.kind == TaskKind.INTERROGATE:
+            return self._interrogate(InterrogateRequest.from_params(task.params), progress)
         raise DanError(f"this worker cannot run {task.kind} tasks")
 
     def _txt2img(
@@ -75,10 +78,16 @@ class TaskRunner:
     def _detect(
         self, task_id: str, request: DetectRequest, progress: ProgressCallback
     ) -> TaskResult:
-        result = self._engine.detect(request, self._input(request.image_key), progress)
+        files = self._resolve(_pose_model(request.pose_model))
+        result = self._engine.detect(request, self._input(request.image_key), files, progress)
         key = f"{task_id}/0.png"
         self._blobs.put(key, encode_png(result, f"Preprocessor: {request.preprocess}"))
         return TaskResult(image_keys=(key,), seeds=())
+
+    def _interrogate(self, request: InterrogateRequest, progress: ProgressCallback) -> TaskResult:
+        files = self._resolve([(ModelKind.INTERROGATOR, ref) for ref in request.files.values()])
+        image = self._input(request.image_key)
+        return TaskResult(caption=self._engine.interrogate(request, image, files, progress))
 
     def _files(self, request: GenerationRequest) -> ModelFiles:
         """The installed file of every model the request names, by sha256."""
@@ -88,6 +97,7 @@ class TaskRunner:
             wanted.append((ModelKind.UPSCALER, request.hires.upscaler.model))
         if request.control_net:
             wanted.append((ModelKind.CONTROLNET, request.control_net.model))
+            wanted += _pose_model(request.control_net.pose_model)
         return self._resolve(wanted)
 
     def _control_image(self, request: GenerationRequest) -> Image | None:
@@ -116,6 +126,10 @@ class TaskRunner:
             self._blobs.put(key, encode_png(image, infotext(request, seed, extra or {})))
             keys.append(key)
         return TaskResult(image_keys=tuple(keys), seeds=seeds)
+
+
+def _pose_model(ref: ModelRef | None) -> list[tuple[ModelKind, ModelRef]]:
+    return [(ModelKind.ANNOTATOR, ref)] if ref is not None else []
 
 
 def _upscale_infotext(request: UpscaleRequest) -> str:

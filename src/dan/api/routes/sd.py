@@ -8,8 +8,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from dan.api.auth import account_of
-from dan.api.generation import context, submit, task_status, wait_for_success
-from dan.api.schemas import DetectBody, Img2ImgBody, TaskIdBody, Txt2ImgBody, UpscaleBody
+from dan.api.generation import AnyBody, context, submit, task_status, wait_for_success
+from dan.api.schemas import (
+    DetectBody,
+    Img2ImgBody,
+    InterrogateBody,
+    TaskIdBody,
+    Txt2ImgBody,
+    UpscaleBody,
+)
 from dan.domain import IMAGE_UPSCALERS, LATENT_UPSCALERS, SAMPLERS, ModelKind
 
 router = APIRouter(prefix="/api/sd", tags=["generation"])
@@ -20,24 +27,22 @@ def ok(data: Any, message: str = "success") -> dict[str, Any]:
     return {"code": 200, "data": data, "message": message}
 
 
-def success_message(body: Txt2ImgBody | Img2ImgBody | UpscaleBody | DetectBody) -> str:
+def success_message(body: AnyBody) -> str:
     ignored = getattr(body, "ignored_units", 0)
     if ignored:
         return f"success; only the first control_net unit is used, {ignored} more ignored"
     return "success"
 
 
-async def run(
-    body: Txt2ImgBody | Img2ImgBody | UpscaleBody | DetectBody, request: Request
-) -> dict[str, Any]:
-    """Submit and wait: ``{taskId, images, seeds}``."""
+async def run(body: AnyBody, request: Request) -> dict[str, Any]:
+    """Submit and wait: ``{taskId, images, seeds}`` (``{taskId, caption}`` for interrogate)."""
     ctx = context(request)
     record = await submit(ctx, account_of(request), body)
     result = await wait_for_success(ctx, record)
     return ok({"taskId": record.id, **result}, success_message(body))
 
 
-async def queue(body: Txt2ImgBody | Img2ImgBody | UpscaleBody, request: Request) -> dict[str, Any]:
+async def queue(body: AnyBody, request: Request) -> dict[str, Any]:
     """Submit and answer at once: ``{status: 0, taskId, queuePosition}``."""
     record = await submit(context(request), account_of(request), body)
     position = record.queue_position
@@ -75,11 +80,26 @@ async def upscale_async(body: UpscaleBody, request: Request) -> dict[str, Any]:
     return await queue(body, request)
 
 
+@router.post("/interrogate", summary="Describe an image (clip caption or deepdanbooru tags)")
+async def interrogate(body: InterrogateBody, request: Request) -> dict[str, Any]:
+    return await run(body, request)
+
+
+@router.post("/interrogate/async", summary="Queue an interrogate task")
+async def interrogate_async(body: InterrogateBody, request: Request) -> dict[str, Any]:
+    return await queue(body, request)
+
+
 @router.post(
     "/controlnet/detect", summary="The control image a ControlNet preprocessor makes of an image"
 )
 async def controlnet_detect(body: DetectBody, request: Request) -> dict[str, Any]:
     return await run(body, request)
+
+
+@router.post("/controlnet/detect/async", summary="Queue a ControlNet preprocessor run")
+async def controlnet_detect_async(body: DetectBody, request: Request) -> dict[str, Any]:
+    return await queue(body, request)
 
 
 @router.post("/task/status", summary="Status, progress and result of a task")

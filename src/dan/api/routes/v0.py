@@ -1,5 +1,6 @@
 """The earlier response format of the same API, under ``/v0``: ``{"images": [...]}`` on
-success, ``{"msg": "..."}`` on failure (see dan.api.errors). Same code paths as ``/api/sd``."""
+success, ``{"msg": "..."}`` on failure (see dan.api.errors); interrogate answers
+``{"caption": "..."}`` or ``{"detail": "..."}``. Same code paths as ``/api/sd``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from fastapi import APIRouter, Request
 from dan.api.auth import account_of
 from dan.api.errors import V0_PREFIX
 from dan.api.generation import context, submit, wait_for_success
-from dan.api.schemas import Img2ImgBody, Txt2ImgBody
+from dan.api.schemas import Img2ImgBody, InterrogateBody, Txt2ImgBody
 
 router = APIRouter(prefix=V0_PREFIX, tags=["v0 format"])
 
@@ -29,3 +30,10 @@ async def txt2img(body: Txt2ImgBody, request: Request) -> dict[str, Any]:
 @router.post("/img2img", summary="img2img answered in the v0 format")
 async def img2img(body: Img2ImgBody, request: Request) -> dict[str, Any]:
     return await run(body, request)
+
+
+@router.post("/interrogate", summary="interrogate answered in the v0 format")
+async def interrogate(body: InterrogateBody, request: Request) -> dict[str, Any]:
+    ctx = context(request)
+    record = await submit(ctx, account_of(request), body)
+    return {"caption": (await wait_for_success(ctx, record))["caption"]}
