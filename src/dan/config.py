@@ -9,6 +9,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+AuthMode = Literal["auto", "required", "optional"]
+UnservedModelPolicy = Literal["reject", "accept"]
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 class Settings(BaseSettings):
@@ -54,6 +57,40 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="tries before a task whose worker died fails")
     max_prompt_chars: int = Field(8000, ge=1, description="longest prompt accepted")
 
+    # Accounts, keys and honor
+    auth: AuthMode = Field(
+        "auto",
+        description="API keys: required, optional (every key or none is accepted), or auto: "
+        "optional for the embedded single-user server (SQLite, listening on loopback)",
+    )
+    public_key: bool = Field(
+        False,
+        description="offer a public key (GET /api/user/public-api-key) for anonymous use at "
+        "the lowest priority",
+    )
+    signup_honor: float = Field(10.0, ge=0, description="honor a new account starts with")
+    honor_per_task: float = Field(1.0, ge=0, description="honor a node's owner earns per task")
+    honor_per_interval: float = Field(
+        1.0, ge=0, description="honor a node's owner earns per online interval"
+    )
+    online_interval_s: float = Field(600.0, gt=0, description="length of an online interval")
+
+    # Nodes
+    node_offline_after_s: float = Field(
+        60.0, gt=0, description="a node not heard from for this long is offline"
+    )
+    unserved_models: UnservedModelPolicy = Field(
+        "reject",
+        description="a task for a checkpoint no online node has: reject it at once (503), or "
+        "accept it with a warning in the message",
+    )
+    affinity_lookahead: int = Field(
+        8,
+        ge=1,
+        description="a node may take, of the next this-many runnable tasks, one for a "
+        "checkpoint it has loaded before the first in line",
+    )
+
     # Worker / engine
     worker: bool = Field(True, description="run a local worker next to the API")
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, ...")
@@ -65,6 +102,14 @@ class Settings(BaseSettings):
     lora_cache_bytes: int = Field(
         1024**3, ge=0, description="memory budget for LoRA files kept read"
     )
+
+    @property
+    def keys_required(self) -> bool:
+        """Whether requests need a valid API key (see ``auth``)."""
+        if self.auth != "auto":
+            return self.auth == "required"
+        embedded = self.database_url is None or self.database_url.startswith("sqlite")
+        return not (embedded and self.host in LOOPBACK_HOSTS)
 
     @property
     def db_url(self) -> str:

@@ -42,6 +42,23 @@ OPENPOSE_BODY_MODEL = "body_pose_model"
 T = TypeVar("T")
 
 
+# The embedded single-user account (requests without a key when keys are optional), and the
+# anonymous account behind the public key (lowest priority).
+LOCAL_ACCOUNT = "local"
+PUBLIC_ACCOUNT = "public"
+
+
+@dataclass(frozen=True)
+class Account:
+    """Who a request or a node belongs to. ``honor`` is the ledger's sum when read."""
+
+    id: str
+    nickname: str
+    is_admin: bool = False
+    can_run_nodes: bool = False
+    honor: float = 0.0
+
+
 class TaskStatus(IntEnum):
     """Task status numbers of the reference."""
 
@@ -312,6 +329,7 @@ class TaskRecord:
     cancel_requested: bool = False
     expired: bool = False
     queue_position: int = 0
+    warning: str | None = None  # set only on the record a submit returns
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from dan.api.generation import ApiContext
 from dan.api.limits import BodySizeLimit
 from dan.api.routes import sd, system, v0
 from dan.services import Services
+from dan.tasks.notify import FinishedListener
 from dan.tasks.watcher import TaskWatcher, running
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,18 @@ async def _sweep_forever(services: Services) -> None:
         await asyncio.sleep(SWEEP_INTERVAL_S)
 
 
+def _listen_for_finished(services: Services, watcher: TaskWatcher) -> FinishedListener | None:
+    """On PostgreSQL, wake ``watcher`` when any process finishes a task (see tasks.notify)."""
+    if services.db.dialect.name != "postgresql":
+        return None
+    loop = asyncio.get_running_loop()
+
+    def on_finished(task_id: str) -> None:
+        loop.call_soon_threadsafe(watcher.poke, task_id)
+
+    return FinishedListener(services.settings.db_url, on_finished).start()
+
+
 def create_app(services: Services) -> FastAPI:
     """The DAN HTTP API over ``services``; OpenAPI docs at /docs."""
 
@@ -40,8 +53,11 @@ def create_app(services: Services) -> FastAPI:
         watcher = TaskWatcher(services.store, interval_s=services.settings.poll_interval_s)
         app.state.ctx = ApiContext(services=services, watcher=watcher)
         sweeper = asyncio.create_task(_sweep_forever(services), name="sweeper")
+        listener = _listen_for_finished(services, watcher)
         async with running(watcher):
             yield
+        if listener is not None:
+            listener.stop()
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper

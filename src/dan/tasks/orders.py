@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from PIL.Image import Image
@@ -41,6 +41,7 @@ from dan.domain import (
 from dan.errors import InvalidArgument, ModelNotFound, ResourceUnavailable
 from dan.imaging import decode_image, encode_input_png
 from dan.prompt_tags import extract_lora_tags
+from dan.tasks.needs import BASE_PIXELS, INTERROGATE_COST, MIN_COST, Needs, generation_needs
 
 MAX_UPSCALED_SIDE = 8192
 
@@ -139,10 +140,12 @@ class InterrogateOrder:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request ready to queue, and the input images to store with it (blob key -> PNG)."""
+    """A request ready to queue, the input images to store with it (blob key -> PNG), and
+    what it needs to run."""
 
     params: dict[str, object]
     inputs: dict[str, bytes]
+    needs: Needs = field(default_factory=Needs)
 
 
 class RequestBuilder:
@@ -170,7 +173,7 @@ class RequestBuilder:
             upscaler = self._upscaler(hires.upscaler, "upscale.upscaler", latent=True)
             hires_fix = HiresFix(hires.scale, hires.denoising_strength, upscaler)
             request = replace(request, hires=hires_fix)
-        return Prepared(request.to_params(), inputs)
+        return Prepared(request.to_params(), inputs, generation_needs(request))
 
     def img2img(self, order: Img2ImgOrder, task_id: str) -> Prepared:
         inputs: dict[str, bytes] = {}
@@ -189,7 +192,8 @@ class RequestBuilder:
             denoising_strength=order.denoising_strength,
             inpaint=inpaint,
         )
-        return Prepared(request.to_params(), inputs)
+        needs = generation_needs(generation, order.denoising_strength)
+        return Prepared(request.to_params(), inputs, needs)
 
     def upscale(self, order: UpscaleOrder, task_id: str) -> Prepared:
         image = decode_image(order.image, "image")
@@ -209,8 +213,11 @@ class RequestBuilder:
             else self._upscaler(second, "upscaler2", latent=False),
             upscaler2_factor=order.upscaler2_factor,
         )
+        models = [c.model.sha256 for c in (request.upscaler, request.upscaler2) if c and c.model]
+        megapixels = image.width * image.height * order.rate**2 / BASE_PIXELS
+        needs = Needs(None, tuple(models), max(MIN_COST, megapixels / 4))
         return Prepared(
-            request.to_params(), {request.image_key: encode_input_png(image.convert("RGB"))}
+            request.to_params(), {request.image_key: encode_input_png(image.convert("RGB"))}, needs
         )
 
     def detect(self, order: DetectOrder, task_id: str) -> Prepared:
@@ -222,8 +229,11 @@ class RequestBuilder:
             order.high,
             pose_model=self._pose_model(order.preprocess),
         )
+        pose = (request.pose_model.sha256,) if request.pose_model else ()
         return Prepared(
-            request.to_params(), {request.image_key: encode_input_png(image.convert("RGB"))}
+            request.to_params(),
+            {request.image_key: encode_input_png(image.convert("RGB"))},
+            Needs(None, pose, MIN_COST),
         )
 
     def interrogate(self, order: InterrogateOrder, task_id: str) -> Prepared:
@@ -238,8 +248,9 @@ class RequestBuilder:
         image = decode_image(order.image, "image")
         files = {role: self._interrogator_file(order.model, name) for role, name in parts.items()}
         request = InterrogateRequest(f"{task_id}/input.png", order.model, files)
+        needs = Needs(None, tuple(ref.sha256 for ref in files.values()), INTERROGATE_COST)
         return Prepared(
-            request.to_params(), {request.image_key: encode_input_png(image.convert("RGB"))}
+            request.to_params(), {request.image_key: encode_input_png(image.convert("RGB"))}, needs
         )
 
     # -- pieces ------------------------------------------------------------------------------

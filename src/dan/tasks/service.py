@@ -6,11 +6,13 @@ import logging
 import secrets
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 from dan.config import Settings
 from dan.domain import TaskKind, TaskRecord
-from dan.errors import TaskNotFound
+from dan.errors import ResourceUnavailable, TaskNotFound
 from dan.storage import BlobStore
+from dan.tasks.needs import Needs
 from dan.tasks.orders import (
     DetectOrder,
     Img2ImgOrder,
@@ -37,7 +39,9 @@ class TaskService:
         settings: Settings,
         *,
         random_seed: Callable[[], int] = lambda: secrets.randbelow(2**32),
+        weight_of: Callable[[str], float] = lambda account: 1.0,
     ) -> None:
+        self._weight_of = weight_of
         self._store = store
         self._blobs = blobs
         self._settings = settings
@@ -71,14 +75,44 @@ class TaskService:
         return self._submit(account, TaskKind.INTERROGATE, task_id, prepared)
 
     def _submit(self, account: str, kind: TaskKind, task_id: str, prepared: Prepared) -> TaskRecord:
+        warning = self._check_served(prepared.needs)
         for key, data in prepared.inputs.items():
             self._blobs.put(key, data)
+        needs = prepared.needs
         try:
-            new = NewTask(task_id, account, kind, dict(prepared.params))
-            return self._store.submit(new, max_pending=self._settings.max_pending_per_account)
+            new = NewTask(
+                task_id,
+                account,
+                kind,
+                dict(prepared.params),
+                cost=needs.cost,
+                weight=self._weight_of(account),
+                checkpoint=needs.checkpoint,
+                requires=needs.requires,
+            )
+            record = self._store.submit(new, max_pending=self._settings.max_pending_per_account)
         except BaseException:
             self._blobs.delete_group(task_id)  # a refused task leaves nothing behind
             raise
+        return replace(record, warning=warning) if warning else record
+
+    def _check_served(self, needs: Needs) -> str | None:
+        """Refuse (or warn about, by setting) a task needing a model no online node has.
+
+        Nothing is refused while no node at all is online: the task waits for the first."""
+        served = self._store.models_served()
+        if served is None:
+            return None
+        missing = [sha[:10] for sha in needs.requires if sha not in served]
+        if not missing:
+            return None
+        text = (
+            f"no online worker has the model file(s) {', '.join(missing)} installed, so the "
+            "task waits until a worker that has them connects"
+        )
+        if self._settings.unserved_models == "reject":
+            raise ResourceUnavailable(f"{text}; it was not queued")
+        return text
 
     def get(self, task_id: str, account: str | None = None) -> TaskRecord:
         """The task; TaskNotFound if it does not exist or belongs to another account."""

@@ -4,11 +4,19 @@ Every state change is one short transaction. Claims are atomic in SQL, never gua
 Python lock: on SQLite writes run inside ``BEGIN IMMEDIATE`` (one writer at a time), on
 PostgreSQL the candidate row is locked with ``FOR UPDATE SKIP LOCKED``.
 
-Queue order is start-time fair queuing: at submission a task gets a virtual-time ``tag`` one
-above the larger of the queue's virtual time (the highest tag ever claimed) and its account's
-last tag; tasks run by (tag, seq). Within an account that is FIFO; across accounts it
-interleaves round-robin, and an account arriving at a long queue waits behind one task of each
-busy account, not behind their whole backlog.
+Queue order is weighted fair queuing: at submission a task gets a virtual-time ``tag``: the
+larger of the queue's virtual time (the highest tag ever claimed) and its account's last tag,
+plus the task's cost divided by the account's weight (its honor; the public account least).
+Tasks run by (tag, seq). Within an account that is FIFO; across accounts it interleaves, an
+account with twice the weight getting about twice the turns and a task twice as costly
+waiting about twice as long. An account arriving at a long queue waits behind about one task
+of each busy account, not behind their backlog; since the virtual time only grows and each
+account's tags grow with every task, no task waits forever.
+
+A node claiming work says which model files it has installed and which checkpoints it has
+loaded: it is only given tasks whose files it has, and among the next ``lookahead`` of those
+it prefers one for a loaded checkpoint (so a task for another checkpoint is passed over at most
+that many times by that node).
 """
 
 from __future__ import annotations
@@ -18,12 +26,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine, Select, and_, func, select, tuple_, update
+from sqlalchemy import Connection, Engine, Select, and_, func, or_, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 
 from dan.domain import ClaimedTask, TaskKind, TaskRecord, TaskResult, TaskStatus
 from dan.errors import TooManyPendingTasks
-from dan.tasks.tables import tasks
+from dan.tasks.notify import FINISHED, QUEUED, notify
+from dan.tasks.tables import honor_grants, nodes, tasks
 
 Clock = Callable[[], float]
 CANCELLED_MESSAGE = "cancelled by the user"
@@ -35,6 +44,30 @@ class NewTask:
     account: str
     kind: TaskKind
     params: dict[str, Any]
+    cost: float = 1.0  # see dan.tasks.needs
+    weight: float = 1.0  # the account's queue weight (dan.accounts)
+    checkpoint: str | None = None
+    requires: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a claiming node can run: the sha256 of its installed model files (None: anything)
+    and of the checkpoints it has loaded, and how far it may look past the head of the queue
+    for a task on a loaded checkpoint."""
+
+    installed: frozenset[str] | None = None
+    loaded: frozenset[str] = frozenset()
+    lookahead: int = 1
+
+
+@dataclass(frozen=True)
+class Reward:
+    """Honor for a completed task, written in the completion's transaction."""
+
+    account: str
+    amount: float
+    node_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,8 +104,11 @@ class TaskStore(Protocol):
         """Pending: fail it now. Processing: ask its worker to stop. Finished: no change."""
         ...
 
-    def claim(self, worker_id: str, *, lease_s: float) -> ClaimedTask | None:
-        """Atomically take the next pending task for ``worker_id``, or None if there is none."""
+    def claim(
+        self, worker_id: str, *, lease_s: float, offer: Offer | None = None
+    ) -> ClaimedTask | None:
+        """Atomically take the next pending task ``offer`` can run (any task without one), or
+        None if there is none."""
         ...
 
     def heartbeat(
@@ -81,8 +117,11 @@ class TaskStore(Protocol):
         """Renew the lease (and record progress) if ``worker_id`` still holds the task."""
         ...
 
-    def complete(self, task_id: str, worker_id: str, result: TaskResult) -> bool:
-        """Mark success; False (and no change) if the worker no longer holds the task."""
+    def complete(
+        self, task_id: str, worker_id: str, result: TaskResult, *, reward: Reward | None = None
+    ) -> bool:
+        """Mark success and grant ``reward`` (once per task) in one transaction; False (and no
+        change) if the worker no longer holds the task."""
         ...
 
     def fail(self, task_id: str, worker_id: str, error: str) -> bool:
@@ -113,13 +152,21 @@ class TaskStore(Protocol):
         """Raise if the database cannot be reached."""
         ...
 
+    def models_served(self) -> frozenset[str] | None:
+        """The sha256 of every model file some online node has installed; None when no node
+        is online (nothing is known about what will be served)."""
+        ...
+
 
 class SqlTaskStore:
     """TaskStore on SQLAlchemy Core; see the module docstring for the queue rules."""
 
-    def __init__(self, engine: Engine, *, clock: Clock = time.time) -> None:
+    def __init__(
+        self, engine: Engine, *, clock: Clock = time.time, online_window_s: float = 60.0
+    ) -> None:
         self._engine = engine
         self._clock = clock
+        self._online_window_s = online_window_s
         self._postgres = engine.dialect.name == "postgresql"
 
     # -- reads -------------------------------------------------------------------------------
@@ -165,6 +212,17 @@ class SqlTaskStore:
         with self._engine.connect().execution_options(dan_read_only=True) as conn:
             conn.execute(select(1))
 
+    def models_served(self) -> frozenset[str] | None:
+        with self._engine.connect().execution_options(dan_read_only=True) as conn:
+            return self._served(conn)
+
+    def _served(self, conn: Connection) -> frozenset[str] | None:
+        since = self._clock() - self._online_window_s
+        rows = conn.execute(select(nodes.c.installed).where(nodes.c.last_seen_at >= since)).all()
+        if not rows:
+            return None
+        return frozenset(sha for row in rows for sha in row.installed)
+
     # -- submit and cancel -------------------------------------------------------------------
     def submit(self, task: NewTask, *, max_pending: int) -> TaskRecord:
         with self._engine.begin() as conn:
@@ -178,8 +236,10 @@ class SqlTaskStore:
                     f"this account already has {pending} pending tasks (the limit is "
                     f"{max_pending}); wait for some to finish"
                 )
-            tag = self._next_tag(conn, task.account)
+            tag = self._next_tag(conn, task.account, task.cost / task.weight)
             conn.execute(tasks.insert().values(**_new_row(task, self._clock()), tag=tag))
+            if self._postgres:
+                notify(conn, QUEUED, task.id)
             row = conn.execute(select(tasks).where(tasks.c.id == task.id)).mappings().one()
             return _record(row, self._position(conn, row))
 
@@ -191,6 +251,8 @@ class SqlTaskStore:
                 .where(tasks.c.id == task_id, tasks.c.status == TaskStatus.PENDING)
                 .values(status=TaskStatus.FAILURE, error=CANCELLED_MESSAGE, finished_at=now)
             )
+            if self._postgres:
+                notify(conn, FINISHED, task_id)
             conn.execute(
                 update(tasks)
                 .where(tasks.c.id == task_id, tasks.c.status == TaskStatus.PROCESSING)
@@ -200,14 +262,17 @@ class SqlTaskStore:
             return None if row is None else _record(row, 0)
 
     # -- worker side -------------------------------------------------------------------------
-    def claim(self, worker_id: str, *, lease_s: float) -> ClaimedTask | None:
+    def claim(
+        self, worker_id: str, *, lease_s: float, offer: Offer | None = None
+    ) -> ClaimedTask | None:
         # Idle workers poll often: look without taking the write lock first.
         with self._engine.connect().execution_options(dan_read_only=True) as conn:
-            if conn.execute(_pending_in_order()).first() is None:
+            if conn.execute(_pending_in_order(1)).first() is None:
                 return None
         now = self._clock()
         with self._engine.begin() as conn:
-            seq = conn.execute(self._next_candidate()).scalar_one_or_none()
+            limit = 1 if offer is None else CANDIDATES
+            seq = _choose(conn.execute(self._candidates(limit)).all(), offer)
             if seq is None:
                 return None
             row = conn.execute(
@@ -246,16 +311,22 @@ class SqlTaskStore:
             return Heartbeat(held=False, cancel_requested=True)
         return Heartbeat(held=True, cancel_requested=bool(row.cancel_requested))
 
-    def complete(self, task_id: str, worker_id: str, result: TaskResult) -> bool:
+    def complete(
+        self, task_id: str, worker_id: str, result: TaskResult, *, reward: Reward | None = None
+    ) -> bool:
         payload: dict[str, object] = {
             "image_keys": list(result.image_keys),
             "seeds": list(result.seeds),
         }
         if result.caption is not None:
             payload["caption"] = result.caption
-        return self._finish(
-            task_id, worker_id, status=TaskStatus.SUCCESS, result=payload, progress=1.0
-        )
+        values = {"status": TaskStatus.SUCCESS, "result": payload, "progress": 1.0}
+        with self._engine.begin() as conn:
+            if not self._finish_in(conn, task_id, worker_id, values):
+                return False
+            if reward is not None:
+                self._grant(conn, task_id, reward)
+            return True
 
     def fail(self, task_id: str, worker_id: str, error: str) -> bool:
         return self._finish(task_id, worker_id, status=TaskStatus.FAILURE, error=error)
@@ -302,42 +373,88 @@ class SqlTaskStore:
 
     # -- helpers -----------------------------------------------------------------------------
     def _finish(self, task_id: str, worker_id: str, **values: Any) -> bool:
-        values.update(finished_at=self._clock(), lease_expires_at=None)
         with self._engine.begin() as conn:
-            done = conn.execute(update(tasks).where(*_held_by(task_id, worker_id)).values(**values))
-            return bool(done.rowcount == 1)
+            return self._finish_in(conn, task_id, worker_id, values)
 
-    def _next_candidate(self) -> Select[tuple[int]]:
+    def _finish_in(
+        self, conn: Connection, task_id: str, worker_id: str, values: dict[str, Any]
+    ) -> bool:
+        values = {**values, "finished_at": self._clock(), "lease_expires_at": None}
+        done = conn.execute(update(tasks).where(*_held_by(task_id, worker_id)).values(**values))
+        if done.rowcount == 1 and self._postgres:
+            notify(conn, FINISHED, task_id)
+        return bool(done.rowcount == 1)
+
+    def _grant(self, conn: Connection, task_id: str, reward: Reward) -> None:
+        conn.execute(
+            honor_grants.insert().values(
+                account=reward.account,
+                amount=reward.amount,
+                reason="task",
+                task_id=task_id,
+                node_id=reward.node_id,
+                created_at=self._clock(),
+            )
+        )
+        if reward.node_id is not None:
+            conn.execute(
+                update(nodes)
+                .where(nodes.c.id == reward.node_id)
+                .values(tasks_done=nodes.c.tasks_done + 1)
+            )
+
+    def _candidates(self, limit: int) -> Select[tuple[int, str | None, Any]]:
         # SQLite serialises writers already; PostgreSQL workers skip rows others are claiming.
-        query = _pending_in_order()
+        query = _pending_in_order(limit)
         return query.with_for_update(skip_locked=True) if self._postgres else query
 
     @staticmethod
-    def _next_tag(conn: Connection, account: str) -> float:
+    def _next_tag(conn: Connection, account: str, increment: float) -> float:
         claimed = select(func.max(tasks.c.tag)).where(tasks.c.started_at.is_not(None))
         mine = select(func.max(tasks.c.tag)).where(tasks.c.account == account)
         virtual_time = conn.execute(claimed).scalar_one() or 0.0
         last = conn.execute(mine).scalar_one() or 0.0
-        return float(max(virtual_time, last) + 1.0)
+        return float(max(virtual_time, last) + increment)
 
-    @staticmethod
-    def _position(conn: Connection, row: RowMapping) -> int:
-        """1 + the number of pending tasks that run before this pending one."""
-        ahead = select(func.count()).where(
+    def _position(self, conn: Connection, row: RowMapping) -> int:
+        """1 + the number of pending tasks that run before this pending one; tasks for a
+        checkpoint no online node has are not counted (they cannot run before it)."""
+        conditions = [
             tasks.c.status == TaskStatus.PENDING,
             tuple_(tasks.c.tag, tasks.c.seq) < tuple_(row["tag"], row["seq"]),
-        )
+        ]
+        served = self._served(conn)
+        if served is not None:
+            model = tasks.c.model_sha256
+            conditions.append(or_(model.is_(None), model.in_(sorted(served))))
+        ahead = select(func.count()).where(*conditions)
         return int(conn.execute(ahead).scalar_one()) + 1
 
 
-def _pending_in_order() -> Select[tuple[int]]:
-    """The seq of the pending task that runs next."""
+CANDIDATES = 64  # how deep a node with an offer looks for a task it can run
+
+
+def _pending_in_order(limit: int) -> Select[tuple[int, str | None, Any]]:
+    """The pending tasks that run next, in order: seq, checkpoint and required files."""
     return (
-        select(tasks.c.seq)
+        select(tasks.c.seq, tasks.c.model_sha256, tasks.c.requires)
         .where(tasks.c.status == TaskStatus.PENDING)
         .order_by(tasks.c.tag, tasks.c.seq)
-        .limit(1)
+        .limit(limit)
     )
+
+
+def _choose(rows: Sequence[Any], offer: Offer | None) -> int | None:
+    """The seq to claim of ``rows`` (pending, in order) for ``offer``: of the first
+    ``lookahead`` tasks it can run, the first on a loaded checkpoint, else the first."""
+    if offer is None:
+        return int(rows[0].seq) if rows else None
+    installed = offer.installed
+    runnable = [r for r in rows if installed is None or set(r.requires or ()) <= installed]
+    for row in runnable[: offer.lookahead]:
+        if row.model_sha256 is not None and row.model_sha256 in offer.loaded:
+            return int(row.seq)
+    return int(runnable[0].seq) if runnable else None
 
 
 def _held_by(task_id: str, worker_id: str) -> tuple[Any, ...]:
@@ -355,6 +472,9 @@ def _new_row(task: NewTask, now: float) -> dict[str, Any]:
         "kind": task.kind.value,
         "status": TaskStatus.PENDING,
         "params": task.params,
+        "cost": task.cost,
+        "model_sha256": task.checkpoint,
+        "requires": list(task.requires),
         "created_at": now,
         "progress": 0.0,
         "attempts": 0,

@@ -1,8 +1,9 @@
 """TaskWatcher: lets many waiting requests learn that their task finished, with one query.
 
 Every waiting request registers its task id; a single loop reads the status of all of them
-per interval and wakes those whose task has finished. (A PostgreSQL deployment can add
-LISTEN/NOTIFY to wake the loop early; the polling stays as the fallback.)
+per interval and wakes those whose task has finished. :meth:`TaskWatcher.poke` (called on
+PostgreSQL's NOTIFY, see dan.tasks.notify) makes the loop look at once; the polling stays as
+the fallback.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class TaskWatcher:
         self._interval = interval_s
         self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
         self._wakeup = asyncio.Event()
+        self._nudge = asyncio.Event()
 
     async def wait(self, task_id: str, timeout_s: float) -> bool:
         """True once the task has finished, False if ``timeout_s`` passed first."""
@@ -46,11 +48,19 @@ class TaskWatcher:
             if not self._waiters:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            self._nudge.clear()
             try:
                 await self._check_once()
             except Exception:
                 log.exception("task watcher could not read task statuses; retrying")
-            await asyncio.sleep(self._interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._nudge.wait()
+
+    def poke(self, task_id: str) -> None:
+        """A task finished somewhere: look now if anyone waits for it (loop thread only)."""
+        if task_id in self._waiters:
+            self._nudge.set()
 
     async def _check_once(self) -> None:
         ids = list(self._waiters)

@@ -17,7 +17,7 @@ from dan.api.schemas import (
     Txt2ImgBody,
     UpscaleBody,
 )
-from dan.domain import IMAGE_UPSCALERS, LATENT_UPSCALERS, SAMPLERS, ModelKind
+from dan.domain import IMAGE_UPSCALERS, LATENT_UPSCALERS, SAMPLERS, ModelKind, TaskRecord
 
 router = APIRouter(prefix="/api/sd", tags=["generation"])
 
@@ -27,11 +27,12 @@ def ok(data: Any, message: str = "success") -> dict[str, Any]:
     return {"code": 200, "data": data, "message": message}
 
 
-def success_message(body: AnyBody) -> str:
+def success_message(body: AnyBody, record: TaskRecord | None = None) -> str:
+    notes = [record.warning] if record is not None and record.warning else []
     ignored = getattr(body, "ignored_units", 0)
     if ignored:
-        return f"success; only the first control_net unit is used, {ignored} more ignored"
-    return "success"
+        notes.append(f"only the first control_net unit is used, {ignored} more ignored")
+    return "; ".join(["success", *notes])
 
 
 async def run(body: AnyBody, request: Request) -> dict[str, Any]:
@@ -39,7 +40,7 @@ async def run(body: AnyBody, request: Request) -> dict[str, Any]:
     ctx = context(request)
     record = await submit(ctx, account_of(request), body)
     result = await wait_for_success(ctx, record)
-    return ok({"taskId": record.id, **result}, success_message(body))
+    return ok({"taskId": record.id, **result}, success_message(body, record))
 
 
 async def queue(body: AnyBody, request: Request) -> dict[str, Any]:
@@ -47,7 +48,7 @@ async def queue(body: AnyBody, request: Request) -> dict[str, Any]:
     record = await submit(context(request), account_of(request), body)
     position = record.queue_position
     data = {"status": int(record.status), "taskId": record.id, "queuePosition": position}
-    return ok(data, success_message(body))
+    return ok(data, success_message(body, record))
 
 
 @router.post("/txt2img", summary="Generate images from text and wait for them")

@@ -1,0 +1,46 @@
+"""What a queued task needs to run: which node can take it, and what it costs in the queue.
+
+Cost is relative to a 512x512, 20-step txt2img (cost 1): the steps actually run times the
+pixels they run on. The queue advances an account's lane by cost / weight, so a big task
+waits longer than a small one, and an honoured account gets more turns (see dan.tasks.store).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dan.domain import GenerationRequest
+
+BASE_PIXELS, BASE_STEPS = 512 * 512, 20  # a task of cost 1
+MIN_COST = 0.05  # nothing is free: a flood of tiny tasks still advances its account's lane
+INTERROGATE_COST = 0.5
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What running a task takes: the checkpoint it runs on (for node affinity), every model
+    file (sha256) a node must have installed, and its cost relative to a 512x512, 20-step
+    txt2img (the queue's weighting)."""
+
+    checkpoint: str | None = None
+    requires: tuple[str, ...] = ()
+    cost: float = 1.0
+
+
+def generation_needs(request: GenerationRequest, denoising_strength: float = 1.0) -> Needs:
+    """The checkpoint, every file, and the cost (steps actually run x megapixels, hires pass
+    included) of a txt2img or img2img request."""
+    files = [request.model.sha256, *(lora.model.sha256 for lora in request.loras)]
+    steps = request.steps * denoising_strength
+    cost = steps * request.width * request.height
+    if request.hires is not None:
+        if request.hires.upscaler.model:
+            files.append(request.hires.upscaler.model.sha256)
+        scaled = request.width * request.height * request.hires.scale**2
+        cost += request.steps * request.hires.denoising_strength * scaled
+    if request.control_net is not None:
+        files.append(request.control_net.model.sha256)
+        if request.control_net.pose_model:
+            files.append(request.control_net.pose_model.sha256)
+    normalised = cost / (BASE_STEPS * BASE_PIXELS)
+    return Needs(request.model.sha256, tuple(dict.fromkeys(files)), max(MIN_COST, normalised))

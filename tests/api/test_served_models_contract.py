@@ -1,0 +1,73 @@
+"""A task for a checkpoint no online node has gets an immediate answer, not an endless wait."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from dan.api.app import create_app
+from dan.domain import ModelKind
+from dan.services import build_services
+from dan.tasks.tables import nodes
+from tests.api.conftest import Api, install_dummy_checkpoint, make_settings
+
+BODY = {"prompt": "a fox", "width": 64, "height": 64, "steps": 2}
+
+
+def add_online_node(api: Api, installed: list[str]) -> None:
+    now = time.time()
+    with api.services.db.begin() as conn:
+        conn.execute(
+            nodes.insert().values(
+                id="n1",
+                account="donor",
+                name="gpu-1",
+                capabilities={},
+                installed=installed,
+                loaded=[],
+                pull=[],
+                tasks_done=0,
+                registered_at=now,
+                last_seen_at=now,
+                rewarded_until=now,
+            )
+        )
+
+
+@pytest.fixture
+def accepting_api(tmp_path: Path) -> Iterator[Api]:
+    install_dummy_checkpoint(tmp_path / "models")
+    services = build_services(make_settings(tmp_path, unserved_models="accept"))
+    sha = services.registry.list(ModelKind.CHECKPOINT)[0].sha256
+    with TestClient(create_app(services)) as client:
+        yield Api(client, services, sha)
+    services.close()
+
+
+def test_with_no_node_online_the_task_waits_for_one(api: Api) -> None:
+    reply = api.post("/api/sd/txt2img/async", BODY)
+    assert reply["_http"] == 200 and reply["message"] == "success"
+
+
+def test_a_model_no_online_node_has_is_refused_at_once(api: Api) -> None:
+    add_online_node(api, ["f" * 64])
+    reply = api.post("/api/sd/txt2img/async", BODY)
+    assert (reply["_http"], reply["code"]) == (503, 2000)
+    assert api.checkpoint_sha256[:10] in reply["message"] and "not queued" in reply["message"]
+
+
+def test_a_model_an_online_node_has_is_queued(api: Api) -> None:
+    add_online_node(api, [api.checkpoint_sha256])
+    reply = api.post("/api/sd/txt2img/async", BODY)
+    assert reply["_http"] == 200 and reply["data"]["queuePosition"] == 1
+
+
+def test_by_setting_it_is_accepted_with_a_warning(accepting_api: Api) -> None:
+    add_online_node(accepting_api, ["f" * 64])
+    reply = accepting_api.post("/api/sd/txt2img/async", BODY)
+    assert reply["_http"] == 200 and reply["data"]["status"] == 0
+    assert reply["message"].startswith("success; no online worker has the model file(s)")

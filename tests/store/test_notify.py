@@ -1,0 +1,64 @@
+"""LISTEN/NOTIFY: a watcher in one process wakes when another finishes the task."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+
+import pytest
+from sqlalchemy import Engine
+
+from dan.domain import TaskKind, TaskResult
+from dan.tasks.notify import FinishedListener
+from dan.tasks.store import NewTask, SqlTaskStore
+from dan.tasks.watcher import TaskWatcher, running
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def pg(db: Engine, db_url: str) -> tuple[Engine, str]:
+    if db.dialect.name != "postgresql":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    return db, db_url
+
+
+def test_a_finished_task_wakes_a_slow_polling_watcher_at_once(pg: tuple[Engine, str]) -> None:
+    db, url = pg
+    replica_a, replica_b = SqlTaskStore(db), SqlTaskStore(db)
+    task = NewTask(str(uuid.uuid4()), "alice", TaskKind.TXT2IMG, {})
+    replica_a.submit(task, max_pending=10)
+
+    async def scenario() -> float:
+        # Polling every 30 s: only the notification can wake it within the test's time.
+        watcher = TaskWatcher(replica_a, interval_s=30.0)
+        loop = asyncio.get_running_loop()
+        listener = FinishedListener(url, lambda tid: loop.call_soon_threadsafe(watcher.poke, tid))
+        listener.start()
+        try:
+            assert await asyncio.to_thread(listener.listening.wait, 10)
+            async with running(watcher):
+                waiting = asyncio.create_task(watcher.wait(task.id, timeout_s=20))
+                await asyncio.sleep(0.3)  # the watcher has looked once and now sleeps
+                claimed = replica_b.claim("node:b", lease_s=30)
+                assert claimed is not None
+                started = time.monotonic()
+                replica_b.complete(task.id, "node:b", TaskResult(("k",), (1,)))
+                assert await waiting
+                return time.monotonic() - started
+        finally:
+            listener.stop()
+
+    assert asyncio.run(scenario()) < 5.0
+
+
+def test_the_listener_survives_a_bad_database_url() -> None:
+    calls: list[str] = []
+    url = os.environ.get("DAN_TEST_POSTGRES_URL", "postgresql+psycopg://nobody@127.0.0.1:1/x")
+    listener = FinishedListener(url.rsplit("/", 1)[0] + "/no_such_database", calls.append)
+    listener.start()
+    time.sleep(0.5)
+    assert not listener.listening.is_set() and calls == []
+    listener.stop()
