@@ -8,6 +8,7 @@ import io
 from collections.abc import Mapping
 from math import isqrt
 
+import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from dan import __version__
@@ -123,3 +124,33 @@ def load_png(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
+
+
+# --- inpainting masks ------------------------------------------------------------------------
+
+# A1111's create_binary_mask: a pixel above 128 is "regenerate". Thresholding is what makes a
+# JPEG-compressed mask (ringing around every edge) as clean as the PNG it was made from.
+MASK_THRESHOLD = 128
+
+
+def mask_values(mask_image: Image.Image) -> Image.Image:
+    """The raw mask as ``"L"`` (not yet thresholded), by A1111's rule.
+
+    If the image has an alpha channel that is not opaque everywhere, the alpha is the mask
+    (opaque = regenerate), so a brush stroke painted on a transparent layer works. Otherwise the
+    luminance is (white = regenerate): grayscale, RGB and fully opaque RGBA masks alike.
+    """
+    if mask_image.mode in ("RGBA", "LA", "PA") or "transparency" in mask_image.info:
+        alpha = mask_image.convert("RGBA").getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            return alpha
+    if mask_image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        # 16-bit grayscale PNGs: convert("L") would clip every value above 255 to white.
+        wide = np.asarray(mask_image, dtype=np.uint32)
+        return Image.fromarray((wide // 257).clip(0, 255).astype(np.uint8))
+    return mask_image.convert("L")
+
+
+def regenerated_area(mask_image: Image.Image) -> Image.Image:
+    """The thresholded mask: 255 where a pixel is regenerated (with mask_mode 0), else 0."""
+    return mask_values(mask_image).point([255 if v > MASK_THRESHOLD else 0 for v in range(256)])

@@ -153,6 +153,23 @@ def test_inpaint_with_data_url_and_alpha_mask_is_queued_and_run(api: Api) -> Non
     assert params["inpaint"] == {**params["inpaint"], "mask_blur": 4, "inpaint_area": 1}
 
 
+@pytest.mark.parametrize(
+    "mask, mode, message",
+    [
+        (png(colour=(0, 0, 0)), 0, "Invalid inpaint.mask: it has no white (or opaque) pixel"),
+        # Transparent everywhere: the alpha is the mask, and nothing is painted.
+        (png(colour=(255, 255, 255, 0), mode="RGBA"), 0, "Invalid inpaint.mask: it has no"),
+        (png(colour=(255, 255, 255)), 1, "Invalid inpaint.mask: it is white (or opaque)"),
+    ],
+)
+def test_a_mask_that_regenerates_nothing_is_refused_at_submit(
+    api: Api, mask: str, mode: int, message: str
+) -> None:
+    reply = api.post(f"{IMG2IMG}/async", img2img(inpaint={"mask": mask, "mask_mode": mode}))
+    assert (reply["_http"], reply["code"]) == (400, 3000)
+    assert reply["message"].startswith(message), reply["message"]
+
+
 @pytest.mark.usefixtures("worker")
 def test_upscale_returns_rate_times_size(api: Api) -> None:
     reply = api.post(UPSCALE, upscale(upscalingRate=2.5, upscaler2="None"))

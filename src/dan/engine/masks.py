@@ -15,12 +15,10 @@ from PIL import Image, ImageFilter
 
 from dan.domain import MaskMode, ResizeMode
 from dan.errors import EngineError
+from dan.imaging import MASK_THRESHOLD, mask_values
 
 Box = tuple[int, int, int, int]
 
-# A1111's create_binary_mask: a pixel above 128 is "regenerate". Thresholding is what makes a
-# JPEG-compressed mask (ringing around every edge) as clean as the PNG it was made from.
-MASK_THRESHOLD = 128
 MAX_MASK_BLUR = 64
 # What a transparent init image is flattened onto: A1111's default img2img background colour.
 BACKGROUND = (255, 255, 255)
@@ -86,24 +84,6 @@ def _resize_and_fill(image: Image.Image, width: int, height: int) -> Image.Image
 
 
 # --- masks ----------------------------------------------------------------------------------
-
-
-def mask_values(mask_image: Image.Image) -> Image.Image:
-    """The raw mask as ``"L"`` (not yet thresholded), by A1111's rule.
-
-    If the image has an alpha channel that is not opaque everywhere, the alpha is the mask
-    (opaque = regenerate), so a brush stroke painted on a transparent layer works. Otherwise the
-    luminance is (white = regenerate): grayscale, RGB and fully opaque RGBA masks alike.
-    """
-    if mask_image.mode in ("RGBA", "LA", "PA") or "transparency" in mask_image.info:
-        alpha = mask_image.convert("RGBA").getchannel("A")
-        if alpha.getextrema() != (255, 255):
-            return alpha
-    if mask_image.mode in ("I", "I;16", "I;16B", "I;16L"):
-        # 16-bit grayscale PNGs: convert("L") would clip every value above 255 to white.
-        wide = np.asarray(mask_image, dtype=np.uint32)
-        return Image.fromarray((wide // 257).clip(0, 255).astype(np.uint8))
-    return mask_image.convert("L")
 
 
 def prepare_mask(

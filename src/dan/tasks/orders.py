@@ -39,7 +39,7 @@ from dan.domain import (
     UpscaleRequest,
 )
 from dan.errors import InvalidArgument, ModelNotFound, ResourceUnavailable
-from dan.imaging import decode_image, encode_input_png
+from dan.imaging import decode_image, encode_input_png, regenerated_area
 from dan.prompt_tags import extract_lora_tags
 from dan.tasks.needs import BASE_PIXELS, INTERROGATE_COST, MIN_COST, Needs, generation_needs
 
@@ -184,7 +184,8 @@ class RequestBuilder:
         inpaint = None
         if order.inpaint is not None:
             inpaint = _inpaint(order.inpaint, f"{task_id}/mask.png")
-            inputs[inpaint.mask_key] = encode_input_png(_mask_image(order.inpaint.mask, init))
+            mask = _mask_image(order.inpaint.mask, init, MaskMode(order.inpaint.mask_mode))
+            inputs[inpaint.mask_key] = encode_input_png(mask)
         request = Img2ImgRequest(
             generation=generation,
             init_image_key=f"{task_id}/init.png",
@@ -405,12 +406,23 @@ def _inpaint(order: InpaintOrder, mask_key: str) -> InpaintSpec:
     )
 
 
-def _mask_image(data: str, init: Image) -> Image:
+def _mask_image(data: str, init: Image, mode: MaskMode) -> Image:
     mask = decode_image(data, "inpaint.mask")
     if mask.size != init.size:
         raise InvalidArgument(
             f"Invalid inpaint.mask: must be the same size as init_image "
             f"({init.width}x{init.height}), got {mask.width}x{mask.height}"
+        )
+    area = regenerated_area(mask)
+    if mode == MaskMode.REGENERATE_MASKED and area.getbbox() is None:
+        raise InvalidArgument(
+            "Invalid inpaint.mask: it has no white (or opaque) pixel, so with mask_mode 0 "
+            "(regenerate the masked part) nothing would change; paint the part to redraw white"
+        )
+    if mode == MaskMode.REGENERATE_UNMASKED and area.getextrema() == (255, 255):
+        raise InvalidArgument(
+            "Invalid inpaint.mask: it is white (or opaque) everywhere, so with mask_mode 1 "
+            "(regenerate the unmasked part) nothing would change"
         )
     # Keep the alpha channel if there is one: the engine reads an alpha mask from it.
     return mask if mask.mode in ("L", "LA", "RGBA", "RGB") else mask.convert("RGBA")
