@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 AuthMode = Literal["auto", "required", "optional"]
 UnservedModelPolicy = Literal["reject", "accept"]
+BlobStoreKind = Literal["auto", "files", "database"]
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -39,6 +40,11 @@ class Settings(BaseSettings):
     )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default: SQLite file inside data_dir"
+    )
+    blob_store: BlobStoreKind = Field(
+        "auto",
+        description="where images live: files in data_dir, or the database (shared by every "
+        "API replica); auto: the database on PostgreSQL, files on SQLite",
     )
 
     # Models
@@ -110,6 +116,12 @@ class Settings(BaseSettings):
             return self.auth == "required"
         embedded = self.database_url is None or self.database_url.startswith("sqlite")
         return not (embedded and self.host in LOOPBACK_HOSTS)
+
+    @property
+    def blobs_in_database(self) -> bool:
+        if self.blob_store != "auto":
+            return self.blob_store == "database"
+        return not self.db_url.startswith("sqlite")
 
     @property
     def db_url(self) -> str:

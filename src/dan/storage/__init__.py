@@ -1,5 +1,7 @@
-"""Where result images live: the BlobStore seam, a local directory, and an in-memory twin."""
+"""Where result images live: the BlobStore seam, a local directory, the database (for
+several replicas), and an in-memory twin."""
 
 from dan.storage.blobs import BlobStore, InMemoryBlobStore, LocalBlobStore
+from dan.storage.sql import SqlBlobStore
 
-__all__ = ["BlobStore", "InMemoryBlobStore", "LocalBlobStore"]
+__all__ = ["BlobStore", "InMemoryBlobStore", "LocalBlobStore", "SqlBlobStore"]

@@ -14,7 +14,8 @@ from typing import Protocol
 _KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}/[A-Za-z0-9_.-]{1,64}$")
 
 
-def _check_key(key: str) -> str:
+def check_key(key: str) -> str:
+    """``key`` if it is ``<group>/<name>`` of safe characters; ValueError otherwise."""
     # Keys become file paths: refuse anything that could leave the root.
     if not _KEY.match(key) or ".." in key:
         raise ValueError(f"invalid blob key {key!r}")
@@ -46,7 +47,7 @@ class LocalBlobStore:
         self._root = root
 
     def put(self, key: str, data: bytes) -> None:
-        path = self._root / _check_key(key)
+        path = self._root / check_key(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
@@ -55,12 +56,12 @@ class LocalBlobStore:
 
     def get(self, key: str) -> bytes:
         try:
-            return (self._root / _check_key(key)).read_bytes()
+            return (self._root / check_key(key)).read_bytes()
         except FileNotFoundError as exc:
             raise KeyError(key) from exc
 
     def delete_group(self, group: str) -> None:
-        _check_key(f"{group}/x")
+        check_key(f"{group}/x")
         shutil.rmtree(self._root / group, ignore_errors=True)
 
     def groups(self) -> Iterable[str]:
@@ -78,7 +79,7 @@ class InMemoryBlobStore:
 
     def put(self, key: str, data: bytes) -> None:
         with self._lock:
-            self._data[_check_key(key)] = bytes(data)
+            self._data[check_key(key)] = bytes(data)
 
     def get(self, key: str) -> bytes:
         with self._lock:

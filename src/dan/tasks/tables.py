@@ -10,6 +10,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -117,4 +118,15 @@ nodes = Table(
     Column("registered_at", Float, nullable=False),
     Column("last_seen_at", Float, nullable=False),
     Column("rewarded_until", Float, nullable=False),  # online time paid up to here
+)
+
+# Result and input images when the API runs as several replicas (dan.storage.SqlBlobStore):
+# every replica must read what a node uploaded through another. ``grp`` is the task id.
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("key", String(130), primary_key=True),
+    Column("grp", String(64), nullable=False, index=True),
+    Column("data", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
 )

@@ -1,4 +1,5 @@
-"""The network: accounts, hashed API keys, the honor ledger, worker nodes; task cost and model.
+"""The network: accounts, hashed API keys, the honor ledger, worker nodes, shared blobs; task
+cost and model.
 
 Revision ID: 0002
 Revises: 0001
@@ -68,10 +69,17 @@ def upgrade() -> None:
         sa.Column("last_seen_at", sa.Float(), nullable=False),
         sa.Column("rewarded_until", sa.Float(), nullable=False),
     )
+    op.create_table(
+        "blobs",
+        sa.Column("key", sa.String(130), primary_key=True),
+        sa.Column("grp", sa.String(64), nullable=False, index=True),
+        sa.Column("data", sa.LargeBinary(), nullable=False),
+        sa.Column("created_at", sa.Float(), nullable=False),
+    )
 
 
 def downgrade() -> None:
-    for table in ("nodes", "honor_grants", "api_keys", "accounts"):
+    for table in ("blobs", "nodes", "honor_grants", "api_keys", "accounts"):
         op.drop_table(table)
     with op.batch_alter_table("tasks") as batch:
         batch.drop_column("requires")
