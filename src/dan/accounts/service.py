@@ -1,0 +1,285 @@
+"""AccountService: who a request is, what it may do, and how much its honor weighs.
+
+Authentication rules (``authenticate``), in order:
+
+1. No key: the built-in local account when keys are optional; PermissionDenied when required.
+2. The public key, when the ``public_key`` setting is on: the built-in public account.
+3. A stored, active key: its account, whatever the mode. A revoked key is always refused.
+4. Any other key: when keys are optional, an account of its own ("key-" + 16 hex digits of the
+   key's sha256, nickname "anon-" + the same digits), made on first use without a signup grant
+   (so that inventing keys earns nothing), which gives every client of a shared embedded server
+   its own fair lane in the queue. When keys are required: PermissionDenied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import math
+import re
+
+from dan.accounts.store import AccountStore, ApiKey, HonorReason, LeaderboardEntry, NewKey
+from dan.config import Settings
+from dan.domain import LOCAL_ACCOUNT, PUBLIC_ACCOUNT, Account
+from dan.errors import InvalidArgument, PermissionDenied
+
+ANONYMOUS_ID_PREFIX = "key-"
+ANONYMOUS_NICKNAME_PREFIX = "anon-"
+BUILT_IN_ACCOUNTS: dict[str, str] = {LOCAL_ACCOUNT: "local", PUBLIC_ACCOUNT: "public"}
+NICKNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_GRANT = 1_000_000.0
+MAX_NOTE_CHARS = 1000
+MAX_KEY_CHARS = 512
+MAX_LEADERBOARD = 100
+
+# The queue weight (see ``queue_weight``).
+PUBLIC_WEIGHT = 0.25
+HONOR_SCALE = 10.0
+
+NO_KEY = (
+    "this server needs an API key: send it as 'Authorization: Bearer sk-...' (an admin "
+    "creates keys with `dan keys create`)"
+)
+
+
+def queue_weight(account: Account) -> float:
+    """How strongly the queue favours ``account``'s tasks (1 is a plain account's share).
+
+    ``1 + ln(1 + honor / 10)``, with negative honor counted as 0; the public account gets
+    0.25, below every other account. Honor helps with diminishing returns: 0 honor weighs 1,
+    10 (the signup gift) 1.69, 100 weighs 3.40, 1000 weighs 5.62, so a hundred times the honor
+    never buys a hundred times the share.
+    """
+    if account.id == PUBLIC_ACCOUNT:
+        return PUBLIC_WEIGHT
+    return 1.0 + math.log1p(max(account.honor, 0.0) / HONOR_SCALE)
+
+
+def anonymous_account_id(key: str) -> str:
+    """The account an unknown key stands for when keys are optional."""
+    return ANONYMOUS_ID_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def is_registered(account: Account) -> bool:
+    """Whether the account was created by an admin (not built in, not made for a loose key)."""
+    return account.id not in BUILT_IN_ACCOUNTS and not account.id.startswith(ANONYMOUS_ID_PREFIX)
+
+
+@dataclasses.dataclass(frozen=True)
+class IssuedKey:
+    """What ``issue_key`` did: the account (``created`` if it is new) and its new key."""
+
+    account: Account
+    key: NewKey
+    created: bool
+
+
+class AccountService:
+    """Accounts, keys and honor; ``public_key`` is the public key's text (None: none here)."""
+
+    def __init__(
+        self, store: AccountStore, settings: Settings, *, public_key: str | None = None
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._public_key = public_key
+
+    # -- who is calling ----------------------------------------------------------------------
+    def authenticate(self, key: str | None) -> Account:
+        """The caller's account by the rules in the module docstring; PermissionDenied if
+        the key is missing (keys required), unknown (keys required) or revoked."""
+        required = self._settings.keys_required
+        if key is None:
+            if required:
+                raise PermissionDenied(f"no API key: {NO_KEY}")
+            return self._built_in(LOCAL_ACCOUNT)
+        if self._is_public_key(key):
+            return self._built_in(PUBLIC_ACCOUNT)
+        if len(key) <= MAX_KEY_CHARS:
+            account = self._store.find_by_key(key)
+            if account is not None:
+                return account
+            if self._store.key_revoked(key):
+                raise PermissionDenied("this API key was revoked; use another key")
+        if required:
+            raise PermissionDenied(f"invalid API key: {NO_KEY}")
+        account_id = anonymous_account_id(key)
+        digits = account_id.removeprefix(ANONYMOUS_ID_PREFIX)
+        return self._store.ensure_account(account_id, ANONYMOUS_NICKNAME_PREFIX + digits)
+
+    def public_api_key(self) -> str:
+        """The key anonymous clients may use. With ``public_key`` off it is handed out only
+        while keys are optional (it is then a key like any other); otherwise PermissionDenied."""
+        if self._public_key is not None and (
+            self._settings.public_key or not self._settings.keys_required
+        ):
+            return self._public_key
+        raise PermissionDenied(
+            "this server offers no public API key; ask its admin for a key of your own"
+        )
+
+    def queue_weight(self, account: Account) -> float:
+        """See the module function ``queue_weight``."""
+        return queue_weight(account)
+
+    def weight_of(self, account_id: str) -> float:
+        """The queue weight of the account ``account_id`` (1.0 for one not stored, e.g. an
+        anonymous key's lane before its first task)."""
+        account = self._store.get(account_id)
+        return 1.0 if account is None else self.queue_weight(account)
+
+    def ensure_built_in(self) -> None:
+        """Make sure the local and public accounts exist (no signup grant for them)."""
+        for account_id, nickname in BUILT_IN_ACCOUNTS.items():
+            self._store.ensure_account(account_id, nickname)
+
+    # -- accounts ----------------------------------------------------------------------------
+    def find(self, *, account_id: str | None = None, nickname: str | None = None) -> Account:
+        """The account named by exactly one of its id or its nickname; InvalidArgument if
+        neither or both are given, or there is no such account."""
+        if (account_id is None) == (nickname is None):
+            raise InvalidArgument("name the account by exactly one of account (id) or nickname")
+        account = (
+            self._store.get(account_id)
+            if account_id is not None
+            else self._store.by_nickname(nickname or "")
+        )
+        if account is None:
+            what = f"id {account_id!r}" if account_id is not None else f"nickname {nickname!r}"
+            raise InvalidArgument(f"no account with {what}")
+        return account
+
+    def issue_key(
+        self,
+        nickname: str,
+        *,
+        email: str | None = None,
+        is_admin: bool = False,
+        can_run_nodes: bool = False,
+    ) -> IssuedKey:
+        """A new key for the account ``nickname``, created first (with the signup honor) if
+        it does not exist. Roles asked for are added to an existing account, never removed."""
+        existing = self._store.by_nickname(nickname)
+        if existing is None:
+            account = self._store.create_account(
+                _check_nickname(nickname),
+                _check_email(email),
+                is_admin,
+                can_run_nodes,
+                signup_honor=self._settings.signup_honor,
+            )
+        else:
+            self._check_manages_keys(existing)
+            account = self._add_roles(existing, is_admin=is_admin, can_run_nodes=can_run_nodes)
+        return IssuedKey(account, self._store.add_key(account.id), created=existing is None)
+
+    # -- keys of one's own account -----------------------------------------------------------
+    def create_key(self, account: Account) -> NewKey:
+        """Another key for the caller's account (its text is in the result only)."""
+        self._check_manages_keys(account)
+        return self._store.add_key(account.id)
+
+    def list_keys(self, account: Account) -> list[ApiKey]:
+        """The caller's active keys."""
+        return self._store.list_keys(account.id)
+
+    def all_keys(self, nickname: str | None = None) -> list[ApiKey]:
+        """Every key, revoked ones too, of every account or of ``nickname`` (for admins)."""
+        if nickname is None:
+            return self._store.list_keys(include_revoked=True)
+        return self._store.list_keys(self.find(nickname=nickname).id, include_revoked=True)
+
+    def revoke_key(self, account: Account | None, key_id: str) -> ApiKey:
+        """Revoke one of ``account``'s keys (any key when None, for admins); InvalidArgument
+        if it has no key ``key_id``."""
+        revoked = self._store.revoke_key(None if account is None else account.id, key_id)
+        if revoked is None:
+            whose = "" if account is None else " of this account"
+            raise InvalidArgument(f"no API key{whose} with id {key_id!r}")
+        return revoked
+
+    # -- honor -------------------------------------------------------------------------------
+    def grant_honor(
+        self, target: Account, amount: float, *, by: Account | None, note: str | None = None
+    ) -> Account:
+        """An admin's grant of ``amount`` (negative to correct a mistake) to ``target``;
+        ``by`` None is the operator at the command line. Returns the target with its new
+        honor; PermissionDenied unless ``by`` is an admin."""
+        if by is not None and not by.is_admin:
+            raise PermissionDenied("only an admin may grant honor")
+        _check_amount(amount)
+        if note is not None and len(note) > MAX_NOTE_CHARS:
+            raise InvalidArgument(f"note must be at most {MAX_NOTE_CHARS} characters")
+        honor = self._store.grant(
+            target.id,
+            amount,
+            HonorReason.ADMIN,
+            granted_by=None if by is None else by.id,
+            note=note,
+        )
+        return dataclasses.replace(target, honor=honor)
+
+    def leaderboard(self, limit: int = 20) -> list[LeaderboardEntry]:
+        """Donors by the honor their nodes earned (tasks and time online)."""
+        if not 1 <= limit <= MAX_LEADERBOARD:
+            raise InvalidArgument(f"limit must be between 1 and {MAX_LEADERBOARD}, got {limit}")
+        return self._store.leaderboard(limit)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _built_in(self, account_id: str) -> Account:
+        account = self._store.get(account_id)
+        if account is None:  # the database was reset under a running server
+            account = self._store.ensure_account(account_id, BUILT_IN_ACCOUNTS[account_id])
+        return account
+
+    def _is_public_key(self, key: str) -> bool:
+        if not self._settings.public_key or self._public_key is None:
+            return False
+        return hmac.compare_digest(key.encode(), self._public_key.encode())
+
+    def _add_roles(self, account: Account, *, is_admin: bool, can_run_nodes: bool) -> Account:
+        if (is_admin and not account.is_admin) or (can_run_nodes and not account.can_run_nodes):
+            updated = self._store.set_roles(
+                account.id, is_admin=is_admin or None, can_run_nodes=can_run_nodes or None
+            )
+            assert updated is not None
+            return updated
+        return account
+
+    @staticmethod
+    def _check_manages_keys(account: Account) -> None:
+        if not is_registered(account):
+            raise PermissionDenied(
+                f"the account {account.nickname!r} is built in or anonymous and has no keys; "
+                "only accounts an admin created (`dan keys create`) do"
+            )
+
+
+def _check_nickname(nickname: str) -> str:
+    if not NICKNAME.fullmatch(nickname):
+        raise InvalidArgument(
+            "nickname must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
+            f"or digit; got {nickname!r}"
+        )
+    if nickname.startswith(ANONYMOUS_NICKNAME_PREFIX) or nickname in BUILT_IN_ACCOUNTS.values():
+        raise InvalidArgument(
+            f"the nickname {nickname!r} is reserved (names starting with "
+            f"{ANONYMOUS_NICKNAME_PREFIX!r} and {', '.join(BUILT_IN_ACCOUNTS.values())} are "
+            "given to anonymous and built-in accounts)"
+        )
+    return nickname
+
+
+def _check_email(email: str | None) -> str | None:
+    if email is not None and (len(email) > 256 or not re.fullmatch(r"[^@\s]+@[^@\s]+", email)):
+        raise InvalidArgument(f"email must look like name@example.org, got {email!r}")
+    return email
+
+
+def _check_amount(amount: float) -> None:
+    if not (math.isfinite(amount) and amount != 0 and abs(amount) <= MAX_GRANT):
+        raise InvalidArgument(
+            f"amount must be a non-zero number between {-MAX_GRANT:g} and {MAX_GRANT:g}, "
+            f"got {amount!r}"
+        )
