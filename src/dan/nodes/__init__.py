@@ -1,0 +1,16 @@
+"""Worker nodes: machines that serve the queue, the embedded worker and donated GPUs that
+connect out over HTTP. ``SqlNodeStore`` keeps them (and pays their owners for time online);
+``NodeService`` holds the rules a node's requests follow."""
+
+from dan.nodes.service import Assignment, NodeService
+from dan.nodes.store import NodeRecord, NodeStore, PublicNode, SqlNodeStore, node_id_for
+
+__all__ = [
+    "Assignment",
+    "NodeRecord",
+    "NodeService",
+    "NodeStore",
+    "PublicNode",
+    "SqlNodeStore",
+    "node_id_for",
+]
