@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from dan import __version__
 from dan.config import Settings
-from dan.domain import ModelKind
+from dan.domain import Account, ModelKind
 from dan.errors import DanError
 
 log = logging.getLogger("dan")
@@ -74,9 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["worker"] = False
     settings = _settings(args, **overrides)
     services = build_services(settings)
-    threading.Thread(
-        target=ensure_default_checkpoint, args=(services.registry, settings), daemon=True
-    ).start()
+    if settings.worker:  # an API replica without a worker needs no checkpoint of its own
+        threading.Thread(
+            target=ensure_default_checkpoint, args=(services.registry, settings), daemon=True
+        ).start()
     supervisor = WorkerSupervisor(settings_env(settings)) if settings.worker else None
     if supervisor:
         supervisor.start()
@@ -95,6 +98,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.watch_stdin:
         exit_when_parent_dies()
     run_local_worker(_settings(args))
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from dan.workers.node import run_node
+
+    if not args.api_key:
+        raise DanError("a node needs its owner's API key: --api-key KEY (or env DAN_API_KEY)")
+    run_node(_settings(args), args.server, args.api_key, args.name)
     return 0
 
 
@@ -129,6 +141,100 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+KEY_WIDTHS = (36, 20, 8, 16, 16)  # columns of `dan keys list`
+
+
+def _when(seconds: float | None) -> str:
+    return "-" if seconds is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+
+
+def _roles(account: Account) -> str:
+    roles = {"admin": account.is_admin, "nodes": account.can_run_nodes}
+    return ", ".join(name for name, on in roles.items() if on) or "no roles"
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from dan.services import account_services
+
+    with account_services(_settings(args)) as accounts:
+        issued = accounts.issue_key(
+            args.nickname, email=args.email, is_admin=args.admin, can_run_nodes=args.nodes
+        )
+    account = issued.account
+    state = "created" if issued.created else "existing"
+    roles = _roles(account)
+    print(f"{state} account {account.nickname} (id {account.id}; {roles})", file=sys.stderr)
+    print(f"key id {issued.key.info.id}:", file=sys.stderr)
+    print(issued.key.key)
+    print("This key is shown only now and is not stored: keep it somewhere safe.", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from dan.services import account_services
+
+    with account_services(_settings(args)) as accounts:
+        keys = accounts.all_keys(args.nickname)
+    columns = ("key id", "nickname", "prefix", "created", "last used")
+    print("  ".join(f"{c:{w}s}" for c, w in zip(columns, KEY_WIDTHS, strict=True)) + "  state")
+    for key in keys:
+        state = "active" if key.revoked_at is None else f"revoked {_when(key.revoked_at)}"
+        cells = (key.id, key.nickname, key.prefix, _when(key.created_at), _when(key.last_used_at))
+        print("  ".join(f"{c:{w}s}" for c, w in zip(cells, KEY_WIDTHS, strict=True)) + f"  {state}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from dan.services import account_services
+
+    with account_services(_settings(args)) as accounts:
+        key = accounts.revoke_key(None, args.key_id)
+    print(f"revoked key {key.id} ({key.prefix}...) of {key.nickname}")
+    return 0
+
+
+def cmd_honor_grant(args: argparse.Namespace) -> int:
+    from dan.services import account_services
+
+    with account_services(_settings(args)) as accounts:
+        target = accounts.find(nickname=args.nickname)
+        account = accounts.grant_honor(target, args.amount, by=None, note=args.note)
+    print(f"granted {args.amount:g} honor to {account.nickname}; balance {account.honor:g}")
+    return 0
+
+
+def _add_account_commands(sub: Any) -> None:
+    """``dan keys create|list|revoke`` and ``dan honor grant``: admin commands on the database."""
+    keys = sub.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    create = keys.add_parser("create", help="a new key (and its account if new), shown once")
+    _add_options(create, COMMON_OPTIONS[1:3])
+    create.add_argument("--nickname", required=True, help="the account's nickname")
+    create.add_argument("--email", help="the account's email (never shown to others)")
+    create.add_argument("--admin", action="store_true", help="the account is an admin")
+    create.add_argument("--nodes", action="store_true", help="the account may run nodes")
+    create.set_defaults(func=cmd_keys_create)
+    listing = keys.add_parser("list", help="keys by prefix, with when they were last used")
+    _add_options(listing, COMMON_OPTIONS[1:3])
+    listing.add_argument("--nickname", help="only this account's keys")
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by its id (see `dan keys list`)")
+    _add_options(revoke, COMMON_OPTIONS[1:3])
+    revoke.add_argument("key_id")
+    revoke.set_defaults(func=cmd_keys_revoke)
+
+    honor = sub.add_parser("honor", help="grant honor by hand").add_subparsers(
+        dest="honor_command", required=True
+    )
+    grant = honor.add_parser("grant", help="add (or, negative, take back) honor")
+    _add_options(grant, COMMON_OPTIONS[1:3])
+    grant.add_argument("nickname", help="the account's nickname")
+    grant.add_argument("amount", type=float, help="honor to add; negative to correct a mistake")
+    grant.add_argument("--note", help="why, kept in the ledger")
+    grant.set_defaults(func=cmd_honor_grant)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dan", description="DAN image-generation network")
     parser.add_argument("--version", action="version", version=f"dan {__version__}")
@@ -152,6 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes")
     worker.set_defaults(func=cmd_worker)
 
+    node = sub.add_parser("node", help="serve a DAN server over HTTP(S) as a remote GPU node")
+    _add_options(node, COMMON_OPTIONS[:2] + COMMON_OPTIONS[3:])
+    node.add_argument("--server", required=True, help="the server's URL, e.g. https://dan.example")
+    node.add_argument(
+        "--api-key",
+        default=os.environ.get("DAN_API_KEY"),
+        help="a key of an account allowed to run nodes [env DAN_API_KEY]",
+    )
+    node.add_argument(
+        "--name", default=socket.gethostname()[:64], help="this node's name [default: host name]"
+    )
+    node.set_defaults(func=cmd_node)
+
     models = sub.add_parser("models", help="list and download models").add_subparsers(
         dest="models_command", required=True
     )
@@ -163,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(pull, COMMON_OPTIONS[:2])
     pull.add_argument("name", help="catalog name or alias, e.g. chillout_mix")
     pull.set_defaults(func=cmd_models_pull)
+    _add_account_commands(sub)
     return parser
 
 

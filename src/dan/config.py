@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         description="offer a public key (GET /api/user/public-api-key) for anonymous use at "
         "the lowest priority",
     )
+    public_api_key: str | None = Field(
+        None,
+        description="the public key itself; default: one made once and kept in data_dir (set "
+        "it on every API replica so they all hand out the same one)",
+    )
     signup_honor: float = Field(10.0, ge=0, description="honor a new account starts with")
     honor_per_task: float = Field(1.0, ge=0, description="honor a node's owner earns per task")
     honor_per_interval: float = Field(

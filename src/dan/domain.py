@@ -109,7 +109,9 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class InstalledModel:
-    """A model file found in the models directory."""
+    """A model file found in the models directory. On the API side a model only a node has is
+    one too; its ``path`` then names no local file (it means something only where the file is).
+    """
 
     kind: ModelKind
     name: str

@@ -74,6 +74,20 @@ class NodeError(DanError):
     http_status = 500
 
 
+class NodeNotFound(DanError):
+    """No node with that id; register it again."""
+
+    code = 3000
+    http_status = 404
+
+
+class TaskNotHeld(NodeError):
+    """This node no longer holds the task (its lease ran out and the task went back to the
+    queue, or it was finished elsewhere); the result was not recorded."""
+
+    http_status = 409
+
+
 class TaskCancelled(DanError):
     """The task was cancelled."""
 

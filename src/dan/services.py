@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Engine
 
+from dan.accounts import AccountService, SqlAccountStore
 from dan.config import Settings
 from dan.models.registry import ModelRegistry
-from dan.storage import BlobStore, LocalBlobStore
+from dan.nodes import NetworkModels, NodeService, SqlNodeStore
+from dan.storage import BlobStore, LocalBlobStore, SqlBlobStore
 from dan.tasks.db import create_db_engine, migrate
 from dan.tasks.service import TaskService
 from dan.tasks.store import SqlTaskStore, TaskStore
@@ -23,31 +27,66 @@ class Services:
     db: Engine
     store: TaskStore
     blobs: BlobStore
-    registry: ModelRegistry
+    registry: ModelRegistry  # this server's own files (the embedded worker uses its own)
     tasks: TaskService
     public_api_key: str
+    accounts: AccountService
+    nodes: NodeService
+    models: NetworkModels  # what requests may name: this server's files and online nodes'
 
     def close(self) -> None:
         self.db.dispose()
 
 
 def build_services(settings: Settings) -> Services:
-    """Open (and migrate) the database, scan the models directory, and wire the services."""
+    """Open (and migrate) the database, scan the models directory, and wire the services.
+
+    Requests are resolved against :class:`NetworkModels`: this server's files, then those the
+    online nodes report, so an API replica without a GPU needs no model files."""
     migrate(settings.db_url)
     db = create_db_engine(settings.db_url)
-    store = SqlTaskStore(db)
-    blobs = LocalBlobStore(settings.results_dir)
+    store = SqlTaskStore(db, online_window_s=settings.node_offline_after_s)
+    blobs: BlobStore = (
+        SqlBlobStore(db) if settings.blobs_in_database else LocalBlobStore(settings.results_dir)
+    )
     registry = ModelRegistry(
         settings.models_dir, settings.cache_dir, allow_ckpt=settings.allow_ckpt
     )
     registry.scan()
-    tasks = TaskService(store, blobs, registry, settings)
-    key = public_api_key(settings.data_dir)
-    return Services(settings, db, store, blobs, registry, tasks, key)
+    node_store = SqlNodeStore(
+        db,
+        offline_after_s=settings.node_offline_after_s,
+        online_interval_s=settings.online_interval_s,
+    )
+    models = NetworkModels(registry, node_store)
+    key = settings.public_api_key or public_api_key(settings.data_dir)
+    accounts = build_accounts(settings, db, public_key=key)
+    tasks = TaskService(store, blobs, models, settings, weight_of=accounts.weight_of)
+    nodes = NodeService(node_store, store, blobs, registry.catalog, settings)
+    return Services(settings, db, store, blobs, registry, tasks, key, accounts, nodes, models)
+
+
+def build_accounts(settings: Settings, db: Engine, *, public_key: str | None) -> AccountService:
+    """The account service over ``db``, with the built-in local and public accounts."""
+    accounts = AccountService(SqlAccountStore(db), settings, public_key=public_key)
+    accounts.ensure_built_in()
+    return accounts
+
+
+@contextlib.contextmanager
+def account_services(settings: Settings) -> Iterator[AccountService]:
+    """The account service alone, for admin commands: migrate, open, and close after."""
+    migrate(settings.db_url)
+    db = create_db_engine(settings.db_url)
+    try:
+        yield build_accounts(settings, db, public_key=None)
+    finally:
+        db.dispose()
 
 
 def public_api_key(data_dir: Path) -> str:
-    """The key handed to clients that ask for the public key (made once, then kept)."""
+    """The key handed to clients that ask for the public key (made once, then kept), unless
+    ``public_api_key`` is set (as it must be, identically, on every replica of a network)."""
     path = data_dir / "public-api-key"
     if path.is_file():
         return path.read_text().strip()

@@ -71,3 +71,16 @@ def test_by_setting_it_is_accepted_with_a_warning(accepting_api: Api) -> None:
     reply = accepting_api.post("/api/sd/txt2img/async", BODY)
     assert reply["_http"] == 200 and reply["data"]["status"] == 0
     assert reply["message"].startswith("success; no online worker has the model file(s)")
+
+
+def test_a_server_with_a_local_worker_serves_whatever_it_resolved(tmp_path: Path) -> None:
+    # A checkpoint dropped into models/ is found by the API at once; the local worker's node
+    # row may not list it for a few seconds, which must not turn the request away.
+    install_dummy_checkpoint(tmp_path / "models")
+    services = build_services(make_settings(tmp_path, worker=True))
+    with TestClient(create_app(services)) as client:
+        api = Api(client, services, services.registry.list(ModelKind.CHECKPOINT)[0].sha256)
+        add_online_node(api, ["f" * 64])
+        reply = api.post("/api/sd/txt2img/async", BODY)
+    services.close()
+    assert reply["_http"] == 200 and reply["message"] == "success"

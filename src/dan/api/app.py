@@ -14,7 +14,7 @@ from dan import __version__
 from dan.api.errors import install_error_handlers
 from dan.api.generation import ApiContext
 from dan.api.limits import BodySizeLimit
-from dan.api.routes import sd, system, v0
+from dan.api.routes import accounts, nodes, sd, system, v0
 from dan.services import Services
 from dan.tasks.notify import FinishedListener
 from dan.tasks.watcher import TaskWatcher, running
@@ -72,5 +72,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(sd.router)
     app.include_router(v0.router)
     app.include_router(system.router)
+    app.include_router(accounts.router)
+    app.include_router(nodes.router)
     app.add_middleware(BodySizeLimit, max_bytes=services.settings.max_body_bytes)
     return app

@@ -1,28 +1,63 @@
-"""Who is calling. In the embedded single-user mode every key is accepted.
+"""Who is calling: the caller's account, by the rules of dan.accounts.service.
 
-A key (``Authorization: Bearer sk-...`` or the bare key, as the original accepted) only
-selects the account whose queue lane the task joins, so several clients of one server share
-the GPU fairly. Accounts with stored, hashed keys come with the network mode.
+A request carries its key as ``Authorization: Bearer sk-...`` or, as the original accepted,
+the bare key. Each function here is a plain function of the request, usable as a FastAPI
+dependency (``Depends(caller)``: FastAPI then runs it in its thread pool, off the event loop)
+or called directly. They raise PermissionDenied, which the error table answers with 403 and
+code 1000.
 """
 
 from __future__ import annotations
 
-import hashlib
-
 from fastapi import Request
 
-LOCAL_ACCOUNT = "local"
+from dan.api.generation import context
+from dan.domain import Account
+from dan.errors import PermissionDenied
 
 
 def api_key(request: Request) -> str | None:
+    """The key the request sends, with or without ``Bearer``; None if it sends none."""
     header = request.headers.get("authorization", "").strip()
     if header[:7].lower() == "bearer ":
         header = header[7:].strip()
     return header or None
 
 
+def caller(request: Request) -> Account:
+    """The caller's account (looked up once per request, then remembered on it)."""
+    known = getattr(request.state, "dan_account", None)
+    if isinstance(known, Account):
+        return known
+    account = context(request).services.accounts.authenticate(api_key(request))
+    request.state.dan_account = account
+    return account
+
+
 def account_of(request: Request) -> str:
-    key = api_key(request)
-    if key is None:
-        return LOCAL_ACCOUNT
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    """The id of the caller's account: the queue lane its tasks join."""
+    return caller(request).id
+
+
+def require_admin(request: Request) -> Account:
+    """The caller, who must be an admin."""
+    account = caller(request)
+    if not account.is_admin:
+        raise PermissionDenied("this needs an admin account")
+    return account
+
+
+def require_node_runner(request: Request) -> Account:
+    """The caller, whose account must be allowed to run nodes (admins are)."""
+    account = caller(request)
+    if not (account.can_run_nodes or account.is_admin):
+        raise PermissionDenied(
+            "this account may not run nodes; an admin can allow it with "
+            "`dan keys create --nickname NAME --nodes`"
+        )
+    return account
+
+
+def task_owner(account: Account) -> str | None:
+    """Whose tasks ``account`` may see and cancel: its own, or (None) any for an admin."""
+    return None if account.is_admin else account.id

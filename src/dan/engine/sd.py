@@ -101,9 +101,11 @@ class DiffusersEngine:
     def describe(self) -> dict[str, str]:
         on_gpu = self.device.type == "cuda"
         name = torch.cuda.get_device_name(self.device) if on_gpu else platform.processor()
+        memory = torch.cuda.get_device_properties(self.device).total_memory if on_gpu else 0
         return {
             "device": str(self.device),
             "device_name": name or "cpu",
+            "device_memory_bytes": str(memory),  # 0: the host's memory is what the node has
             "dtype": str(self.dtype).removeprefix("torch."),
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,

@@ -94,6 +94,8 @@ class NodeStore(Protocol):
 
     def list_for(self, account: str) -> list[NodeRecord]: ...
 
+    def list_online(self) -> list[NodeRecord]: ...
+
     def list_public(self) -> list[PublicNode]: ...
 
     def request_pull(self, node_id: str, catalog_name: str) -> tuple[str, ...] | None: ...
@@ -182,6 +184,13 @@ class SqlNodeStore:
     def list_for(self, account: str) -> list[NodeRecord]:
         """The nodes of ``account``, by name."""
         query = select(nodes).where(nodes.c.account == account).order_by(nodes.c.name)
+        with self._read() as conn:
+            return [self._record(row) for row in conn.execute(query).mappings()]
+
+    def list_online(self) -> list[NodeRecord]:
+        """The nodes seen within ``offline_after_s``, by id."""
+        since = self._clock() - self._offline_after_s
+        query = select(nodes).where(nodes.c.last_seen_at >= since).order_by(nodes.c.id)
         with self._read() as conn:
             return [self._record(row) for row in conn.execute(query).mappings()]
 

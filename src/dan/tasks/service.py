@@ -99,7 +99,10 @@ class TaskService:
     def _check_served(self, needs: Needs) -> str | None:
         """Refuse (or warn about, by setting) a task needing a model no online node has.
 
-        Nothing is refused while no node at all is online: the task waits for the first."""
+        Nothing is refused while no node at all is online: the task waits for the first; nor
+        when this server runs a local worker, which has every model the request resolved to."""
+        if self._settings.worker:
+            return None
         served = self._store.models_served()
         if served is None:
             return None

@@ -3,6 +3,11 @@
 A task that fails inside the engine fails alone, with a message; the loop goes on. Only a
 FatalEngineError (the device is unusable) ends the loop, so a supervisor can restart the
 process; the task it was running goes back to the queue when its lease expires.
+
+The loop needs four things of its queue (``WorkQueue``): the same loop serves a TaskStore
+directly (``dan worker`` and the tests), the embedded worker through an adapter that offers
+what it has installed and loaded (dan.workers.local), and a remote node through the HTTP
+client of dan.workers.remote.
 """
 
 from __future__ import annotations
@@ -11,25 +16,47 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from dan.domain import (
-    ClaimedTask,
-)
+from dan.domain import ClaimedTask, TaskResult
 from dan.engine.base import Engine
 from dan.errors import DanError, FatalEngineError, TaskCancelled
-from dan.storage import BlobStore
 from dan.tasks.orders import ModelLookup
-from dan.tasks.store import CANCELLED_MESSAGE, TaskStore
-from dan.workers.runner import TaskRunner
+from dan.tasks.store import CANCELLED_MESSAGE, Heartbeat
+from dan.workers.runner import TaskFiles, TaskRunner
 
 log = logging.getLogger(__name__)
+
+
+class WorkQueue(Protocol):
+    """What the worker loop needs of a queue: the worker side of dan.tasks.store.TaskStore,
+    which satisfies it as it is. Methods may block; they are called from the loop's thread
+    and (heartbeat) from the lease's renewal thread."""
+
+    def claim(self, worker_id: str, *, lease_s: float) -> ClaimedTask | None:
+        """The next task this worker may run, its lease taken; None if there is none."""
+        ...
+
+    def heartbeat(
+        self, task_id: str, worker_id: str, *, lease_s: float, progress: float | None = None
+    ) -> Heartbeat:
+        """Renew the lease and record progress; whether it is still held, and whether to stop."""
+        ...
+
+    def complete(self, task_id: str, worker_id: str, result: TaskResult) -> bool:
+        """Record success; False if the worker no longer holds the task (nothing changes)."""
+        ...
+
+    def fail(self, task_id: str, worker_id: str, error: str) -> bool:
+        """Record failure; False if the worker no longer holds the task (nothing changes)."""
+        ...
 
 
 class Lease:
     """Keeps a claimed task's lease alive from a background thread while the task runs, and
     carries per-step progress; ``report`` raises TaskCancelled when the task should stop."""
 
-    def __init__(self, store: TaskStore, task_id: str, worker_id: str, lease_s: float) -> None:
+    def __init__(self, store: WorkQueue, task_id: str, worker_id: str, lease_s: float) -> None:
         self._store, self._task_id, self._worker_id = store, task_id, worker_id
         self._lease_s = lease_s
         self._stop = threading.Event()
@@ -69,10 +96,10 @@ class Lease:
 class Worker:
     def __init__(
         self,
-        store: TaskStore,
+        store: WorkQueue,
         engine: Engine,
         models: ModelLookup,
-        blobs: BlobStore,
+        blobs: TaskFiles,
         *,
         worker_id: str,
         lease_s: float,

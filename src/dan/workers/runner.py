@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from PIL.Image import Image
 
 from dan.domain import (
@@ -21,14 +23,26 @@ from dan.domain import (
 from dan.engine.base import Engine
 from dan.errors import DanError, EngineError
 from dan.imaging import encode_png, infotext, load_png
-from dan.storage import BlobStore
 from dan.tasks.orders import ModelLookup
+
+
+class TaskFiles(Protocol):
+    """Where a task's input images are read and its results written (a BlobStore, or the
+    server's, over HTTP, on a remote node). Keys are ``<task id>/<file name>``."""
+
+    def get(self, key: str) -> bytes:
+        """The bytes under ``key``; KeyError if there are none."""
+        ...
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key``."""
+        ...
 
 
 class TaskRunner:
     """Runs one task of any kind. Raises what the engine raises (see Engine)."""
 
-    def __init__(self, engine: Engine, models: ModelLookup, blobs: BlobStore) -> None:
+    def __init__(self, engine: Engine, models: ModelLookup, blobs: TaskFiles) -> None:
         self._engine, self._models, self._blobs = engine, models, blobs
 
     def run(self, task: ClaimedTask, progress: ProgressCallback) -> TaskResult:

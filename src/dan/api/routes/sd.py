@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from dan.api.auth import account_of
+from dan.api.auth import account_of, caller, task_owner
 from dan.api.generation import AnyBody, context, submit, task_status, wait_for_success
 from dan.api.schemas import (
     DetectBody,
@@ -38,14 +38,14 @@ def success_message(body: AnyBody, record: TaskRecord | None = None) -> str:
 async def run(body: AnyBody, request: Request) -> dict[str, Any]:
     """Submit and wait: ``{taskId, images, seeds}`` (``{taskId, caption}`` for interrogate)."""
     ctx = context(request)
-    record = await submit(ctx, account_of(request), body)
+    record = await submit(ctx, await asyncio.to_thread(account_of, request), body)
     result = await wait_for_success(ctx, record)
     return ok({"taskId": record.id, **result}, success_message(body, record))
 
 
 async def queue(body: AnyBody, request: Request) -> dict[str, Any]:
     """Submit and answer at once: ``{status: 0, taskId, queuePosition}``."""
-    record = await submit(context(request), account_of(request), body)
+    record = await submit(context(request), await asyncio.to_thread(account_of, request), body)
     position = record.queue_position
     data = {"status": int(record.status), "taskId": record.id, "queuePosition": position}
     return ok(data, success_message(body, record))
@@ -105,24 +105,29 @@ async def controlnet_detect_async(body: DetectBody, request: Request) -> dict[st
 
 @router.post("/task/status", summary="Status, progress and result of a task")
 async def status(body: TaskIdBody, request: Request) -> dict[str, Any]:
-    return ok(await task_status(context(request), body.taskId, None))
+    owner = task_owner(await asyncio.to_thread(caller, request))
+    return ok(await task_status(context(request), body.taskId, owner))
 
 
 @router.post("/task/cancel", summary="Cancel a task (a running one stops within one step)")
 async def cancel(body: TaskIdBody, request: Request) -> dict[str, Any]:
+    owner = task_owner(await asyncio.to_thread(caller, request))
     tasks = context(request).services.tasks
-    record = await asyncio.to_thread(tasks.cancel, body.taskId, None)
+    record = await asyncio.to_thread(tasks.cancel, body.taskId, owner)
     return ok({"taskId": record.id, "status": int(record.status), "cancelRequested": True})
 
 
 @router.get("/supportedModelInfo", summary="Installed checkpoints and LoRAs, and the samplers")
 async def supported_model_info(request: Request) -> dict[str, Any]:
-    registry = context(request).services.registry
+    """The models of this server and of the online nodes (read from the database)."""
+    models = context(request).services.models
+    kinds = (ModelKind.CHECKPOINT, ModelKind.LORA, ModelKind.UPSCALER)
+    listed = await asyncio.to_thread(lambda: {kind: models.list(kind) for kind in kinds})
 
     def listing(kind: ModelKind) -> list[dict[str, str]]:
-        return [{"name": m.name, "hash": m.sha256} for m in registry.list(kind)]
+        return [{"name": m.name, "hash": m.sha256} for m in listed[kind]]
 
-    upscalers = [m.name for m in registry.list(ModelKind.UPSCALER)]
+    upscalers = [m.name for m in listed[ModelKind.UPSCALER]]
     return ok(
         {
             "Models": listing(ModelKind.CHECKPOINT),

@@ -25,6 +25,9 @@ async def health(request: Request) -> dict[str, Any]:
     return ok({"status": "ok", "version": __version__})
 
 
-@router.get("/api/user/public-api-key", summary="A key any client may use (keyless mode)")
+@router.get(
+    "/api/user/public-api-key",
+    summary="A key anonymous clients may use (lowest priority); 403 if the server has none",
+)
 async def public_api_key(request: Request) -> dict[str, Any]:
-    return ok({"apiKey": context(request).services.public_api_key})
+    return ok({"apiKey": context(request).services.accounts.public_api_key()})

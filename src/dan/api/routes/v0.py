@@ -4,6 +4,7 @@ success, ``{"msg": "..."}`` on failure (see dan.api.errors); interrogate answers
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,7 +19,7 @@ router = APIRouter(prefix=V0_PREFIX, tags=["v0 format"])
 
 async def run(body: Txt2ImgBody | Img2ImgBody, request: Request) -> dict[str, Any]:
     ctx = context(request)
-    record = await submit(ctx, account_of(request), body)
+    record = await submit(ctx, await asyncio.to_thread(account_of, request), body)
     return {"images": (await wait_for_success(ctx, record))["images"]}
 
 
@@ -35,5 +36,5 @@ async def img2img(body: Img2ImgBody, request: Request) -> dict[str, Any]:
 @router.post("/interrogate", summary="interrogate answered in the v0 format")
 async def interrogate(body: InterrogateBody, request: Request) -> dict[str, Any]:
     ctx = context(request)
-    record = await submit(ctx, account_of(request), body)
+    record = await submit(ctx, await asyncio.to_thread(account_of, request), body)
     return {"caption": (await wait_for_success(ctx, record))["caption"]}

@@ -1,0 +1,176 @@
+"""``dan node``: a machine with a GPU serving a DAN server over HTTP(S), as a remote node.
+
+The node registers what it is and has (device, memory, the sha256 of every installed model
+file, the same files by kind and name so that the server resolves requests against them, the
+checkpoints it holds loaded), then runs the same worker loop as the embedded worker
+on a RemoteQueue: it long-polls for a task, renews its lease and streams progress while it
+runs, fetches the task's input images and uploads its results. Catalog models an admin asks
+it to pull are downloaded in the background (verified by sha256) and the node registers again
+with them. SIGTERM or Ctrl-C stops it after the current task (a second Ctrl-C at once); it
+then tells the server, which puts back anything it still held.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+import httpx
+
+from dan.config import Settings
+from dan.engine.base import Engine, load_engine
+from dan.errors import DanError
+from dan.models.download import pull
+from dan.models.registry import ModelRegistry
+from dan.nodes.service import NodeDescription
+from dan.workers.capabilities import (
+    REGISTER_CAPABILITIES_BYTES,
+    capabilities,
+    installed_hashes,
+    loaded_checkpoints,
+)
+from dan.workers.loop import Worker
+from dan.workers.remote import NodeClient, RemoteFiles, RemoteQueue
+
+log = logging.getLogger(__name__)
+
+
+class Puller:
+    """Downloads requested catalog models one at a time in a background thread, then rescans
+    the models folder and calls ``on_installed`` (so the node registers again)."""
+
+    def __init__(self, registry: ModelRegistry, on_installed: Callable[[], None]) -> None:
+        self._registry = registry
+        self._on_installed = on_installed
+        self._wanted: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._pull_forever, name="puller", daemon=True)
+
+    def request(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            self._wanted.put(name)
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def _pull_forever(self) -> None:
+        while True:
+            name = self._wanted.get()
+            try:
+                self.pull_one(name)
+            except DanError as exc:
+                log.error("could not pull %s: %s", name, exc.message)
+            except Exception:
+                log.exception("could not pull %s", name)
+
+    def pull_one(self, name: str) -> None:
+        entry = self._registry.catalog.find(name)
+        log.info("pulling %s as the server asked", entry.name)
+        path = pull(entry, self._registry.models_dir, progress=False, hashes=self._registry.hashes)
+        self._registry.scan()
+        self._on_installed()
+        log.info("installed %s (%s)", path, entry.sha256[:10])
+
+
+class Node:
+    """One node: its registry, engine, connection and worker loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        engine: Engine,
+        client: NodeClient,
+        *,
+        stop: threading.Event,
+        idle_sleep_s: float = 0.05,
+    ) -> None:
+        self._name, self._engine, self._client, self._stop = name, engine, client, stop
+        self._registry = ModelRegistry(
+            settings.models_dir, settings.cache_dir, allow_ckpt=settings.allow_ckpt
+        )
+        self._registry.scan()
+        self._puller = Puller(self._registry, lambda: self.queue.refresh())
+        self.queue = RemoteQueue(
+            client,
+            self.describe,
+            stop=stop,
+            loaded=lambda: loaded_checkpoints(engine),
+            on_pull=self._puller.request,
+        )
+        self._idle_sleep_s = idle_sleep_s
+
+    def describe(self) -> NodeDescription:
+        """What the node registers: read afresh each time (models may have been pulled)."""
+        described = capabilities(
+            self._engine, self._registry, max_bytes=REGISTER_CAPABILITIES_BYTES
+        )
+        if described.get("models_left_out"):
+            log.warning(
+                "%d model(s) left out of the list sent to the server (it takes %d bytes); "
+                "requests can name them only where the server has them too",
+                described["models_left_out"],
+                REGISTER_CAPABILITIES_BYTES,
+            )
+        return NodeDescription(
+            self._name,
+            described,
+            installed_hashes(self._registry),
+            loaded_checkpoints(self._engine),
+        )
+
+    def run(self) -> None:
+        """Register, then serve until ``stop``; raises the DanError that made the node stop
+        if the server refused it (e.g. PermissionDenied for a key that may not run nodes)."""
+        node_id = self.queue.register()
+        worker = Worker(
+            self.queue,
+            self._engine,
+            self._registry,
+            RemoteFiles(self._client, lambda: self.queue.node_id),
+            worker_id=f"node:{node_id}",
+            lease_s=self.queue.lease_s,
+            idle_sleep_s=self._idle_sleep_s,
+        )
+        try:
+            worker.run(self._stop)
+        finally:
+            self.queue.close()
+            self._say_offline()
+        if self.queue.fatal is not None:
+            raise self.queue.fatal
+
+    def _say_offline(self) -> None:
+        if self.queue.node_id is None:
+            return
+        try:
+            released = self._client.offline(self.queue.node_id)
+        except DanError as exc:
+            log.warning("could not tell the server this node stops: %s", exc.message)
+            return
+        log.info("node stopped%s", f"; {released} task(s) handed back" if released else "")
+
+
+def run_node(settings: Settings, server: str, api_key: str, name: str) -> None:
+    """Serve ``server`` as the node ``name`` of the key's account until SIGTERM/SIGINT."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: the node stops after the current task (again to stop now)", signum)
+        signal.signal(signum, signal.SIG_DFL)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat
+    engine = load_engine(settings)
+    log.info("engine: %s", engine.describe())
+    client = NodeClient(server, api_key, stop=stop)
+    try:
+        Node(settings, name, engine, client, stop=stop).run()
+    except httpx.InvalidURL as exc:
+        raise DanError(f"invalid server URL {server!r}: {exc}") from exc
+    finally:
+        client.close()

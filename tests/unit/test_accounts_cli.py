@@ -1,0 +1,59 @@
+"""`dan keys ...` and `dan honor grant`: admin commands on the account database."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dan.cli import main
+from dan.config import Settings
+from dan.errors import PermissionDenied
+from dan.services import account_services
+
+KEY = re.compile(r"^sk-[A-Za-z0-9]{48}$", re.MULTILINE)
+
+
+def test_keys_create_prints_a_working_key_that_is_not_stored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {**os.environ, "DAN_DATA_DIR": str(tmp_path)}
+    env.pop("DAN_DATABASE_URL", None)
+    argv = ["keys", "create", "--nickname", "carol", "--email", "c@example.org", "--admin"]
+    done = subprocess.run(
+        [sys.executable, "-m", "dan", *argv], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    key = done.stdout.strip()
+    assert KEY.fullmatch(key), done.stdout
+    assert "shown only now" in done.stderr and key not in done.stderr
+
+    settings = Settings(data_dir=tmp_path, auth="required")
+    with account_services(settings) as accounts:
+        account = accounts.authenticate(key)
+        assert (account.nickname, account.is_admin, account.honor) == ("carol", True, 10.0)
+    stored = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert key.encode() not in stored and key[7:].encode() not in stored
+
+    data_dir = ["--data-dir", str(tmp_path)]
+    assert main(["honor", "grant", "carol", "2.5", "--note", "thanks", *data_dir]) == 0
+    assert "balance 12.5" in capsys.readouterr().out
+    assert main(["keys", "list", "--nickname", "carol", *data_dir]) == 0
+    listing = capsys.readouterr().out
+    assert key[:7] in listing and key not in listing and "active" in listing
+    key_id = listing.splitlines()[1].split()[0]
+    assert main(["keys", "revoke", key_id, *data_dir]) == 0
+    with account_services(settings) as accounts, pytest.raises(PermissionDenied, match="revoked"):
+        accounts.authenticate(key)
+
+
+def test_keys_create_refuses_reserved_nicknames(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for nickname in ("public", "anon-123", "two words"):
+        assert main(["keys", "create", "--nickname", nickname, "--data-dir", str(tmp_path)]) == 1
+        assert "error: " in capsys.readouterr().err

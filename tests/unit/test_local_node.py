@@ -1,0 +1,83 @@
+"""The embedded worker is a node: it says what it serves and claims only what it can run."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from sqlalchemy import select
+
+from dan.domain import LOCAL_ACCOUNT, GenerationRequest, ModelKind, ModelRef, TaskKind, TaskStatus
+from dan.engine.fake import FakeEngine
+from dan.models.registry import ModelRegistry
+from dan.nodes.store import SqlNodeStore
+from dan.storage import InMemoryBlobStore
+from dan.tasks.db import create_db_engine, migrate
+from dan.tasks.store import NewTask, SqlTaskStore
+from dan.tasks.tables import honor_grants
+from dan.workers.local import LOCAL_NODE_NAME, LocalNodeQueue
+from dan.workers.loop import Worker
+from tests.api.conftest import install_dummy_checkpoint
+
+
+class Ticks:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def submit(store: SqlTaskStore, sha: str) -> str:
+    request = GenerationRequest("p", "", 1, "Euler", 2, 7.0, 64, 64, ModelRef(sha, "m"))
+    task = NewTask(
+        str(uuid.uuid4()),
+        "someone",
+        TaskKind.TXT2IMG,
+        request.to_params(),
+        checkpoint=sha,
+        requires=(sha,),
+    )
+    return store.submit(task, max_pending=10).id
+
+
+def test_the_local_worker_registers_claims_what_it_has_and_notices_new_files(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'q.sqlite3'}"
+    migrate(url)
+    db = create_db_engine(url)
+    store = SqlTaskStore(db)
+    nodes = SqlNodeStore(db, offline_after_s=60, online_interval_s=600)
+    install_dummy_checkpoint(tmp_path / "models", "a")
+    registry = ModelRegistry(tmp_path / "models", tmp_path / "cache", allow_ckpt=False)
+    ticks = Ticks()
+    queue = LocalNodeQueue(store, nodes, registry, FakeEngine(), lookahead=8, monotonic=ticks)
+    node_id = queue.register()
+    sha_a = registry.list(ModelKind.CHECKPOINT)[0].sha256
+    record = nodes.get(node_id)
+    assert record is not None
+    assert (record.account, record.name, record.installed) == (
+        LOCAL_ACCOUNT,
+        LOCAL_NODE_NAME,
+        {sha_a},
+    )
+    assert store.models_served() == {sha_a}
+
+    missing = submit(store, "d" * 64)
+    runnable = submit(store, sha_a)
+    worker = Worker(queue, FakeEngine(), registry, InMemoryBlobStore(), worker_id="w", lease_s=30)
+    assert worker.run_once() and not worker.run_once()  # the task for a file it lacks waits
+    assert store.get(runnable).status == TaskStatus.SUCCESS  # type: ignore[union-attr]
+    assert store.get(missing).status == TaskStatus.PENDING  # type: ignore[union-attr]
+    assert nodes.get(node_id).tasks_done == 1  # type: ignore[union-attr]
+    with db.connect() as conn:
+        assert conn.execute(select(honor_grants.c.amount)).scalars().all() == [0.0]
+
+    path = install_dummy_checkpoint(tmp_path / "models", "b")
+    later = submit(store, registry.hashes.sha256(path))
+    ticks.now += 10  # the next claim refreshes the node row (and rescans)
+    assert worker.run_once()
+    assert store.get(later).status == TaskStatus.SUCCESS  # type: ignore[union-attr]
+    assert len(nodes.get(node_id).installed) == 2  # type: ignore[union-attr]
+    db.dispose()
