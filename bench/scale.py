@@ -104,17 +104,77 @@ def bench_queue(args: argparse.Namespace) -> None:
 # --- throughput with nodes ----------------------------------------------------------------
 
 
-def bench_nodes(args: argparse.Namespace) -> None:
-    from bench.network import NetworkHarness  # the multi-process harness the e2e tests use
+class Network:
+    """`dan serve --no-worker` (keys required) and ``count`` `dan node` processes serving a
+    tiny random-weight checkpoint, in a temporary folder; the tests' own helpers start them."""
 
+    def __init__(self, root: Path, count: int) -> None:
+        from tests.api.test_network_e2e import create_key, start_node
+        from tests.api.test_server_e2e import install_tiny_checkpoint
+        from tests.fixtures.server import start_server
+
+        install_tiny_checkpoint(root / "node-models")  # where start_node's nodes look
+        donor, self.key = create_key(root, "donor", "--nodes"), create_key(root, "bench")
+        self.server = start_server(
+            root, DAN_WORKER="false", DAN_AUTH="required", DAN_MAX_PENDING_PER_ACCOUNT="1000"
+        )
+        self.nodes = [start_node(root, self.server.url, donor, f"n{i}") for i in range(count)]
+        self._wait_online(count)
+
+    def _wait_online(self, count: int) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            listed = self.server.client.get("/api/nodes").json()["data"]
+            if sum(node["status"] == "online" for node in listed) == count:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"only some of {count} nodes came online:\n{self.server.log()}")
+
+    def run_batch(self, tasks: int, steps: int) -> float:
+        """Seconds from submitting ``tasks`` async txt2img tasks to the last one finishing."""
+        headers = {"Authorization": f"Bearer {self.key}"}
+        body = {"prompt": "a fox", "steps": steps, "width": 64, "height": 64, "model": "tiny-sd15"}
+        started = time.perf_counter()
+        ids = [
+            self.server.client.post("/api/sd/txt2img/async", json=body, headers=headers).json()[
+                "data"
+            ]["taskId"]
+            for _ in range(tasks)
+        ]
+        pending = set(ids)
+        while pending:
+            for task_id in list(pending):
+                reply = self.server.client.post(
+                    "/api/sd/task/status", json={"taskId": task_id}, headers=headers
+                ).json()["data"]
+                if reply["status"] == 3:
+                    raise RuntimeError(f"task failed: {reply}")
+                if reply["status"] == 2:
+                    pending.discard(task_id)
+            time.sleep(0.05)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.terminate()
+        for node in self.nodes:
+            node.wait(60)
+        self.server.stop()
+
+
+def bench_nodes(args: argparse.Namespace) -> None:
     rates: dict[int, float] = {}
     for count in args.nodes:
-        with NetworkHarness(nodes=count) as network:
-            network.warm_up(steps=args.steps)
-            samples = [network.run_batch(args.tasks, steps=args.steps) for _ in range(args.runs)]
-        rates[count] = args.tasks / statistics.median(samples)
-        base = rates[min(rates)]
-        print(f"{count} node(s)  {rates[count]:6.2f} tasks/s  ({rates[count] / base:.2f}x one node)")
+        with tempfile.TemporaryDirectory() as folder:
+            network = Network(Path(folder), count)
+            try:
+                network.run_batch(count, args.steps)  # every node loads the checkpoint
+                times = [network.run_batch(args.tasks, args.steps) for _ in range(args.runs)]
+            finally:
+                network.close()
+        rates[count] = args.tasks / statistics.median(times)
+        ratio = rates[count] / rates[min(rates)]
+        print(f"{count} node(s)  {rates[count]:6.2f} tasks/s  ({ratio:.2f}x one node)")
 
 
 def main() -> None:
