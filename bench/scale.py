@@ -31,11 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqlalchemy import text
 
 from dan.domain import TaskKind
 from dan.tasks.db import create_db_engine, migrate
 from dan.tasks.store import NewTask, SqlTaskStore
+from tests.fixtures.postgres import schema_url
 
 PARAMS = {"prompt": "a lighthouse at dusk", "steps": 20, "width": 512, "height": 512}
 
@@ -47,21 +47,6 @@ PARAMS = {"prompt": "a lighthouse at dusk", "steps": 20, "width": 512, "height":
 def sqlite_url() -> Iterator[str]:
     with tempfile.TemporaryDirectory() as folder:
         yield f"sqlite:///{Path(folder) / 'bench.sqlite3'}"
-
-
-@contextmanager
-def postgres_url(base: str) -> Iterator[str]:
-    schema = "bench_" + uuid.uuid4().hex[:10]
-    admin = create_db_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in base else "?"
-    try:
-        yield f"{base}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def queue_ops_per_s(url: str, ops: int, threads: int) -> float:
@@ -96,7 +81,7 @@ def bench_queue(args: argparse.Namespace) -> None:
     if not pg_base:
         print("PostgreSQL  skipped: pass --postgres URL or set DAN_TEST_POSTGRES_URL")
         return
-    with postgres_url(pg_base) as url:
+    with schema_url(pg_base, "bench_") as url:
         postgres = queue_ops_per_s(url, args.ops, args.threads)
     print(f"PostgreSQL  {postgres:8.0f} ops/s  ({postgres / sqlite:.2f}x SQLite)")
 

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from sqlalchemy import text
 from dan.domain import TaskStatus
 from dan.tasks.db import create_db_engine
 from tests.api.test_network_e2e import BASE_ENV, start_node
+from tests.fixtures.postgres import schema_url
 from tests.fixtures.server import Server, free_port, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -79,15 +79,8 @@ def create_key(env: dict[str, str], nickname: str, *flags: str) -> str:
 def database() -> Iterator[str]:
     if not POSTGRES_URL:
         pytest.skip("set DAN_TEST_POSTGRES_URL to run the replica tests on PostgreSQL")
-    schema = "e2e_" + uuid.uuid4().hex[:10]
-    admin = create_db_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in POSTGRES_URL else "?"
-    yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    with schema_url(POSTGRES_URL, "e2e_") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,15 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from dan.tasks.db import create_db_engine, migrate
 from dan.tasks.store import SqlTaskStore
+from tests.fixtures.postgres import schema_url
 
 POSTGRES_URL = os.environ.get("DAN_TEST_POSTGRES_URL")
 
@@ -30,20 +30,6 @@ class Clock:
         self.now += seconds
 
 
-def _postgres_engine() -> Iterator[str]:
-    # A schema of its own per test, so tests never see each other's rows.
-    assert POSTGRES_URL
-    schema = "t_" + uuid.uuid4().hex[:12]
-    admin = create_db_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in POSTGRES_URL else "?"
-    yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
@@ -51,7 +37,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     elif not POSTGRES_URL:
         pytest.skip("set DAN_TEST_POSTGRES_URL to run the store suite on PostgreSQL")
     else:
-        yield from _postgres_engine()
+        with schema_url(POSTGRES_URL) as url:
+            yield url
 
 
 @pytest.fixture

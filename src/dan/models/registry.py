@@ -58,7 +58,7 @@ PICKLED_SUFFIXES = frozenset({".ckpt", ".pt"})
 MIN_PREFIX = 10  # AUTOMATIC1111's short hash is the first 10 hex digits of the sha256
 _HEX = re.compile(r"[0-9a-fA-F]+")
 _LISTED_IN_MESSAGES = 10
-_HOW_TO = (
+HOW_TO = (
     "see GET /api/sd/supportedModelInfo or `dan models list`; download with `dan models pull NAME`"
 )
 
@@ -209,18 +209,14 @@ class ModelRegistry:
     def _match(self, kind: ModelKind, key: str) -> InstalledModel | None:
         models = self._snapshot(kind)
         return (
-            _by_full_hash(models, key)
+            by_full_hash(models, key)
             or _by_name(models, key)
-            or _by_prefix(models, key, kind)
+            or by_prefix(models, key, kind)
             or self._by_catalog(kind, key)
         )
 
     def _by_catalog(self, kind: ModelKind, key: str) -> InstalledModel | None:
-        entry = self.catalog.get(key, kind)
-        if entry is None and _is_hex(key) and MIN_PREFIX <= len(key) < 64:
-            prefix = key.lower()
-            entries = self.catalog.of_kind(kind)
-            entry = next((e for e in entries if any(h.startswith(prefix) for h in e.hashes)), None)
+        entry = catalog_entry(self.catalog, key, kind)
         return self.find_installed(entry) if entry is not None else None
 
     def _not_found_message(self, kind: ModelKind, key: str) -> str:
@@ -231,10 +227,21 @@ class ModelRegistry:
                 f"download it with `dan models pull {entry.name}`"
             )
         hint = ""
-        if _is_hex(key) and len(key) < MIN_PREFIX:
+        if is_hex(key) and len(key) < MIN_PREFIX:
             hint = f" (a hash prefix needs at least {MIN_PREFIX} hex digits)"
-        installed = _describe(self.list(kind))
-        return f"no {kind.value} matches {key!r}{hint}; installed: {installed}; {_HOW_TO}"
+        installed = describe(self.list(kind))
+        return f"no {kind.value} matches {key!r}{hint}; installed: {installed}; {HOW_TO}"
+
+
+def catalog_entry(catalog: Catalog, key: str, kind: ModelKind) -> CatalogEntry | None:
+    """The catalog entry of ``kind`` that ``key`` names: name, alias, sha256, or a 10+ digit
+    prefix of one of its hashes."""
+    entry = catalog.get(key, kind)
+    if entry is None and is_hex(key) and MIN_PREFIX <= len(key) < 64:
+        prefix = key.lower()
+        entries = catalog.of_kind(kind)
+        entry = next((e for e in entries if any(h.startswith(prefix) for h in e.hashes)), None)
+    return entry
 
 
 def _model_files(folder: Path, extensions: frozenset[str]) -> Iterator[Path]:
@@ -246,27 +253,34 @@ def _model_files(folder: Path, extensions: frozenset[str]) -> Iterator[Path]:
                 yield Path(root) / name
 
 
-def _is_hex(text: str) -> bool:
+def is_hex(text: str) -> bool:
     return _HEX.fullmatch(text) is not None
 
 
-def _by_full_hash(models: tuple[InstalledModel, ...], key: str) -> InstalledModel | None:
-    if len(key) != 64 or not _is_hex(key):
+Prefer = Callable[[Iterable[InstalledModel]], "InstalledModel | None"]
+
+
+def by_full_hash(
+    models: Iterable[InstalledModel], key: str, prefer: Prefer | None = None
+) -> InstalledModel | None:
+    """The model whose sha256 is ``key`` (any case), chosen by ``prefer`` among copies."""
+    if len(key) != 64 or not is_hex(key):
         return None
     digest = key.lower()
-    return _preferred(m for m in models if m.sha256 == digest)
+    return (prefer or preferred)(m for m in models if m.sha256 == digest)
 
 
 def _by_name(models: tuple[InstalledModel, ...], key: str) -> InstalledModel | None:
     folded = key.casefold()
-    return _preferred(m for m in models if folded in (m.name.casefold(), m.path.name.casefold()))
+    return preferred(m for m in models if folded in (m.name.casefold(), m.path.name.casefold()))
 
 
-def _by_prefix(
-    models: tuple[InstalledModel, ...], key: str, kind: ModelKind
+def by_prefix(
+    models: Iterable[InstalledModel], key: str, kind: ModelKind, prefer: Prefer | None = None
 ) -> InstalledModel | None:
-    """The model whose sha256 starts with ``key``; raises if several different hashes do."""
-    if not (_is_hex(key) and MIN_PREFIX <= len(key) < 64):
+    """The model whose sha256 starts with ``key`` (10+ hex digits); raises ModelNotFound if
+    several different hashes do."""
+    if not (is_hex(key) and MIN_PREFIX <= len(key) < 64):
         return None
     prefix = key.lower()
     matches = [m for m in models if m.sha256.startswith(prefix)]
@@ -279,16 +293,17 @@ def _by_prefix(
             kind=kind.value,
             ref=key,
         )
-    return _preferred(matches)
+    return (prefer or preferred)(matches)
 
 
-def _preferred(models: Iterable[InstalledModel]) -> InstalledModel | None:
+def preferred(models: Iterable[InstalledModel]) -> InstalledModel | None:
     """Among files that all match, prefer .safetensors, then the first by path."""
     ranked = sorted(models, key=lambda m: (m.path.suffix.lower() != ".safetensors", str(m.path)))
     return ranked[0] if ranked else None
 
 
-def _describe(models: builtins.list[InstalledModel]) -> str:
+def describe(models: builtins.list[InstalledModel]) -> str:
+    """The first few models as ``name (short hash)``, for error messages."""
     if not models:
         return "none"
     shown = ", ".join(f"{m.name} ({m.sha256[:MIN_PREFIX]})" for m in models[:_LISTED_IN_MESSAGES])

@@ -20,23 +20,28 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 from dan.domain import InstalledModel, ModelKind
 from dan.errors import ModelNotFound
 from dan.models.catalog import Catalog
-from dan.models.registry import MIN_PREFIX, ModelRegistry
+from dan.models.registry import (
+    HOW_TO,
+    MIN_PREFIX,
+    ModelRegistry,
+    by_full_hash,
+    by_prefix,
+    catalog_entry,
+    describe,
+    is_hex,
+)
 from dan.nodes.store import NodeRecord
 
 NETWORK_FOLDER = Path("<network>")  # the parent of a network-only model's (unusable) path
 CACHE_S = 2.0  # how long the online nodes' reports are reused
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_HEX = re.compile(r"[0-9a-fA-F]+")
-_LISTED_IN_MESSAGES = 10
-_HOW_TO = (
-    "see GET /api/sd/supportedModelInfo or `dan models list`; download with `dan models pull NAME`"
-)
 
 
 class OnlineNodes(Protocol):
@@ -165,12 +170,12 @@ class NetworkModels:
                 f"nor on an online node; download it with `dan models pull {entry.name}`"
             )
         hint = ""
-        if _is_hex(key) and len(key) < MIN_PREFIX:
+        if is_hex(key) and len(key) < MIN_PREFIX:
             hint = f" (a hash prefix needs at least {MIN_PREFIX} hex digits)"
-        available = _describe(self.list(kind))
+        available = describe(self.list(kind))
         return (
             f"no {kind.value} matches {key!r}{hint}; installed here or on online nodes: "
-            f"{available}; {_HOW_TO}"
+            f"{available}; {HOW_TO}"
         )
 
 
@@ -224,19 +229,11 @@ def _match(
     holders: Mapping[str, int],
 ) -> InstalledModel | None:
     return (
-        _by_full_hash(models, key, holders)
+        by_full_hash(models, key, partial(_best, holders=holders))
         or _by_name(models, key, kind, catalog, holders)
-        or _by_prefix(models, key, kind, holders)
+        or by_prefix(models, key, kind, partial(_best, holders=holders))
         or _by_catalog(models, key, kind, catalog, holders)
     )
-
-
-def _by_full_hash(
-    models: tuple[InstalledModel, ...], key: str, holders: Mapping[str, int]
-) -> InstalledModel | None:
-    if len(key) != 64 or not _is_hex(key):
-        return None
-    return _best((m for m in models if m.sha256 == key.lower()), holders)
 
 
 def _by_name(
@@ -255,24 +252,6 @@ def _by_name(
     return _best(vouched or named, holders)
 
 
-def _by_prefix(
-    models: tuple[InstalledModel, ...], key: str, kind: ModelKind, holders: Mapping[str, int]
-) -> InstalledModel | None:
-    """The model whose sha256 starts with ``key``; raises if several different hashes do."""
-    if not (_is_hex(key) and MIN_PREFIX <= len(key) < 64):
-        return None
-    matches = [m for m in models if m.sha256.startswith(key.lower())]
-    if len({m.sha256 for m in matches}) > 1:
-        names = ", ".join(f"{m.name} ({m.sha256[:16]}...)" for m in matches)
-        raise ModelNotFound(
-            f"{kind.value} hash prefix {key!r} is ambiguous: it matches {names}; "
-            "give more hex digits or the full sha256",
-            kind=kind.value,
-            ref=key,
-        )
-    return _best(matches, holders)
-
-
 def _by_catalog(
     models: tuple[InstalledModel, ...],
     key: str,
@@ -280,11 +259,7 @@ def _by_catalog(
     catalog: Catalog,
     holders: Mapping[str, int],
 ) -> InstalledModel | None:
-    entry = catalog.get(key, kind)
-    if entry is None and _is_hex(key) and MIN_PREFIX <= len(key) < 64:
-        prefix = key.lower()
-        entries = catalog.of_kind(kind)
-        entry = next((e for e in entries if any(h.startswith(prefix) for h in e.hashes)), None)
+    entry = catalog_entry(catalog, key, kind)
     return _installed(models, entry.hashes, holders) if entry is not None else None
 
 
@@ -317,15 +292,3 @@ def _ranked(
 def _best(models: Iterable[InstalledModel], holders: Mapping[str, int]) -> InstalledModel | None:
     ranked = _ranked(models, holders)
     return ranked[0] if ranked else None
-
-
-def _is_hex(text: str) -> bool:
-    return _HEX.fullmatch(text) is not None
-
-
-def _describe(models: builtins.list[InstalledModel]) -> str:
-    if not models:
-        return "none"
-    shown = ", ".join(f"{m.name} ({m.sha256[:MIN_PREFIX]})" for m in models[:_LISTED_IN_MESSAGES])
-    more = len(models) - _LISTED_IN_MESSAGES
-    return shown + (f" and {more} more" if more > 0 else "")
