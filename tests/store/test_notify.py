@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine
 
 from dan.domain import TaskKind, TaskResult
-from dan.tasks.notify import FinishedListener
+from dan.tasks.notify import NotifyListener
 from dan.tasks.store import NewTask, SqlTaskStore
 from dan.tasks.watcher import TaskWatcher, running
 
@@ -35,7 +35,7 @@ def test_a_finished_task_wakes_a_slow_polling_watcher_at_once(pg: tuple[Engine, 
         # Polling every 30 s: only the notification can wake it within the test's time.
         watcher = TaskWatcher(replica_a, interval_s=30.0)
         loop = asyncio.get_running_loop()
-        listener = FinishedListener(url, lambda tid: loop.call_soon_threadsafe(watcher.poke, tid))
+        listener = NotifyListener(url, lambda tid: loop.call_soon_threadsafe(watcher.poke, tid))
         listener.start()
         try:
             assert await asyncio.to_thread(listener.listening.wait, 10)
@@ -57,7 +57,7 @@ def test_a_finished_task_wakes_a_slow_polling_watcher_at_once(pg: tuple[Engine, 
 def test_the_listener_survives_a_bad_database_url() -> None:
     calls: list[str] = []
     url = os.environ.get("DAN_TEST_POSTGRES_URL", "postgresql+psycopg://nobody@127.0.0.1:1/x")
-    listener = FinishedListener(url.rsplit("/", 1)[0] + "/no_such_database", calls.append)
+    listener = NotifyListener(url.rsplit("/", 1)[0] + "/no_such_database", calls.append)
     listener.start()
     time.sleep(0.5)
     assert not listener.listening.is_set() and calls == []

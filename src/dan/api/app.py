@@ -16,7 +16,7 @@ from dan.api.generation import ApiContext
 from dan.api.limits import BodySizeLimit
 from dan.api.routes import accounts, nodes, sd, system, v0
 from dan.services import Services
-from dan.tasks.notify import FinishedListener
+from dan.tasks.notify import QUEUED, NotifyListener
 from dan.tasks.watcher import TaskWatcher, running
 
 log = logging.getLogger(__name__)
@@ -33,16 +33,20 @@ async def _sweep_forever(services: Services) -> None:
         await asyncio.sleep(SWEEP_INTERVAL_S)
 
 
-def _listen_for_finished(services: Services, watcher: TaskWatcher) -> FinishedListener | None:
-    """On PostgreSQL, wake ``watcher`` when any process finishes a task (see tasks.notify)."""
+def _listen(services: Services, watcher: TaskWatcher) -> list[NotifyListener]:
+    """On PostgreSQL: wake ``watcher`` when any process finishes a task, and the nodes' waiting
+    claims when one queues a task (see tasks.notify); polling stays as the fallback."""
     if services.db.dialect.name != "postgresql":
-        return None
+        return []
     loop = asyncio.get_running_loop()
 
     def on_finished(task_id: str) -> None:
         loop.call_soon_threadsafe(watcher.poke, task_id)
 
-    return FinishedListener(services.settings.db_url, on_finished).start()
+    url = services.settings.db_url
+    nodes = services.nodes
+    queued = NotifyListener(url, nodes.task_queued, channel=QUEUED, ready=nodes.notified)
+    return [NotifyListener(url, on_finished).start(), queued.start()]
 
 
 def create_app(services: Services) -> FastAPI:
@@ -53,10 +57,10 @@ def create_app(services: Services) -> FastAPI:
         watcher = TaskWatcher(services.store, interval_s=services.settings.poll_interval_s)
         app.state.ctx = ApiContext(services=services, watcher=watcher)
         sweeper = asyncio.create_task(_sweep_forever(services), name="sweeper")
-        listener = _listen_for_finished(services, watcher)
+        listeners = _listen(services, watcher)
         async with running(watcher):
             yield
-        if listener is not None:
+        for listener in listeners:
             listener.stop()
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):

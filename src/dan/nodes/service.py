@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_WAIT_S = 25.0  # longest claim long-poll; below common proxies' idle timeouts
 MIN_POLL_S = 0.05  # a waiting claim looks at the queue at most this often
+# With queue notifications (PostgreSQL's NOTIFY, see listen_for_queued_tasks), a waiting claim
+# asks the database when a task was queued, and otherwise only this often, as a fallback.
+NOTIFIED_POLL_S = 2.0
 MAX_ERROR_CHARS = 2000
 Gone = Callable[[], Awaitable[bool]]  # whether the claiming node hung up
 
@@ -94,6 +98,10 @@ class NodeService:
         self._sleep, self._monotonic = sleep, monotonic
         # When each node's sighting was last written by this process (heartbeats come often).
         self._touched: dict[str, float] = {}
+        # Bumped (from a listener thread) whenever any process queues a task; while a
+        # listener is connected, waiting claims only query the database when it changes.
+        self._queued = 0
+        self.notified: threading.Event = threading.Event()
         self._touch_every_s = min(5.0, settings.node_offline_after_s / 4)
 
     # -- registration ------------------------------------------------------------------------
@@ -139,15 +147,24 @@ class NodeService:
         offer = Offer(node.installed, node.loaded, self._settings.affinity_lookahead)
         deadline = self._monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
         interval = max(self._settings.poll_interval_s, MIN_POLL_S)
+        seen, next_query = -1, 0.0
         while True:
-            task = await asyncio.to_thread(self._claim_once, node_id, offer)
-            if task is not None:
-                return Assignment(task)
-            if self._monotonic() >= deadline:
+            now = self._monotonic()
+            if self._queued != seen or now >= next_query:
+                seen = self._queued
+                next_query = now + (NOTIFIED_POLL_S if self.notified.is_set() else 0.0)
+                task = await asyncio.to_thread(self._claim_once, node_id, offer)
+                if task is not None:
+                    return Assignment(task)
+            if now >= deadline:
                 return Assignment(None)
             await self._sleep(interval)
             if gone is not None and await gone():
                 return Assignment(None)
+
+    def task_queued(self, _task_id: str = "") -> None:
+        """Some process queued a task (called from the NOTIFY listener's thread)."""
+        self._queued += 1  # a lost increment only delays a claim to the fallback poll
 
     def heartbeat(
         self, account: Account, node_id: str, task_id: str, progress: float | None

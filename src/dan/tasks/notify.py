@@ -2,9 +2,10 @@
 
 When a task finishes, the store sends ``NOTIFY dan_task_finished, '<task id>'`` in the same
 transaction (delivered at commit); when one is queued, ``dan_task_queued``. A
-:class:`FinishedListener` in each API replica turns those into wake-ups of its TaskWatcher,
+:class:`NotifyListener` in each API replica turns those into wake-ups of its TaskWatcher,
 so a synchronous request served by one replica answers as soon as a node finishes the task
-through another. Polling stays as the fallback: a lost connection only adds latency.
+through another, and of the claims its nodes are waiting in, so they ask the database only
+when there is something new. Polling stays as the fallback: a lost connection only adds latency.
 SQLite (one process) needs none of this.
 """
 
@@ -31,12 +32,17 @@ def notify(conn: Connection, channel: str, payload: str = "") -> None:
     )
 
 
-class FinishedListener:
+class NotifyListener:
     """A background thread LISTENing on ``channel``; calls ``on_notify(payload)`` for each
     notification (from that thread). Reconnects after errors until :meth:`stop`."""
 
     def __init__(
-        self, database_url: str, on_notify: Callable[[str], None], channel: str = FINISHED
+        self,
+        database_url: str,
+        on_notify: Callable[[str], None],
+        channel: str = FINISHED,
+        *,
+        ready: threading.Event | None = None,
     ) -> None:
         # psycopg wants a libpq URL, without SQLAlchemy's "+psycopg" driver part.
         self._dsn = (
@@ -48,9 +54,10 @@ class FinishedListener:
         self._channel = channel
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"listen-{channel}", daemon=True)
-        self.listening = threading.Event()
+        # Set while connected and listening (callers may pass their own to watch it).
+        self.listening = ready if ready is not None else threading.Event()
 
-    def start(self) -> FinishedListener:
+    def start(self) -> NotifyListener:
         self._thread.start()
         return self
 

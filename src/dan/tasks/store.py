@@ -252,6 +252,8 @@ class SqlTaskStore:
                     status=TaskStatus.PENDING, worker_id=None, lease_expires_at=None, progress=0.0
                 )
             ).rowcount
+            if requeued and self._postgres:
+                notify(conn, QUEUED)
         return int(failed) + int(requeued)
 
     def release_worker(self, worker_id: str) -> int:
@@ -263,6 +265,8 @@ class SqlTaskStore:
                     status=TaskStatus.PENDING, worker_id=None, lease_expires_at=None, progress=0.0
                 )
             ).rowcount
+            if released and self._postgres:
+                notify(conn, QUEUED)
         return int(released)
 
     def mark_expired(self, task_ids: Sequence[str]) -> None:
