@@ -220,11 +220,12 @@ BAD_CONTROL_NET = [
 
 
 @pytest.mark.usefixtures("controlnet_installed")
-def test_hires_fix_with_control_net_is_refused(api: Api) -> None:
+def test_hires_fix_with_control_net_is_queued_with_both(api: Api) -> None:
     body = {"prompt": "a cat", "control_net": [unit()], "upscale": {"scale": 2}}
-    reply = api.post("/api/sd/txt2img", body)
-    assert (reply["_http"], reply["code"]) == (400, 3000)
-    assert reply["message"].startswith("Invalid upscale: hires fix cannot be combined")
+    reply = api.post("/api/sd/txt2img/async", body)
+    assert reply["_http"] == 200, reply
+    params = api.services.tasks.get(reply["data"]["taskId"]).params
+    assert params["hires"]["scale"] == 2 and params["control_net"]["preprocess"] == "canny"
 
 
 @pytest.fixture

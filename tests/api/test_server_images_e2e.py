@@ -220,6 +220,28 @@ def test_controlnet_canny_conditions_txt2img_and_weight_zero_is_plain(server: Se
     assert pixels(weight=1, guidance_start=0.5) != pixels(weight=1)
 
 
+def test_hires_fix_with_a_controlnet(server: Server) -> None:
+    square = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(square).rectangle((16, 16, 47, 47), fill="white")
+    unit = {"image": encode(square), "preprocess": "canny", "model": "sd15_canny"}
+    body = {
+        "prompt": "a fox",
+        "steps": 3,
+        "width": 64,
+        "height": 64,
+        "model": "tiny",
+        "seed": 8,
+        "upscale": {"scale": 1.5, "denoising_strength": 0.5, "upscaler": "Latent"},
+    }
+    plain = decode(ok(server, "/api/sd/txt2img", body)["images"][0])
+    zero = decode(
+        ok(server, "/api/sd/txt2img", {**body, "control_net": [{**unit, "weight": 0}]})["images"][0]
+    )
+    full = decode(ok(server, "/api/sd/txt2img", {**body, "control_net": [unit]})["images"][0])
+    assert plain.size == zero.size == full.size == (96, 96)
+    assert zero.tobytes() == plain.tobytes() and full.tobytes() != plain.tobytes()
+
+
 def test_interrogate_clip_captions_through_the_real_models(server: Server) -> None:
     data = ok(server, "/api/sd/interrogate", {"image": encode(photo()), "model": "clip"})
     caption, *terms = data["caption"].split(", ")

@@ -41,9 +41,11 @@ from dan.engine.controlnet_detect import (
     to_diffusers_names,
 )
 from dan.engine.detect import base_configs
+from dan.engine.hires import PromptEmbeds, hires_fix
 from dan.engine.masks import fit_image, prepare_mask
 from dan.engine.prompts import encode_prompts
 from dan.engine.samplers import make_scheduler
+from dan.engine.upscale_models import UpscalerModels
 from dan.errors import EngineError
 from tests.fixtures.tiny_controlnet import (
     build_tiny_controlnet,
@@ -343,8 +345,44 @@ def test_invalid_units_are_rejected(
         controlled_txt2img(base, generation(), unit, **run_args(base, generation()))
 
 
-def test_hires_fix_with_a_controlnet_is_refused(base: StableDiffusionPipeline) -> None:
-    request = replace(generation(), hires=HiresFix(2.0, 0.5, UpscalerChoice("Latent")))
-    unit = ControlUnit(object(), control_image())
-    with pytest.raises(EngineError, match="hires fix"):
-        controlled_txt2img(base, request, unit, **run_args(base, request))
+def hires_image(
+    base: StableDiffusionPipeline, unit: ControlUnit | None, upscaler: str = "Latent"
+) -> np.ndarray:
+    """Hires fix (x1.5, strength 0.5) wired as DiffusersEngine wires it, with ``unit``."""
+    request = replace(generation(), hires=HiresFix(1.5, 0.5, UpscalerChoice(upscaler)))
+    args = run_args(base, request)
+    image = hires_fix(
+        base,
+        request,
+        PromptEmbeds(args["prompt_embeds"], args["negative_prompt_embeds"]),
+        new_scheduler=lambda: make_scheduler(
+            request.sampler_name, base.scheduler.config, seed=request.seed
+        ),
+        new_generator=lambda: torch.Generator("cpu").manual_seed(request.seed),
+        files={},
+        upscalers=UpscalerModels(CPU, torch.float32),
+        progress=lambda done, total: None,
+        unit=unit,
+    )
+    assert image.size == (96, 96)
+    return pixels(image)
+
+
+@slow
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix_with_a_zero_weight_controlnet_is_plain_hires_fix(
+    base: StableDiffusionPipeline, controlnet: Any, upscaler: str
+) -> None:
+    unit = ControlUnit(controlnet, control_image(), weight=0.0)
+    assert np.array_equal(hires_image(base, unit, upscaler), hires_image(base, None, upscaler))
+
+
+@slow
+def test_hires_fix_with_a_controlnet_conditions_both_passes(
+    base: StableDiffusionPipeline, controlnet: Any
+) -> None:
+    plain = hires_image(base, None)
+    controlled = hires_image(base, ControlUnit(controlnet, control_image(), weight=1.0))
+    assert np.abs(controlled - plain).mean() > 1
+    late = ControlUnit(controlnet, control_image(), weight=1.0, guidance_start=0.9)
+    assert np.abs(hires_image(base, late) - controlled).mean() > 0.5

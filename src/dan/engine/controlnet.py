@@ -224,12 +224,12 @@ def controlled_txt2img(
 
     With ``unit.weight == 0`` the result equals plain txt2img's for the same scheduler, seed and
     embeddings, pixel for pixel. ``base`` is only read. Raises EngineError for an invalid unit,
-    for a request with hires fix (not supported with a ControlNet yet: refused, never ignored) and
-    when diffusers rejects the inputs; TaskCancelled raised by the callback propagates.
+    for a request with hires fix (hires_fix runs those, with the unit) and when diffusers rejects
+    the inputs; TaskCancelled raised by the callback propagates.
     """
     unit.validate()
     if request.hires is not None:
-        raise EngineError("hires fix cannot be combined with a ControlNet yet; leave one out")
+        raise EngineError("a request with hires fix runs through dan.engine.hires.hires_fix")
     run = _run(base, unit, scheduler, prompt_embeds, negative_prompt_embeds, generator)
     run.denoise.update(num_inference_steps=request.steps, guidance_scale=request.cfg_scale)
     run.denoise["callback_on_step_end"] = callback_on_step_end

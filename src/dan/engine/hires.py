@@ -10,7 +10,9 @@ As in AUTOMATIC1111:
 4. the second pass denoises over the last ``denoising_strength`` of a stretched schedule, so it
    runs ``steps`` steps like the first (A1111's "hires steps" 0), with noise from the same seed.
 
-``denoising_strength`` 0 returns the upscaled first pass without a second pass.
+``denoising_strength`` 0 returns the upscaled first pass without a second pass. With a
+ControlNet unit, both passes are conditioned on its control image, fitted to each pass's size
+(as A1111's ControlNet extension does by default).
 """
 
 from __future__ import annotations
@@ -20,10 +22,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import (
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
 from PIL.Image import Image
 
 from dan.domain import GenerationRequest, HiresFix, ModelFiles, ProgressCallback
+from dan.engine.controlnet import ControlUnit
 from dan.engine.upscale import is_latent_upscaler, model_file_of, resize_image, upscale_latents
 from dan.engine.upscale_models import UpscalerModels
 from dan.errors import EngineError
@@ -97,16 +105,20 @@ def hires_fix(
     files: ModelFiles,
     upscalers: UpscalerModels,
     progress: ProgressCallback,
+    unit: ControlUnit | None = None,
 ) -> Image:
-    """The hires-fixed image for ``request`` (which must have ``hires``), of :func:`hires_size`.
+    """The hires-fixed image for ``request`` (which must have ``hires``), of :func:`hires_size`,
+    conditioned on ``unit`` in both passes when given.
 
     ``base`` lends its components (never its scheduler); each pass gets ``new_scheduler()`` and
     ``new_generator()``. ``progress(done, total)`` counts the denoising calls of both passes (the
     total is fixed from the start), is also called between the passes and after every upscaler
     tile (to let cancellation in), and ends at ``(total, total)``. Raises EngineError for an
-    upscaler that cannot run; TaskCancelled from ``progress`` propagates.
+    upscaler that cannot run or an invalid unit; TaskCancelled from ``progress`` propagates.
     """
     hires = _hires_of(request)
+    if unit is not None:
+        unit.validate()
     # 1. Sizes, step counts and the progress total, all fixed before anything runs.
     target = hires_size(request.width, request.height, hires.scale)
     limit = int(base.scheduler.config.num_train_timesteps) - 1
@@ -115,9 +127,10 @@ def hires_fix(
     latent = is_latent_upscaler(hires.upscaler.name)
     with torch.inference_mode():
         # 2. First pass at the requested size: latents for latent modes, else the image.
-        pipeline = _txt2img_pipeline(base, new_scheduler())
+        pipeline = _txt2img_pipeline(base, new_scheduler(), unit)
         first = pipeline(
             **_common_arguments(request, embeds, new_generator()),
+            **_conditioning(unit, (request.width, request.height), "image"),
             width=request.width,
             height=request.height,
             num_inference_steps=request.steps,
@@ -131,8 +144,9 @@ def hires_fix(
         if not second_steps:
             return decode_latents(pipeline, init) if isinstance(init, torch.Tensor) else init
         # 4. Second pass: img2img of the upscaled latents or image, noise from the same seed.
-        images = _img2img_pipeline(base, new_scheduler())(
+        images = _img2img_pipeline(base, new_scheduler(), unit)(
             **_common_arguments(request, embeds, new_generator()),
+            **_conditioning(unit, target, "control_image"),
             image=init,
             strength=hires.denoising_strength,
             num_inference_steps=second_steps,
@@ -178,22 +192,42 @@ def _hires_of(request: GenerationRequest) -> HiresFix:
     return request.hires
 
 
-def _txt2img_pipeline(base: StableDiffusionPipeline, scheduler: Any) -> StableDiffusionPipeline:
-    """A txt2img pipeline sharing ``base``'s weights, with its own ``scheduler``."""
-    pipeline = StableDiffusionPipeline(
-        **{**base.components, "scheduler": scheduler}, requires_safety_checker=False
-    )
+def _txt2img_pipeline(
+    base: StableDiffusionPipeline, scheduler: Any, unit: ControlUnit | None = None
+) -> Any:
+    """A txt2img pipeline sharing ``base``'s weights, with its own ``scheduler`` (and ControlNet
+    when there is a ``unit``)."""
+    if unit is None:
+        return _pipeline(StableDiffusionPipeline, base, scheduler)
+    return _pipeline(StableDiffusionControlNetPipeline, base, scheduler, controlnet=unit.model)
+
+
+def _img2img_pipeline(
+    base: StableDiffusionPipeline, scheduler: Any, unit: ControlUnit | None = None
+) -> Any:
+    """An img2img pipeline sharing ``base``'s weights, with its own ``scheduler`` (and
+    ControlNet when there is a ``unit``)."""
+    if unit is None:
+        return _pipeline(StableDiffusionImg2ImgPipeline, base, scheduler)
+    pipeline_class = StableDiffusionControlNetImg2ImgPipeline
+    return _pipeline(pipeline_class, base, scheduler, controlnet=unit.model)
+
+
+def _pipeline(
+    pipeline_class: Any, base: StableDiffusionPipeline, scheduler: Any, **extra: Any
+) -> Any:
+    components = {**base.components, "scheduler": scheduler, **extra}
+    pipeline = pipeline_class(**components, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
-def _img2img_pipeline(base: StableDiffusionPipeline, scheduler: Any) -> Any:
-    """An img2img pipeline sharing ``base``'s weights, with its own ``scheduler``."""
-    pipeline = StableDiffusionImg2ImgPipeline(
-        **{**base.components, "scheduler": scheduler}, requires_safety_checker=False
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+def _conditioning(unit: ControlUnit | None, size: tuple[int, int], key: str) -> dict[str, Any]:
+    """The ControlNet arguments of one pass: the control image fitted to ``size`` under ``key``
+    (the pipelines name it differently), and the unit's weight, window and guess mode."""
+    if unit is None:
+        return {}
+    return {key: unit.fitted(*size), **unit.call_kwargs()}
 
 
 def _common_arguments(

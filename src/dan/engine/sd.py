@@ -120,10 +120,10 @@ class DiffusersEngine:
     ) -> list[Image]:
         with self._conditioned(request, files, progress) as c:
             unit = self._control_unit(request, files, control_image)
+            if request.hires is not None:
+                return [self._hires(c, files, unit)]
             if unit is not None:
                 return controlled_txt2img(c.base, request, unit, **_denoising(c, progress))
-            if request.hires is not None:
-                return [self._hires(c, files)]
             pipeline = StableDiffusionPipeline(
                 **{**c.base.components, "scheduler": c.scheduler()}, requires_safety_checker=False
             )
@@ -211,7 +211,7 @@ class DiffusersEngine:
         )
         return ControlUnit.from_spec(spec, self.controlnets.get(files[spec.model.sha256]), image)
 
-    def _hires(self, c: Conditioning, files: ModelFiles) -> Image:
+    def _hires(self, c: Conditioning, files: ModelFiles, unit: ControlUnit | None) -> Image:
         return hires_fix(
             c.base,
             c.request,
@@ -221,6 +221,7 @@ class DiffusersEngine:
             files=files,
             upscalers=self.upscalers,
             progress=c.progress,
+            unit=unit,
         )
 
     @contextlib.contextmanager

@@ -161,11 +161,6 @@ class RequestBuilder:
         self._random_seed = random_seed
 
     def txt2img(self, order: Txt2ImgOrder, task_id: str) -> Prepared:
-        if order.hires is not None and order.generation.control_net is not None:
-            raise InvalidArgument(
-                "Invalid upscale: hires fix cannot be combined with control_net yet; "
-                "send one of them"
-            )
         inputs: dict[str, bytes] = {}
         request = self._generation(order.generation, task_id, inputs)
         if order.hires is not None:
