@@ -111,12 +111,10 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from dan.models.registry import ModelRegistry
+    from dan.services import model_registry
 
     settings = _settings(args)
-    registry = ModelRegistry(
-        settings.models_dir, settings.cache_dir, allow_ckpt=settings.allow_ckpt
-    )
+    registry = model_registry(settings)
     registry.scan()
     kinds = [ModelKind(args.kind)] if args.kind else list(ModelKind)
     for kind in kinds:

@@ -38,25 +38,53 @@ class Services:
         self.db.dispose()
 
 
+@dataclass
+class Stores:
+    """What the API and the embedded worker both open on one database: the queue, the nodes'
+    rows, the blob store (files, or the database for several replicas) and the model files."""
+
+    db: Engine
+    tasks: SqlTaskStore
+    nodes: SqlNodeStore
+    blobs: BlobStore
+    registry: ModelRegistry
+
+
+def open_stores(settings: Settings) -> Stores:
+    """Migrate and open the database of ``settings``, and scan its models folder."""
+    migrate(settings.db_url)
+    db = create_db_engine(settings.db_url)
+    blobs: BlobStore = (
+        SqlBlobStore(db) if settings.blobs_in_database else LocalBlobStore(settings.results_dir)
+    )
+    nodes = SqlNodeStore(
+        db,
+        offline_after_s=settings.node_offline_after_s,
+        online_interval_s=settings.online_interval_s,
+    )
+    registry = model_registry(settings)
+    registry.scan()
+    tasks = SqlTaskStore(db, online_window_s=settings.node_offline_after_s)
+    return Stores(db, tasks, nodes, blobs, registry)
+
+
+def model_registry(settings: Settings) -> ModelRegistry:
+    """The registry of the models folder of ``settings`` (not scanned yet)."""
+    return ModelRegistry(settings.models_dir, settings.cache_dir, allow_ckpt=settings.allow_ckpt)
+
+
 def build_services(settings: Settings) -> Services:
     """Open (and migrate) the database, scan the models directory, and wire the services.
 
     Requests are resolved against :class:`NetworkModels`: this server's files, then those the
     online nodes report, so an API replica without a GPU needs no model files."""
-    migrate(settings.db_url)
-    db = create_db_engine(settings.db_url)
-    store = SqlTaskStore(db, online_window_s=settings.node_offline_after_s)
-    blobs: BlobStore = (
-        SqlBlobStore(db) if settings.blobs_in_database else LocalBlobStore(settings.results_dir)
-    )
-    registry = ModelRegistry(
-        settings.models_dir, settings.cache_dir, allow_ckpt=settings.allow_ckpt
-    )
-    registry.scan()
-    node_store = SqlNodeStore(
-        db,
-        offline_after_s=settings.node_offline_after_s,
-        online_interval_s=settings.online_interval_s,
+    opened = open_stores(settings)
+    db, store, blobs, registry, node_store = (
+        opened.db,
+        opened.tasks,
+        opened.blobs,
+        opened.registry,
+        opened.nodes,
     )
     models = NetworkModels(registry, node_store)
     key = settings.public_api_key or public_api_key(settings.data_dir)

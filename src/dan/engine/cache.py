@@ -77,16 +77,18 @@ class WarmModel(Generic[T]):
     OpenPose body model): only the latest is held, so they never pile up in memory.
     """
 
-    def __init__(self, load: Callable[[InstalledModel], T]) -> None:
+    def __init__(self, load: Callable[..., T]) -> None:
         self._load = load
         self._lock = threading.Lock()
-        self._loaded: tuple[str, T] | None = None
+        self._loaded: tuple[tuple[str, ...], T] | None = None
 
-    def get(self, model: InstalledModel) -> T:
-        """The loaded ``model``, loading it (and dropping the previous one) if needed."""
+    def get(self, *models: InstalledModel) -> T:
+        """``load(*models)``, kept until other files are asked for (the previous model is
+        dropped before the new one loads)."""
+        key = tuple(model.sha256 for model in models)
         with self._lock:
-            if self._loaded is None or self._loaded[0] != model.sha256:
+            if self._loaded is None or self._loaded[0] != key:
                 self._loaded = None  # free the old one before loading the new one
-                self._loaded = (model.sha256, self._load(model))
-                log.info("loaded %s (%s)", model.name, model.sha256[:10])
+                self._loaded = (key, self._load(*models))
+                log.info("loaded %s", ", ".join(f"{m.name} ({m.sha256[:10]})" for m in models))
             return self._loaded[1]

@@ -28,9 +28,9 @@ class Interrogators:
     """The interrogator models of one worker, loaded on first use."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, cache_dir: Path) -> None:
-        self._device, self._dtype = device, dtype
-        self._vocab: InstalledModel | None = None
-        self._blip = WarmModel(self._load_blip)
+        self._blip = WarmModel(
+            lambda blip, vocab: BlipCaptioner.load(blip.path, vocab.path, device, dtype)
+        )
         self._clip = WarmModel(
             lambda m: ClipRanker.load(
                 m.path, cache_dir / "clip-terms", device, dtype, weights_sha256=m.sha256
@@ -61,17 +61,12 @@ class Interrogators:
     def _clip_caption(
         self, image: Image, part: dict[str, InstalledModel], progress: ProgressCallback
     ) -> str:
-        self._vocab = _part(part, "blip_vocab")
-        caption = self._blip.get(_part(part, "blip")).caption(image)
+        captioner = self._blip.get(_part(part, "blip"), _part(part, "blip_vocab"))
+        caption = captioner.caption(image)
         progress(1, 2)
         described = self._clip.get(_part(part, "clip")).describe(image, caption)
         progress(2, 2)
         return described
-
-    def _load_blip(self, model: InstalledModel) -> BlipCaptioner:
-        if self._vocab is None:
-            raise EngineError("the BLIP captioner needs its vocabulary file")
-        return BlipCaptioner.load(model.path, self._vocab.path, self._device, self._dtype)
 
 
 def _part(parts: dict[str, InstalledModel], role: str) -> InstalledModel:

@@ -220,17 +220,33 @@ class ModelRegistry:
         return self.find_installed(entry) if entry is not None else None
 
     def _not_found_message(self, kind: ModelKind, key: str) -> str:
-        entry = self.catalog.get(key, kind)
-        if entry is not None:
-            return (
-                f"{kind.value} {key!r} is in the catalog but not installed; "
-                f"download it with `dan models pull {entry.name}`"
-            )
-        hint = ""
-        if is_hex(key) and len(key) < MIN_PREFIX:
-            hint = f" (a hash prefix needs at least {MIN_PREFIX} hex digits)"
-        installed = describe(self.list(kind))
-        return f"no {kind.value} matches {key!r}{hint}; installed: {installed}; {HOW_TO}"
+        available = self.list(kind)
+        return not_found_message(
+            self.catalog, kind, key, available, where="installed", absent="not installed"
+        )
+
+
+def not_found_message(
+    catalog: Catalog,
+    kind: ModelKind,
+    key: str,
+    available: builtins.list[InstalledModel],
+    *,
+    where: str,
+    absent: str,
+) -> str:
+    """Why ``key`` names no model of ``kind``: a catalog model that is ``absent`` (with the
+    command that pulls it), or what is ``where`` (and a hint about short hash prefixes)."""
+    entry = catalog.get(key, kind)
+    if entry is not None:
+        return (
+            f"{kind.value} {key!r} is in the catalog but {absent}; "
+            f"download it with `dan models pull {entry.name}`"
+        )
+    hint = ""
+    if is_hex(key) and len(key) < MIN_PREFIX:
+        hint = f" (a hash prefix needs at least {MIN_PREFIX} hex digits)"
+    return f"no {kind.value} matches {key!r}{hint}; {where}: {describe(available)}; {HOW_TO}"
 
 
 def catalog_entry(catalog: Catalog, key: str, kind: ModelKind) -> CatalogEntry | None:

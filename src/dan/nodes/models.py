@@ -28,14 +28,11 @@ from dan.domain import InstalledModel, ModelKind
 from dan.errors import ModelNotFound
 from dan.models.catalog import Catalog
 from dan.models.registry import (
-    HOW_TO,
-    MIN_PREFIX,
     ModelRegistry,
     by_full_hash,
     by_prefix,
     catalog_entry,
-    describe,
-    is_hex,
+    not_found_message,
 )
 from dan.nodes.store import NodeRecord
 
@@ -163,19 +160,13 @@ class NetworkModels:
             return True
 
     def _not_found(self, kind: ModelKind, key: str) -> str:
-        entry = self.catalog.get(key, kind)
-        if entry is not None:
-            return (
-                f"{kind.value} {key!r} is in the catalog but neither installed on this server "
-                f"nor on an online node; download it with `dan models pull {entry.name}`"
-            )
-        hint = ""
-        if is_hex(key) and len(key) < MIN_PREFIX:
-            hint = f" (a hash prefix needs at least {MIN_PREFIX} hex digits)"
-        available = describe(self.list(kind))
-        return (
-            f"no {kind.value} matches {key!r}{hint}; installed here or on online nodes: "
-            f"{available}; {HOW_TO}"
+        return not_found_message(
+            self.catalog,
+            kind,
+            key,
+            self.list(kind),
+            where="installed here or on online nodes",
+            absent="neither installed on this server nor on an online node",
         )
 
 

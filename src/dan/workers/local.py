@@ -24,10 +24,9 @@ from dan.config import Settings
 from dan.domain import LOCAL_ACCOUNT, ClaimedTask, TaskResult
 from dan.engine.base import Engine, load_engine
 from dan.models.registry import ModelRegistry
-from dan.nodes.store import NodeStore, SqlNodeStore
-from dan.storage import BlobStore, LocalBlobStore, SqlBlobStore
-from dan.tasks.db import create_db_engine, migrate
-from dan.tasks.store import Heartbeat, Offer, Reward, SqlTaskStore, TaskStore
+from dan.nodes.store import NodeStore
+from dan.services import open_stores
+from dan.tasks.store import Heartbeat, Offer, Reward, TaskStore
 from dan.workers.capabilities import capabilities, installed_hashes, loaded_checkpoints
 from dan.workers.loop import Worker
 
@@ -117,18 +116,8 @@ class LocalNodeQueue:
 
 def run_local_worker(settings: Settings, *, engine: Engine | None = None) -> None:
     """Serve tasks from the database of ``settings`` until SIGTERM/SIGINT."""
-    migrate(settings.db_url)
-    db = create_db_engine(settings.db_url)
-    store = SqlTaskStore(db, online_window_s=settings.node_offline_after_s)
-    nodes = SqlNodeStore(
-        db,
-        offline_after_s=settings.node_offline_after_s,
-        online_interval_s=settings.online_interval_s,
-    )
-    registry = ModelRegistry(
-        settings.models_dir, settings.cache_dir, allow_ckpt=settings.allow_ckpt
-    )
-    registry.scan()
+    opened = open_stores(settings)
+    store, nodes, registry = opened.tasks, opened.nodes, opened.registry
     worker_id = local_worker_id(settings)
     released = store.release_worker(worker_id)
     if released:
@@ -145,14 +134,11 @@ def run_local_worker(settings: Settings, *, engine: Engine | None = None) -> Non
     log.info("engine: %s", engine.describe())
     queue = LocalNodeQueue(store, nodes, registry, engine, lookahead=settings.affinity_lookahead)
     node_id = queue.register()
-    blobs: BlobStore = (
-        SqlBlobStore(db) if settings.blobs_in_database else LocalBlobStore(settings.results_dir)
-    )
     worker = Worker(
         queue,
         engine,
         registry,
-        blobs,
+        opened.blobs,
         worker_id=worker_id,
         lease_s=settings.lease_s,
         idle_sleep_s=settings.poll_interval_s,

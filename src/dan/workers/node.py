@@ -27,6 +27,7 @@ from dan.errors import DanError
 from dan.models.download import pull
 from dan.models.registry import ModelRegistry
 from dan.nodes.service import NodeDescription
+from dan.services import model_registry
 from dan.workers.capabilities import (
     REGISTER_CAPABILITIES_BYTES,
     capabilities,
@@ -88,9 +89,7 @@ class Node:
         idle_sleep_s: float = 0.05,
     ) -> None:
         self._name, self._engine, self._client, self._stop = name, engine, client, stop
-        self._registry = ModelRegistry(
-            settings.models_dir, settings.cache_dir, allow_ckpt=settings.allow_ckpt
-        )
+        self._registry = model_registry(settings)
         self._registry.scan()
         self._puller = Puller(self._registry, lambda: self.queue.refresh())
         self.queue = RemoteQueue(
