@@ -32,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+from dan.db import create_db_engine, migrate
 from dan.domain import TaskKind
-from dan.tasks.db import create_db_engine, migrate
 from dan.tasks.store import NewTask, SqlTaskStore
 from tests.fixtures.postgres import schema_url
 

@@ -13,10 +13,10 @@ from sqlalchemy import Engine
 
 from dan.accounts import AccountService, SqlAccountStore
 from dan.config import Settings
+from dan.db import create_db_engine, migrate
 from dan.models.registry import ModelRegistry
 from dan.nodes import NetworkModels, NodeService, SqlNodeStore
 from dan.storage import BlobStore, LocalBlobStore, SqlBlobStore
-from dan.tasks.db import create_db_engine, migrate
 from dan.tasks.service import TaskService
 from dan.tasks.store import SqlTaskStore, TaskStore
 

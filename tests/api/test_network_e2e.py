@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, func, select
 
+from dan.db.tables import honor_grants, tasks
 from dan.domain import TaskStatus
-from dan.tasks.tables import honor_grants, tasks
 from tests.fixtures.server import Server, start_server
 
 pytestmark = pytest.mark.slow

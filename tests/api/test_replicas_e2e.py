@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from dan.db import create_db_engine
 from dan.domain import TaskStatus
-from dan.tasks.db import create_db_engine
 from tests.api.test_network_e2e import BASE_ENV, start_node
 from tests.fixtures.postgres import schema_url
 from tests.fixtures.server import Server, free_port, start_server

@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from dan.api.app import create_app
+from dan.db.tables import nodes
 from dan.domain import ModelKind
 from dan.services import build_services
-from dan.tasks.tables import nodes
 from tests.api.conftest import Api, install_dummy_checkpoint, make_settings
 
 BODY = {"prompt": "a fox", "width": 64, "height": 64, "steps": 2}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from dan.tasks.db import create_db_engine, migrate
+from dan.db import create_db_engine, migrate
 from dan.tasks.store import SqlTaskStore
 from tests.fixtures.postgres import schema_url
 

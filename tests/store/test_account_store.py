@@ -13,8 +13,8 @@ from dan.accounts.store import (
     SqlAccountStore,
     hash_key,
 )
+from dan.db.tables import honor_grants
 from dan.errors import InvalidArgument
-from dan.tasks.tables import honor_grants
 from tests.store.conftest import Clock
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+from dan.db import create_db_engine, migrate
 from dan.storage import BlobStore, InMemoryBlobStore, LocalBlobStore, SqlBlobStore
-from dan.tasks.db import create_db_engine, migrate
 
 
 @pytest.fixture(params=["files", "memory", "sqlite"])

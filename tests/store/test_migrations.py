@@ -1,4 +1,4 @@
-"""The Alembic migrations build exactly the schema dan.tasks.tables describes."""
+"""The Alembic migrations build exactly the schema dan.db.tables describes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine
 
-from dan.tasks.tables import metadata
+from dan.db.tables import metadata
 
 
 def test_migrations_match_the_table_definitions(db: Engine) -> None:

@@ -7,11 +7,11 @@ import uuid
 
 from sqlalchemy import Engine, func, select
 
+from dan.db import create_db_engine
+from dan.db.tables import accounts, honor_grants
 from dan.domain import TaskKind, TaskResult
 from dan.nodes.store import SqlNodeStore, node_id_for
-from dan.tasks.db import create_db_engine
 from dan.tasks.store import NewTask, Reward, SqlTaskStore
-from dan.tasks.tables import accounts, honor_grants
 from tests.store.conftest import Clock
 
 OFFLINE_AFTER = 60.0

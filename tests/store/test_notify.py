@@ -10,8 +10,8 @@ import uuid
 import pytest
 from sqlalchemy import Engine
 
+from dan.db.notify import NotifyListener
 from dan.domain import TaskKind, TaskResult
-from dan.tasks.notify import NotifyListener
 from dan.tasks.store import NewTask, SqlTaskStore
 from dan.tasks.watcher import TaskWatcher, running
 

@@ -7,9 +7,9 @@ import uuid
 
 from sqlalchemy import Engine, func, select
 
+from dan.db.tables import honor_grants, nodes
 from dan.domain import TaskKind, TaskResult
 from dan.tasks.store import NewTask, Offer, Reward, SqlTaskStore
-from dan.tasks.tables import honor_grants, nodes
 from tests.store.conftest import Clock
 
 LEASE = 30.0

@@ -236,7 +236,7 @@ def test_statistics_count_successes_by_age(store: SqlTaskStore, clock: Clock) ->
 
 
 def test_migrations_are_idempotent(db_url: str, db: Engine) -> None:
-    from dan.tasks.db import migrate
+    from dan.db import migrate
 
     migrate(db_url)  # the fixture already migrated once
     assert SqlTaskStore(db).statistics().total == 0

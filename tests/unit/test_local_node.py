@@ -7,14 +7,14 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from dan.db import create_db_engine, migrate
+from dan.db.tables import honor_grants
 from dan.domain import LOCAL_ACCOUNT, GenerationRequest, ModelKind, ModelRef, TaskKind, TaskStatus
 from dan.engine.fake import FakeEngine
 from dan.models.registry import ModelRegistry
 from dan.nodes.store import SqlNodeStore
 from dan.storage import InMemoryBlobStore
-from dan.tasks.db import create_db_engine, migrate
 from dan.tasks.store import NewTask, SqlTaskStore
-from dan.tasks.tables import honor_grants
 from dan.workers.local import LOCAL_NODE_NAME, LocalNodeQueue
 from dan.workers.loop import Worker
 from tests.api.conftest import install_dummy_checkpoint

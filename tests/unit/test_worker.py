@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from dan.db import create_db_engine, migrate
 from dan.domain import GenerationRequest, ModelKind, ModelRef, TaskKind, TaskStatus
 from dan.engine.fake import FakeEngine
 from dan.errors import FatalEngineError
 from dan.models.registry import ModelRegistry
 from dan.storage import InMemoryBlobStore
-from dan.tasks.db import create_db_engine, migrate
 from dan.tasks.store import NewTask, SqlTaskStore
 from dan.workers.loop import Worker
 from tests.api.conftest import install_dummy_checkpoint

@@ -24,9 +24,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
+from dan.db.tables import accounts, api_keys, honor_grants
 from dan.domain import Account
 from dan.errors import InvalidArgument
-from dan.tasks.tables import accounts, api_keys, honor_grants
 
 Clock = Callable[[], float]
 

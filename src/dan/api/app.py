@@ -15,8 +15,8 @@ from dan.api.errors import install_error_handlers
 from dan.api.generation import ApiContext
 from dan.api.limits import BodySizeLimit
 from dan.api.routes import accounts, nodes, sd, system, v0
+from dan.db.notify import QUEUED, NotifyListener
 from dan.services import Services
-from dan.tasks.notify import QUEUED, NotifyListener
 from dan.tasks.watcher import TaskWatcher, running
 
 log = logging.getLogger(__name__)

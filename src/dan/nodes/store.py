@@ -26,7 +26,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
 from dan.accounts.store import HonorReason
-from dan.tasks.tables import accounts, honor_grants, nodes
+from dan.db.tables import accounts, honor_grants, nodes
 
 Clock = Callable[[], float]
 NODE_NAMESPACE = uuid.UUID("5b0f6f43-3c4e-4d0c-9a57-3f1e8f0c2d11")

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable
 
 from sqlalchemy import Engine, delete, insert, select
 
+from dan.db.tables import blobs
 from dan.storage.blobs import check_key
-from dan.tasks.tables import blobs
 
 
 class SqlBlobStore:

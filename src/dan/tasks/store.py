@@ -28,6 +28,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Select, and_, func, or_, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 
+from dan.db.notify import FINISHED, QUEUED, notify
+from dan.db.tables import honor_grants, nodes, tasks
 from dan.domain import ClaimedTask, TaskKind, TaskRecord, TaskResult, TaskStatus
 from dan.errors import TooManyPendingTasks
 from dan.tasks.base import (
@@ -40,8 +42,6 @@ from dan.tasks.base import (
     Statistics,
     TaskStore,
 )
-from dan.tasks.notify import FINISHED, QUEUED, notify
-from dan.tasks.tables import honor_grants, nodes, tasks
 
 # What callers import from here (the seam itself lives in dan.tasks.base).
 __all__ = [

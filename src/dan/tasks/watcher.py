@@ -2,7 +2,7 @@
 
 Every waiting request registers its task id; a single loop reads the status of all of them
 per interval and wakes those whose task has finished. :meth:`TaskWatcher.poke` (called on
-PostgreSQL's NOTIFY, see dan.tasks.notify) makes the loop look at once; the polling stays as
+PostgreSQL's NOTIFY, see dan.db.notify) makes the loop look at once; the polling stays as
 the fallback.
 """
 

@@ -1,4 +1,4 @@
-"""Database engines and migrations for the task store."""
+"""Database engines (SQLite with WAL and BEGIN IMMEDIATE, or PostgreSQL) and migrations."""
 
 from __future__ import annotations
 

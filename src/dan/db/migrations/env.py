@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from dan.tasks.db import create_db_engine
-from dan.tasks.tables import metadata
+from dan.db import create_db_engine
+from dan.db.tables import metadata
 
 url = context.config.get_main_option("sqlalchemy.url")
 assert url is not None
