@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -25,7 +26,7 @@ from dan.workers.loop import Worker
 
 @dataclass
 class Api:
-    client: TestClient
+    client: TestClient | httpx.Client
     services: Services
     checkpoint_sha256: str
 

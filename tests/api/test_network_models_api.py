@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
 from dan.api.app import create_app
 from dan.domain import ModelKind, TaskStatus
@@ -23,6 +22,7 @@ from dan.workers.node import Node
 from dan.workers.remote import NodeClient, RemoteFiles, RemoteQueue
 from tests.api.conftest import Api, install_dummy_checkpoint, make_settings
 from tests.api.test_nodes_api import SMALL, call, claim, key_for, wait_until
+from tests.fixtures.live import serving
 
 REMOTE_SHA = hashlib.sha256(b"remote_mix").hexdigest()
 STYLE_SHA = hashlib.sha256(b"style").hexdigest()
@@ -33,7 +33,7 @@ def empty(tmp_path: Path) -> Iterator[Api]:
     """A server that requires keys and has no model file at all."""
     services = build_services(make_settings(tmp_path, auth="required"))
     assert services.registry.list(ModelKind.CHECKPOINT) == []
-    with TestClient(create_app(services)) as client:
+    with serving(create_app(services)) as client:
         yield Api(client, services, "")
     services.close()
 
@@ -97,7 +97,7 @@ def test_a_real_node_reports_its_files_and_runs_what_names_them(empty: Api, tmp_
     install_dummy_checkpoint(node_root / "models", "node_mix")
     settings = make_settings(node_root)
     stop = threading.Event()
-    client = NodeClient("http://testserver", donor, stop=stop, http=empty.client)
+    client = NodeClient(str(empty.client.base_url), donor, stop=stop)
     node = Node(settings, "gpu", FakeEngine(), client, stop=stop)
     queue = RemoteQueue(client, node.describe, stop=stop, wait_s=0.2, beat_s=0.02)
     queue.register()

@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from dan.api.app import create_app
@@ -24,6 +23,7 @@ from dan.services import build_services
 from dan.workers.loop import Worker
 from dan.workers.remote import NodeClient, RemoteFiles, RemoteQueue
 from tests.api.conftest import Api, install_dummy_checkpoint, make_settings
+from tests.fixtures.live import serving
 
 SMALL = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64}
 
@@ -34,7 +34,7 @@ def net(tmp_path: Path) -> Iterator[Api]:
     install_dummy_checkpoint(tmp_path / "models", "a")
     install_dummy_checkpoint(tmp_path / "models", "b")
     services = build_services(make_settings(tmp_path, auth="required", poll_interval_s=0.01))
-    with TestClient(create_app(services)) as client:
+    with serving(create_app(services)) as client:
         yield Api(client, services, "")
     services.close()
 
@@ -277,7 +277,7 @@ def test_the_worker_loop_runs_over_http(net: Api) -> None:
     donor = key_for(net, "donor", can_run_nodes=True)
     user = key_for(net, "user")
     stop = threading.Event()
-    client = NodeClient("http://testserver", donor, stop=stop, http=net.client)
+    client = NodeClient(str(net.client.base_url), donor, stop=stop)
     installed = frozenset({sha(net, "a")})
     queue = RemoteQueue(
         client,
@@ -313,23 +313,24 @@ def test_the_worker_loop_runs_over_http(net: Api) -> None:
     assert node["tasksDone"] == 2
 
 
-class CuttableClient(TestClient):
-    """A client whose network can be cut: every request fails to connect while ``cut``."""
+class CuttableTransport(httpx.HTTPTransport):
+    """A transport whose network can be cut: every request fails to connect while ``cut``."""
 
     cut = False
 
-    def request(self, *args: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
         if self.cut:
-            raise httpx.ConnectError("the network is cut")
-        return super().request(*args, **kwargs)
+            raise httpx.ConnectError("the network is cut", request=request)
+        return super().handle_request(request)
 
 
 def test_a_network_cut_drops_a_lost_lease_and_the_node_serves_on(net: Api) -> None:
     donor = key_for(net, "donor", can_run_nodes=True)
     user = key_for(net, "user")
-    cable = CuttableClient(net.client.app)  # the same app; its lifespan already runs
+    cable = CuttableTransport()
     stop = threading.Event()
-    client = NodeClient("http://testserver", donor, stop=stop, http=cable)
+    http = httpx.Client(base_url=net.client.base_url, transport=cable)
+    client = NodeClient(str(net.client.base_url), donor, stop=stop, http=http)
     installed = frozenset({sha(net, "a")})
     queue = RemoteQueue(
         client,
