@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -31,6 +32,10 @@ class BlobStore(Protocol):
         """The bytes under ``key``; KeyError if there are none."""
         ...
 
+    def delete(self, key: str) -> None:
+        """Delete ``key``; no error if it is not there."""
+        ...
+
     def delete_group(self, group: str) -> None:
         """Delete every key ``group/...`` (a task's results); no error if there are none."""
         ...
@@ -47,12 +52,26 @@ class LocalBlobStore:
         self._root = root
 
     def put(self, key: str, data: bytes) -> None:
+        """Written to a temporary file, flushed to disk, then renamed over the old one (and
+        the folder flushed): after a crash the key holds the old bytes or the new, whole."""
         path = self._root / check_key(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_folder(path.parent)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self._root / check_key(key)).unlink()
 
     def get(self, key: str) -> bytes:
         try:
@@ -85,6 +104,10 @@ class InMemoryBlobStore:
         with self._lock:
             return self._data[key]
 
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._data.pop(key, None)
+
     def delete_group(self, group: str) -> None:
         with self._lock:
             for key in [k for k in self._data if k.startswith(group + "/")]:
@@ -93,3 +116,17 @@ class InMemoryBlobStore:
     def groups(self) -> Iterable[str]:
         with self._lock:
             return sorted({k.split("/", 1)[0] for k in self._data})
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
