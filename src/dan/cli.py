@@ -14,7 +14,7 @@ from typing import Any
 
 from dan import __version__
 from dan.config import Settings
-from dan.domain import Account, ModelKind
+from dan.domain import LOCAL_ACCOUNT, LOCAL_NODE_NAME, Account, ModelKind
 from dan.errors import DanError
 
 log = logging.getLogger("dan")
@@ -66,6 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from dan.api.app import create_app
     from dan.models.bootstrap import ensure_default_checkpoint
+    from dan.nodes.store import node_id_for
     from dan.services import build_services
     from dan.workers.supervisor import WorkerSupervisor
 
@@ -80,7 +81,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threading.Thread(
             target=ensure_default_checkpoint, args=(services.registry, settings), daemon=True
         ).start()
-    supervisor = WorkerSupervisor(settings_env(settings)) if settings.worker else None
+    supervisor = None
+    if settings.worker:
+        local_node = node_id_for(LOCAL_ACCOUNT, LOCAL_NODE_NAME)
+        supervisor = WorkerSupervisor(
+            settings_env(settings),
+            on_exit=lambda session: services.nodes.end_session(local_node, session),
+        )
     if supervisor:
         supervisor.start()
     try:
@@ -97,7 +104,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     if args.watch_stdin:
         exit_when_parent_dies()
-    run_local_worker(_settings(args))
+    run_local_worker(_settings(args), session_id=args.session_id)
     return 0
 
 
@@ -254,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a worker on the server's database")
     _add_options(worker, COMMON_OPTIONS)
     worker.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes")
+    worker.add_argument(
+        "--session-id", default=None, help="the node session to work in [default: a new one]"
+    )
     worker.set_defaults(func=cmd_worker)
 
     node = sub.add_parser("node", help="serve a DAN server over HTTP(S) as a remote GPU node")

@@ -101,6 +101,61 @@ class Settings(BaseSettings):
         description="a node may take, of the next this-many runnable tasks, one for a "
         "checkpoint it has loaded before the first in line",
     )
+    max_nodes_per_account: int = Field(
+        32,
+        ge=1,
+        description="nodes (names) one account may register; also its claims that may wait "
+        "at once on one API server",
+    )
+    max_sessions_per_node: int = Field(
+        4, ge=1, description="processes that may serve one node (name) at once"
+    )
+    max_files_per_account: int = Field(
+        100_000, ge=0, description="installed files all of one account's nodes may report"
+    )
+    runtime_base_s: float = Field(
+        120.0, gt=0, description="every run may take this long, plus runtime_per_cost_s x cost"
+    )
+    runtime_per_cost_s: float = Field(
+        120.0,
+        ge=0,
+        description="extra run time per unit of cost (a 512x512, 20-step txt2img costs 1); a "
+        "run past its limit goes to another node",
+    )
+
+    # Trust: checks of nodes' results, and the honor they earn
+    probation_checks: int = Field(
+        3,
+        ge=0,
+        description="a new node's results are held until this many have been re-run by another "
+        "account's node (or the trusted local worker) and matched; its honor waits in escrow",
+    )
+    verify_share: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="the share of a node's later results that is re-run and compared",
+    )
+    verify_threshold: float = Field(
+        0.06,
+        gt=0,
+        description="largest perceptual distance (RMS of 32x32 colour thumbnails, 0-1) at which "
+        "two runs of one task count as the same picture",
+    )
+    verify_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="how long a held result waits for its check before it is shown unchecked",
+    )
+    online_honor_window_s: float = Field(
+        3600.0,
+        gt=0,
+        description="a node earns online honor only if it delivered an accepted result for "
+        "another account within this window",
+    )
+    rewarded_nodes_per_account: int = Field(
+        4, ge=0, description="nodes of one account that earn online honor in an interval"
+    )
 
     # Worker / engine
     worker: bool = Field(True, description="run a local worker next to the API")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
@@ -42,10 +43,23 @@ OPENPOSE_BODY_MODEL = "body_pose_model"
 T = TypeVar("T")
 
 
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """``scale`` x (``width``, ``height``), each side rounded to the nearest multiple of 8: the
+    size of a hires-fixed txt2img result."""
+    return (max(8, 8 * round(width * scale / 8)), max(8, 8 * round(height * scale / 8)))
+
+
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """``size`` times ``scale``, each side rounded half up (at least 1 pixel): the size of an
+    upscaled image."""
+    return (max(1, math.floor(size[0] * scale + 0.5)), max(1, math.floor(size[1] * scale + 0.5)))
+
+
 # The embedded single-user account (requests without a key when keys are optional), and the
 # anonymous account behind the public key (lowest priority).
 LOCAL_ACCOUNT = "local"
 PUBLIC_ACCOUNT = "public"
+LOCAL_NODE_NAME = "local"  # the embedded worker's node, owned by the local account
 
 
 @dataclass(frozen=True)

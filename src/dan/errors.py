@@ -81,6 +81,27 @@ class NodeNotFound(DanError):
     http_status = 404
 
 
+class SessionEnded(NodeNotFound):
+    """This node process's session is over (it stopped, or was silent too long); register
+    again."""
+
+
+class TooManyNodes(DanError):
+    """This account has as many nodes, node processes or waiting claims as it may."""
+
+    code = 3002
+    http_status = 429
+
+
+class NodeSuspect(PermissionDenied):
+    """A result of this node failed its check; an admin must clear the node before it works
+    again."""
+
+
+class ResultRefused(InvalidArgument):
+    """The result is not what the task asks for; the task went back to the queue."""
+
+
 class TaskNotHeld(NodeError):
     """This node no longer holds the task (its lease ran out and the task went back to the
     queue, or it was finished elsewhere); the result was not recorded."""

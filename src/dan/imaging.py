@@ -60,6 +60,9 @@ def read_parameters(png: bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RESULT_MODES = frozenset({"RGB", "RGBA", "L"})
+
 # Input images: base64 from the client, checked before anything else touches them.
 INPUT_FORMATS = {"PNG", "JPEG", "WEBP"}
 MAX_INPUT_PIXELS = 4096 * 4096
@@ -117,6 +120,32 @@ def encode_input_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def check_result_png(data: bytes, width: int, height: int, max_bytes: int) -> None:
+    """Raise InvalidArgument unless ``data`` is a whole, undamaged PNG of exactly ``width`` x
+    ``height`` pixels in at most ``max_bytes``. The size is read from the header before any
+    pixel is decoded, so a decompression bomb costs nothing; then every pixel and checksum
+    is decoded once (bounded by the expected size)."""
+    if len(data) > max_bytes:
+        raise InvalidArgument(f"the PNG is {len(data)} bytes; at most {max_bytes} are accepted")
+    if not data.startswith(PNG_SIGNATURE):
+        raise InvalidArgument("not a PNG file")
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            if image.size != (width, height):
+                raise InvalidArgument(
+                    f"the image is {image.width}x{image.height}; the task makes {width}x{height}"
+                )
+            if image.mode not in RESULT_MODES:
+                raise InvalidArgument(f"the image is in mode {image.mode}, not RGB")
+            image.load()
+    except InvalidArgument:
+        raise
+    except (Image.DecompressionBombError, UnidentifiedImageError) as exc:
+        raise InvalidArgument(f"not a usable PNG ({exc})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidArgument(f"the PNG is damaged or truncated ({exc})") from exc
 
 
 def load_png(data: bytes) -> Image.Image:

@@ -14,11 +14,13 @@ from sqlalchemy import Engine
 from dan.accounts import AccountService, SqlAccountStore
 from dan.config import Settings
 from dan.db import create_db_engine, migrate
+from dan.domain import ModelKind
 from dan.models.registry import ModelRegistry
 from dan.nodes import NetworkModels, NodeService, SqlNodeStore
+from dan.nodes.store import NodeRules
 from dan.storage import BlobStore, LocalBlobStore, SqlBlobStore
 from dan.tasks.service import TaskService
-from dan.tasks.store import SqlTaskStore, TaskStore
+from dan.tasks.store import QueueRules, SqlTaskStore, TaskStore
 
 
 @dataclass
@@ -57,15 +59,36 @@ def open_stores(settings: Settings) -> Stores:
     blobs: BlobStore = (
         SqlBlobStore(db) if settings.blobs_in_database else LocalBlobStore(settings.results_dir)
     )
-    nodes = SqlNodeStore(
-        db,
-        offline_after_s=settings.node_offline_after_s,
-        online_interval_s=settings.online_interval_s,
-    )
+    nodes = SqlNodeStore(db, rules=node_rules(settings))
     registry = model_registry(settings)
     registry.scan()
-    tasks = SqlTaskStore(db, online_window_s=settings.node_offline_after_s)
+    tasks = SqlTaskStore(db, rules=queue_rules(settings))
     return Stores(db, tasks, nodes, blobs, registry)
+
+
+def queue_rules(settings: Settings) -> QueueRules:
+    """The queue's limits from ``settings``: a cancelled run has one lease to stop."""
+    return QueueRules(
+        max_attempts=settings.max_attempts,
+        cancel_grace_s=settings.lease_s,
+        runtime_base_s=settings.runtime_base_s,
+        runtime_per_cost_s=settings.runtime_per_cost_s,
+        online_window_s=settings.node_offline_after_s,
+    )
+
+
+def node_rules(settings: Settings) -> NodeRules:
+    """The nodes' limits and honor rules from ``settings``."""
+    return NodeRules(
+        offline_after_s=settings.node_offline_after_s,
+        online_interval_s=settings.online_interval_s,
+        probation_checks=settings.probation_checks,
+        honor_window_s=settings.online_honor_window_s,
+        rewarded_nodes_per_account=settings.rewarded_nodes_per_account,
+        max_nodes_per_account=settings.max_nodes_per_account,
+        max_sessions_per_node=settings.max_sessions_per_node,
+        max_files_per_account=settings.max_files_per_account,
+    )
 
 
 def model_registry(settings: Settings) -> ModelRegistry:
@@ -89,7 +112,14 @@ def build_services(settings: Settings) -> Services:
     models = NetworkModels(registry, node_store)
     key = settings.public_api_key or public_api_key(settings.data_dir)
     accounts = build_accounts(settings, db, public_key=key)
-    tasks = TaskService(store, blobs, models, settings, weight_of=accounts.weight_of)
+    tasks = TaskService(
+        store,
+        blobs,
+        models,
+        settings,
+        weight_of=accounts.weight_of,
+        local_files=lambda: installed_hashes(registry),
+    )
     nodes = NodeService(node_store, store, blobs, registry.catalog, settings)
     return Services(settings, db, store, blobs, registry, tasks, key, accounts, nodes, models)
 
@@ -110,6 +140,11 @@ def account_services(settings: Settings) -> Iterator[AccountService]:
         yield build_accounts(settings, db, public_key=None)
     finally:
         db.dispose()
+
+
+def installed_hashes(registry: ModelRegistry) -> frozenset[str]:
+    """The sha256 of every usable model file in ``registry``."""
+    return frozenset(model.sha256 for kind in ModelKind for model in registry.list(kind))
 
 
 def public_api_key(data_dir: Path) -> str:

@@ -21,8 +21,9 @@ from dan.workers.loop import Worker
 from dan.workers.node import Node
 from dan.workers.remote import NodeClient, RemoteFiles, RemoteQueue
 from tests.api.conftest import Api, install_dummy_checkpoint, make_settings
-from tests.api.test_nodes_api import SMALL, call, claim, key_for, wait_until
+from tests.api.test_nodes_api import SMALL, call, key_for, wait_until
 from tests.fixtures.live import serving
+from tests.fixtures.scripted_node import ScriptedNode
 
 REMOTE_SHA = hashlib.sha256(b"remote_mix").hexdigest()
 STYLE_SHA = hashlib.sha256(b"style").hexdigest()
@@ -42,17 +43,13 @@ def model(kind: str, name: str, sha: str) -> dict[str, Any]:
     return {"kind": kind, "name": name, "file": f"{name}.safetensors", "sha256": sha, "size": 9}
 
 
-def register_reporting(api: Api, key: str) -> str:
+def register_reporting(api: Api, key: str) -> ScriptedNode:
     """A node that has ``remote_mix`` (a checkpoint) and ``style`` (a LoRA)."""
     models = [model("checkpoint", "remote_mix", REMOTE_SHA), model("lora", "style", STYLE_SHA)]
-    body = {
-        "name": "gpu",
-        "capabilities": {"device": "fake", "models": models},
-        "installed": [REMOTE_SHA, STYLE_SHA],
-    }
-    reply = call(api, "POST", "/api/node/register", key, json=body)
-    assert reply["_http"] == 200, reply
-    return str(reply["data"]["nodeId"])
+    node = ScriptedNode(api.client, key, "gpu")  # type: ignore[arg-type]
+    reply = node.register(models, capabilities={"device": "fake"}, slots=8)
+    assert reply.status == 200, reply
+    return node
 
 
 def test_a_checkpoint_only_a_node_has_is_accepted_and_listed(empty: Api) -> None:
@@ -63,7 +60,7 @@ def test_a_checkpoint_only_a_node_has_is_accepted_and_listed(empty: Api) -> None
     assert info["Models"] == [{"name": "remote_mix", "hash": REMOTE_SHA}]
     assert info["LoRAs"] == [{"name": "style", "hash": STYLE_SHA}]
     task_ids = []
-    for ref in ("remote_mix", REMOTE_SHA[:10], None):  # None: the default checkpoint
+    for ref in ("remote_mix", REMOTE_SHA[:10]):
         body = {**SMALL, "prompt": "a fox <lora:style:0.5>", "model": ref}
         reply = call(empty, "POST", "/api/sd/txt2img/async", user, json=body)
         assert reply["_http"] == 200, reply
@@ -73,7 +70,11 @@ def test_a_checkpoint_only_a_node_has_is_accepted_and_listed(empty: Api) -> None
         record = empty.services.tasks.get(task_id)
         assert record.params["model"]["sha256"] == REMOTE_SHA
         assert record.params["loras"][0]["model"]["sha256"] == STYLE_SHA
-        assert claim(empty, donor, node)["task"]["id"] == task_id
+        assert node.take()["id"] == task_id  # type: ignore[index]
+    # A checkpoint a node merely names never becomes everyone's default: it could be anything.
+    default = call(empty, "POST", "/api/sd/txt2img/async", user, json=SMALL)
+    assert (default["_http"], default["code"]) == (503, 2000)
+    assert "DAN_DEFAULT_MODEL" in default["message"]
 
 
 def test_an_unknown_checkpoint_is_refused_naming_the_field(empty: Api) -> None:
@@ -99,11 +100,13 @@ def test_a_real_node_reports_its_files_and_runs_what_names_them(empty: Api, tmp_
     stop = threading.Event()
     client = NodeClient(str(empty.client.base_url), donor, stop=stop)
     node = Node(settings, "gpu", FakeEngine(), client, stop=stop)
-    queue = RemoteQueue(client, node.describe, stop=stop, wait_s=0.2, beat_s=0.02)
-    queue.register()
+    queue = RemoteQueue(client, node.describe, stop=stop, wait_s=0.2)
+    session = queue.register()
     registry = ModelRegistry(settings.models_dir, settings.cache_dir, allow_ckpt=False)
-    files = RemoteFiles(client, lambda: queue.node_id)
-    worker = Worker(queue, FakeEngine(), registry, files, worker_id="remote", lease_s=30)
+    files = RemoteFiles(client, lambda: queue.session)
+    worker = Worker(
+        queue, FakeEngine(), registry, files, worker_id=session.worker_id, lease_s=30, beat_s=0.02
+    )
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
     try:
@@ -117,6 +120,6 @@ def test_a_real_node_reports_its_files_and_runs_what_names_them(empty: Api, tmp_
         thread.join(10)
         queue.close(wait_s=10)
     (mine,) = call(empty, "GET", "/api/nodes/mine", donor)["data"]
-    (reported,) = mine["capabilities"]["models"]
-    assert (reported["kind"], reported["name"]) == ("checkpoint", "node_mix")
-    assert mine["installed"] == [reported["sha256"]]
+    (installed,) = mine["installed"]
+    listed = call(empty, "GET", "/api/sd/supportedModelInfo", user)["data"]["Models"]
+    assert listed == [{"name": "node_mix", "hash": installed}]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,32 +10,19 @@ import pytest
 from fastapi.testclient import TestClient
 
 from dan.api.app import create_app
-from dan.db.tables import nodes
-from dan.domain import ModelKind
+from dan.domain import Account, ModelKind
+from dan.nodes.service import NodeDescription
+from dan.nodes.store import NodeFile
 from dan.services import build_services
 from tests.api.conftest import Api, install_dummy_checkpoint, make_settings
 
 BODY = {"prompt": "a fox", "width": 64, "height": 64, "steps": 2}
+DONOR = Account("donor", "donor", can_run_nodes=True)
 
 
-def add_online_node(api: Api, installed: list[str]) -> None:
-    now = time.time()
-    with api.services.db.begin() as conn:
-        conn.execute(
-            nodes.insert().values(
-                id="n1",
-                account="donor",
-                name="gpu-1",
-                capabilities={},
-                installed=installed,
-                loaded=[],
-                pull=[],
-                tasks_done=0,
-                registered_at=now,
-                last_seen_at=now,
-                rewarded_until=now,
-            )
-        )
+def add_online_node(api: Api, installed: list[str], name: str = "gpu-1") -> None:
+    files = [NodeFile(sha) for sha in installed]
+    api.services.nodes.register(DONOR, NodeDescription(name, {}, tuple(files)))
 
 
 @pytest.fixture
@@ -66,11 +53,28 @@ def test_a_model_an_online_node_has_is_queued(api: Api) -> None:
     assert reply["_http"] == 200 and reply["data"]["queuePosition"] == 1
 
 
+def test_files_spread_over_several_nodes_are_refused(api: Api, tmp_path: Path) -> None:
+    # One node has the checkpoint, another the LoRA: no node could ever run the task, which
+    # would sit at the head of the queue and hide the tasks behind it.
+    lora = tmp_path / "models" / "loras" / "style.safetensors"
+    lora.parent.mkdir(parents=True, exist_ok=True)
+    lora.write_bytes(os.urandom(256))
+    api.services.registry.scan()
+    lora_sha = api.services.registry.resolve(ModelKind.LORA, "style").sha256
+    add_online_node(api, [api.checkpoint_sha256], "has-checkpoint")
+    add_online_node(api, [lora_sha], "has-lora")
+    reply = api.post("/api/sd/txt2img/async", {**BODY, "loras": [["style", 1]]})
+    assert (reply["_http"], reply["code"]) == (503, 2000)
+    assert lora_sha[:10] in reply["message"] and "has them all" in reply["message"]
+    add_online_node(api, [api.checkpoint_sha256, lora_sha], "has-both")
+    assert api.post("/api/sd/txt2img/async", {**BODY, "loras": [["style", 1]]})["_http"] == 200
+
+
 def test_by_setting_it_is_accepted_with_a_warning(accepting_api: Api) -> None:
     add_online_node(accepting_api, ["f" * 64])
     reply = accepting_api.post("/api/sd/txt2img/async", BODY)
     assert reply["_http"] == 200 and reply["data"]["status"] == 0
-    assert reply["message"].startswith("success; no online worker has the model file(s)")
+    assert reply["message"].startswith("success; no online worker has all the model files")
 
 
 def test_a_server_with_a_local_worker_serves_whatever_it_resolved(tmp_path: Path) -> None:

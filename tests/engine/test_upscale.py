@@ -21,13 +21,13 @@ from dan.domain import (
     ProgressCallback,
     UpscalerChoice,
     UpscaleRequest,
+    hires_size,
 )
 from dan.engine.hires import (
     PromptEmbeds,
     decode_latents,
     denoising_calls,
     hires_fix,
-    hires_size,
     second_pass_steps,
 )
 from dan.engine.prompts import encode_prompts

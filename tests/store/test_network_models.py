@@ -4,7 +4,6 @@ online nodes report resolve like local files, local files win, and the reports a
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +11,12 @@ import pytest
 from sqlalchemy import Engine
 
 from dan.domain import ModelKind
-from dan.engine.fake import FakeEngine
 from dan.errors import ModelNotFound
 from dan.models.catalog import Catalog, CatalogEntry
 from dan.models.registry import ModelRegistry
 from dan.nodes.models import NetworkModels
-from dan.nodes.store import SqlNodeStore
-from dan.workers.capabilities import capabilities, model_report
+from dan.nodes.store import NodeFile, NodeRules, SqlNodeStore
+from dan.workers.capabilities import installed_files
 from tests.api.conftest import install_dummy_checkpoint
 from tests.store.conftest import Clock
 
@@ -63,17 +61,18 @@ class Network:
 
     def __init__(self, db: Engine, clock: Clock, tmp_path: Path) -> None:
         self.clock, self.models_dir = clock, tmp_path / "models"
-        self.nodes = SqlNodeStore(
-            db, offline_after_s=OFFLINE_AFTER, online_interval_s=600, clock=clock
-        )
+        self.nodes = SqlNodeStore(db, rules=NodeRules(offline_after_s=OFFLINE_AFTER), clock=clock)
         self.registry = ModelRegistry(
             self.models_dir, tmp_path / "cache", allow_ckpt=False, catalog=CATALOG
         )
         self.models = NetworkModels(self.registry, self.nodes, clock=clock)
 
-    def node(self, name: str, *entries: dict[str, Any], installed: list[str] | None = None) -> str:
-        shas = [e["sha256"] for e in entries] if installed is None else installed
-        return self.nodes.register("donor", name, {"models": list(entries)}, shas, [])
+    def node(self, name: str, *entries: dict[str, Any], account: str = "donor") -> str:
+        files = [
+            NodeFile(e["sha256"], ModelKind(e["kind"]), e["name"], e["file"], e["size"])
+            for e in entries
+        ]
+        return self.nodes.register(account, name, {}, files, []).node_id
 
     def local(self, name: str) -> str:
         path = install_dummy_checkpoint(self.models_dir, name)
@@ -112,9 +111,30 @@ def test_a_catalog_name_resolves_to_the_file_a_node_has(net: Network) -> None:
 
 def test_a_node_cannot_capture_a_catalog_name_with_another_file(net: Network) -> None:
     net.node("honest", entry("famous_mix", sha_of("famous")))
-    net.node("sly-1", entry("famous_mix", sha_of("fake")))
-    net.node("sly-2", entry("famous_mix", sha_of("fake")))
-    assert net.models.resolve(ModelKind.CHECKPOINT, "famous_mix").sha256 == sha_of("famous")
+    net.node("sly-1", entry("famous_mix", sha_of("fake")), account="sly")
+    net.node("sly-2", entry("famous", sha_of("fake")), account="sly")
+    for name in ("famous_mix", "FAMOUS", "famous_mix.safetensors"):
+        model = net.models.resolve(ModelKind.CHECKPOINT, name)
+        assert (model.sha256, model.name) == (sha_of("famous"), "famous_mix")
+
+
+def test_a_catalog_name_no_node_has_is_never_another_file(net: Network) -> None:
+    net.node("sly", entry("famous_mix", sha_of("fake")))
+    with pytest.raises(ModelNotFound, match="in the catalog but neither installed"):
+        net.models.resolve(ModelKind.CHECKPOINT, "famous_mix")
+    assert net.models.default_checkpoint(None) is None  # nor the default
+
+
+def test_a_name_only_nodes_report_needs_them_to_agree(net: Network) -> None:
+    net.node("a", entry("remote_mix"))
+    net.node("b", entry("remote_mix"))
+    assert net.models.resolve(ModelKind.CHECKPOINT, "remote_mix").sha256 == sha_of("remote_mix")
+    net.node("sly", entry("remote_mix", sha_of("sly")), account="sly")
+    with pytest.raises(ModelNotFound, match="report different checkpoint files named"):
+        net.models.resolve(ModelKind.CHECKPOINT, "remote_mix")
+    # The hash still names either file.
+    for sha in (sha_of("remote_mix"), sha_of("sly")):
+        assert net.models.resolve(ModelKind.CHECKPOINT, sha).sha256 == sha
 
 
 def test_an_offline_nodes_models_do_not_resolve(net: Network) -> None:
@@ -124,6 +144,7 @@ def test_an_offline_nodes_models_do_not_resolve(net: Network) -> None:
     with pytest.raises(ModelNotFound) as caught:
         net.models.resolve(ModelKind.CHECKPOINT, "remote_mix")
     assert "no checkpoint matches 'remote_mix'" in caught.value.message
+    net.later()
     assert net.models.list(ModelKind.CHECKPOINT) == []
     assert net.models.default_checkpoint(None) is None
 
@@ -172,18 +193,19 @@ def test_an_ambiguous_prefix_is_refused(net: Network) -> None:
     assert net.models.resolve(ModelKind.CHECKPOINT, "abcdef01231").name == "two"
 
 
-def test_reports_not_backed_by_installed_files_or_malformed_are_ignored(net: Network) -> None:
-    net.node(
-        "gpu",
-        entry("not_installed"),
-        {"kind": "checkpoint", "name": "bad_hash", "sha256": "xyz"},
-        {"kind": "spaceship", "name": "bad_kind", "sha256": sha_of("k")},
-        entry("sneaky", file="../../etc/passwd"),
-        "not even a dict",
-        entry("fine"),
-        installed=[sha_of("fine"), sha_of("k"), sha_of("sneaky")],
-    )
+def test_files_a_node_does_not_describe_are_not_named(net: Network) -> None:
+    net.nodes.register("donor", "gpu", {}, [NodeFile(sha_of("bare")), NodeFile(sha_of("x"))], [])
+    net.node("other", entry("fine"))
     assert [m.name for m in net.models.list(ModelKind.CHECKPOINT)] == ["fine"]
+    with pytest.raises(ModelNotFound):
+        net.models.resolve(ModelKind.CHECKPOINT, sha_of("bare"))  # no kind: no model
+
+
+def test_a_suspect_nodes_files_do_not_resolve(net: Network) -> None:
+    node = net.node("gpu", entry("remote_mix"))
+    net.nodes.record_check(node, passed=False, reason="wrong picture")
+    with pytest.raises(ModelNotFound):
+        net.models.resolve(ModelKind.CHECKPOINT, "remote_mix")
 
 
 def test_reports_are_cached_for_a_moment(net: Network) -> None:
@@ -207,17 +229,12 @@ def test_a_blocked_pickle_here_keeps_its_message(net: Network) -> None:
     assert net.models.resolve(ModelKind.CHECKPOINT, "old").sha256 == sha_of("old")
 
 
-def test_a_worker_reports_its_models_and_cuts_the_list_to_fit(tmp_path: Path) -> None:
+def test_a_worker_describes_its_files_and_cuts_the_list_to_fit(tmp_path: Path) -> None:
     registry = ModelRegistry(tmp_path / "models", tmp_path / "cache", allow_ckpt=False)
     for index in range(40):
         install_dummy_checkpoint(tmp_path / "models", f"checkpoint_{index:02d}")
     registry.scan()
-    report = model_report(registry)
-    assert len(report) == 40 and report[0].keys() == {"kind", "name", "file", "sha256", "size"}
-    assert report[0]["name"] == "checkpoint_00" and report[0]["file"] == "checkpoint_00.safetensors"
-    assert capabilities(FakeEngine(), registry)["models"] == report
-    cut = capabilities(FakeEngine(), registry, max_bytes=2048)
-    assert len(json.dumps(cut)) <= 2048
-    kept = len(cut["models"])
-    assert 0 < kept < 40 and cut["models_left_out"] == 40 - kept
-    assert cut["models"] == report[:kept]
+    files = installed_files(registry)
+    assert len(files) == 40 and files[0].kind == ModelKind.CHECKPOINT
+    assert (files[0].name, files[0].file) == ("checkpoint_00", "checkpoint_00.safetensors")
+    assert installed_files(registry, limit=25) == files[:25]

@@ -14,6 +14,7 @@ from dan.config import Settings
 from dan.domain import Account, ClaimedTask, TaskKind
 from dan.models.catalog import load_catalog
 from dan.nodes import NodeService, SqlNodeStore
+from dan.nodes.store import Session
 from dan.storage import InMemoryBlobStore
 from dan.tasks.store import NewTask, SqlTaskStore
 
@@ -48,10 +49,12 @@ class FakeTime:
             self.on_sleep(self.sleeps)
 
 
-def make_service(db: Engine, tmp_path: Path) -> tuple[NodeService, CountingStore, FakeTime, str]:
+def make_service(
+    db: Engine, tmp_path: Path
+) -> tuple[NodeService, CountingStore, FakeTime, Session]:
     settings = Settings(data_dir=tmp_path, poll_interval_s=0.05)  # type: ignore[call-arg]
     tasks = CountingStore(db)
-    nodes = SqlNodeStore(db, offline_after_s=60, online_interval_s=600)
+    nodes = SqlNodeStore(db)
     time = FakeTime()
     service = NodeService(
         nodes,
@@ -62,8 +65,8 @@ def make_service(db: Engine, tmp_path: Path) -> tuple[NodeService, CountingStore
         sleep=time.sleep,
         monotonic=time.monotonic,
     )
-    node_id = nodes.register("donor", "gpu", {}, [], [])
-    return service, tasks, time, node_id
+    session = nodes.register("donor", "gpu", {}, [], [])
+    return service, tasks, time, session
 
 
 def submit(tasks: SqlTaskStore) -> str:
@@ -72,8 +75,9 @@ def submit(tasks: SqlTaskStore) -> str:
 
 
 def test_without_notifications_a_waiting_claim_polls(db: Engine, tmp_path: Path) -> None:
-    service, tasks, time, node_id = make_service(db, tmp_path)
-    assignment = asyncio.run(service.claim(DONOR, node_id, loaded=None, wait_s=1.0))
+    service, tasks, time, session = make_service(db, tmp_path)
+    claim = service.claim(DONOR, session.node_id, session.id, loaded=None, wait_s=1.0)
+    assignment = asyncio.run(claim)
     assert assignment.task is None
     assert tasks.claims == time.sleeps + 1 >= 20  # every 0.05 s
 
@@ -81,9 +85,10 @@ def test_without_notifications_a_waiting_claim_polls(db: Engine, tmp_path: Path)
 def test_with_notifications_it_queries_on_a_notice_and_rarely_otherwise(
     db: Engine, tmp_path: Path
 ) -> None:
-    service, tasks, time, node_id = make_service(db, tmp_path)
+    service, tasks, time, session = make_service(db, tmp_path)
     service.notified.set()
-    idle = asyncio.run(service.claim(DONOR, node_id, loaded=None, wait_s=10.0))
+    ids = (session.node_id, session.id)
+    idle = asyncio.run(service.claim(DONOR, *ids, loaded=None, wait_s=10.0))
     assert idle.task is None and tasks.claims <= 6  # the 2 s fallback, not 200 polls
     tasks.claims = 0
 
@@ -95,6 +100,6 @@ def test_with_notifications_it_queries_on_a_notice_and_rarely_otherwise(
             service.task_queued(queued[0])
 
     time.on_sleep = queue_one
-    assignment = asyncio.run(service.claim(DONOR, node_id, loaded=None, wait_s=10.0))
+    assignment = asyncio.run(service.claim(DONOR, *ids, loaded=None, wait_s=10.0))
     assert assignment.task is not None and assignment.task.id == queued[0]
     assert tasks.claims == 2  # the first look, then the one the notice asked for

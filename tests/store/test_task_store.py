@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 
 from dan.domain import TaskKind, TaskResult, TaskStatus
 from dan.errors import TooManyPendingTasks
-from dan.tasks.store import CANCELLED_MESSAGE, NewTask, SqlTaskStore
+from dan.tasks.store import CANCELLED_MESSAGE, NewTask, QueueRules, SqlTaskStore
 from tests.store.conftest import Clock
 
 LEASE = 30.0
@@ -161,9 +161,9 @@ def test_expired_lease_requeues_and_late_result_is_rejected(
     task_id = submit(store)
     store.claim("dead", lease_s=LEASE)
     clock.advance(LEASE - 1)
-    assert store.requeue_expired(max_attempts=3) == 0
+    assert store.requeue_expired() == 0
     clock.advance(2)
-    assert store.requeue_expired(max_attempts=3) == 1
+    assert store.requeue_expired() == 1
     record = store.get(task_id)
     assert record is not None and (record.status, record.queue_position) == (TaskStatus.PENDING, 1)
     retry = store.claim("alive", lease_s=LEASE)
@@ -181,15 +181,16 @@ def test_heartbeats_keep_the_lease(store: SqlTaskStore, clock: Clock) -> None:
     for _ in range(5):
         clock.advance(LEASE / 2)
         assert store.heartbeat(task_id, "w", lease_s=LEASE).held
-        assert store.requeue_expired(max_attempts=3) == 0
+        assert store.requeue_expired() == 0
 
 
-def test_gives_up_after_max_attempts(store: SqlTaskStore, clock: Clock) -> None:
+def test_gives_up_after_max_attempts(db: Engine, clock: Clock) -> None:
+    store = SqlTaskStore(db, clock=clock, rules=QueueRules(max_attempts=2))
     task_id = submit(store)
     for _ in range(2):
         assert store.claim("w", lease_s=LEASE) is not None
         clock.advance(LEASE + 1)
-        store.requeue_expired(max_attempts=2)
+        store.requeue_expired()
     record = store.get(task_id)
     assert record is not None and record.status == TaskStatus.FAILURE
     assert "stopped responding 2 times" in (record.error or "")

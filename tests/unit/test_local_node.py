@@ -9,13 +9,21 @@ from sqlalchemy import select
 
 from dan.db import create_db_engine, migrate
 from dan.db.tables import honor_grants
-from dan.domain import LOCAL_ACCOUNT, GenerationRequest, ModelKind, ModelRef, TaskKind, TaskStatus
+from dan.domain import (
+    LOCAL_ACCOUNT,
+    LOCAL_NODE_NAME,
+    GenerationRequest,
+    ModelKind,
+    ModelRef,
+    TaskKind,
+    TaskStatus,
+)
 from dan.engine.fake import FakeEngine
 from dan.models.registry import ModelRegistry
 from dan.nodes.store import SqlNodeStore
 from dan.storage import InMemoryBlobStore
 from dan.tasks.store import NewTask, SqlTaskStore
-from dan.workers.local import LOCAL_NODE_NAME, LocalNodeQueue
+from dan.workers.local import LocalNodeQueue
 from dan.workers.loop import Worker
 from tests.api.conftest import install_dummy_checkpoint
 
@@ -48,36 +56,57 @@ def test_the_local_worker_registers_claims_what_it_has_and_notices_new_files(
     migrate(url)
     db = create_db_engine(url)
     store = SqlTaskStore(db)
-    nodes = SqlNodeStore(db, offline_after_s=60, online_interval_s=600)
+    nodes = SqlNodeStore(db)
     install_dummy_checkpoint(tmp_path / "models", "a")
     registry = ModelRegistry(tmp_path / "models", tmp_path / "cache", allow_ckpt=False)
     ticks = Ticks()
     queue = LocalNodeQueue(store, nodes, registry, FakeEngine(), lookahead=8, monotonic=ticks)
-    node_id = queue.register()
+    node_id = queue.register().node_id
     sha_a = registry.list(ModelKind.CHECKPOINT)[0].sha256
     record = nodes.get(node_id)
     assert record is not None
-    assert (record.account, record.name, record.installed) == (
-        LOCAL_ACCOUNT,
-        LOCAL_NODE_NAME,
-        {sha_a},
-    )
-    assert store.models_served() == {sha_a}
+    assert (record.account, record.name) == (LOCAL_ACCOUNT, LOCAL_NODE_NAME)
+    assert nodes.files(node_id) == {sha_a}
+    assert store.runnable_somewhere([sha_a]) is True
 
     missing = submit(store, "d" * 64)
     runnable = submit(store, sha_a)
-    worker = Worker(queue, FakeEngine(), registry, InMemoryBlobStore(), worker_id="w", lease_s=30)
+    blobs = InMemoryBlobStore()
+    worker = Worker(queue, FakeEngine(), registry, blobs, worker_id=queue.worker_id, lease_s=30)
     assert worker.run_once() and not worker.run_once()  # the task for a file it lacks waits
     assert store.get(runnable).status == TaskStatus.SUCCESS  # type: ignore[union-attr]
     assert store.get(missing).status == TaskStatus.PENDING  # type: ignore[union-attr]
     assert nodes.get(node_id).tasks_done == 1  # type: ignore[union-attr]
-    with db.connect() as conn:
-        assert conn.execute(select(honor_grants.c.amount)).scalars().all() == [0.0]
+    with db.connect() as conn:  # the local account earns nothing, not even a zero grant
+        assert conn.execute(select(honor_grants.c.amount)).scalars().all() == []
 
     path = install_dummy_checkpoint(tmp_path / "models", "b")
     later = submit(store, registry.hashes.sha256(path))
     ticks.now += 10  # the next claim refreshes the node row (and rescans)
     assert worker.run_once()
     assert store.get(later).status == TaskStatus.SUCCESS  # type: ignore[union-attr]
-    assert len(nodes.get(node_id).installed) == 2  # type: ignore[union-attr]
+    assert len(nodes.files(node_id)) == 2
+    assert queue.register().id == queue.session_id  # refreshing keeps this process's session
+    db.dispose()
+
+
+def test_two_workers_on_one_data_dir_never_hand_back_each_others_tasks(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.sqlite3'}"
+    migrate(url)
+    db = create_db_engine(url)
+    store, nodes = SqlTaskStore(db), SqlNodeStore(db)
+    install_dummy_checkpoint(tmp_path / "models", "a")
+    registry = ModelRegistry(tmp_path / "models", tmp_path / "cache", allow_ckpt=False)
+    first, second = (
+        LocalNodeQueue(store, nodes, registry, FakeEngine(), lookahead=8) for _ in range(2)
+    )
+    first.register()
+    second.register()
+    sha_a = registry.list(ModelKind.CHECKPOINT)[0].sha256
+    task_id = submit(store, sha_a)
+    assert first.claim(first.worker_id, lease_s=30) is not None
+    assert second.stop() == 0  # the other process stops: it held nothing
+    assert store.get(task_id).status == TaskStatus.PROCESSING  # type: ignore[union-attr]
+    assert first.stop() == 1
+    assert store.get(task_id).status == TaskStatus.PENDING  # type: ignore[union-attr]
     db.dispose()

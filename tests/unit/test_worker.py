@@ -83,5 +83,5 @@ def test_lease_is_renewed_while_a_long_task_runs(
     worker = Worker(store, engine, registry, blobs, worker_id="w", lease_s=0.3, idle_sleep_s=0.01)
     task_id = submit(store, registry, "slow")
     worker.run_once()  # 2 steps of 0.2 s: longer than the 0.3 s lease without renewals
-    assert store.requeue_expired(max_attempts=3) == 0
+    assert store.requeue_expired() == 0
     assert store.get(task_id).status == TaskStatus.SUCCESS  # type: ignore[union-attr]

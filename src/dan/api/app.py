@@ -24,10 +24,12 @@ SWEEP_INTERVAL_S = 5.0
 
 
 async def _sweep_forever(services: Services) -> None:
-    """Re-queue lost tasks and delete expired results, forever; errors are logged."""
+    """End overdue runs and silent node sessions, delete expired results, forever; errors
+    are logged."""
     while True:
         try:
             await asyncio.to_thread(services.tasks.sweep, time.time())
+            await asyncio.to_thread(services.nodes.expire_sessions)
         except Exception:
             log.exception("sweep failed; will retry")
         await asyncio.sleep(SWEEP_INTERVAL_S)

@@ -11,10 +11,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from dan.errors import DanError, InvalidArgument
+from dan.nodes.protocol import Reason, reason_of
 
 log = logging.getLogger(__name__)
 
 V0_PREFIX = "/v0"
+NODE_PREFIX = "/api/node/"
 
 
 def is_v0(request: Request) -> bool:
@@ -33,6 +35,14 @@ def error_response(
     if data:
         body["data"] = data
     return JSONResponse(body, status_code=status)
+
+
+def node_data(request: Request, reason: Reason, data: Any = None) -> Any:
+    """``data`` with the protocol's refusal ``reason`` for a node's request (see
+    dan.nodes.protocol: the node client raises by it); other requests keep ``data``."""
+    if not request.url.path.startswith(NODE_PREFIX):
+        return data
+    return {**(data or {}), "reason": reason.value}
 
 
 def describe_validation_error(exc: RequestValidationError) -> str:
@@ -58,20 +68,25 @@ def describe_validation_error(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     async def dan_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, DanError)
-        return error_response(request, exc.http_status, exc.code, exc.message, exc.data)
+        data = node_data(request, reason_of(exc), exc.data)
+        return error_response(request, exc.http_status, exc.code, exc.message, data)
 
     async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(request, 400, InvalidArgument.code, describe_validation_error(exc))
+        message = describe_validation_error(exc)
+        data = node_data(request, Reason.INVALID)
+        return error_response(request, 400, InvalidArgument.code, message, data)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         code = InvalidArgument.code if exc.status_code < 500 else DanError.code
-        return error_response(request, exc.status_code, code, str(exc.detail))
+        data = node_data(request, Reason.ERROR)
+        return error_response(request, exc.status_code, code, str(exc.detail), data)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-        return error_response(request, 500, DanError.code, "internal server error")
+        data = node_data(request, Reason.ERROR)
+        return error_response(request, 500, DanError.code, "internal server error", data)
 
     app.add_exception_handler(DanError, dan_error)
     app.add_exception_handler(RequestValidationError, invalid_request)

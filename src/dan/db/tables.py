@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 metadata = MetaData()
@@ -45,15 +46,56 @@ tasks = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("expired", Boolean, nullable=False, default=False),
-    # Added by 0002: what the task costs (steps x megapixels, for the queue's weighting), the
-    # checkpoint it runs on (node affinity) and every model file it needs (which nodes can run
-    # it: a JSON list of sha256); NULL for older rows.
+    # Added by 0002: what the task costs (steps x megapixels, for the queue's weighting) and
+    # the checkpoint it runs on (node affinity); NULL for older rows. The files it needs are
+    # rows of ``task_files``.
     Column("cost", Float),
     Column("model_sha256", String(64)),
-    Column("requires", JSON),
+    # Added by 0003 (trust): the node holding (or that ran) the task; what its result must be
+    # (``{"images": n, "width": w, "height": h}`` or ``{"caption": true}``); when a run must
+    # end (from the task's cost) and when a cancelled run must have stopped; the task a
+    # verification run re-runs, and on an original, where its check stands.
+    Column("node_id", String(36)),
+    Column("expects", JSON),
+    Column("deadline", Float),
+    Column("cancel_by", Float),
+    Column("verify_of", String(36), index=True),
+    Column("verification", String(16)),
     Index("ix_tasks_status_tag_seq", "status", "tag", "seq"),
     Index("ix_tasks_account_tag", "account", "tag"),
+    Index("ix_tasks_account_status", "account", "status"),
     Index("ix_tasks_finished_at", "finished_at"),
+    # The queue's virtual time (the highest tag ever claimed) and the results still to expire
+    # are read on every submit and sweep: partial indexes keep those reads off the history.
+    Index(
+        "ix_tasks_started_tag",
+        "tag",
+        postgresql_where=text("started_at IS NOT NULL"),
+        sqlite_where=text("started_at IS NOT NULL"),
+    ),
+    Index(
+        "ix_tasks_unexpired",
+        "finished_at",
+        postgresql_where=text("NOT expired"),
+        sqlite_where=text("NOT expired"),
+    ),
+)
+
+# The model files (sha256) a task needs: a node may claim it only if it has every one.
+task_files = Table(
+    "task_files",
+    metadata,
+    Column("task_id", String(36), primary_key=True),
+    Column("sha256", String(64), primary_key=True),
+)
+
+# Accounts whose nodes may not run a task: a verification run is never given to the account
+# whose node produced the result it checks.
+task_exclusions = Table(
+    "task_exclusions",
+    metadata,
+    Column("task_id", String(36), primary_key=True),
+    Column("account", String(128), primary_key=True),
 )
 
 # --- The network (migration 0002) --------------------------------------------------------------
@@ -111,13 +153,65 @@ nodes = Table(
     Column("account", String(128), nullable=False, index=True),  # the owner
     Column("name", String(64), nullable=False),
     Column("capabilities", JSON, nullable=False),  # device, memory, features, max pixels
-    Column("installed", JSON, nullable=False),  # sha256 of every installed model file
     Column("loaded", JSON, nullable=False),  # sha256 of the checkpoints it has in memory
     Column("pull", JSON, nullable=False),  # catalog names an admin asked it to download
     Column("tasks_done", Integer, nullable=False, default=0),
     Column("registered_at", Float, nullable=False),
     Column("last_seen_at", Float, nullable=False),
     Column("rewarded_until", Float, nullable=False),  # online time paid up to here
+    # Added by 0003 (trust): results checked by another node and found right (or wrong), the
+    # last accepted result for another account, and why and since when it is suspect.
+    Column("checks_passed", Integer, nullable=False, default=0, server_default="0"),
+    Column("checks_failed", Integer, nullable=False, default=0, server_default="0"),
+    Column("worked_at", Float),
+    Column("suspect_since", Float),
+    Column("suspect_reason", Text),
+)
+
+# What each node has installed (0003): one row per file, so that "which online node has these
+# files" is a join, whatever a node reports. ``kind``, ``name`` and ``file`` are set for the
+# files the node describes (the API resolves requests against them); ``*_key`` are casefolded.
+node_files = Table(
+    "node_files",
+    metadata,
+    Column("node_id", String(36), primary_key=True),
+    Column("sha256", String(64), primary_key=True, index=True),
+    Column("kind", String(16)),
+    Column("name", String(256)),
+    Column("file", String(256)),
+    Column("size", BigInteger),
+    Column("name_key", String(256)),
+    Column("file_key", String(256)),
+    Index("ix_node_files_kind_name", "kind", "name_key"),
+    Index("ix_node_files_kind_file", "kind", "file_key"),
+)
+
+# One running process of a node (0003): each registration opens a session; tasks are held by
+# ``node:<node id>:<session id>``, so two processes of one node never release each other's.
+node_sessions = Table(
+    "node_sessions",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("node_id", String(36), nullable=False, index=True),
+    Column("account", String(128), nullable=False, index=True),
+    Column("slots", Integer, nullable=False),  # tasks it runs at once
+    Column("started_at", Float, nullable=False),
+    Column("last_seen_at", Float, nullable=False),
+)
+
+# Honor a node on probation has earned (0003): paid into the ledger once its results have
+# passed their checks, dropped if one fails.
+honor_escrow = Table(
+    "honor_escrow",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("node_id", String(36), nullable=False, index=True),
+    Column("account", String(128), nullable=False),
+    Column("amount", Float, nullable=False),
+    Column("task_id", String(36), unique=True),
+    Column("created_at", Float, nullable=False),
 )
 
 # Result and input images when the API runs as several replicas (dan.storage.SqlBlobStore):

@@ -30,7 +30,7 @@ from diffusers import (
 )
 from PIL.Image import Image
 
-from dan.domain import GenerationRequest, HiresFix, ModelFiles, ProgressCallback
+from dan.domain import GenerationRequest, HiresFix, ModelFiles, ProgressCallback, hires_size
 from dan.engine.controlnet import ControlUnit
 from dan.engine.upscale import is_latent_upscaler, model_file_of, resize_image, upscale_latents
 from dan.engine.upscale_models import UpscalerModels
@@ -59,11 +59,6 @@ class ProgressPlan:
     @property
     def total(self) -> int:
         return self.first + self.second
-
-
-def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
-    """``scale`` x (``width``, ``height``), each side rounded to the nearest multiple of 8."""
-    return (max(8, 8 * round(width * scale / 8)), max(8, 8 * round(height * scale / 8)))
 
 
 def second_pass_steps(steps: int, denoising_strength: float, *, limit: int = 999) -> int:

@@ -28,7 +28,14 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 from spandrel import ImageModelDescriptor  # type: ignore[import-untyped]
 
-from dan.domain import InstalledModel, ModelFiles, ProgressCallback, UpscalerChoice, UpscaleRequest
+from dan.domain import (
+    InstalledModel,
+    ModelFiles,
+    ProgressCallback,
+    UpscalerChoice,
+    UpscaleRequest,
+    scaled_size,
+)
 from dan.engine.upscale_models import UpscalerModels, run_model, tile_boxes
 from dan.errors import EngineError
 
@@ -129,11 +136,6 @@ def _offset_progress(
 
 
 # --- upscaling images ------------------------------------------------------------------------
-
-
-def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
-    """``size`` times ``scale``, each side rounded half up (at least 1 pixel)."""
-    return (max(1, math.floor(size[0] * scale + 0.5)), max(1, math.floor(size[1] * scale + 0.5)))
 
 
 def resize_image(

@@ -1,8 +1,17 @@
 """NetworkModels: the models a request may name, on this server or on an online node.
 
-An API replica need not hold model files: each node reports its usable models (kind, name,
-file name, sha256, size) under ``"models"`` in its capabilities, and a request naming one of
-them resolves to its sha256; the queue then hands the task only to a node that has that file.
+An API replica need not hold model files: each node describes its files (kind, name, file
+name, sha256, size) when it registers, and a request naming one of them resolves to its sha256;
+the queue then hands the task only to a node that has that file.
+
+What a node says about its files is not trusted to capture other people's tasks:
+
+- a catalog name or alias (``chillout_mix``, ``sd15_canny``, ``R-ESRGAN 4x+``) always means the
+  catalog's sha256, whatever files nodes report under that name;
+- a name only nodes report resolves only while every online node that reports it agrees on
+  one sha256; otherwise the request is refused, asking for the hash;
+- the default checkpoint is this server's own, or a catalog checkpoint some node has, never
+  one a node merely names (set ``DAN_DEFAULT_MODEL`` to a sha256 for anything else).
 
 A model only nodes have is an :class:`~dan.domain.InstalledModel` whose ``path`` is
 ``<network>/<file name>``, which names no file here. ``path`` is only meaningful on the machine
@@ -14,63 +23,59 @@ that holds the file: the API side uses a resolved model's ``sha256`` and ``name`
 from __future__ import annotations
 
 import builtins
-import re
+import os
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from dan.domain import InstalledModel, ModelKind
 from dan.errors import ModelNotFound
-from dan.models.catalog import Catalog
+from dan.models.catalog import Catalog, CatalogEntry
 from dan.models.registry import (
+    EXTENSIONS,
+    MIN_PREFIX,
     ModelRegistry,
-    by_full_hash,
-    by_prefix,
     catalog_entry,
+    is_hex,
     not_found_message,
 )
-from dan.nodes.store import NodeRecord
+from dan.nodes.store import NetworkFile
 
 NETWORK_FOLDER = Path("<network>")  # the parent of a network-only model's (unusable) path
-CACHE_S = 2.0  # how long the online nodes' reports are reused
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+CACHE_S = 2.0  # how long the listing of the network's models is reused
+LISTED = 500  # the most network models of one kind that are listed (most held first)
 
 
-class OnlineNodes(Protocol):
+class NetworkFiles(Protocol):
     """What NetworkModels needs of the node store."""
 
-    def list_online(self) -> list[NodeRecord]: ...
-
-
-@dataclass(frozen=True)
-class _Reports:
-    """The models the online nodes report, by kind, and how many nodes hold each sha256."""
-
-    models: Mapping[ModelKind, tuple[InstalledModel, ...]]
-    holders: Mapping[str, int]
+    def find_files(
+        self,
+        kind: ModelKind,
+        *,
+        sha256: str | None = None,
+        key: str | None = None,
+        prefix: str | None = None,
+        limit: int = 1000,
+    ) -> list[NetworkFile]: ...
 
 
 class NetworkModels:
-    """A ModelLookup over this server's registry and the models online nodes report.
+    """A ModelLookup over this server's registry and the files online nodes describe.
 
     The registry answers first: a local file always wins, and while it resolves a reference
     nothing changes from a server without nodes. Otherwise the reference is matched against
-    the online nodes' models by the registry's rules, in its order: full sha256, file stem or
-    file name, unique prefix of at least 10 hex digits, catalog name, alias or hash. Where
-    nodes report different files under one name, one the catalog lists under that name wins,
-    then the one most nodes hold, then .safetensors, then the lowest sha256. Thread-safe; the
-    nodes are read at most every ``cache_s``.
+    the online nodes' files: full sha256, catalog name or alias (the catalog's hashes only),
+    model or file name (if the nodes agree on one sha256), unique prefix of at least 10 hex
+    digits. Thread-safe; listings are read at most every ``cache_s``.
     """
 
     def __init__(
         self,
         registry: ModelRegistry,
-        nodes: OnlineNodes,
+        nodes: NetworkFiles,
         *,
         cache_s: float = CACHE_S,
         clock: Callable[[], float] = time.monotonic,
@@ -80,8 +85,7 @@ class NetworkModels:
         self._cache_s = cache_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._reports: _Reports | None = None
-        self._read_at = -float("inf")
+        self._listed: dict[ModelKind, tuple[float, builtins.list[InstalledModel]]] = {}
 
     @property
     def catalog(self) -> Catalog:
@@ -90,74 +94,126 @@ class NetworkModels:
     def resolve(self, kind: ModelKind, ref: str) -> InstalledModel:
         """The model of ``kind`` that ``ref`` names, here or on an online node.
 
-        Raises :class:`ModelNotFound` when neither has it (the message lists both), and
-        passes on the registry's refusal of a blocked pickle here that no node offers instead.
+        Raises :class:`ModelNotFound` when neither has it (the message lists both) or when
+        nodes disagree on what a name means, and passes on the registry's refusal of a
+        blocked pickle here that no node offers instead.
         """
         key = ref.strip()
         try:
             return self._registry.resolve(kind, key)
         except ModelNotFound as exc:
-            reports = self._online()
-            remote = reports.models.get(kind, ())
-            model = _match(remote, kind, key, self.catalog, reports.holders)
+            model = self._remote(kind, key)
             if model is not None:
                 return model
-            if not remote or self._blocked_here(kind, key):
+            if not self._remote_list(kind) or self._blocked_here(kind, key):
                 raise
             raise ModelNotFound(self._not_found(kind, key), kind=kind.value, ref=key) from exc
 
     def default_checkpoint(self, preferred: str | None) -> InstalledModel | None:
         """``preferred`` resolved (here or on a node) if given; else the registry's default;
-        else the catalog's default if a node has it; else the first checkpoint a node has, by
-        name; ``None`` if there is none anywhere."""
+        else the catalog's default, then any catalog checkpoint, that an online node has;
+        ``None`` otherwise (a checkpoint a node merely names is never the default)."""
         if preferred:
             return self.resolve(ModelKind.CHECKPOINT, preferred)
         local = self._registry.default_checkpoint(None)
         if local is not None:
             return local
-        reports = self._online()
-        remote = reports.models.get(ModelKind.CHECKPOINT, ())
-        default = _installed(remote, self.catalog.default_checkpoint.hashes, reports.holders)
-        if default is not None:
-            return default
-        listed = self.list(ModelKind.CHECKPOINT)
-        return listed[0] if listed else None
+        entries = [self.catalog.default_checkpoint, *self.catalog.of_kind(ModelKind.CHECKPOINT)]
+        for entry in entries:
+            model = self._catalog_file(ModelKind.CHECKPOINT, entry)
+            if model is not None:
+                return model
+        return None
 
     def list(self, kind: ModelKind) -> builtins.list[InstalledModel]:
         """The registry's usable models of ``kind`` and, once per sha256 not among them, the
-        online nodes' ones; sorted by name (case-insensitive)."""
+        most held of the online nodes' ones; sorted by name (case-insensitive)."""
         local = self._registry.list(kind)
-        reports = self._online()
         seen = {m.sha256 for m in local}
-        remote: builtins.list[InstalledModel] = []
-        for model in _ranked(reports.models.get(kind, ()), reports.holders):
+        remote = []
+        for model in self._remote_list(kind):
             if model.sha256 not in seen:
                 seen.add(model.sha256)
                 remote.append(model)
         return sorted([*local, *remote], key=lambda m: (m.name.casefold(), str(m.path)))
 
-    # -- helpers -----------------------------------------------------------------------------
-    def _online(self) -> _Reports:
-        """The online nodes' reports, read again when older than ``cache_s``."""
+    # -- matching ----------------------------------------------------------------------------
+    def _remote(self, kind: ModelKind, key: str) -> InstalledModel | None:
+        if len(key) == 64 and is_hex(key):
+            return _first(self._nodes.find_files(kind, sha256=key.lower(), limit=1))
+        entry = self._catalog_name(kind, key)
+        if entry is not None:  # a catalog name means the catalog's file, nothing else
+            return self._catalog_file(kind, entry)
+        named = self._agreed(kind, key, self._nodes.find_files(kind, key=key.casefold()))
+        if named is not None:
+            return named
+        if is_hex(key) and MIN_PREFIX <= len(key) < 64:
+            return self._by_prefix(kind, key)
+        entry = catalog_entry(self.catalog, key, kind)  # a prefix of a catalog hash
+        return self._catalog_file(kind, entry) if entry is not None else None
+
+    def _catalog_name(self, kind: ModelKind, key: str) -> CatalogEntry | None:
+        """The entry ``key`` names as a catalog name or alias, also with a model file's
+        extension (``chillout_mix.safetensors``)."""
+        stem, extension = os.path.splitext(key)
+        if extension.lower() in EXTENSIONS[kind]:
+            key = stem
+        return self.catalog.get(key, kind)
+
+    def _catalog_file(self, kind: ModelKind, entry: CatalogEntry) -> InstalledModel | None:
+        for digest in entry.hashes:
+            found = self._nodes.find_files(kind, sha256=digest, limit=1)
+            if found:
+                return _model(found[0], name=entry.name)
+        return None
+
+    @staticmethod
+    def _agreed(
+        kind: ModelKind, key: str, files: builtins.list[NetworkFile]
+    ) -> InstalledModel | None:
+        hashes = sorted({f.sha256 for f in files})
+        if len(hashes) > 1:
+            shown = ", ".join(h[:MIN_PREFIX] for h in hashes[:5])
+            raise ModelNotFound(
+                f"online nodes report different {kind.value} files named {key!r} ({shown}); "
+                "name the one you want by its sha256 (or its first 10+ hex digits)",
+                kind=kind.value,
+                ref=key,
+            )
+        return _first(files)
+
+    def _by_prefix(self, kind: ModelKind, key: str) -> InstalledModel | None:
+        files = self._nodes.find_files(kind, prefix=key.lower(), limit=50)
+        hashes = sorted({f.sha256 for f in files})
+        if len(hashes) > 1:
+            names = ", ".join(f"{f.name} ({f.sha256[:16]}...)" for f in files[:5])
+            raise ModelNotFound(
+                f"{kind.value} hash prefix {key!r} is ambiguous: it matches {names}; "
+                "give more hex digits or the full sha256",
+                kind=kind.value,
+                ref=key,
+            )
+        return _first(files)
+
+    def _remote_list(self, kind: ModelKind) -> builtins.list[InstalledModel]:
         with self._lock:
-            if self._reports is not None and self._clock() - self._read_at < self._cache_s:
-                return self._reports
-            self._reports = _collect(self._nodes.list_online())
-            self._read_at = self._clock()
-            return self._reports
+            cached = self._listed.get(kind)
+            if cached is not None and self._clock() - cached[0] < self._cache_s:
+                return cached[1]
+        listed = [_model(f) for f in self._nodes.find_files(kind, limit=LISTED)]
+        with self._lock:
+            self._listed[kind] = (self._clock(), listed)
+        return listed
 
     def _blocked_here(self, kind: ModelKind, key: str) -> bool:
         """Whether the registry refused a blocked pickle here (its message says how to allow
         it, which beats a list of what is installed)."""
-        blocked = tuple(
-            m
+        folded = key.casefold()
+        return any(
+            self._registry.is_blocked(m)
+            and (folded in (m.name.casefold(), m.path.name.casefold()) or m.sha256 == key.lower())
             for m in self._registry.list(kind, include_blocked=True)
-            if self._registry.is_blocked(m)
         )
-        try:
-            return bool(blocked) and _match(blocked, kind, key, self.catalog, {}) is not None
-        except ModelNotFound:  # an ambiguous prefix: the registry's own message says so
-            return True
 
     def _not_found(self, kind: ModelKind, key: str) -> str:
         return not_found_message(
@@ -170,116 +226,17 @@ class NetworkModels:
         )
 
 
-# -- the nodes' reports ----------------------------------------------------------------------
-def _collect(online: Iterable[NodeRecord]) -> _Reports:
-    """Each distinct (kind, sha256, name, file) the nodes report, and each sha256's holders."""
-    found: dict[ModelKind, dict[tuple[str, str, str], InstalledModel]] = {}
-    holders: Counter[str] = Counter()
-    for node in online:
-        reported = reported_models(node)
-        holders.update({m.sha256 for m in reported})
-        for model in reported:
-            key = (model.sha256, model.name, model.path.name)
-            found.setdefault(model.kind, {}).setdefault(key, model)
-    models = {kind: tuple(by_key.values()) for kind, by_key in found.items()}
-    return _Reports(models, dict(holders))
-
-
-def reported_models(node: NodeRecord) -> list[InstalledModel]:
-    """The models ``node`` reports in ``capabilities["models"]`` whose file it also lists in
-    ``installed`` (what the queue offers it tasks for); malformed entries are skipped, as a
-    node's report is not trusted further than its own tasks."""
-    entries = node.capabilities.get("models")
-    if not isinstance(entries, list):
-        return []
-    parsed = (_parse(entry) for entry in entries)
-    return [m for m in parsed if m is not None and m.sha256 in node.installed]
-
-
-def _parse(entry: Any) -> InstalledModel | None:
-    if not isinstance(entry, dict):
-        return None
-    kind, name, sha = entry.get("kind"), entry.get("name"), entry.get("sha256")
-    file, size = entry.get("file", name), entry.get("size", 0)
-    if kind not in {k.value for k in ModelKind} or not isinstance(sha, str):
-        return None
-    if not (isinstance(name, str) and name and isinstance(file, str) and file):
-        return None
-    if not _SHA256.fullmatch(sha) or "/" in file or "\\" in file or not isinstance(size, int):
-        return None
-    path = NETWORK_FOLDER / file
-    return InstalledModel(kind=ModelKind(kind), name=name, sha256=sha, path=path, size=size)
-
-
-# -- matching: ModelRegistry's rules, over reported models -----------------------------------
-def _match(
-    models: tuple[InstalledModel, ...],
-    kind: ModelKind,
-    key: str,
-    catalog: Catalog,
-    holders: Mapping[str, int],
-) -> InstalledModel | None:
-    return (
-        by_full_hash(models, key, partial(_best, holders=holders))
-        or _by_name(models, key, kind, catalog, holders)
-        or by_prefix(models, key, kind, partial(_best, holders=holders))
-        or _by_catalog(models, key, kind, catalog, holders)
-    )
-
-
-def _by_name(
-    models: tuple[InstalledModel, ...],
-    key: str,
-    kind: ModelKind,
-    catalog: Catalog,
-    holders: Mapping[str, int],
-) -> InstalledModel | None:
-    """The file named ``key``; where files of several hashes bear a catalog name, one with a
-    hash the catalog lists for it (a node cannot capture a catalog name with another file)."""
-    folded = key.casefold()
-    named = [m for m in models if folded in (m.name.casefold(), m.path.name.casefold())]
-    entry = catalog.get(key, kind) if len({m.sha256 for m in named}) > 1 else None
-    vouched = [m for m in named if entry is not None and m.sha256 in entry.hashes]
-    return _best(vouched or named, holders)
-
-
-def _by_catalog(
-    models: tuple[InstalledModel, ...],
-    key: str,
-    kind: ModelKind,
-    catalog: Catalog,
-    holders: Mapping[str, int],
-) -> InstalledModel | None:
-    entry = catalog_entry(catalog, key, kind)
-    return _installed(models, entry.hashes, holders) if entry is not None else None
-
-
-def _installed(
-    models: tuple[InstalledModel, ...], hashes: Iterable[str], holders: Mapping[str, int]
-) -> InstalledModel | None:
-    """The model of the first of ``hashes`` (a catalog entry's) that is among ``models``."""
-    for digest in hashes:
-        model = _best((m for m in models if m.sha256 == digest), holders)
-        if model is not None:
-            return model
+def _first(files: Iterable[NetworkFile]) -> InstalledModel | None:
+    for file in files:
+        return _model(file)
     return None
 
 
-def _ranked(
-    models: Iterable[InstalledModel], holders: Mapping[str, int]
-) -> builtins.list[InstalledModel]:
-    """Most holders first, then .safetensors, then by sha256 and name."""
-    return sorted(
-        models,
-        key=lambda m: (
-            -holders.get(m.sha256, 0),
-            m.path.suffix.lower() != ".safetensors",
-            m.sha256,
-            m.name.casefold(),
-        ),
+def _model(file: NetworkFile, *, name: str | None = None) -> InstalledModel:
+    return InstalledModel(
+        kind=file.kind,
+        name=name or file.name,
+        sha256=file.sha256,
+        path=NETWORK_FOLDER / file.file,
+        size=file.size,
     )
-
-
-def _best(models: Iterable[InstalledModel], holders: Mapping[str, int]) -> InstalledModel | None:
-    ranked = _ranked(models, holders)
-    return ranked[0] if ranked else None

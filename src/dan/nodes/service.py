@@ -1,41 +1,66 @@
-"""NodeService: the rules a node's requests follow.
+"""NodeService: the rules a node's requests follow. A node is a stranger's machine: nothing it
+says is trusted further than its own tasks.
 
 A node belongs to the account that registered it and only that account's keys may speak for
-it. It claims tasks as the worker ``node:<id>`` with an Offer of the model files it has
-installed and the checkpoints it has loaded, and while it holds a task (and only then) it may
-read that task's input images and upload its results, under keys ``<task id>/...``. A result
-or failure from a node that no longer holds the task (its lease ran out and the task went to
-another node) changes nothing and is answered with TaskNotHeld. Owners earn honor per completed
-task and per interval online; the embedded worker's owner, the local account, earns none.
+it. Each registration opens a session (one running process, holding at most the ``slots``
+tasks it declared); the session claims tasks as the worker ``node:<node id>:<session id>``
+with an Offer of the node's installed files and loaded checkpoints. While it holds a task
+(and only then) it may read that task's input images and upload its results, under
+``<task id>/a<try>-<n>.png`` (dan.nodes.protocol.result_key).
+
+A result is accepted only if it is what the task asks for: exactly the expected number of
+real PNG images of the task's output size, within a byte cap (a caption for interrogate).
+Anything else is refused (ResultRefused) and the task goes back to the queue, counting a try,
+with no honor. A result or failure from a node that no longer holds the task (its lease or
+time limit ran out, it was cancelled) changes nothing and is answered with TaskNotHeld.
+
+Honor: a node's owner earns ``honor_per_task`` for a task of another account (none for its
+own), held in escrow while the node is on probation; online honor follows the store's rules.
+The embedded worker's owner, the local account, earns none. A suspect node may not claim.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from dan.config import Settings
-from dan.domain import LOCAL_ACCOUNT, Account, ClaimedTask, TaskResult
-from dan.errors import InvalidArgument, NodeNotFound, PermissionDenied, TaskNotHeld
+from dan.domain import LOCAL_ACCOUNT, Account, ClaimedTask, TaskResult, TaskStatus
+from dan.errors import (
+    InvalidArgument,
+    NodeNotFound,
+    NodeSuspect,
+    PermissionDenied,
+    ResultRefused,
+    SessionEnded,
+    TaskNotHeld,
+    TooManyNodes,
+)
+from dan.imaging import check_result_png
 from dan.models.catalog import Catalog
-from dan.nodes.store import NodeRecord, NodeStore, PublicNode
+from dan.nodes.protocol import MAX_ERROR_CHARS, MAX_WAIT_S, parse_result_key, result_key
+from dan.nodes.store import (
+    NodeFile,
+    NodeRecord,
+    NodeStore,
+    PublicNode,
+    Session,
+    session_worker_id,
+)
 from dan.storage import BlobStore
-from dan.tasks.store import Heartbeat, Offer, Reward, TaskStore
+from dan.tasks.base import Expected, Heartbeat, HeldTask, Offer, Reward, TaskStore
 
-NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
-SHA256 = re.compile(r"[0-9a-f]{64}")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_WAIT_S = 25.0  # longest claim long-poll; below common proxies' idle timeouts
 MIN_POLL_S = 0.05  # a waiting claim looks at the queue at most this often
 # With queue notifications (PostgreSQL's NOTIFY, see listen_for_queued_tasks), a waiting claim
 # asks the database when a task was queued, and otherwise only this often, as a fallback.
 NOTIFIED_POLL_S = 2.0
-MAX_ERROR_CHARS = 2000
+RESULT_SLACK_BYTES = 1024 * 1024  # a PNG's chunks and text beyond its raw pixels
 Gone = Callable[[], Awaitable[bool]]  # whether the claiming node hung up
 
 
@@ -45,8 +70,9 @@ class NodeDescription:
 
     name: str
     capabilities: dict[str, Any]
-    installed: frozenset[str]
+    files: tuple[NodeFile, ...] = ()
     loaded: frozenset[str] = frozenset()
+    slots: int = 1
 
 
 @dataclass(frozen=True)
@@ -57,29 +83,9 @@ class Assignment:
     pull: tuple[str, ...] = ()
 
 
-def node_worker_id(node_id: str) -> str:
-    """The worker id under which a node holds its tasks."""
-    return f"node:{node_id}"
-
-
-def check_description(description: NodeDescription) -> NodeDescription:
-    """The description, or InvalidArgument naming what is wrong with it."""
-    if not NODE_NAME.fullmatch(description.name):
-        raise InvalidArgument(
-            "name must be 1 to 64 letters, digits, spaces, '.', '_' or '-', starting with a "
-            f"letter or digit; got {description.name!r}"
-        )
-    for field, hashes in (("installed", description.installed), ("loaded", description.loaded)):
-        bad = next((sha for sha in hashes if not SHA256.fullmatch(sha)), None)
-        if bad is not None:
-            raise InvalidArgument(
-                f"{field} must list sha256 hashes (64 lower-case hex digits), got {bad!r}"
-            )
-    return description
-
-
 class NodeService:
-    """Registration, claims, leases, inputs and results of nodes; listings and pulls."""
+    """Registration, sessions, claims, leases, inputs and results of nodes; listings, pulls
+    and suspects."""
 
     def __init__(
         self,
@@ -96,8 +102,11 @@ class NodeService:
         self._catalog = catalog
         self._settings = settings
         self._sleep, self._monotonic = sleep, monotonic
-        # When each node's sighting was last written by this process (heartbeats come often).
+        # When each session's sighting was last written by this process (heartbeats come often).
         self._touched: dict[str, float] = {}
+        # Claims waiting in this process, by session and by account (each bounded).
+        self._waiting: Counter[str] = Counter()
+        self._waiting_lock = threading.Lock()
         # Bumped (from a listener thread) whenever any process queues a task; while a
         # listener is connected, waiting claims only query the database when it changes.
         self._queued = 0
@@ -105,47 +114,80 @@ class NodeService:
         self._touch_every_s = min(5.0, settings.node_offline_after_s / 4)
 
     # -- registration ------------------------------------------------------------------------
-    def register(self, account: Account, description: NodeDescription) -> NodeRecord:
-        """Create or refresh ``account``'s node of that name; the same name keeps its id."""
-        check_description(description)
-        node_id = self._nodes.register(
+    def register(self, account: Account, description: NodeDescription) -> Session:
+        """Create or refresh ``account``'s node of that name (the same name keeps its id) and
+        open a session for the process that registers."""
+        session = self._nodes.register(
             account.id,
             description.name,
             description.capabilities,
-            description.installed,
+            description.files,
             description.loaded,
+            slots=description.slots,
             honor_per_interval=self._online_rate(account.id),
         )
-        self._touched[node_id] = self._monotonic()
-        return self._get(node_id)
+        self._touched[session.id] = self._monotonic()
+        return session
 
-    def offline(self, account: Account, node_id: str) -> int:
-        """The node stops: its tasks go back to the queue and it is listed offline at once.
-        Returns how many tasks it held."""
-        self.owned(account, node_id)
-        released = self._tasks.release_worker(node_worker_id(node_id))
-        self._nodes.mark_offline(node_id)
-        self._touched.pop(node_id, None)
+    def offline(self, account: Account, node_id: str, session_id: str) -> int:
+        """The process stops: its tasks go back to the queue (each counts a try) and the node
+        is listed offline unless another process serves it. Returns how many it held."""
+        session = self.session(account, node_id, session_id)
+        return self.end_session(session.node_id, session.id)
+
+    def end_session(self, node_id: str, session_id: str) -> int:
+        """The process of ``session_id`` stopped or died (its supervisor says so): hand back
+        what it held (each counts a try) and end the session. Returns how many it held."""
+        released = self._tasks.release_worker(session_worker_id(node_id, session_id))
+        self._nodes.end_session(session_id)
+        self._touched.pop(session_id, None)
         return released
+
+    def expire_sessions(self) -> int:
+        """End the sessions of processes not heard from for the offline limit, handing back
+        what they held; returns how many tasks went back."""
+        return sum(
+            self._tasks.release_worker(session.worker_id)
+            for session in self._nodes.expire_sessions()
+        )
 
     # -- work --------------------------------------------------------------------------------
     async def claim(
         self,
         account: Account,
         node_id: str,
+        session_id: str,
         *,
         loaded: Iterable[str] | None,
         wait_s: float,
         gone: Gone | None = None,
     ) -> Assignment:
-        """The next task this node can run, waiting up to ``wait_s`` (at most MAX_WAIT_S) for
-        one; catalog models an admin asked it to pull come first, without a task. Stops
-        waiting early when ``gone`` says the node hung up."""
-        node = await asyncio.to_thread(self._seen_now, account, node_id, loaded)
+        """The next task this session can run, waiting up to ``wait_s`` (at most MAX_WAIT_S)
+        for one; catalog models an admin asked it to pull come first, without a task. Stops
+        waiting early when ``gone`` says the node hung up. A session waits in one claim at a
+        time, an account in at most ``max_nodes_per_account``."""
+        session, node = await asyncio.to_thread(
+            self._seen_now, account, node_id, session_id, loaded
+        )
+        if node.suspect:
+            raise NodeSuspect(
+                f"node {node.name!r} is suspect ({node.suspect_reason}); an admin must clear it",
+                nodeId=node.id,
+            )
         if node.pull:
             return Assignment(None, await asyncio.to_thread(self._nodes.take_pulls, node_id))
-        offer = Offer(node.installed, node.loaded, self._settings.affinity_lookahead)
-        deadline = self._monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
+        offer = Offer(
+            node.id, node.account, node.loaded, self._settings.affinity_lookahead, session.slots
+        )
+        with self._waiting_for(session):
+            return await self._wait_for_task(
+                session, offer, min(max(wait_s, 0.0), MAX_WAIT_S), gone
+            )
+
+    async def _wait_for_task(
+        self, session: Session, offer: Offer, wait_s: float, gone: Gone | None
+    ) -> Assignment:
+        deadline = self._monotonic() + wait_s
         interval = max(self._settings.poll_interval_s, MIN_POLL_S)
         seen, next_query = -1, 0.0
         while True:
@@ -153,7 +195,7 @@ class NodeService:
             if self._queued != seen or now >= next_query:
                 seen = self._queued
                 next_query = now + (NOTIFIED_POLL_S if self.notified.is_set() else 0.0)
-                task = await asyncio.to_thread(self._claim_once, node_id, offer)
+                task = await asyncio.to_thread(self._claim_once, session, offer)
                 if task is not None:
                     return Assignment(task)
             if now >= deadline:
@@ -167,73 +209,115 @@ class NodeService:
         self._queued += 1  # a lost increment only delays a claim to the fallback poll
 
     def heartbeat(
-        self, account: Account, node_id: str, task_id: str, progress: float | None
+        self, account: Account, node_id: str, session_id: str, task_id: str, progress: float | None
     ) -> Heartbeat:
-        """Renew the node's lease on the task and record its progress: whether it still holds
-        the task, and whether it should stop (cancelled, or no longer held)."""
-        self._touch(self.owned(account, node_id))
+        """Renew the session's lease on the task and record its progress: whether it still
+        holds the task, and whether it should stop (cancelled, or no longer held)."""
+        session = self.session(account, node_id, session_id)
+        self._touch(session)
         return self._tasks.heartbeat(
-            task_id, node_worker_id(node_id), lease_s=self._settings.lease_s, progress=progress
+            task_id, session.worker_id, lease_s=self._settings.lease_s, progress=progress
         )
 
-    def read_input(self, account: Account, node_id: str, task_id: str, key: str) -> bytes:
-        """An input image of a task the node holds."""
-        self._check_holds(account, node_id, task_id)
-        if not key.startswith(f"{task_id}/"):
-            raise InvalidArgument(f"key must name a file of task {task_id} ('{task_id}/...')")
+    def read_input(
+        self, account: Account, node_id: str, session_id: str, task_id: str, key: str
+    ) -> bytes:
+        """An input image of a task the session holds (a verification run reads those of the
+        task it re-runs, never its results)."""
+        _, held = self._check_holds(account, node_id, session_id, task_id)
+        owners = {task_id} | ({held.verify_of} if held.verify_of else set())
+        group, _, name = key.partition("/")
+        if group not in owners or not name or parse_result_key(group, key) is not None:
+            raise InvalidArgument(f"key must name an input of task {task_id} ('{task_id}/...')")
         try:
             return self._blobs.get(key)
         except (KeyError, ValueError) as exc:
             raise InvalidArgument(f"task {task_id} has no input {key!r}") from exc
 
     def store_result(
-        self, account: Account, node_id: str, task_id: str, key: str, data: bytes
+        self, account: Account, node_id: str, session_id: str, task_id: str, key: str, data: bytes
     ) -> None:
-        """Store a result image of a task the node holds, under ``<task id>/<n>.png``."""
-        _check_result_key(task_id, key)
-        if not data.startswith(PNG_SIGNATURE):
-            raise InvalidArgument("a result must be a PNG file")
-        self._check_holds(account, node_id, task_id)
+        """Store a result image of a task the session holds; it must be a real PNG of the
+        task's output size within the byte cap, else the task goes back to the queue."""
+        session, held = self._check_holds(account, node_id, session_id, task_id)
+        expects = held.expects or Expected()
+        parsed = parse_result_key(task_id, key)
+        if parsed is None or parsed[0] != held.attempt or parsed[1] >= expects.images:
+            wanted = [result_key(task_id, held.attempt, i) for i in range(expects.images)]
+            self._refuse(session, held, f"result key {key!r} is not one of {wanted}")
+        try:
+            check_result_png(data, expects.width, expects.height, self._result_cap(expects))
+        except InvalidArgument as exc:
+            self._refuse(session, held, f"result {key}: {exc.message}")
         self._blobs.put(key, data)
 
-    def complete(self, account: Account, node_id: str, task_id: str, result: TaskResult) -> None:
+    def complete(
+        self,
+        account: Account,
+        node_id: str,
+        session_id: str,
+        task_id: str,
+        result: TaskResult,
+    ) -> None:
         """Record the task's success (its images uploaded first) and reward the node's owner;
-        TaskNotHeld if the node no longer holds the task."""
-        node = self.owned(account, node_id)
-        for key in result.image_keys:
-            _check_result_key(task_id, key)
-        if len(result.seeds) not in (0, len(result.image_keys)):
-            raise InvalidArgument("seeds must be empty or give one seed per image")
-        self._check_uploaded(result.image_keys)
-        reward = Reward(node.account, self._task_rate(node.account), node_id)
-        if not self._tasks.complete(task_id, node_worker_id(node_id), result, reward=reward):
-            raise _not_held(task_id, node.name)
+        ResultRefused (the task back in the queue) if the result is not what the task asks
+        for; TaskNotHeld if the session no longer holds the task."""
+        session, held = self._check_holds(account, node_id, session_id, task_id)
+        problem = self._result_problem(held, result)
+        if problem is not None:
+            self._refuse(session, held, problem)
+        own = held.account == session.account
+        reward = Reward(
+            session.account,
+            0.0 if own else self._task_rate(session.account),
+            node_id,
+            held=self._nodes.on_probation(node_id),
+            work=not own,
+        )
+        if not self._tasks.complete(task_id, session.worker_id, result, reward=reward):
+            raise _not_held(task_id)
 
-    def fail(self, account: Account, node_id: str, task_id: str, error: str) -> None:
+    def fail(
+        self, account: Account, node_id: str, session_id: str, task_id: str, error: str
+    ) -> None:
         """Record that the task failed on the node, with the node's message."""
-        node = self.owned(account, node_id)
+        session = self.session(account, node_id, session_id)
         message = error.strip()[:MAX_ERROR_CHARS] or "the task failed on the node"
-        if not self._tasks.fail(task_id, node_worker_id(node_id), message):
-            raise _not_held(task_id, node.name)
+        if not self._tasks.fail(task_id, session.worker_id, message):
+            raise _not_held(task_id)
 
-    # -- listings and pulls ------------------------------------------------------------------
+    # -- listings, pulls and suspects ----------------------------------------------------------
     def list_public(self) -> list[PublicNode]:
         return self._nodes.list_public()
 
     def list_for(self, account: Account) -> list[NodeRecord]:
         return self._nodes.list_for(account.id)
 
+    def files(self, node_id: str) -> frozenset[str]:
+        return self._nodes.files(node_id)
+
     def request_pull(self, node_id: str, model: str) -> tuple[str, ...]:
         """Ask the node to download the catalog model ``model`` (verified by its sha256);
         returns the node's pending pulls."""
         entry = self._catalog.find(model)
         node = self._get(node_id)
-        if any(sha in node.installed for sha in entry.hashes):
+        if any(sha in self._nodes.files(node_id) for sha in entry.hashes):
             raise InvalidArgument(f"node {node.name!r} already has {entry.name} installed")
         pending = self._nodes.request_pull(node_id, entry.name)
         if pending is None:
             raise NodeNotFound(f"no node with id {node_id!r}", nodeId=node_id)
         return pending
+
+    def suspects(self) -> list[NodeRecord]:
+        return self._nodes.suspects()
+
+    def clear_suspect(self, node_id: str) -> NodeRecord:
+        """An admin clears a suspect node: it may work again, on probation from the start."""
+        self._get(node_id)
+        node = self._nodes.clear_suspect(node_id)
+        if node is None:
+            raise NodeNotFound(f"no node with id {node_id!r}", nodeId=node_id)
+        return node
 
     def owned(self, account: Account, node_id: str) -> NodeRecord:
         """The node, which must belong to ``account``."""
@@ -241,6 +325,20 @@ class NodeService:
         if node.account != account.id:
             raise PermissionDenied(f"node {node_id} belongs to another account")
         return node
+
+    def session(self, account: Account, node_id: str, session_id: str) -> Session:
+        """The live session ``session_id`` of ``account``'s node ``node_id``."""
+        session = self._nodes.session(session_id)
+        if session is None or session.node_id != node_id:
+            self.owned(account, node_id)  # a foreign or unknown node says so first
+            raise SessionEnded(
+                f"session {session_id!r} of node {node_id} is over (the process stopped or was "
+                "silent too long); register again (POST /api/node/register)",
+                nodeId=node_id,
+            )
+        if session.account != account.id:
+            raise PermissionDenied(f"node {node_id} belongs to another account")
+        return session
 
     # -- helpers -----------------------------------------------------------------------------
     def _get(self, node_id: str) -> NodeRecord:
@@ -252,42 +350,99 @@ class NodeService:
             )
         return node
 
-    def _seen_now(self, account: Account, node_id: str, loaded: Iterable[str] | None) -> NodeRecord:
-        node = self.owned(account, node_id)
-        seen = self._nodes.seen(
-            node_id, loaded=loaded, honor_per_interval=self._online_rate(node.account)
+    def _seen_now(
+        self, account: Account, node_id: str, session_id: str, loaded: Iterable[str] | None
+    ) -> tuple[Session, NodeRecord]:
+        session = self.session(account, node_id, session_id)
+        node = self._nodes.seen(
+            node_id,
+            session_id=session.id,
+            loaded=loaded,
+            honor_per_interval=self._online_rate(session.account),
         )
-        self._touched[node_id] = self._monotonic()
-        return seen or node
+        if node is None:
+            raise NodeNotFound(f"no node with id {node_id!r}", nodeId=node_id)
+        self._touched[session.id] = self._monotonic()
+        return session, node
 
-    def _touch(self, node: NodeRecord) -> None:
-        last = self._touched.get(node.id)
+    def _touch(self, session: Session) -> None:
+        last = self._touched.get(session.id)
         if last is None or self._monotonic() - last >= self._touch_every_s:
-            self._touched[node.id] = self._monotonic()
-            self._nodes.seen(node.id, honor_per_interval=self._online_rate(node.account))
+            self._touched[session.id] = self._monotonic()
+            self._nodes.seen(
+                session.node_id,
+                session_id=session.id,
+                honor_per_interval=self._online_rate(session.account),
+            )
 
-    def _claim_once(self, node_id: str, offer: Offer) -> ClaimedTask | None:
-        return self._tasks.claim(
-            node_worker_id(node_id), lease_s=self._settings.lease_s, offer=offer
-        )
+    @contextmanager
+    def _waiting_for(self, session: Session) -> Iterator[None]:
+        limit = self._settings.max_nodes_per_account
+        with self._waiting_lock:
+            if self._waiting[session.id]:
+                raise TooManyNodes("this node process already waits for a task in another claim")
+            if self._waiting[session.account] >= limit:
+                raise TooManyNodes(
+                    f"this account's nodes already wait in {limit} claims on this server"
+                )
+            self._waiting[session.id] += 1
+            self._waiting[session.account] += 1
+        try:
+            yield
+        finally:
+            with self._waiting_lock:
+                for key in (session.id, session.account):
+                    self._waiting[key] -= 1
+                    if self._waiting[key] <= 0:
+                        del self._waiting[key]
 
-    def _check_holds(self, account: Account, node_id: str, task_id: str) -> None:
+    def _claim_once(self, session: Session, offer: Offer) -> ClaimedTask | None:
+        return self._tasks.claim(session.worker_id, lease_s=self._settings.lease_s, offer=offer)
+
+    def _check_holds(
+        self, account: Account, node_id: str, session_id: str, task_id: str
+    ) -> tuple[Session, HeldTask]:
         # Asking the queue is renewing the lease: a node fetching or uploading is alive.
-        node = self.owned(account, node_id)
-        beat = self._tasks.heartbeat(
-            task_id, node_worker_id(node_id), lease_s=self._settings.lease_s
-        )
-        if not beat.held:
-            raise _not_held(task_id, node.name)
+        session = self.session(account, node_id, session_id)
+        beat = self._tasks.heartbeat(task_id, session.worker_id, lease_s=self._settings.lease_s)
+        held = self._tasks.held(task_id) if beat.held else None
+        if held is None or held.status != TaskStatus.PROCESSING:
+            raise _not_held(task_id)
+        return session, held
 
-    def _check_uploaded(self, keys: Iterable[str]) -> None:
-        for key in keys:
+    def _result_problem(self, held: HeldTask, result: TaskResult) -> str | None:
+        """What is wrong with ``result`` for ``held``, or None."""
+        expects = held.expects or Expected()
+        if expects.caption:
+            if not result.caption or result.image_keys:
+                return "an interrogate task's result is a caption and no images"
+            return None
+        wanted = [result_key(held.id, held.attempt, i) for i in range(expects.images)]
+        if list(result.image_keys) != wanted or result.caption is not None:
+            return (
+                f"this task's result is exactly the images {wanted}, got {list(result.image_keys)}"
+            )
+        if len(result.seeds) not in (0, len(wanted)):
+            return "seeds must be empty or give one seed per image"
+        for key in wanted:
             try:
                 self._blobs.get(key)
-            except KeyError as exc:
-                raise InvalidArgument(
-                    f"the result image {key} was not uploaded (PUT /api/node/result first)"
-                ) from exc
+            except KeyError:
+                return f"the result image {key} was not uploaded (PUT /api/node/result first)"
+        return None
+
+    def _refuse(self, session: Session, held: HeldTask, problem: str) -> NoReturn:
+        """Refuse a result: the task goes back to the queue (its try counts), its uploads of
+        this try are deleted, and the node hears why."""
+        for index in range((held.expects or Expected()).images):
+            self._blobs.delete(result_key(held.id, held.attempt, index))
+        reason = f"a worker's result was refused: {problem}"
+        self._tasks.release(held.id, session.worker_id, reason)
+        raise ResultRefused(f"{problem}; the task went back to the queue", taskId=held.id)
+
+    def _result_cap(self, expects: Expected) -> int:
+        raw = expects.width * expects.height * 4 + RESULT_SLACK_BYTES
+        return min(raw, self._settings.max_body_bytes)
 
     def _online_rate(self, owner: str) -> float:
         return 0.0 if owner == LOCAL_ACCOUNT else self._settings.honor_per_interval
@@ -296,14 +451,9 @@ class NodeService:
         return 0.0 if owner == LOCAL_ACCOUNT else self._settings.honor_per_task
 
 
-def _check_result_key(task_id: str, key: str) -> None:
-    if not re.fullmatch(rf"{re.escape(task_id)}/\d{{1,4}}\.png", key):
-        raise InvalidArgument(f"a result key must be '{task_id}/<n>.png', got {key!r}")
-
-
-def _not_held(task_id: str, node_name: str) -> TaskNotHeld:
+def _not_held(task_id: str) -> TaskNotHeld:
     return TaskNotHeld(
-        f"node {node_name!r} no longer holds task {task_id} (its lease ran out and the task "
-        "went back to the queue, or it finished elsewhere); this result was not recorded",
+        f"this node no longer holds task {task_id} (its lease or time limit ran out, it was "
+        "cancelled, or it finished elsewhere); this result was not recorded",
         taskId=task_id,
     )

@@ -1,35 +1,87 @@
-"""NodeStore: worker nodes in SQL (the ``nodes`` table), and the honor they earn for being online.
+"""NodeStore: worker nodes in SQL, their files, their running processes, and the honor they
+earn for being online.
 
 A node is known by its owner and its name: the same account registering the same name again
 gets the same id (a uuid5 of both), so a restarted or reinstalled machine keeps its history and
-two replicas registering it at once cannot create two rows.
+two replicas registering it at once cannot create two rows. What it has installed is rows of
+``node_files`` (replaced at each registration), so which online node has a task's files is a
+join, however many files nodes report. Each registration opens a *session*, one running
+process: tasks are held by ``node:<node id>:<session id>``, so two processes of one node (or
+a restart before the old lease ran out) never hand back each other's tasks. Every account has
+a bounded number of nodes, sessions and files (:class:`NodeRules`).
 
 Online honor is paid in whole intervals, in the transaction that records the node being seen:
 ``rewarded_until`` is where the paid time ends, and the update that moves it forward is guarded
 by its old value (``WHERE rewarded_until = :old``), so two API replicas seeing the same node at
 the same moment never pay the same interval twice. A node not heard from for
 ``offline_after_s`` was offline: the time since its last sighting is not paid, and payment
-starts afresh when it is seen again.
+starts afresh when it is seen again. Only a node that earns it is paid: not suspect, past its
+probation (``probation_checks`` results checked and found right), with an accepted result for
+another account within ``honor_window_s``, and among the first ``rewarded_nodes_per_account``
+of its account paid in the interval; other intervals pass unpaid.
 """
 
 from __future__ import annotations
 
 import math
-import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine, case, select, update
+from sqlalchemy import Connection, Engine, case, delete, func, insert, select, text, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
-from dan.accounts.store import HonorReason
-from dan.db.tables import accounts, honor_grants, nodes
+from dan.db.clock import DatabaseClock
+from dan.db.tables import accounts, honor_escrow, honor_grants, node_files, node_sessions, nodes
+from dan.domain import ModelKind
+from dan.errors import InvalidArgument, TooManyNodes
 
 Clock = Callable[[], float]
 NODE_NAMESPACE = uuid.UUID("5b0f6f43-3c4e-4d0c-9a57-3f1e8f0c2d11")
+ONLINE_REASON, TASK_REASON = "online", "task"
+_INSERT_BATCH = 2000
+
+
+@dataclass(frozen=True)
+class NodeRules:
+    """The store's limits and honor rules (see the module docstring)."""
+
+    offline_after_s: float = 60.0
+    online_interval_s: float = 600.0
+    probation_checks: int = 3
+    honor_window_s: float = 3600.0
+    rewarded_nodes_per_account: int = 4
+    max_nodes_per_account: int = 32
+    max_sessions_per_node: int = 4
+    max_files_per_account: int = 100_000
+
+
+@dataclass(frozen=True)
+class NodeFile:
+    """A file a node has installed: its sha256 and, when the node describes it, its kind,
+    model name and file name (which requests may name)."""
+
+    sha256: str
+    kind: ModelKind | None = None
+    name: str | None = None
+    file: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class Session:
+    """One running process of a node, and the worker id it holds tasks under."""
+
+    id: str
+    node_id: str
+    account: str
+    slots: int
+
+    @property
+    def worker_id(self) -> str:
+        return session_worker_id(self.node_id, self.id)
 
 
 @dataclass(frozen=True)
@@ -40,7 +92,6 @@ class NodeRecord:
     account: str
     name: str
     capabilities: dict[str, Any]
-    installed: frozenset[str]
     loaded: frozenset[str]
     pull: tuple[str, ...]
     tasks_done: int
@@ -48,6 +99,15 @@ class NodeRecord:
     last_seen_at: float
     rewarded_until: float
     online: bool
+    checks_passed: int = 0
+    checks_failed: int = 0
+    worked_at: float | None = None
+    suspect_since: float | None = None
+    suspect_reason: str | None = None
+
+    @property
+    def suspect(self) -> bool:
+        return self.suspect_since is not None
 
 
 @dataclass(frozen=True)
@@ -61,9 +121,26 @@ class PublicNode:
     online: bool
 
 
+@dataclass(frozen=True)
+class NetworkFile:
+    """A described file as online nodes report it, and how many of them hold it."""
+
+    kind: ModelKind
+    sha256: str
+    name: str
+    file: str
+    size: int
+    holders: int
+
+
 def node_id_for(account: str, name: str) -> str:
     """The id of the node ``name`` of ``account`` (stable across registrations)."""
     return str(uuid.uuid5(NODE_NAMESPACE, f"{account}\x00{name}"))
+
+
+def session_worker_id(node_id: str, session_id: str) -> str:
+    """The worker id under which a node's session holds its tasks."""
+    return f"node:{node_id}:{session_id}"
 
 
 class NodeStore(Protocol):
@@ -74,125 +151,196 @@ class NodeStore(Protocol):
         account: str,
         name: str,
         capabilities: dict[str, Any],
-        installed: Iterable[str],
+        files: Sequence[NodeFile],
         loaded: Iterable[str],
         *,
+        slots: int = 1,
         honor_per_interval: float = 0.0,
-    ) -> str: ...
+        session_id: str | None = None,
+    ) -> Session: ...
+
+    def session(self, session_id: str) -> Session | None: ...
 
     def seen(
         self,
         node_id: str,
         *,
+        session_id: str | None = None,
         loaded: Iterable[str] | None = None,
         honor_per_interval: float = 0.0,
     ) -> NodeRecord | None: ...
+
+    def end_session(self, session_id: str) -> Session | None: ...
+
+    def expire_sessions(self) -> list[Session]: ...
 
     def mark_offline(self, node_id: str) -> None: ...
 
     def get(self, node_id: str) -> NodeRecord | None: ...
 
+    def files(self, node_id: str) -> frozenset[str]: ...
+
     def list_for(self, account: str) -> list[NodeRecord]: ...
 
-    def list_online(self) -> list[NodeRecord]: ...
-
     def list_public(self) -> list[PublicNode]: ...
+
+    def find_files(
+        self,
+        kind: ModelKind,
+        *,
+        sha256: str | None = None,
+        key: str | None = None,
+        prefix: str | None = None,
+        limit: int = 1000,
+    ) -> list[NetworkFile]: ...
 
     def request_pull(self, node_id: str, catalog_name: str) -> tuple[str, ...] | None: ...
 
     def take_pulls(self, node_id: str) -> tuple[str, ...]: ...
+
+    def record_check(
+        self, node_id: str, *, passed: bool, reason: str = ""
+    ) -> NodeRecord | None: ...
+
+    def clear_suspect(self, node_id: str) -> NodeRecord | None: ...
+
+    def suspects(self) -> list[NodeRecord]: ...
+
+    def on_probation(self, node_id: str) -> bool: ...
 
 
 class SqlNodeStore:
     """Nodes on SQLAlchemy Core. Every method is one short transaction; thread-safe."""
 
     def __init__(
-        self,
-        engine: Engine,
-        *,
-        offline_after_s: float,
-        online_interval_s: float,
-        clock: Clock = time.time,
+        self, engine: Engine, *, rules: NodeRules | None = None, clock: Clock | None = None
     ) -> None:
         self._engine = engine
-        self._offline_after_s = offline_after_s
-        self._interval_s = online_interval_s
-        self._clock = clock
+        self._rules = rules or NodeRules()
+        self._time = DatabaseClock(clock)
         self._postgres = engine.dialect.name == "postgresql"
 
-    # -- registration and sightings ----------------------------------------------------------
+    @property
+    def rules(self) -> NodeRules:
+        return self._rules
+
+    # -- registration, sessions and sightings -------------------------------------------------
     def register(
         self,
         account: str,
         name: str,
         capabilities: dict[str, Any],
-        installed: Iterable[str],
+        files: Sequence[NodeFile],
         loaded: Iterable[str],
         *,
+        slots: int = 1,
         honor_per_interval: float = 0.0,
-    ) -> str:
+        session_id: str | None = None,
+    ) -> Session:
         """Create the node, or update the one ``account`` registered as ``name`` before (its
-        online time is settled as by :meth:`seen`); returns its id."""
+        online time is settled as by :meth:`seen`), replace its files, and open a session.
+
+        Raises TooManyNodes when the account has ``max_nodes_per_account`` nodes (and this
+        is a new name), the node ``max_sessions_per_node`` live sessions, or the account's
+        nodes would have more than ``max_files_per_account`` files."""
         node_id = node_id_for(account, name)
-        described = {
-            "capabilities": capabilities,
-            "installed": sorted(set(installed)),
-            "loaded": sorted(set(loaded)),
-        }
+        described = {"capabilities": capabilities, "loaded": sorted(set(loaded))}
         for _ in range(2):
-            if self._seen(node_id, described, honor_per_interval) is not None:
-                return node_id
             try:
                 with self._engine.begin() as conn:
-                    row = {**self._new_row(node_id, account, name), **described}
-                    conn.execute(nodes.insert().values(**row))
-                return node_id
+                    self._lock_account(conn, account)
+                    if not self._exists(conn, node_id):
+                        self._check_node_count(conn, account)
+                        row = {**self._new_row(conn, node_id, account, name), **described}
+                        conn.execute(nodes.insert().values(**row))
+                    self._check_file_count(conn, account, node_id, len(files))
+                    self._replace_files(conn, node_id, files)
+                    session = self._open_session(conn, node_id, account, slots, session_id)
+                    self._seen_in(conn, node_id, described, honor_per_interval)
+                return session
             except IntegrityError:
                 continue  # registered at the same moment elsewhere: update that row instead
         raise RuntimeError(f"could not register node {name!r} of {account!r}")
+
+    def session(self, session_id: str) -> Session | None:
+        """The live session ``session_id``, or None (ended, expired or never opened)."""
+        with self._read() as conn:
+            row = conn.execute(
+                select(node_sessions).where(node_sessions.c.id == session_id)
+            ).first()
+        return None if row is None else _session(row)
 
     def seen(
         self,
         node_id: str,
         *,
+        session_id: str | None = None,
         loaded: Iterable[str] | None = None,
         honor_per_interval: float = 0.0,
     ) -> NodeRecord | None:
-        """Record that the node is alive now (with the checkpoints it has ``loaded``, if
-        given) and pay its owner ``honor_per_interval`` for each whole online interval since
-        the last payment. None if there is no such node."""
+        """Record that the node (and its session) is alive now, with the checkpoints it has
+        ``loaded`` if given, and pay its owner ``honor_per_interval`` for each whole online
+        interval since the last payment, if it earns it. None if there is no such node."""
         values = {} if loaded is None else {"loaded": sorted(set(loaded))}
-        return self._seen(node_id, values, honor_per_interval)
+        with self._engine.begin() as conn:
+            if session_id is not None:
+                conn.execute(
+                    update(node_sessions)
+                    .where(node_sessions.c.id == session_id)
+                    .values(last_seen_at=self._time.now(conn))
+                )
+            return self._seen_in(conn, node_id, values, honor_per_interval)
+
+    def end_session(self, session_id: str) -> Session | None:
+        """Close the session (its process stops); the node counts as offline from now unless
+        another session of it is live. Returns the session, whose tasks the caller hands back."""
+        with self._engine.begin() as conn:
+            row = conn.execute(
+                delete(node_sessions)
+                .where(node_sessions.c.id == session_id)
+                .returning(*node_sessions.c)
+            ).first()
+            if row is None:
+                return None
+            if not self._live_sessions(conn, row.node_id):
+                self._set_offline(conn, row.node_id)
+            return _session(row)
+
+    def expire_sessions(self) -> list[Session]:
+        """Close the sessions not heard from for ``offline_after_s`` (their processes died
+        or lost the network); returns them, whose tasks the caller hands back."""
+        with self._engine.begin() as conn:
+            cutoff = self._time.now(conn) - self._rules.offline_after_s
+            rows = conn.execute(
+                delete(node_sessions)
+                .where(node_sessions.c.last_seen_at < cutoff)
+                .returning(*node_sessions.c)
+            ).all()
+        return [_session(row) for row in rows]
 
     def mark_offline(self, node_id: str) -> None:
-        """The node said it stops: it counts as offline from now (its last sighting is moved
-        just past the offline limit; online time not yet paid is forfeited)."""
-        cutoff = self._clock() - self._offline_after_s - 1.0
+        """The node counts as offline from now (its last sighting is moved just past the
+        offline limit; online time not yet paid is forfeited)."""
         with self._engine.begin() as conn:
-            conn.execute(
-                update(nodes)
-                .where(nodes.c.id == node_id, nodes.c.last_seen_at > cutoff)
-                .values(last_seen_at=cutoff)
-            )
+            self._set_offline(conn, node_id)
 
     # -- reads -------------------------------------------------------------------------------
     def get(self, node_id: str) -> NodeRecord | None:
         with self._read() as conn:
             row = conn.execute(select(nodes).where(nodes.c.id == node_id)).mappings().first()
-        return None if row is None else self._record(row)
+            return None if row is None else self._record(conn, row)
+
+    def files(self, node_id: str) -> frozenset[str]:
+        """The sha256 of every file the node has installed."""
+        query = select(node_files.c.sha256).where(node_files.c.node_id == node_id)
+        with self._read() as conn:
+            return frozenset(conn.execute(query).scalars())
 
     def list_for(self, account: str) -> list[NodeRecord]:
         """The nodes of ``account``, by name."""
         query = select(nodes).where(nodes.c.account == account).order_by(nodes.c.name)
         with self._read() as conn:
-            return [self._record(row) for row in conn.execute(query).mappings()]
-
-    def list_online(self) -> list[NodeRecord]:
-        """The nodes seen within ``offline_after_s``, by id."""
-        since = self._clock() - self._offline_after_s
-        query = select(nodes).where(nodes.c.last_seen_at >= since).order_by(nodes.c.id)
-        with self._read() as conn:
-            return [self._record(row) for row in conn.execute(query).mappings()]
+            return [self._record(conn, row) for row in conn.execute(query).mappings().all()]
 
     def list_public(self) -> list[PublicNode]:
         """Every node with its owner's nickname: online ones first, then by tasks done."""
@@ -203,12 +351,117 @@ class SqlNodeStore:
             .order_by(nodes.c.tasks_done.desc(), nodes.c.name, nodes.c.id)
         )
         with self._read() as conn:
+            now = self._time.now(conn)
             rows = conn.execute(query).mappings().all()
         listed = [
-            PublicNode(row["id"], row["owner"], row["name"], row["tasks_done"], self._online(row))
+            PublicNode(
+                row["id"], row["owner"], row["name"], row["tasks_done"], self._online(row, now)
+            )
             for row in rows
         ]
         return sorted(listed, key=lambda node: not node.online)
+
+    def find_files(
+        self,
+        kind: ModelKind,
+        *,
+        sha256: str | None = None,
+        key: str | None = None,
+        prefix: str | None = None,
+        limit: int = 1000,
+    ) -> list[NetworkFile]:
+        """The described files of ``kind`` on online, unsuspected nodes: with that sha256,
+        a model or file name whose casefold is ``key``, or a sha256 starting with ``prefix``
+        (all of them without a filter); one per (sha256, name, file), most holders first."""
+        f = node_files
+        with self._read() as conn:
+            since = self._time.now(conn) - self._rules.offline_after_s
+            holders = func.count(func.distinct(f.c.node_id)).label("holders")
+            query = (
+                select(f.c.sha256, f.c.name, f.c.file, func.max(f.c.size).label("size"), holders)
+                .join(nodes, nodes.c.id == f.c.node_id)
+                .where(
+                    f.c.kind == kind.value,
+                    nodes.c.last_seen_at >= since,
+                    nodes.c.suspect_since.is_(None),
+                )
+                .group_by(f.c.sha256, f.c.name, f.c.file)
+                .order_by(holders.desc(), f.c.sha256, f.c.name)
+                .limit(limit)
+            )
+            if sha256 is not None:
+                query = query.where(f.c.sha256 == sha256)
+            if key is not None:
+                query = query.where((f.c.name_key == key) | (f.c.file_key == key))
+            if prefix is not None:
+                query = query.where(f.c.sha256.startswith(prefix, autoescape=True))
+            rows = conn.execute(query).all()
+        return [NetworkFile(kind, r.sha256, r.name, r.file, r.size or 0, r.holders) for r in rows]
+
+    # -- checks and suspects -----------------------------------------------------------------
+    def on_probation(self, node_id: str) -> bool:
+        """Whether the node has fewer passed checks than its probation asks."""
+        node = self.get(node_id)
+        return node is None or node.checks_passed < self._rules.probation_checks
+
+    def record_check(self, node_id: str, *, passed: bool, reason: str = "") -> NodeRecord | None:
+        """Count a check of one of the node's results. Passed: once the probation is through,
+        its escrowed honor is paid. Failed: the node becomes suspect (with ``reason``) and its
+        escrowed honor is dropped."""
+        with self._engine.begin() as conn:
+            now = self._time.now(conn)
+            if passed:
+                conn.execute(
+                    update(nodes)
+                    .where(nodes.c.id == node_id)
+                    .values(checks_passed=nodes.c.checks_passed + 1)
+                )
+                passed_count = conn.execute(
+                    select(nodes.c.checks_passed).where(nodes.c.id == node_id)
+                ).scalar_one_or_none()
+                if passed_count is not None and passed_count >= self._rules.probation_checks:
+                    self._release_escrow(conn, node_id, now)
+            else:
+                conn.execute(
+                    update(nodes)
+                    .where(nodes.c.id == node_id)
+                    .values(
+                        checks_failed=nodes.c.checks_failed + 1,
+                        suspect_since=func.coalesce(nodes.c.suspect_since, now),
+                        suspect_reason=reason[:2000],
+                    )
+                )
+                conn.execute(delete(honor_escrow).where(honor_escrow.c.node_id == node_id))
+            row = conn.execute(select(nodes).where(nodes.c.id == node_id)).mappings().first()
+            return None if row is None else self._record(conn, row)
+
+    def clear_suspect(self, node_id: str) -> NodeRecord | None:
+        """An admin cleared the node: it works again, on probation from the start."""
+        with self._engine.begin() as conn:
+            conn.execute(
+                update(nodes)
+                .where(nodes.c.id == node_id)
+                .values(suspect_since=None, suspect_reason=None, checks_passed=0)
+            )
+            row = conn.execute(select(nodes).where(nodes.c.id == node_id)).mappings().first()
+            return None if row is None else self._record(conn, row)
+
+    def suspects(self) -> list[NodeRecord]:
+        """Every suspect node, most recent first."""
+        query = (
+            select(nodes)
+            .where(nodes.c.suspect_since.is_not(None))
+            .order_by(nodes.c.suspect_since.desc())
+        )
+        with self._read() as conn:
+            return [self._record(conn, row) for row in conn.execute(query).mappings().all()]
+
+    def note_work(self, node_id: str) -> None:
+        """The node's result for another account was accepted just now."""
+        with self._engine.begin() as conn:
+            conn.execute(
+                update(nodes).where(nodes.c.id == node_id).values(worked_at=self._time.now(conn))
+            )
 
     # -- model pulls -------------------------------------------------------------------------
     def request_pull(self, node_id: str, catalog_name: str) -> tuple[str, ...] | None:
@@ -232,39 +485,154 @@ class SqlNodeStore:
             return pending or ()
 
     # -- helpers -----------------------------------------------------------------------------
-    def _seen(
-        self, node_id: str, values: dict[str, Any], honor_per_interval: float
+    def _read(self) -> Connection:
+        return self._engine.connect().execution_options(dan_read_only=True)
+
+    def _lock_account(self, conn: Connection, account: str) -> None:
+        """Serialise this account's registrations on PostgreSQL (SQLite writers are already),
+        so that its caps cannot be raced."""
+        if self._postgres:
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 1))"), {"key": account}
+            )
+
+    @staticmethod
+    def _exists(conn: Connection, node_id: str) -> bool:
+        return conn.execute(select(nodes.c.id).where(nodes.c.id == node_id)).first() is not None
+
+    def _check_node_count(self, conn: Connection, account: str) -> None:
+        count = conn.execute(select(func.count()).where(nodes.c.account == account)).scalar_one()
+        limit = self._rules.max_nodes_per_account
+        if count >= limit:
+            raise TooManyNodes(
+                f"this account already has {count} nodes (the limit is {limit}); register "
+                "under one of their names again, or ask an admin to raise DAN_MAX_NODES_PER_ACCOUNT"
+            )
+
+    def _check_file_count(self, conn: Connection, account: str, node_id: str, count: int) -> None:
+        others = conn.execute(
+            select(func.count())
+            .select_from(node_files.join(nodes, nodes.c.id == node_files.c.node_id))
+            .where(nodes.c.account == account, nodes.c.id != node_id)
+        ).scalar_one()
+        limit = self._rules.max_files_per_account
+        if others + count > limit:
+            raise InvalidArgument(
+                f"files: this account's nodes would have {others + count} files installed; "
+                f"at most {limit} are accepted per account"
+            )
+
+    @staticmethod
+    def _replace_files(conn: Connection, node_id: str, files: Sequence[NodeFile]) -> None:
+        conn.execute(delete(node_files).where(node_files.c.node_id == node_id))
+        rows = [_file_row(node_id, f) for f in {f.sha256: f for f in files}.values()]
+        for start in range(0, len(rows), _INSERT_BATCH):
+            conn.execute(insert(node_files), rows[start : start + _INSERT_BATCH])
+
+    def _open_session(
+        self, conn: Connection, node_id: str, account: str, slots: int, session_id: str | None
+    ) -> Session:
+        now = self._time.now(conn)
+        if session_id is not None:  # the same process registering again (a refresh)
+            renewed = conn.execute(
+                update(node_sessions)
+                .where(node_sessions.c.id == session_id, node_sessions.c.node_id == node_id)
+                .values(last_seen_at=now, slots=slots)
+                .returning(*node_sessions.c)
+            ).first()
+            if renewed is not None:
+                return _session(renewed)
+        cutoff = now - self._rules.offline_after_s
+        conn.execute(
+            delete(node_sessions).where(
+                node_sessions.c.node_id == node_id, node_sessions.c.last_seen_at < cutoff
+            )
+        )
+        live = self._live_sessions(conn, node_id)
+        limit = self._rules.max_sessions_per_node
+        if live >= limit:
+            raise TooManyNodes(
+                f"{live} processes already serve this node (the limit is {limit}); stop one, "
+                "or give each process its own --name"
+            )
+        session = Session(session_id or str(uuid.uuid4()), node_id, account, slots)
+        conn.execute(
+            node_sessions.insert().values(
+                id=session.id,
+                node_id=node_id,
+                account=account,
+                slots=slots,
+                started_at=now,
+                last_seen_at=now,
+            )
+        )
+        return session
+
+    def _live_sessions(self, conn: Connection, node_id: str) -> int:
+        cutoff = self._time.now(conn) - self._rules.offline_after_s
+        query = select(func.count()).where(
+            node_sessions.c.node_id == node_id, node_sessions.c.last_seen_at >= cutoff
+        )
+        return int(conn.execute(query).scalar_one())
+
+    def _set_offline(self, conn: Connection, node_id: str) -> None:
+        cutoff = self._time.now(conn) - self._rules.offline_after_s - 1.0
+        conn.execute(
+            update(nodes)
+            .where(nodes.c.id == node_id, nodes.c.last_seen_at > cutoff)
+            .values(last_seen_at=cutoff)
+        )
+
+    def _seen_in(
+        self, conn: Connection, node_id: str, values: dict[str, Any], honor_per_interval: float
     ) -> NodeRecord | None:
-        now = self._clock()
-        with self._engine.begin() as conn:
-            row = conn.execute(select(nodes).where(nodes.c.id == node_id)).mappings().first()
-            if row is None:
-                return None
-            intervals, until = self._settle(row, now)
-            later = case((nodes.c.last_seen_at > now, nodes.c.last_seen_at), else_=now)
-            paid = conn.execute(
-                update(nodes)
-                .where(nodes.c.id == node_id, nodes.c.rewarded_until == row["rewarded_until"])
-                .values(**values, last_seen_at=later, rewarded_until=until)
-            ).rowcount
-            if paid != 1:  # another replica settled this node just now; only note the sighting
-                conn.execute(
-                    update(nodes).where(nodes.c.id == node_id).values(**values, last_seen_at=later)
-                )
-            elif intervals and honor_per_interval > 0:
-                self._grant(conn, row, intervals, honor_per_interval, now)
-            fresh = conn.execute(select(nodes).where(nodes.c.id == node_id)).mappings().one()
-            return self._record(fresh)
+        now = self._time.now(conn)
+        row = conn.execute(select(nodes).where(nodes.c.id == node_id)).mappings().first()
+        if row is None:
+            return None
+        intervals, until = self._settle(row, now)
+        later = case((nodes.c.last_seen_at > now, nodes.c.last_seen_at), else_=now)
+        paid = conn.execute(
+            update(nodes)
+            .where(nodes.c.id == node_id, nodes.c.rewarded_until == row["rewarded_until"])
+            .values(**values, last_seen_at=later, rewarded_until=until)
+        ).rowcount
+        if paid != 1:  # another replica settled this node just now; only note the sighting
+            conn.execute(
+                update(nodes).where(nodes.c.id == node_id).values(**values, last_seen_at=later)
+            )
+        elif intervals and honor_per_interval > 0 and self._earns(conn, row, now):
+            self._grant(conn, row, intervals, honor_per_interval, now)
+        fresh = conn.execute(select(nodes).where(nodes.c.id == node_id)).mappings().one()
+        return self._record(conn, fresh)
 
     def _settle(self, row: RowMapping, now: float) -> tuple[int, float]:
         """Whole intervals to pay, and the new ``rewarded_until``."""
         paid_until, last_seen = row["rewarded_until"], row["last_seen_at"]
-        was_offline = now - last_seen > self._offline_after_s
+        was_offline = now - last_seen > self._rules.offline_after_s
         online_until = last_seen if was_offline else now
-        intervals = max(0, math.floor((online_until - paid_until) / self._interval_s))
+        interval = self._rules.online_interval_s
+        intervals = max(0, math.floor((online_until - paid_until) / interval))
         if was_offline:
             return intervals, max(now, paid_until)
-        return intervals, paid_until + intervals * self._interval_s
+        return intervals, paid_until + intervals * interval
+
+    def _earns(self, conn: Connection, row: RowMapping, now: float) -> bool:
+        """Whether the node earns online honor now (see the module docstring)."""
+        rules = self._rules
+        if row["suspect_since"] is not None or row["checks_passed"] < rules.probation_checks:
+            return False
+        if row["worked_at"] is None or row["worked_at"] < now - rules.honor_window_s:
+            return False
+        paid_nodes = conn.execute(
+            select(func.count(func.distinct(honor_grants.c.node_id))).where(
+                honor_grants.c.account == row["account"],
+                honor_grants.c.reason == ONLINE_REASON,
+                honor_grants.c.created_at >= now - rules.online_interval_s,
+                honor_grants.c.node_id != row["id"],
+            )
+        ).scalar_one()
+        return bool(paid_nodes < rules.rewarded_nodes_per_account)
 
     def _grant(
         self, conn: Connection, row: RowMapping, intervals: int, amount: float, now: float
@@ -273,12 +641,34 @@ class SqlNodeStore:
             honor_grants.insert().values(
                 account=row["account"],
                 amount=intervals * amount,
-                reason=HonorReason.ONLINE.value,
+                reason=ONLINE_REASON,
                 node_id=row["id"],
-                note=f"{intervals} x {self._interval_s:g} s online",
+                note=f"{intervals} x {self._rules.online_interval_s:g} s online",
                 created_at=now,
             )
         )
+
+    @staticmethod
+    def _release_escrow(conn: Connection, node_id: str, now: float) -> None:
+        held = conn.execute(
+            delete(honor_escrow).where(honor_escrow.c.node_id == node_id).returning(*honor_escrow.c)
+        ).all()
+        if held:
+            conn.execute(
+                honor_grants.insert(),
+                [
+                    {
+                        "account": grant.account,
+                        "amount": grant.amount,
+                        "reason": TASK_REASON,
+                        "task_id": grant.task_id,
+                        "node_id": node_id,
+                        "note": "held until the node's first results were checked",
+                        "created_at": now,
+                    }
+                    for grant in held
+                ],
+            )
 
     def _pulls(self, conn: Connection, node_id: str) -> tuple[str, ...] | None:
         query = select(nodes.c.pull).where(nodes.c.id == node_id)
@@ -287,8 +677,8 @@ class SqlNodeStore:
         pull = conn.execute(query).scalar_one_or_none()
         return None if pull is None else tuple(pull)
 
-    def _new_row(self, node_id: str, account: str, name: str) -> dict[str, Any]:
-        now = self._clock()
+    def _new_row(self, conn: Connection, node_id: str, account: str, name: str) -> dict[str, Any]:
+        now = self._time.now(conn)
         return {
             "id": node_id,
             "account": account,
@@ -298,26 +688,46 @@ class SqlNodeStore:
             "registered_at": now,
             "last_seen_at": now,
             "rewarded_until": now,
+            "checks_passed": 0,
+            "checks_failed": 0,
         }
 
-    def _online(self, row: RowMapping) -> bool:
-        return bool(self._clock() - row["last_seen_at"] <= self._offline_after_s)
+    def _online(self, row: RowMapping, now: float) -> bool:
+        return bool(now - row["last_seen_at"] <= self._rules.offline_after_s)
 
-    def _record(self, row: RowMapping) -> NodeRecord:
+    def _record(self, conn: Connection, row: RowMapping) -> NodeRecord:
         return NodeRecord(
             id=row["id"],
             account=row["account"],
             name=row["name"],
             capabilities=dict(row["capabilities"] or {}),
-            installed=frozenset(row["installed"] or ()),
             loaded=frozenset(row["loaded"] or ()),
             pull=tuple(row["pull"] or ()),
             tasks_done=row["tasks_done"],
             registered_at=row["registered_at"],
             last_seen_at=row["last_seen_at"],
             rewarded_until=row["rewarded_until"],
-            online=self._online(row),
+            online=self._online(row, self._time.now(conn)),
+            checks_passed=row["checks_passed"],
+            checks_failed=row["checks_failed"],
+            worked_at=row["worked_at"],
+            suspect_since=row["suspect_since"],
+            suspect_reason=row["suspect_reason"],
         )
 
-    def _read(self) -> Connection:
-        return self._engine.connect().execution_options(dan_read_only=True)
+
+def _session(row: Any) -> Session:
+    return Session(row.id, row.node_id, row.account, row.slots)
+
+
+def _file_row(node_id: str, file: NodeFile) -> dict[str, Any]:
+    return {
+        "node_id": node_id,
+        "sha256": file.sha256,
+        "kind": file.kind.value if file.kind else None,
+        "name": file.name,
+        "file": file.file,
+        "size": file.size,
+        "name_key": file.name.casefold() if file.name else None,
+        "file_key": file.file.casefold() if file.file else None,
+    }

@@ -39,6 +39,10 @@ class SqlBlobStore:
             raise KeyError(key)
         return bytes(data)
 
+    def delete(self, key: str) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(delete(blobs).where(blobs.c.key == check_key(key)))
+
     def delete_group(self, group: str) -> None:
         check_key(f"{group}/x")
         with self._engine.begin() as conn:

@@ -6,14 +6,51 @@ depend only on this module.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from dan.db.clock import Clock
 from dan.domain import ClaimedTask, TaskKind, TaskRecord, TaskResult, TaskStatus
 
-Clock = Callable[[], float]
 CANCELLED_MESSAGE = "cancelled by the user"
+
+__all__ = [
+    "CANCELLED_MESSAGE",
+    "Clock",
+    "Expected",
+    "Heartbeat",
+    "HeldTask",
+    "NewTask",
+    "Offer",
+    "QueueRules",
+    "Reward",
+    "Statistics",
+    "TaskStore",
+]
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a task's result must be: ``images`` PNGs of ``width`` x ``height``, or a caption."""
+
+    images: int = 0
+    width: int = 0
+    height: int = 0
+    caption: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        if self.caption:
+            return {"caption": True}
+        return {"images": self.images, "width": self.width, "height": self.height}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Expected | None:
+        if not isinstance(data, dict):
+            return None
+        if data.get("caption"):
+            return cls(caption=True)
+        return cls(int(data["images"]), int(data["width"]), int(data["height"]))
 
 
 @dataclass(frozen=True)
@@ -25,27 +62,48 @@ class NewTask:
     cost: float = 1.0  # see dan.tasks.needs
     weight: float = 1.0  # the account's queue weight (dan.accounts)
     checkpoint: str | None = None
-    requires: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()  # sha256 of every model file a node needs to run it
+    expects: Expected | None = None
+
+
+@dataclass(frozen=True)
+class QueueRules:
+    """The limits the store enforces: tries before a task fails, the grace a cancelled run
+    has to stop, a run's time limit (``runtime_base_s + runtime_per_cost_s x cost``) and how
+    long a node stays online unheard."""
+
+    max_attempts: int = 3
+    cancel_grace_s: float = 30.0
+    runtime_base_s: float = 120.0
+    runtime_per_cost_s: float = 120.0
+    online_window_s: float = 60.0
 
 
 @dataclass(frozen=True)
 class Offer:
-    """What a claiming node can run: the sha256 of its installed model files (None: anything)
-    and of the checkpoints it has loaded, and how far it may look past the head of the queue
-    for a task on a loaded checkpoint."""
+    """Who claims and what it can run: the node whose installed files (rows of node_files) a
+    task's files must be among (None: any task), its owner (never given a verification run of
+    its own result), the checkpoints it has loaded and how far it may look past the first task
+    it can run for one of those, and how many tasks it may hold at once (None: no limit)."""
 
-    installed: frozenset[str] | None = None
+    node_id: str | None = None
+    account: str | None = None
     loaded: frozenset[str] = frozenset()
     lookahead: int = 1
+    slots: int | None = None
 
 
 @dataclass(frozen=True)
 class Reward:
-    """Honor for a completed task, written in the completion's transaction."""
+    """Honor for a completed task, written in the completion's transaction. ``held``: into
+    escrow (the node is on probation) instead of the ledger. An amount of 0 writes no grant.
+    ``work``: the task was another account's, which counts as the node's recent work."""
 
     account: str
     amount: float
     node_id: str | None = None
+    held: bool = False
+    work: bool = True
 
 
 @dataclass(frozen=True)
@@ -54,6 +112,22 @@ class Heartbeat:
 
     held: bool
     cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class HeldTask:
+    """What the node side needs to know of a task: who holds it, on which attempt, what its
+    result must be, and (for a verification run) which task it re-runs."""
+
+    id: str
+    account: str
+    kind: TaskKind
+    status: TaskStatus
+    worker_id: str | None
+    node_id: str | None
+    attempt: int
+    expects: Expected | None
+    verify_of: str | None
 
 
 @dataclass(frozen=True)
@@ -70,8 +144,16 @@ class TaskStore(Protocol):
         """Insert a pending task; raise TooManyPendingTasks if the account has max_pending."""
         ...
 
+    def pending_count(self, account: str) -> int:
+        """How many pending tasks ``account`` has (a cheap check before decoding inputs)."""
+        ...
+
     def get(self, task_id: str) -> TaskRecord | None:
         """The task with its current queue position, or None."""
+        ...
+
+    def held(self, task_id: str) -> HeldTask | None:
+        """The task as the node side sees it, or None."""
         ...
 
     def statuses(self, task_ids: Iterable[str]) -> dict[str, TaskStatus]:
@@ -79,14 +161,15 @@ class TaskStore(Protocol):
         ...
 
     def cancel(self, task_id: str) -> TaskRecord | None:
-        """Pending: fail it now. Processing: ask its worker to stop. Finished: no change."""
+        """Pending: fail it now. Processing: ask its worker to stop (and end it as cancelled
+        if the worker has not stopped within the grace). Finished: no change."""
         ...
 
     def claim(
         self, worker_id: str, *, lease_s: float, offer: Offer | None = None
     ) -> ClaimedTask | None:
         """Atomically take the next pending task ``offer`` can run (any task without one), or
-        None if there is none."""
+        None if there is none or the worker already holds ``offer.slots`` tasks."""
         ...
 
     def heartbeat(
@@ -106,12 +189,19 @@ class TaskStore(Protocol):
         """Mark failure; False (and no change) if the worker no longer holds the task."""
         ...
 
-    def requeue_expired(self, *, max_attempts: int) -> int:
-        """Give tasks whose lease expired back to the queue (or fail them after max_attempts)."""
+    def release(self, task_id: str, worker_id: str, reason: str) -> bool:
+        """Hand the task back to the queue (its try counts; after the last one it fails with
+        ``reason``); False if the worker no longer holds it."""
+        ...
+
+    def requeue_expired(self) -> int:
+        """End overdue runs: cancelled ones past their grace fail as cancelled; those past
+        their time limit or whose lease expired go back to the queue (or fail after the last
+        try). Returns how many tasks changed."""
         ...
 
     def release_worker(self, worker_id: str) -> int:
-        """Put back in the queue every task ``worker_id`` holds (it restarted and lost them)."""
+        """Hand back every task ``worker_id`` holds (it stopped or died); each try counts."""
         ...
 
     def finished_before(self, cutoff: float, *, limit: int) -> list[TaskRecord]:
@@ -119,7 +209,8 @@ class TaskStore(Protocol):
         ...
 
     def mark_expired(self, task_ids: Sequence[str]) -> None:
-        """Record that these tasks' results were deleted."""
+        """Record that these tasks' results were deleted, and forget their prompts, parameters
+        and captions."""
         ...
 
     def statistics(self) -> Statistics:
@@ -130,7 +221,9 @@ class TaskStore(Protocol):
         """Raise if the database cannot be reached."""
         ...
 
-    def models_served(self) -> frozenset[str] | None:
-        """The sha256 of every model file some online node has installed; None when no node
-        is online (nothing is known about what will be served)."""
+    def runnable_somewhere(
+        self, requires: Sequence[str], *, exclude_account: str | None = None
+    ) -> bool | None:
+        """Whether one online node (not of ``exclude_account``, not suspect) has every file of
+        ``requires``; None when no node is online at all (nothing is known yet)."""
         ...

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dan.domain import GenerationRequest
+from dan.domain import GenerationRequest, hires_size
+from dan.tasks.base import Expected
 
 BASE_PIXELS, BASE_STEPS = 512 * 512, 20  # a task of cost 1
 MIN_COST = 0.05  # nothing is free: a flood of tiny tasks still advances its account's lane
@@ -19,17 +20,23 @@ INTERROGATE_COST = 0.5
 @dataclass(frozen=True)
 class Needs:
     """What running a task takes: the checkpoint it runs on (for node affinity), every model
-    file (sha256) a node must have installed, and its cost relative to a 512x512, 20-step
-    txt2img (the queue's weighting)."""
+    file (sha256) a node must have installed, its cost relative to a 512x512, 20-step
+    txt2img (the queue's weighting), and what its result must be."""
 
     checkpoint: str | None = None
     requires: tuple[str, ...] = ()
     cost: float = 1.0
+    expects: Expected | None = None
 
 
-def generation_needs(request: GenerationRequest, denoising_strength: float = 1.0) -> Needs:
-    """The checkpoint, every file, and the cost (steps actually run x megapixels, hires pass
-    included) of a txt2img or img2img request."""
+def generation_needs(
+    request: GenerationRequest,
+    denoising_strength: float = 1.0,
+    output_size: tuple[int, int] | None = None,
+) -> Needs:
+    """The checkpoint, every file, the cost (steps actually run x megapixels, hires pass
+    included) and the result (one image of ``output_size``, by default the request's size,
+    hires-fixed) of a txt2img or img2img request."""
     files = [request.model.sha256, *(lora.model.sha256 for lora in request.loras)]
     steps = request.steps * denoising_strength
     cost = steps * request.width * request.height
@@ -43,4 +50,12 @@ def generation_needs(request: GenerationRequest, denoising_strength: float = 1.0
         if request.control_net.pose_model:
             files.append(request.control_net.pose_model.sha256)
     normalised = cost / (BASE_STEPS * BASE_PIXELS)
-    return Needs(request.model.sha256, tuple(dict.fromkeys(files)), max(MIN_COST, normalised))
+    if output_size is None and request.hires is not None:
+        output_size = hires_size(request.width, request.height, request.hires.scale)
+    width, height = output_size or (request.width, request.height)
+    return Needs(
+        request.model.sha256,
+        tuple(dict.fromkeys(files)),
+        max(MIN_COST, normalised),
+        Expected(1, width, height),
+    )

@@ -37,10 +37,12 @@ from dan.domain import (
     ResizeMode,
     UpscalerChoice,
     UpscaleRequest,
+    scaled_size,
 )
 from dan.errors import InvalidArgument, ModelNotFound, ResourceUnavailable
 from dan.imaging import decode_image, encode_input_png, regenerated_area
 from dan.prompt_tags import extract_lora_tags
+from dan.tasks.base import Expected
 from dan.tasks.needs import BASE_PIXELS, INTERROGATE_COST, MIN_COST, Needs, generation_needs
 
 MAX_UPSCALED_SIDE = 8192
@@ -188,7 +190,10 @@ class RequestBuilder:
             denoising_strength=order.denoising_strength,
             inpaint=inpaint,
         )
-        needs = generation_needs(generation, order.denoising_strength)
+        # Only-masked inpainting pastes its crop back into the picture at its own size.
+        only_masked = inpaint is not None and inpaint.inpaint_area == InpaintArea.ONLY_MASKED
+        size = init.size if only_masked else None
+        needs = generation_needs(generation, order.denoising_strength, size)
         return Prepared(request.to_params(), inputs, needs)
 
     def upscale(self, order: UpscaleOrder, task_id: str) -> Prepared:
@@ -211,7 +216,8 @@ class RequestBuilder:
         )
         models = [c.model.sha256 for c in (request.upscaler, request.upscaler2) if c and c.model]
         megapixels = image.width * image.height * order.rate**2 / BASE_PIXELS
-        needs = Needs(None, tuple(models), max(MIN_COST, megapixels / 4))
+        output = Expected(1, *scaled_size(image.size, order.rate))
+        needs = Needs(None, tuple(models), max(MIN_COST, megapixels / 4), output)
         return Prepared(
             request.to_params(), {request.image_key: encode_input_png(image.convert("RGB"))}, needs
         )
@@ -229,7 +235,7 @@ class RequestBuilder:
         return Prepared(
             request.to_params(),
             {request.image_key: encode_input_png(image.convert("RGB"))},
-            Needs(None, pose, MIN_COST),
+            Needs(None, pose, MIN_COST, Expected(1, image.width, image.height)),
         )
 
     def interrogate(self, order: InterrogateOrder, task_id: str) -> Prepared:
@@ -244,7 +250,8 @@ class RequestBuilder:
         image = decode_image(order.image, "image")
         files = {role: self._interrogator_file(order.model, name) for role, name in parts.items()}
         request = InterrogateRequest(f"{task_id}/input.png", order.model, files)
-        needs = Needs(None, tuple(ref.sha256 for ref in files.values()), INTERROGATE_COST)
+        required = tuple(ref.sha256 for ref in files.values())
+        needs = Needs(None, required, INTERROGATE_COST, Expected(caption=True))
         return Prepared(
             request.to_params(), {request.image_key: encode_input_png(image.convert("RGB"))}, needs
         )
@@ -341,8 +348,10 @@ class RequestBuilder:
         model = self._models.default_checkpoint(self._settings.default_model)
         if model is None:
             raise ResourceUnavailable(
-                "no checkpoint is installed; put a .safetensors file in the models/checkpoints "
-                "folder or run `dan models pull chillout_mix`"
+                "no checkpoint is installed and no online node has a catalog checkpoint; name "
+                "one with `model` (see /api/sd/supportedModelInfo), put a .safetensors file in "
+                "the models/checkpoints folder, run `dan models pull chillout_mix`, or set "
+                "DAN_DEFAULT_MODEL to a checkpoint's sha256"
             )
         return model
 

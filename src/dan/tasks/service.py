@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from dan.config import Settings
 from dan.domain import TaskKind, TaskRecord
-from dan.errors import ResourceUnavailable, TaskNotFound
+from dan.errors import ResourceUnavailable, TaskNotFound, TooManyPendingTasks
 from dan.storage import BlobStore
 from dan.tasks.needs import Needs
 from dan.tasks.orders import (
@@ -40,8 +40,10 @@ class TaskService:
         *,
         random_seed: Callable[[], int] = lambda: secrets.randbelow(2**32),
         weight_of: Callable[[str], float] = lambda account: 1.0,
+        local_files: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         self._weight_of = weight_of
+        self._local_files = local_files
         self._store = store
         self._blobs = blobs
         self._settings = settings
@@ -49,36 +51,42 @@ class TaskService:
 
     def submit_txt2img(self, account: str, order: Txt2ImgOrder) -> TaskRecord:
         """Queue a txt2img task; raises InvalidArgument, ModelNotFound, TooManyPendingTasks."""
-        task_id = str(uuid.uuid4())
-        return self._submit(account, TaskKind.TXT2IMG, task_id, self._build.txt2img(order, task_id))
+        return self._submit(account, TaskKind.TXT2IMG, lambda tid: self._build.txt2img(order, tid))
 
     def submit_img2img(self, account: str, order: Img2ImgOrder) -> TaskRecord:
         """Queue an img2img or inpaint task; the input images are checked and stored first."""
-        task_id = str(uuid.uuid4())
-        return self._submit(account, TaskKind.IMG2IMG, task_id, self._build.img2img(order, task_id))
+        return self._submit(account, TaskKind.IMG2IMG, lambda tid: self._build.img2img(order, tid))
 
     def submit_upscale(self, account: str, order: UpscaleOrder) -> TaskRecord:
         """Queue a standalone upscale of an image."""
-        task_id = str(uuid.uuid4())
-        return self._submit(account, TaskKind.UPSCALE, task_id, self._build.upscale(order, task_id))
+        return self._submit(account, TaskKind.UPSCALE, lambda tid: self._build.upscale(order, tid))
 
     def submit_detect(self, account: str, order: DetectOrder) -> TaskRecord:
         """Queue a ControlNet preprocessor run (it needs the worker's packages, not torch)."""
-        task_id = str(uuid.uuid4())
-        return self._submit(account, TaskKind.DETECT, task_id, self._build.detect(order, task_id))
+        return self._submit(account, TaskKind.DETECT, lambda tid: self._build.detect(order, tid))
 
     def submit_interrogate(self, account: str, order: InterrogateOrder) -> TaskRecord:
         """Queue a caption (clip) or tagging (deepdanbooru) of an image; raises
         ResourceUnavailable at once when the interrogator's weights are not installed."""
-        task_id = str(uuid.uuid4())
-        prepared = self._build.interrogate(order, task_id)
-        return self._submit(account, TaskKind.INTERROGATE, task_id, prepared)
+        kind = TaskKind.INTERROGATE
+        return self._submit(account, kind, lambda tid: self._build.interrogate(order, tid))
 
-    def _submit(self, account: str, kind: TaskKind, task_id: str, prepared: Prepared) -> TaskRecord:
-        warning = self._check_served(prepared.needs)
+    def _submit(self, account: str, kind: TaskKind, build: Callable[[str], Prepared]) -> TaskRecord:
+        """Refuse at once an account at its pending limit (before any image is decoded),
+        build and check the request, store its inputs, and queue it."""
+        limit = self._settings.max_pending_per_account
+        pending = self._store.pending_count(account)
+        if pending >= limit:
+            raise TooManyPendingTasks(
+                f"this account already has {pending} pending tasks (the limit is {limit}); "
+                "wait for some to finish"
+            )
+        task_id = str(uuid.uuid4())
+        prepared = build(task_id)
+        needs = prepared.needs
+        warning = self._check_served(needs)
         for key, data in prepared.inputs.items():
             self._blobs.put(key, data)
-        needs = prepared.needs
         try:
             new = NewTask(
                 task_id,
@@ -89,29 +97,28 @@ class TaskService:
                 weight=self._weight_of(account),
                 checkpoint=needs.checkpoint,
                 requires=needs.requires,
+                expects=needs.expects,
             )
-            record = self._store.submit(new, max_pending=self._settings.max_pending_per_account)
+            record = self._store.submit(new, max_pending=limit)
         except BaseException:
             self._blobs.delete_group(task_id)  # a refused task leaves nothing behind
             raise
         return replace(record, warning=warning) if warning else record
 
     def _check_served(self, needs: Needs) -> str | None:
-        """Refuse (or warn about, by setting) a task needing a model no online node has.
+        """Refuse (or warn about, by setting) a task that no single online node can run: one
+        node must have every file it needs, or it would wait at the head of the queue forever.
 
         Nothing is refused while no node at all is online: the task waits for the first; nor
-        when this server runs a local worker, which has every model the request resolved to."""
-        if self._settings.worker:
+        when this server runs a local worker that has every file itself."""
+        if self._settings.worker and set(needs.requires) <= self._local_files():
             return None
-        served = self._store.models_served()
-        if served is None:
+        if self._store.runnable_somewhere(needs.requires) is not False:
             return None
-        missing = [sha[:10] for sha in needs.requires if sha not in served]
-        if not missing:
-            return None
+        files = ", ".join(sha[:10] for sha in needs.requires)
         text = (
-            f"no online worker has the model file(s) {', '.join(missing)} installed, so the "
-            "task waits until a worker that has them connects"
+            f"no online worker has all the model files this task needs ({files}) installed, "
+            "so the task waits until one that has them all connects"
         )
         if self._settings.unserved_models == "reject":
             raise ResourceUnavailable(f"{text}; it was not queued")
@@ -145,8 +152,9 @@ class TaskService:
         return self._store.statistics()
 
     def sweep(self, now: float) -> None:
-        """Re-queue tasks whose worker vanished; delete results older than the retention."""
-        self._store.requeue_expired(max_attempts=self._settings.max_attempts)
+        """End overdue runs (lost leases, time limits, ignored cancels); delete results (and
+        forget prompts) older than the retention."""
+        self._store.requeue_expired()
         old = self._store.finished_before(now - self._settings.result_ttl_s, limit=500)
         for record in old:
             self._blobs.delete_group(record.id)

@@ -2,7 +2,9 @@
 
 Every state change is one short transaction. Claims are atomic in SQL, never guarded by a
 Python lock: on SQLite writes run inside ``BEGIN IMMEDIATE`` (one writer at a time), on
-PostgreSQL the candidate row is locked with ``FOR UPDATE SKIP LOCKED``.
+PostgreSQL the candidate rows are locked with ``FOR UPDATE SKIP LOCKED`` and a submit holds a
+transaction-scoped advisory lock on its account, so the pending limit and the account's tag
+are never raced. Times are the database's (see dan.db.clock).
 
 Queue order is weighted fair queuing: at submission a task gets a virtual-time ``tag``: the
 larger of the queue's virtual time (the highest tag ever claimed) and its account's last tag,
@@ -13,31 +15,59 @@ waiting about twice as long. An account arriving at a long queue waits behind ab
 of each busy account, not behind their backlog; since the virtual time only grows and each
 account's tags grow with every task, no task waits forever.
 
-A node claiming work says which model files it has installed and which checkpoints it has
-loaded: it is only given tasks whose files it has, and among the next ``lookahead`` of those
-it prefers one for a loaded checkpoint (so a task for another checkpoint is passed over at most
-that many times by that node).
+A node claims with an :class:`Offer`: it is given only tasks whose every file (``task_files``)
+it has installed (``node_files``) and that are not verification runs of its own account's
+results, found by the query itself however deep in the queue they are; among the first
+``lookahead`` of those it prefers one for a checkpoint it has loaded. It holds at most
+``slots`` tasks at once. A run ends when its lease is not renewed, when its time limit (from
+its cost) passes, or, once cancelled, when the grace to stop has passed; every hand-back
+counts as a try, and after ``max_attempts`` the task fails with a message.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, and_, func, or_, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Select,
+    and_,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.engine import RowMapping
 
+from dan.db.clock import DatabaseClock
 from dan.db.notify import FINISHED, QUEUED, notify
-from dan.db.tables import honor_grants, nodes, tasks
+from dan.db.tables import (
+    honor_escrow,
+    honor_grants,
+    node_files,
+    nodes,
+    task_exclusions,
+    task_files,
+    tasks,
+)
 from dan.domain import ClaimedTask, TaskKind, TaskRecord, TaskResult, TaskStatus
 from dan.errors import TooManyPendingTasks
 from dan.tasks.base import (
     CANCELLED_MESSAGE,
     Clock,
+    Expected,
     Heartbeat,
+    HeldTask,
     NewTask,
     Offer,
+    QueueRules,
     Reward,
     Statistics,
     TaskStore,
@@ -47,42 +77,79 @@ from dan.tasks.base import (
 __all__ = [
     "CANCELLED_MESSAGE",
     "Clock",
+    "Expected",
     "Heartbeat",
+    "HeldTask",
     "NewTask",
     "Offer",
+    "QueueRules",
     "Reward",
     "SqlTaskStore",
     "Statistics",
     "TaskStore",
 ]
 
+PENDING, PROCESSING = TaskStatus.PENDING, TaskStatus.PROCESSING
+
 
 class SqlTaskStore:
     """TaskStore on SQLAlchemy Core; see the module docstring for the queue rules."""
 
     def __init__(
-        self, engine: Engine, *, clock: Clock = time.time, online_window_s: float = 60.0
+        self, engine: Engine, *, clock: Clock | None = None, rules: QueueRules | None = None
     ) -> None:
         self._engine = engine
-        self._clock = clock
-        self._online_window_s = online_window_s
+        self._time = DatabaseClock(clock)
+        self._rules = rules or QueueRules()
         self._postgres = engine.dialect.name == "postgresql"
 
     # -- reads -------------------------------------------------------------------------------
     def get(self, task_id: str) -> TaskRecord | None:
-        with self._engine.connect().execution_options(dan_read_only=True) as conn:
+        with self._read() as conn:
             row = conn.execute(select(tasks).where(tasks.c.id == task_id)).mappings().first()
             if row is None:
                 return None
-            position = self._position(conn, row) if row["status"] == TaskStatus.PENDING else 0
+            position = self._position(conn, row) if row["status"] == PENDING else 0
             return _record(row, position)
+
+    def held(self, task_id: str) -> HeldTask | None:
+        query = select(
+            tasks.c.id,
+            tasks.c.account,
+            tasks.c.kind,
+            tasks.c.status,
+            tasks.c.worker_id,
+            tasks.c.node_id,
+            tasks.c.attempts,
+            tasks.c.expects,
+            tasks.c.verify_of,
+        ).where(tasks.c.id == task_id)
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        return HeldTask(
+            id=row.id,
+            account=row.account,
+            kind=TaskKind(row.kind),
+            status=TaskStatus(row.status),
+            worker_id=row.worker_id,
+            node_id=row.node_id,
+            attempt=row.attempts,
+            expects=Expected.from_json(row.expects),
+            verify_of=row.verify_of,
+        )
+
+    def pending_count(self, account: str) -> int:
+        with self._read() as conn:
+            return self._pending(conn, account)
 
     def statuses(self, task_ids: Iterable[str]) -> dict[str, TaskStatus]:
         ids = list(task_ids)
         if not ids:
             return {}
         query = select(tasks.c.id, tasks.c.status).where(tasks.c.id.in_(ids))
-        with self._engine.connect().execution_options(dan_read_only=True) as conn:
+        with self._read() as conn:
             return {row.id: TaskStatus(row.status) for row in conn.execute(query)}
 
     def finished_before(self, cutoff: float, *, limit: int) -> list[TaskRecord]:
@@ -92,70 +159,86 @@ class SqlTaskStore:
             .order_by(tasks.c.finished_at)
             .limit(limit)
         )
-        with self._engine.connect().execution_options(dan_read_only=True) as conn:
+        with self._read() as conn:
             return [_record(row, 0) for row in conn.execute(query).mappings()]
 
     def statistics(self) -> Statistics:
-        now = self._clock()
         ok = tasks.c.status == TaskStatus.SUCCESS
+        with self._read() as conn:
+            now = self._time.now(conn)
 
-        def since(seconds: float) -> Any:
-            return func.count().filter(tasks.c.finished_at >= now - seconds)
+            def since(seconds: float) -> Any:
+                return func.count().filter(tasks.c.finished_at >= now - seconds)
 
-        query = select(func.count(), since(86400), since(7 * 86400)).where(ok)
-        with self._engine.connect().execution_options(dan_read_only=True) as conn:
+            query = select(func.count(), since(86400), since(7 * 86400)).where(ok)
             total, day, week = conn.execute(query).one()
         return Statistics(total=total, last_day=day, last_week=week)
 
     def ping(self) -> None:
-        with self._engine.connect().execution_options(dan_read_only=True) as conn:
+        with self._read() as conn:
             conn.execute(select(1))
 
-    def models_served(self) -> frozenset[str] | None:
-        with self._engine.connect().execution_options(dan_read_only=True) as conn:
-            return self._served(conn)
-
-    def _served(self, conn: Connection) -> frozenset[str] | None:
-        since = self._clock() - self._online_window_s
-        rows = conn.execute(select(nodes.c.installed).where(nodes.c.last_seen_at >= since)).all()
-        if not rows:
-            return None
-        return frozenset(sha for row in rows for sha in row.installed)
+    def runnable_somewhere(
+        self, requires: Sequence[str], *, exclude_account: str | None = None
+    ) -> bool | None:
+        with self._read() as conn:
+            online = self._online_nodes(conn)
+            if conn.execute(select(online.exists())).scalar_one() is False:
+                return None
+            wanted = sorted(set(requires))
+            candidates = online.where(nodes.c.suspect_since.is_(None))
+            if exclude_account is not None:
+                candidates = candidates.where(nodes.c.account != exclude_account)
+            if wanted:
+                held = (
+                    select(func.count())
+                    .where(node_files.c.node_id == nodes.c.id, node_files.c.sha256.in_(wanted))
+                    .scalar_subquery()
+                )
+                candidates = candidates.where(held == len(wanted))
+            return bool(conn.execute(select(candidates.exists())).scalar_one())
 
     # -- submit and cancel -------------------------------------------------------------------
     def submit(self, task: NewTask, *, max_pending: int) -> TaskRecord:
         with self._engine.begin() as conn:
-            pending = conn.execute(
-                select(func.count()).where(
-                    tasks.c.account == task.account, tasks.c.status == TaskStatus.PENDING
+            if self._postgres:  # serialise this account's submits (limit and tag)
+                conn.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtextextended(:account, 0))"),
+                    {"account": task.account},
                 )
-            ).scalar_one()
+            pending = self._pending(conn, task.account)
             if pending >= max_pending:
                 raise TooManyPendingTasks(
                     f"this account already has {pending} pending tasks (the limit is "
                     f"{max_pending}); wait for some to finish"
                 )
             tag = self._next_tag(conn, task.account, task.cost / task.weight)
-            conn.execute(tasks.insert().values(**_new_row(task, self._clock()), tag=tag))
+            now = self._time.now(conn)
+            conn.execute(tasks.insert().values(**_new_row(task, now), tag=tag))
+            _insert_files(conn, task.id, task.requires)
             if self._postgres:
                 notify(conn, QUEUED, task.id)
             row = conn.execute(select(tasks).where(tasks.c.id == task.id)).mappings().one()
             return _record(row, self._position(conn, row))
 
     def cancel(self, task_id: str) -> TaskRecord | None:
-        now = self._clock()
         with self._engine.begin() as conn:
+            now = self._time.now(conn)
             conn.execute(
                 update(tasks)
-                .where(tasks.c.id == task_id, tasks.c.status == TaskStatus.PENDING)
+                .where(tasks.c.id == task_id, tasks.c.status == PENDING)
                 .values(status=TaskStatus.FAILURE, error=CANCELLED_MESSAGE, finished_at=now)
             )
             if self._postgres:
                 notify(conn, FINISHED, task_id)
             conn.execute(
                 update(tasks)
-                .where(tasks.c.id == task_id, tasks.c.status == TaskStatus.PROCESSING)
-                .values(cancel_requested=True)
+                .where(
+                    tasks.c.id == task_id,
+                    tasks.c.status == PROCESSING,
+                    tasks.c.cancel_requested.is_(False),
+                )
+                .values(cancel_requested=True, cancel_by=now + self._rules.cancel_grace_s)
             )
             row = conn.execute(select(tasks).where(tasks.c.id == task_id)).mappings().first()
             return None if row is None else _record(row, 0)
@@ -164,42 +247,27 @@ class SqlTaskStore:
     def claim(
         self, worker_id: str, *, lease_s: float, offer: Offer | None = None
     ) -> ClaimedTask | None:
-        # Idle workers poll often: look without taking the write lock first.
-        with self._engine.connect().execution_options(dan_read_only=True) as conn:
-            if conn.execute(_pending_in_order(1)).first() is None:
+        offer = offer or Offer()
+        # Idle workers and waiting nodes ask often: look without taking the write lock first.
+        with self._read() as conn:
+            if not self._may_claim(conn, worker_id, offer):
                 return None
-        now = self._clock()
         with self._engine.begin() as conn:
-            limit = 1 if offer is None else CANDIDATES
-            seq = _choose(conn.execute(self._candidates(limit)).all(), offer)
+            if not self._may_claim(conn, worker_id, offer):
+                return None
+            candidates = self._candidates(offer, for_update=True)
+            seq = _choose(conn.execute(candidates).all(), offer)
             if seq is None:
                 return None
-            row = conn.execute(
-                update(tasks)
-                .where(tasks.c.seq == seq, tasks.c.status == TaskStatus.PENDING)
-                .values(
-                    status=TaskStatus.PROCESSING,
-                    worker_id=worker_id,
-                    lease_expires_at=now + lease_s,
-                    started_at=now,
-                    progress=0.0,
-                    attempts=tasks.c.attempts + 1,
-                )
-                .returning(tasks.c.id, tasks.c.kind, tasks.c.params, tasks.c.attempts)
-            ).first()
-        if row is None:
-            return None
-        return ClaimedTask(
-            id=row.id, kind=TaskKind(row.kind), params=row.params, attempt=row.attempts
-        )
+            return self._take(conn, seq, worker_id, lease_s, offer.node_id)
 
     def heartbeat(
         self, task_id: str, worker_id: str, *, lease_s: float, progress: float | None = None
     ) -> Heartbeat:
-        values: dict[str, Any] = {"lease_expires_at": self._clock() + lease_s}
-        if progress is not None:
-            values["progress"] = progress
         with self._engine.begin() as conn:
+            values: dict[str, Any] = {"lease_expires_at": self._time.now(conn) + lease_s}
+            if progress is not None:
+                values["progress"] = progress
             row = conn.execute(
                 update(tasks)
                 .where(*_held_by(task_id, worker_id))
@@ -213,103 +281,187 @@ class SqlTaskStore:
     def complete(
         self, task_id: str, worker_id: str, result: TaskResult, *, reward: Reward | None = None
     ) -> bool:
-        payload: dict[str, object] = {
-            "image_keys": list(result.image_keys),
-            "seeds": list(result.seeds),
-        }
-        if result.caption is not None:
-            payload["caption"] = result.caption
-        values = {"status": TaskStatus.SUCCESS, "result": payload, "progress": 1.0}
+        values = {"status": TaskStatus.SUCCESS, "result": _result_json(result), "progress": 1.0}
         with self._engine.begin() as conn:
             if not self._finish_in(conn, task_id, worker_id, values):
                 return False
             if reward is not None:
-                self._grant(conn, task_id, reward)
+                self._reward(conn, task_id, reward)
             return True
 
     def fail(self, task_id: str, worker_id: str, error: str) -> bool:
-        return self._finish(task_id, worker_id, status=TaskStatus.FAILURE, error=error)
-
-    def requeue_expired(self, *, max_attempts: int) -> int:
-        now = self._clock()
-        lost = and_(tasks.c.status == TaskStatus.PROCESSING, tasks.c.lease_expires_at < now)
         with self._engine.begin() as conn:
-            failed = conn.execute(
+            values = {"status": TaskStatus.FAILURE, "error": error}
+            return self._finish_in(conn, task_id, worker_id, values)
+
+    def release(self, task_id: str, worker_id: str, reason: str) -> bool:
+        with self._engine.begin() as conn:
+            return self._hand_back(conn, and_(*_held_by(task_id, worker_id)), reason) == 1
+
+    def requeue_expired(self) -> int:
+        with self._engine.begin() as conn:
+            now = self._time.now(conn)
+            running = tasks.c.status == PROCESSING
+            cancelled = conn.execute(
                 update(tasks)
-                .where(lost, tasks.c.attempts >= max_attempts)
-                .values(
-                    status=TaskStatus.FAILURE,
-                    finished_at=now,
-                    worker_id=None,
-                    error=f"the worker running this task stopped responding {max_attempts} "
-                    "times; giving up",
-                )
-            ).rowcount
-            requeued = conn.execute(
-                update(tasks)
-                .where(lost)
-                .values(
-                    status=TaskStatus.PENDING, worker_id=None, lease_expires_at=None, progress=0.0
-                )
-            ).rowcount
-            if requeued and self._postgres:
-                notify(conn, QUEUED)
-        return int(failed) + int(requeued)
+                .where(running, tasks.c.cancel_requested.is_(True), tasks.c.cancel_by < now)
+                .values(**_ended(TaskStatus.FAILURE, now), error=CANCELLED_MESSAGE)
+                .returning(tasks.c.id)
+            ).all()
+            if self._postgres:
+                for row in cancelled:
+                    notify(conn, FINISHED, row.id)
+            overdue = self._hand_back(
+                conn,
+                and_(running, tasks.c.deadline < now),
+                "it ran longer than its time limit on {attempts} worker(s); giving up",
+            )
+            lost = self._hand_back(
+                conn,
+                and_(running, tasks.c.lease_expires_at < now),
+                "the worker running this task stopped responding {attempts} times; giving up",
+            )
+        return len(cancelled) + overdue + lost
 
     def release_worker(self, worker_id: str) -> int:
         with self._engine.begin() as conn:
-            released = conn.execute(
-                update(tasks)
-                .where(tasks.c.worker_id == worker_id, tasks.c.status == TaskStatus.PROCESSING)
-                .values(
-                    status=TaskStatus.PENDING, worker_id=None, lease_expires_at=None, progress=0.0
-                )
-            ).rowcount
-            if released and self._postgres:
-                notify(conn, QUEUED)
-        return int(released)
+            held = and_(tasks.c.worker_id == worker_id, tasks.c.status == PROCESSING)
+            return self._hand_back(
+                conn, held, "its worker stopped while running it {attempts} times; giving up"
+            )
 
     def mark_expired(self, task_ids: Sequence[str]) -> None:
-        if task_ids:
-            with self._engine.begin() as conn:
-                conn.execute(update(tasks).where(tasks.c.id.in_(task_ids)).values(expired=True))
+        if not task_ids:
+            return
+        ids = list(task_ids)
+        with self._engine.begin() as conn:
+            conn.execute(
+                update(tasks)
+                .where(tasks.c.id.in_(ids))
+                .values(expired=True, params={}, result=None, expects=None)
+            )
+            conn.execute(delete(task_files).where(task_files.c.task_id.in_(ids)))
+            conn.execute(delete(task_exclusions).where(task_exclusions.c.task_id.in_(ids)))
 
     # -- helpers -----------------------------------------------------------------------------
-    def _finish(self, task_id: str, worker_id: str, **values: Any) -> bool:
-        with self._engine.begin() as conn:
-            return self._finish_in(conn, task_id, worker_id, values)
+    def _read(self) -> Connection:
+        return self._engine.connect().execution_options(dan_read_only=True)
+
+    @staticmethod
+    def _pending(conn: Connection, account: str) -> int:
+        query = select(func.count()).where(tasks.c.account == account, tasks.c.status == PENDING)
+        return int(conn.execute(query).scalar_one())
+
+    def _may_claim(self, conn: Connection, worker_id: str, offer: Offer) -> bool:
+        """Whether the worker has a free slot and some task is there for it."""
+        if offer.slots is not None:
+            holding = select(func.count()).where(
+                tasks.c.worker_id == worker_id, tasks.c.status == PROCESSING
+            )
+            if conn.execute(holding).scalar_one() >= offer.slots:
+                return False
+        return conn.execute(self._candidates(offer).limit(1)).first() is not None
+
+    def _candidates(self, offer: Offer, *, for_update: bool = False) -> Select[Any]:
+        """The pending tasks ``offer`` can run, in queue order: seq and checkpoint."""
+        query = (
+            select(tasks.c.seq, tasks.c.model_sha256)
+            .where(tasks.c.status == PENDING, *_runnable_for(offer))
+            .order_by(tasks.c.tag, tasks.c.seq)
+            .limit(max(offer.lookahead, 1))
+        )
+        # SQLite serialises writers already; PostgreSQL claimers skip rows others are taking.
+        if for_update and self._postgres:
+            return query.with_for_update(skip_locked=True, of=tasks)
+        return query
+
+    def _take(
+        self, conn: Connection, seq: int, worker_id: str, lease_s: float, node_id: str | None
+    ) -> ClaimedTask | None:
+        now = self._time.now(conn)
+        row = conn.execute(
+            update(tasks)
+            .where(tasks.c.seq == seq, tasks.c.status == PENDING)
+            .values(
+                status=PROCESSING,
+                worker_id=worker_id,
+                node_id=node_id,
+                lease_expires_at=now + lease_s,
+                deadline=now + _runtime_limit(self._rules),
+                started_at=now,
+                progress=0.0,
+                attempts=tasks.c.attempts + 1,
+            )
+            .returning(tasks.c.id, tasks.c.kind, tasks.c.params, tasks.c.attempts)
+        ).first()
+        if row is None:
+            return None
+        return ClaimedTask(
+            id=row.id, kind=TaskKind(row.kind), params=row.params, attempt=row.attempts
+        )
+
+    def _hand_back(self, conn: Connection, which: ColumnElement[bool], reason: str) -> int:
+        """Put the running tasks ``which`` selects back in the queue, or fail those on their
+        last try with ``reason`` (``{attempts}`` is filled in)."""
+        now = self._time.now(conn)
+        last = tasks.c.attempts >= self._rules.max_attempts
+        message = reason.format(attempts=self._rules.max_attempts)
+        failed = conn.execute(
+            update(tasks)
+            .where(which, last)
+            .values(**_ended(TaskStatus.FAILURE, now), error=message)
+            .returning(tasks.c.id)
+        ).all()
+        requeued = conn.execute(
+            update(tasks)
+            .where(which)
+            .values(
+                status=PENDING,
+                worker_id=None,
+                node_id=None,
+                lease_expires_at=None,
+                deadline=None,
+                progress=0.0,
+            )
+        ).rowcount
+        if self._postgres:
+            for row in failed:
+                notify(conn, FINISHED, row.id)
+            if requeued:
+                notify(conn, QUEUED)
+        return len(failed) + int(requeued)
 
     def _finish_in(
         self, conn: Connection, task_id: str, worker_id: str, values: dict[str, Any]
     ) -> bool:
-        values = {**values, "finished_at": self._clock(), "lease_expires_at": None}
-        done = conn.execute(update(tasks).where(*_held_by(task_id, worker_id)).values(**values))
+        now = self._time.now(conn)
+        ended = {**_ended(values.pop("status"), now), "worker_id": worker_id}
+        done = conn.execute(
+            update(tasks).where(*_held_by(task_id, worker_id)).values(**values, **ended)
+        )
         if done.rowcount == 1 and self._postgres:
             notify(conn, FINISHED, task_id)
         return bool(done.rowcount == 1)
 
-    def _grant(self, conn: Connection, task_id: str, reward: Reward) -> None:
-        conn.execute(
-            honor_grants.insert().values(
-                account=reward.account,
-                amount=reward.amount,
-                reason="task",
-                task_id=task_id,
-                node_id=reward.node_id,
-                created_at=self._clock(),
-            )
-        )
+    def _reward(self, conn: Connection, task_id: str, reward: Reward) -> None:
+        now = self._time.now(conn)
+        if reward.amount > 0:
+            table = honor_escrow if reward.held else honor_grants
+            row: dict[str, Any] = {
+                "account": reward.account,
+                "amount": reward.amount,
+                "task_id": task_id,
+                "node_id": reward.node_id,
+                "created_at": now,
+            }
+            if not reward.held:
+                row["reason"] = "task"
+            conn.execute(table.insert().values(**row))
         if reward.node_id is not None:
-            conn.execute(
-                update(nodes)
-                .where(nodes.c.id == reward.node_id)
-                .values(tasks_done=nodes.c.tasks_done + 1)
-            )
-
-    def _candidates(self, limit: int) -> Select[tuple[int, str | None, Any]]:
-        # SQLite serialises writers already; PostgreSQL workers skip rows others are claiming.
-        query = _pending_in_order(limit)
-        return query.with_for_update(skip_locked=True) if self._postgres else query
+            values: dict[str, Any] = {"tasks_done": nodes.c.tasks_done + 1}
+            if reward.work:
+                values["worked_at"] = now
+            conn.execute(update(nodes).where(nodes.c.id == reward.node_id).values(**values))
 
     @staticmethod
     def _next_tag(conn: Connection, account: str, increment: float) -> float:
@@ -319,53 +471,91 @@ class SqlTaskStore:
         last = conn.execute(mine).scalar_one() or 0.0
         return float(max(virtual_time, last) + increment)
 
+    def _online_nodes(self, conn: Connection) -> Select[Any]:
+        since = self._time.now(conn) - self._rules.online_window_s
+        return select(nodes.c.id).where(nodes.c.last_seen_at >= since)
+
     def _position(self, conn: Connection, row: RowMapping) -> int:
         """1 + the number of pending tasks that run before this pending one; tasks for a
         checkpoint no online node has are not counted (they cannot run before it)."""
-        conditions = [
-            tasks.c.status == TaskStatus.PENDING,
+        conditions: list[ColumnElement[bool]] = [
+            tasks.c.status == PENDING,
             tuple_(tasks.c.tag, tasks.c.seq) < tuple_(row["tag"], row["seq"]),
         ]
-        served = self._served(conn)
-        if served is not None:
-            model = tasks.c.model_sha256
-            conditions.append(or_(model.is_(None), model.in_(sorted(served))))
+        online = self._online_nodes(conn)
+        if conn.execute(select(online.exists())).scalar_one():
+            served = exists().where(
+                node_files.c.sha256 == tasks.c.model_sha256,
+                node_files.c.node_id.in_(online),
+            )
+            conditions.append(or_(tasks.c.model_sha256.is_(None), served))
         ahead = select(func.count()).where(*conditions)
         return int(conn.execute(ahead).scalar_one()) + 1
 
 
-CANDIDATES = 64  # how deep a node with an offer looks for a task it can run
+def _runtime_limit(rules: QueueRules) -> Any:
+    """The run-time limit of the row being claimed, from its own cost (SQL)."""
+    cost = func.coalesce(tasks.c.cost, 1.0)
+    return rules.runtime_base_s + rules.runtime_per_cost_s * cost
 
 
-def _pending_in_order(limit: int) -> Select[tuple[int, str | None, Any]]:
-    """The pending tasks that run next, in order: seq, checkpoint and required files."""
-    return (
-        select(tasks.c.seq, tasks.c.model_sha256, tasks.c.requires)
-        .where(tasks.c.status == TaskStatus.PENDING)
-        .order_by(tasks.c.tag, tasks.c.seq)
-        .limit(limit)
-    )
+def _runnable_for(offer: Offer) -> list[ColumnElement[bool]]:
+    """Conditions on a pending task for ``offer``: the node has all its files, and its
+    account is not excluded from it."""
+    conditions: list[ColumnElement[bool]] = []
+    if offer.node_id is not None:
+        has = exists().where(
+            node_files.c.node_id == offer.node_id, node_files.c.sha256 == task_files.c.sha256
+        )
+        missing = exists().where(task_files.c.task_id == tasks.c.id, ~has)
+        conditions.append(~missing)
+    if offer.account is not None:
+        excluded = exists().where(
+            task_exclusions.c.task_id == tasks.c.id, task_exclusions.c.account == offer.account
+        )
+        conditions.append(~excluded)
+    return conditions
 
 
-def _choose(rows: Sequence[Any], offer: Offer | None) -> int | None:
-    """The seq to claim of ``rows`` (pending, in order) for ``offer``: of the first
-    ``lookahead`` tasks it can run, the first on a loaded checkpoint, else the first."""
-    if offer is None:
-        return int(rows[0].seq) if rows else None
-    installed = offer.installed
-    runnable = [r for r in rows if installed is None or set(r.requires or ()) <= installed]
-    for row in runnable[: offer.lookahead]:
+def _choose(rows: Sequence[Any], offer: Offer) -> int | None:
+    """The seq to claim of ``rows`` (runnable, in order): the first on a loaded checkpoint,
+    else the first."""
+    for row in rows:
         if row.model_sha256 is not None and row.model_sha256 in offer.loaded:
             return int(row.seq)
-    return int(runnable[0].seq) if runnable else None
+    return int(rows[0].seq) if rows else None
 
 
-def _held_by(task_id: str, worker_id: str) -> tuple[Any, ...]:
+def _held_by(task_id: str, worker_id: str) -> tuple[ColumnElement[bool], ...]:
     return (
         tasks.c.id == task_id,
         tasks.c.worker_id == worker_id,
-        tasks.c.status == TaskStatus.PROCESSING,
+        tasks.c.status == PROCESSING,
     )
+
+
+def _ended(status: TaskStatus, now: float) -> dict[str, Any]:
+    """The values of a task that stops running with ``status``."""
+    return {
+        "status": status,
+        "finished_at": now,
+        "worker_id": None,
+        "lease_expires_at": None,
+        "deadline": None,
+    }
+
+
+def _insert_files(conn: Connection, task_id: str, requires: Iterable[str]) -> None:
+    rows = [{"task_id": task_id, "sha256": sha} for sha in sorted(set(requires))]
+    if rows:
+        conn.execute(task_files.insert(), rows)
+
+
+def _result_json(result: TaskResult) -> dict[str, Any]:
+    payload: dict[str, Any] = {"image_keys": list(result.image_keys), "seeds": list(result.seeds)}
+    if result.caption is not None:
+        payload["caption"] = result.caption
+    return payload
 
 
 def _new_row(task: NewTask, now: float) -> dict[str, Any]:
@@ -373,11 +563,11 @@ def _new_row(task: NewTask, now: float) -> dict[str, Any]:
         "id": task.id,
         "account": task.account,
         "kind": task.kind.value,
-        "status": TaskStatus.PENDING,
+        "status": PENDING,
         "params": task.params,
         "cost": task.cost,
         "model_sha256": task.checkpoint,
-        "requires": list(task.requires),
+        "expects": task.expects.to_json() if task.expects else None,
         "created_at": now,
         "progress": 0.0,
         "attempts": 0,

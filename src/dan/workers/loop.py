@@ -26,6 +26,8 @@ from dan.tasks.store import CANCELLED_MESSAGE, Heartbeat
 from dan.workers.runner import TaskFiles, TaskRunner
 
 log = logging.getLogger(__name__)
+BEAT_S = 0.3  # how often a running task's progress is sent (and its cancel flag read)
+REPORT_TRIES_S = 30.0  # how long a finished task's outcome is retried against a failing queue
 
 
 class WorkQueue(Protocol):
@@ -53,17 +55,44 @@ class WorkQueue(Protocol):
 
 
 class Lease:
-    """Keeps a claimed task's lease alive from a background thread while the task runs, and
-    carries per-step progress; ``report`` raises TaskCancelled when the task should stop."""
+    """Holds a claimed task's lease from a beat thread while the task runs.
 
-    def __init__(self, store: WorkQueue, task_id: str, worker_id: str, lease_s: float) -> None:
-        self._store, self._task_id, self._worker_id = store, task_id, worker_id
+    The beat thread sends the latest progress every ``beat_s`` and keeps the queue's last
+    answer; the engine's step callback (:meth:`report`) only writes progress to memory and
+    reads that answer, so no step waits for the database or the network. A heartbeat that
+    fails (a database hiccup, a cut network) is tried again at the next beat; only when none
+    has got through for a whole lease is the task taken as lost. ``report`` raises
+    TaskCancelled at the first step after the answer says stop (cancelled, or no longer held).
+    """
+
+    def __init__(
+        self,
+        queue: WorkQueue,
+        task_id: str,
+        worker_id: str,
+        lease_s: float,
+        *,
+        beat_s: float = BEAT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._queue, self._task_id, self._worker_id = queue, task_id, worker_id
         self._lease_s = lease_s
+        self._beat_s = min(beat_s, lease_s / 3)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._progress: float | None = None
+        self._answer = Heartbeat(held=True, cancel_requested=False)
+        self._last_answer = clock()
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._renew, name=f"lease-{task_id[:8]}", daemon=True
+            target=self._beat_forever, name=f"lease-{task_id[:8]}", daemon=True
         )
-        self.lost = False
+
+    @property
+    def lost(self) -> bool:
+        """Whether the worker no longer holds the task (its result would be refused)."""
+        with self._lock:
+            return not self._answer.held
 
     def __enter__(self) -> Lease:
         self._thread.start()
@@ -75,22 +104,38 @@ class Lease:
 
     def report(self, step: int, total: int) -> None:
         """Record progress after a denoising step; raise TaskCancelled if asked to stop."""
-        beat = self._store.heartbeat(
-            self._task_id, self._worker_id, lease_s=self._lease_s, progress=step / max(total, 1)
-        )
-        self.lost = not beat.held
-        if beat.cancel_requested:
-            raise TaskCancelled("the task was cancelled" if beat.held else "the lease was lost")
+        with self._lock:
+            self._progress = step / max(total, 1)
+            answer = self._answer
+        if answer.cancel_requested or not answer.held:
+            raise TaskCancelled("the task was cancelled" if answer.held else "the lease was lost")
 
-    def _renew(self) -> None:
-        # Covers the phases without steps (loading a checkpoint, encoding images).
-        while not self._stop.wait(self._lease_s / 3):
-            try:
-                self.lost = not self._store.heartbeat(
-                    self._task_id, self._worker_id, lease_s=self._lease_s
-                ).held
-            except Exception:
-                log.exception("could not renew the lease of %s", self._task_id)
+    def _beat_forever(self) -> None:
+        while not self._stop.wait(self._beat_s):
+            self.beat()
+
+    def beat(self) -> None:
+        """Send one heartbeat with the latest progress and keep the answer."""
+        with self._lock:
+            progress = self._progress
+        try:
+            answer = self._queue.heartbeat(
+                self._task_id, self._worker_id, lease_s=self._lease_s, progress=progress
+            )
+        except Exception as exc:
+            silent_s = self._clock() - self._last_answer
+            log.warning("heartbeat of %s failed (%s); trying again", self._task_id, exc)
+            if silent_s < self._lease_s:
+                return
+            log.error(
+                "no heartbeat of %s got through for %.0f s: the lease is lost",
+                self._task_id,
+                silent_s,
+            )
+            answer = Heartbeat(held=False, cancel_requested=True)
+        with self._lock:
+            self._answer = answer
+            self._last_answer = self._clock()
 
 
 class Worker:
@@ -104,6 +149,7 @@ class Worker:
         worker_id: str,
         lease_s: float,
         idle_sleep_s: float = 0.05,
+        beat_s: float = BEAT_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
@@ -111,11 +157,14 @@ class Worker:
         self.worker_id = worker_id
         self._lease_s = lease_s
         self._idle_sleep_s = idle_sleep_s
+        self._beat_s = beat_s
         self._clock = clock
+        self._stop = threading.Event()
 
     def run(self, stop: threading.Event) -> None:
         """Serve tasks until ``stop`` is set. Raises FatalEngineError when the engine is dead."""
         log.info("worker %s ready", self.worker_id)
+        self._stop = stop
         while not stop.is_set():
             try:
                 worked = self.run_once()
@@ -137,25 +186,49 @@ class Worker:
 
     def _execute(self, task: ClaimedTask) -> None:
         started = self._clock()
+        lease = Lease(self._store, task.id, self.worker_id, self._lease_s, beat_s=self._beat_s)
         try:
-            with Lease(self._store, task.id, self.worker_id, self._lease_s) as lease:
+            with lease:
                 result = self._runner.run(task, lease.report)
         except TaskCancelled:
-            self._store.fail(task.id, self.worker_id, CANCELLED_MESSAGE)
+            self._report(
+                task, "fail", lambda: self._store.fail(task.id, self.worker_id, CANCELLED_MESSAGE)
+            )
             log.info("task %s cancelled", task.id)
             return
         except FatalEngineError as exc:
             log.critical("engine failure on task %s: %s", task.id, exc.message)
             raise
         except DanError as exc:
-            self._store.fail(task.id, self.worker_id, exc.message)
-            log.warning("task %s failed: %s", task.id, exc.message)
+            error = exc.message
+            self._report(task, "fail", lambda: self._store.fail(task.id, self.worker_id, error))
+            log.warning("task %s failed: %s", task.id, error)
             return
-        except Exception as exc:
+        except Exception as exc:  # MemoryError included: the task fails, the worker goes on
             log.exception("task %s crashed", task.id)
-            self._store.fail(task.id, self.worker_id, f"internal error in the worker: {exc}")
+            message = f"internal error in the worker: {exc!r}"
+            self._report(task, "fail", lambda: self._store.fail(task.id, self.worker_id, message))
             return
-        if not self._store.complete(task.id, self.worker_id, result):
+        if lease.lost:
             log.warning("task %s finished after its lease was lost; result dropped", task.id)
-        else:
+        elif self._report(
+            task, "complete", lambda: self._store.complete(task.id, self.worker_id, result)
+        ):
             log.info("task %s done in %.2f s", task.id, self._clock() - started)
+        else:
+            log.warning("task %s finished after its lease was lost; result dropped", task.id)
+
+    def _report(self, task: ClaimedTask, what: str, send: Callable[[], bool]) -> bool:
+        """Send a task's outcome; a failing queue (a database restart, a network hiccup) is
+        tried again with backoff for up to REPORT_TRIES_S, or until the worker stops."""
+        delay, deadline = 0.1, self._clock() + REPORT_TRIES_S
+        while True:
+            try:
+                return send()
+            except Exception as exc:
+                if self._clock() + delay > deadline or self._stop.is_set():
+                    log.error("could not %s task %s: %s; it will run again", what, task.id, exc)
+                    return False
+                log.warning("could not %s task %s (%s); trying again", what, task.id, exc)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)

@@ -28,12 +28,7 @@ from dan.models.download import pull
 from dan.models.registry import ModelRegistry
 from dan.nodes.service import NodeDescription
 from dan.services import model_registry
-from dan.workers.capabilities import (
-    REGISTER_CAPABILITIES_BYTES,
-    capabilities,
-    installed_hashes,
-    loaded_checkpoints,
-)
+from dan.workers.capabilities import capabilities, installed_files, loaded_checkpoints
 from dan.workers.loop import Worker
 from dan.workers.remote import NodeClient, RemoteFiles, RemoteQueue
 
@@ -103,34 +98,24 @@ class Node:
 
     def describe(self) -> NodeDescription:
         """What the node registers: read afresh each time (models may have been pulled)."""
-        described = capabilities(
-            self._engine, self._registry, max_bytes=REGISTER_CAPABILITIES_BYTES
-        )
-        if described.get("models_left_out"):
-            log.warning(
-                "%d model(s) left out of the list sent to the server (it takes %d bytes); "
-                "requests can name them only where the server has them too",
-                described["models_left_out"],
-                REGISTER_CAPABILITIES_BYTES,
-            )
         return NodeDescription(
             self._name,
-            described,
-            installed_hashes(self._registry),
+            capabilities(self._engine),
+            installed_files(self._registry),
             loaded_checkpoints(self._engine),
         )
 
     def run(self) -> None:
         """Register, then serve until ``stop``; raises the DanError that made the node stop
         if the server refused it (e.g. PermissionDenied for a key that may not run nodes)."""
-        node_id = self.queue.register()
+        session = self.queue.register()
         worker = Worker(
             self.queue,
             self._engine,
             self._registry,
-            RemoteFiles(self._client, lambda: self.queue.node_id),
-            worker_id=f"node:{node_id}",
-            lease_s=self.queue.lease_s,
+            RemoteFiles(self._client, lambda: self.queue.session),
+            worker_id=session.worker_id,
+            lease_s=session.lease_s,
             idle_sleep_s=self._idle_sleep_s,
         )
         try:
@@ -142,10 +127,10 @@ class Node:
             raise self.queue.fatal
 
     def _say_offline(self) -> None:
-        if self.queue.node_id is None:
+        if self.queue.session is None:
             return
         try:
-            released = self._client.offline(self.queue.node_id)
+            released = self._client.offline(self.queue.session)
         except DanError as exc:
             log.warning("could not tell the server this node stops: %s", exc.message)
             return

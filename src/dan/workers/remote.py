@@ -1,28 +1,29 @@
 """A node's connection to a DAN server: the WorkQueue and the task files, over HTTP(S).
 
 The node connects out (it works behind NAT) with its owner's API key and never touches the
-database. ``NodeClient`` has one method per ``/api/node/...`` endpoint; requests that a network
-cut or a server restart breaks (connection errors, 5xx answers) are retried with exponential
-backoff until they get through or the node is stopping, so a cut never kills the node.
+database. ``NodeClient`` has one method per ``/api/node/...`` endpoint, with the bodies of
+dan.nodes.protocol; requests that a network cut or a server restart breaks (connection errors,
+5xx answers) are retried with exponential backoff until they get through or the node is
+stopping, so a cut never kills the node. A refusal is raised as the error its protocol reason
+names (dan.nodes.protocol.error_for), never guessed from the HTTP status.
 
-``RemoteQueue`` is what the worker loop (dan.workers.loop) runs on. Heartbeats do not go over
-the network in the engine's step callback: a beat thread sends the latest progress a few times
-a second and keeps the server's last answer, which is what the step callback reads, so a
-cancelled task stops at the first step after the server said so, and a slow or cut network
-never slows the engine. While the network is cut the last answer stands and the task runs on;
-if the lease ran out meanwhile, the first answer after the cut says so and the task is dropped
-(its result would be refused anyway: the server only takes results from the holder).
+``RemoteQueue`` is what the worker loop (dan.workers.loop) runs on: its heartbeats go out from
+the loop's Lease thread (the engine's step callback only reads the last answer), so a slow or
+cut network never slows the engine, and a cancelled task stops at the first step after the
+server said so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from dan.domain import ClaimedTask, TaskKind, TaskResult
 from dan.errors import (
@@ -30,17 +31,19 @@ from dan.errors import (
     InvalidArgument,
     NodeNotFound,
     PermissionDenied,
+    ResultRefused,
     TaskCancelled,
     TaskNotHeld,
+    TooManyNodes,
 )
+from dan.nodes import protocol
 from dan.nodes.service import NodeDescription
-from dan.tasks.store import Heartbeat
+from dan.tasks.base import Heartbeat
 
 log = logging.getLogger(__name__)
 
 MIN_BACKOFF_S, MAX_BACKOFF_S = 0.5, 30.0
 CLAIM_WAIT_S = 20.0  # the long-poll the node asks for
-BEAT_S = 0.3  # how often a running task's progress is sent (and its cancel flag read)
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 HEARTBEAT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
@@ -55,8 +58,15 @@ class ServerUnreachable(DanError):
 
 @dataclass(frozen=True)
 class Registration:
+    """What the server answered to a registration: the node, this process's session."""
+
     node_id: str
+    session_id: str
     lease_s: float
+
+    @property
+    def worker_id(self) -> str:
+        return f"node:{self.node_id}:{self.session_id}"
 
 
 @dataclass(frozen=True)
@@ -69,9 +79,10 @@ class NodeClient:
     """The ``/api/node/...`` endpoints of one server, as one node's owner (``api_key``).
 
     Every method retries connection errors and 5xx answers until ``stop`` is set (then
-    ServerUnreachable), except ``heartbeat`` and ``offline``, which try once. A definitive
-    answer is raised as the DanError the server named: NodeNotFound (register again),
-    TaskNotHeld (the task went elsewhere), PermissionDenied (the key may not run this node),
+    ServerUnreachable), except ``heartbeat`` and ``offline``, which try once. A refusal is
+    raised as the DanError of its protocol reason: SessionEnded / NodeNotFound (register
+    again), TaskNotHeld (the task went elsewhere), ResultRefused (the result was not what the
+    task asks for), NodeSuspect / PermissionDenied (the node may not work), TooManyNodes, or
     InvalidArgument (a bug on one side)."""
 
     def __init__(
@@ -94,64 +105,69 @@ class NodeClient:
             self._http.close()
 
     def register(self, description: NodeDescription) -> Registration:
-        body = {
-            "name": description.name,
-            "capabilities": description.capabilities,
-            "installed": sorted(description.installed),
-            "loaded": sorted(description.loaded),
-        }
-        data = self._post("/api/node/register", body)
-        return Registration(str(data["nodeId"]), float(data["leaseS"]))
+        body = protocol.RegisterBody(
+            name=description.name,
+            capabilities=description.capabilities,
+            files=[
+                protocol.FileBody(
+                    sha256=f.sha256, kind=f.kind, name=f.name, file=f.file, size=f.size
+                )
+                for f in description.files
+            ],
+            loaded=sorted(description.loaded),
+            slots=description.slots,
+        )
+        answer = _parse(protocol.Registered, self._post("/api/node/register", body))
+        return Registration(answer.nodeId, answer.sessionId, answer.leaseS)
 
-    def claim(self, node_id: str, loaded: frozenset[str], wait_s: float) -> ClaimAnswer:
-        body = {"nodeId": node_id, "loaded": sorted(loaded), "waitS": wait_s}
+    def claim(self, session: Registration, loaded: frozenset[str], wait_s: float) -> ClaimAnswer:
+        body = protocol.ClaimBody(**_ids(session), loaded=sorted(loaded), waitS=wait_s)
         timeout = httpx.Timeout(wait_s + 30.0, connect=10.0)
-        data = self._post("/api/node/claim", body, timeout=timeout)
-        raw = data.get("task")
+        answer = _parse(protocol.Assigned, self._post("/api/node/claim", body, timeout=timeout))
         task = None
-        if raw is not None:
+        if answer.task is not None:
+            raw = answer.task
             task = ClaimedTask(
-                id=raw["id"],
-                kind=TaskKind(raw["kind"]),
-                params=raw["params"],
-                attempt=raw["attempt"],
+                id=raw.id, kind=TaskKind(raw.kind), params=raw.params, attempt=raw.attempt
             )
-        return ClaimAnswer(task, tuple(data.get("pull") or ()))
+        return ClaimAnswer(task, tuple(answer.pull))
 
-    def heartbeat(self, node_id: str, task_id: str, progress: float | None) -> Heartbeat:
-        body = {"nodeId": node_id, "taskId": task_id, "progress": progress}
+    def heartbeat(self, session: Registration, task_id: str, progress: float | None) -> Heartbeat:
+        body = protocol.HeartbeatBody(**_ids(session), taskId=task_id, progress=progress)
         data = self._post("/api/node/heartbeat", body, retry=False, timeout=HEARTBEAT_TIMEOUT)
-        return Heartbeat(held=bool(data["held"]), cancel_requested=bool(data["cancelRequested"]))
+        beat = _parse(protocol.Beat, data)
+        return Heartbeat(held=beat.held, cancel_requested=beat.cancelRequested)
 
-    def get_input(self, node_id: str, task_id: str, key: str) -> bytes:
-        params = {"nodeId": node_id, "taskId": task_id, "key": key}
+    def get_input(self, session: Registration, task_id: str, key: str) -> bytes:
+        params = {**_ids(session), "taskId": task_id, "key": key}
         return self._request("GET", "/api/node/input", params=params).content
 
-    def put_result(self, node_id: str, task_id: str, key: str, data: bytes) -> None:
-        params = {"nodeId": node_id, "taskId": task_id, "key": key}
+    def put_result(self, session: Registration, task_id: str, key: str, data: bytes) -> None:
+        params = {**_ids(session), "taskId": task_id, "key": key}
         headers = {"Content-Type": "image/png"}
         self._request("PUT", "/api/node/result", params=params, content=data, headers=headers)
 
-    def complete(self, node_id: str, task_id: str, result: TaskResult) -> None:
-        payload: dict[str, Any] = {
-            "image_keys": list(result.image_keys),
-            "seeds": list(result.seeds),
-            "caption": result.caption,
-        }
-        self._post("/api/node/complete", {"nodeId": node_id, "taskId": task_id, "result": payload})
+    def complete(self, session: Registration, task_id: str, result: TaskResult) -> None:
+        payload = protocol.ResultBody(
+            image_keys=list(result.image_keys), seeds=list(result.seeds), caption=result.caption
+        )
+        body = protocol.CompleteBody(**_ids(session), taskId=task_id, result=payload)
+        self._post("/api/node/complete", body)
 
-    def fail(self, node_id: str, task_id: str, error: str) -> None:
-        self._post("/api/node/fail", {"nodeId": node_id, "taskId": task_id, "error": error})
+    def fail(self, session: Registration, task_id: str, error: str) -> None:
+        body = protocol.FailBody(**_ids(session), taskId=task_id, error=error)
+        self._post("/api/node/fail", body)
 
-    def offline(self, node_id: str) -> int:
-        data = self._post("/api/node/offline", {"nodeId": node_id}, retry=False)
-        return int(data.get("released", 0))
+    def offline(self, session: Registration) -> int:
+        body = protocol.SessionBody(**_ids(session))
+        return int(self._post("/api/node/offline", body, retry=False).get("released", 0))
 
     # -- helpers -----------------------------------------------------------------------------
     def _post(
-        self, path: str, body: dict[str, Any], *, retry: bool = True, timeout: Any = None
+        self, path: str, body: BaseModel, *, retry: bool = True, timeout: Any = None
     ) -> dict[str, Any]:
-        return _data(self._request("POST", path, json=body, retry=retry, timeout=timeout))
+        json = body.model_dump(mode="json")
+        return _data(self._request("POST", path, json=json, retry=retry, timeout=timeout))
 
     def _request(
         self,
@@ -184,6 +200,10 @@ class NodeClient:
             delay = min(delay * 2, MAX_BACKOFF_S)
 
 
+def _ids(session: Registration) -> dict[str, str]:
+    return {"nodeId": session.node_id, "sessionId": session.session_id}
+
+
 def _message(response: httpx.Response) -> str:
     try:
         return str(response.json().get("message") or response.text[:200])
@@ -192,29 +212,33 @@ def _message(response: httpx.Response) -> str:
 
 
 def _checked(response: httpx.Response) -> httpx.Response:
-    """The response if it succeeded, else the DanError the server answered with."""
-    status = response.status_code
-    if status < 400:
+    """The response if it succeeded, else the DanError its protocol reason names."""
+    if response.status_code < 400:
         return response
     message = _message(response)
-    if status == 409:
-        raise TaskNotHeld(message)
-    if status == 404 and _data(response).get("nodeId"):
-        raise NodeNotFound(message)
-    if status in (401, 403):
-        raise PermissionDenied(message)
-    if status == 404:
+    reason = _data(response).get("reason")
+    if reason is None:  # not an answer of DAN's node protocol
         path = response.request.url.path
-        raise DanError(f"{path}: {message}; is this a DAN server that takes nodes?")
-    raise InvalidArgument(message)
+        message = f"{path}: HTTP {response.status_code}: {message}; is this a DAN server?"
+    raise protocol.error_for(reason, message)
 
 
 def _data(response: httpx.Response) -> dict[str, Any]:
     try:
         data = response.json().get("data")
-    except ValueError:
+    except (ValueError, AttributeError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse(model: type[M], data: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidArgument(f"the server's answer is not DAN's node protocol: {exc}") from exc
 
 
 class RemoteQueue:
@@ -231,40 +255,40 @@ class RemoteQueue:
         loaded: Callable[[], frozenset[str]] = frozenset,
         on_pull: Callable[[tuple[str, ...]], None] = lambda names: None,
         wait_s: float = CLAIM_WAIT_S,
-        beat_s: float = BEAT_S,
     ) -> None:
         self._client, self._describe = client, describe
         self._stop, self._loaded, self._on_pull = stop, loaded, on_pull
-        self._wait_s, self._beat_s = wait_s, beat_s
-        self.node_id: str | None = None
-        self.lease_s = 30.0
+        self._wait_s = wait_s
+        self.session: Registration | None = None
         self.fatal: DanError | None = None  # why the node had to stop, if it had to
         self._registered = threading.Event()
-        self._cond = threading.Condition()
-        self._current: str | None = None  # the task being run
-        self._progress: float | None = None
-        self._answer = Heartbeat(held=True, cancel_requested=False)
-        self._beats = threading.Thread(target=self._beat_forever, name="beats", daemon=True)
         self._poller: threading.Thread | None = None  # the latest claim's request
 
+    @property
+    def node_id(self) -> str | None:
+        return None if self.session is None else self.session.node_id
+
+    @property
+    def lease_s(self) -> float:
+        return 30.0 if self.session is None else self.session.lease_s
+
     # -- registration ------------------------------------------------------------------------
-    def register(self) -> str:
-        """Register (or refresh) the node on the server; retried until it gets through."""
-        registration = self._client.register(self._describe())
-        self.node_id, self.lease_s = registration.node_id, registration.lease_s
+    def register(self) -> Registration:
+        """Register (or refresh) the node on the server, opening a session for this
+        process; retried until it gets through."""
+        self.session = self._client.register(self._describe())
         self._registered.set()
-        log.info("registered as node %s", self.node_id)
-        return self.node_id
+        log.info(
+            "registered as node %s (session %s)", self.session.node_id, self.session.session_id
+        )
+        return self.session
 
     def refresh(self) -> None:
         """Register again before the next claim (what the node has installed changed)."""
         self._registered.clear()
 
     def close(self, *, wait_s: float = 0.0) -> None:
-        """Stop sending heartbeats; wait up to ``wait_s`` for a claim still in flight."""
-        with self._cond:
-            self._current = None
-            self._cond.notify_all()
+        """Wait up to ``wait_s`` for a claim still in flight."""
         poller = self._poller
         if poller is not None and wait_s > 0:
             poller.join(wait_s)
@@ -272,57 +296,67 @@ class RemoteQueue:
     # -- WorkQueue ---------------------------------------------------------------------------
     def claim(self, worker_id: str, *, lease_s: float) -> ClaimedTask | None:
         try:
-            if not self._registered.is_set() or self.node_id is None:
+            if not self._registered.is_set() or self.session is None:
+                self._end_old_session()
                 self.register()
-            answer = self._long_poll(self.node_id)
+            assert self.session is not None
+            answer = self._long_poll(self.session)
             if answer is None:
                 return None
-        except NodeNotFound:
-            log.warning("the server forgot this node; registering again")
+        except NodeNotFound:  # SessionEnded too
+            log.warning("the server ended this node's session; registering again")
             self._registered.clear()
             return None
-        except PermissionDenied as exc:
+        except PermissionDenied as exc:  # NodeSuspect too
             log.error("the server refuses this node: %s", exc.message)
             self.fatal = exc
             self._stop.set()
+            return None
+        except TooManyNodes as exc:
+            log.warning("the server turned this claim away: %s", exc.message)
+            self._stop.wait(MAX_BACKOFF_S)
             return None
         except ServerUnreachable:
             return None  # only when stopping
         if answer.pull:
             self._on_pull(answer.pull)
-        if answer.task is not None:
-            self._start_beats(answer.task.id)
         return answer.task
 
     def heartbeat(
         self, task_id: str, worker_id: str, *, lease_s: float, progress: float | None = None
     ) -> Heartbeat:
-        with self._cond:
-            if task_id != self._current:
-                return Heartbeat(held=False, cancel_requested=True)
-            if progress is not None:
-                self._progress = progress
-            return self._answer
+        session = self.session
+        if session is None:
+            return Heartbeat(held=False, cancel_requested=True)
+        try:
+            return self._client.heartbeat(session, task_id, progress)
+        except NodeNotFound:
+            return Heartbeat(held=False, cancel_requested=True)
 
     def complete(self, task_id: str, worker_id: str, result: TaskResult) -> bool:
-        self._stop_beats()
-        return self._finish(task_id, lambda node: self._client.complete(node, task_id, result))
+        return self._finish(task_id, lambda s: self._client.complete(s, task_id, result))
 
     def fail(self, task_id: str, worker_id: str, error: str) -> bool:
-        self._stop_beats()
-        return self._finish(task_id, lambda node: self._client.fail(node, task_id, error))
+        return self._finish(task_id, lambda s: self._client.fail(s, task_id, error))
 
     # -- helpers -----------------------------------------------------------------------------
-    def _long_poll(self, node_id: str | None) -> ClaimAnswer | None:
+    def _end_old_session(self) -> None:
+        """Before registering again, end this process's old session, so that what it may
+        still hold goes back to the queue at once (one try each)."""
+        if self.session is None:
+            return
+        with contextlib.suppress(DanError):  # already over, or unreachable: leases run out
+            self._client.offline(self.session)
+
+    def _long_poll(self, session: Registration) -> ClaimAnswer | None:
         """The claim's answer; None as soon as the node is stopping (the request is left to
         end by itself: a stopping node does not wait out a long-poll)."""
-        assert node_id is not None
         outcome: list[ClaimAnswer | BaseException] = []
         done = threading.Event()
 
         def poll() -> None:
             try:
-                outcome.append(self._client.claim(node_id, self._loaded(), self._wait_s))
+                outcome.append(self._client.claim(session, self._loaded(), self._wait_s))
             except BaseException as exc:
                 outcome.append(exc)
             finally:
@@ -337,81 +371,50 @@ class RemoteQueue:
             raise outcome[0]
         return outcome[0]
 
-    def _finish(self, task_id: str, send: Callable[[str], None]) -> bool:
-        if self.node_id is None:
+    def _finish(self, task_id: str, send: Callable[[Registration], None]) -> bool:
+        if self.session is None:
             return False
         try:
-            send(self.node_id)
+            send(self.session)
             return True
-        except TaskNotHeld:
+        except (TaskNotHeld, NodeNotFound):
             return False
+        except ResultRefused as exc:
+            log.error("the server refused the result of task %s: %s", task_id, exc.message)
+            return False
+        except ServerUnreachable:
+            raise  # the worker loop tries again for a while
         except DanError as exc:
             log.error("could not report task %s to the server: %s", task_id, exc.message)
             return False
-
-    def _start_beats(self, task_id: str) -> None:
-        with self._cond:
-            self._current, self._progress = task_id, None
-            self._answer = Heartbeat(held=True, cancel_requested=False)
-            self._cond.notify_all()
-        if not self._beats.is_alive():
-            self._beats.start()
-
-    def _stop_beats(self) -> None:
-        with self._cond:
-            self._current = None
-
-    def _beat_forever(self) -> None:
-        delay = self._beat_s
-        while True:
-            with self._cond:
-                while self._current is None:
-                    self._cond.wait()
-                task_id, progress = self._current, self._progress
-            answer = self._beat(task_id, progress)
-            delay = self._beat_s if answer is not None else min(delay * 2, 5.0)
-            with self._cond:
-                if answer is not None and self._current == task_id:
-                    self._answer = answer
-                self._cond.wait(delay)
-
-    def _beat(self, task_id: str, progress: float | None) -> Heartbeat | None:
-        node_id = self.node_id
-        if node_id is None:
-            return None
-        try:
-            return self._client.heartbeat(node_id, task_id, progress)
-        except DanError as exc:
-            log.warning("heartbeat of task %s failed (%s); the task runs on", task_id, exc.message)
-            return None
 
 
 class RemoteFiles:
     """The TaskFiles of a remote node: input images are fetched from the server and results
     uploaded to it, while the node holds the task (else TaskCancelled: the task was lost)."""
 
-    def __init__(self, client: NodeClient, node_id: Callable[[], str | None]) -> None:
-        self._client, self._node_id = client, node_id
+    def __init__(self, client: NodeClient, session: Callable[[], Registration | None]) -> None:
+        self._client, self._session = client, session
 
     def get(self, key: str) -> bytes:
         try:
-            return self._client.get_input(self._node(), _task_of(key), key)
+            return self._client.get_input(self._current(), _task_of(key), key)
         except InvalidArgument as exc:
             raise KeyError(key) from exc
-        except TaskNotHeld as exc:
+        except (TaskNotHeld, NodeNotFound) as exc:
             raise TaskCancelled("the lease was lost") from exc
 
     def put(self, key: str, data: bytes) -> None:
         try:
-            self._client.put_result(self._node(), _task_of(key), key, data)
-        except TaskNotHeld as exc:
-            raise TaskCancelled("the lease was lost") from exc
+            self._client.put_result(self._current(), _task_of(key), key, data)
+        except (TaskNotHeld, NodeNotFound, ResultRefused) as exc:
+            raise TaskCancelled(f"the result was not taken: {exc.message}") from exc
 
-    def _node(self) -> str:
-        node_id = self._node_id()
-        if node_id is None:
+    def _current(self) -> Registration:
+        session = self._session()
+        if session is None:
             raise TaskCancelled("the node is not registered")
-        return node_id
+        return session
 
 
 def _task_of(key: str) -> str:

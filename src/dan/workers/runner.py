@@ -23,6 +23,7 @@ from dan.domain import (
 from dan.engine.base import Engine
 from dan.errors import DanError, EngineError
 from dan.imaging import encode_png, infotext, load_png
+from dan.nodes.protocol import result_key
 from dan.tasks.orders import ModelLookup
 
 
@@ -46,27 +47,29 @@ class TaskRunner:
         self._engine, self._models, self._blobs = engine, models, blobs
 
     def run(self, task: ClaimedTask, progress: ProgressCallback) -> TaskResult:
+        """Run ``task``; its result images are stored under the keys of its try
+        (dan.nodes.protocol.result_key), so a late run never overwrites a newer one."""
         if task.kind == TaskKind.TXT2IMG:
-            return self._txt2img(task.id, GenerationRequest.from_params(task.params), progress)
+            return self._txt2img(task, GenerationRequest.from_params(task.params), progress)
         if task.kind == TaskKind.IMG2IMG:
-            return self._img2img(task.id, Img2ImgRequest.from_params(task.params), progress)
+            return self._img2img(task, Img2ImgRequest.from_params(task.params), progress)
         if task.kind == TaskKind.UPSCALE:
-            return self._upscale(task.id, UpscaleRequest.from_params(task.params), progress)
+            return self._upscale(task, UpscaleRequest.from_params(task.params), progress)
         if task.kind == TaskKind.DETECT:
-            return self._detect(task.id, DetectRequest.from_params(task.params), progress)
+            return self._detect(task, DetectRequest.from_params(task.params), progress)
         if task.kind == TaskKind.INTERROGATE:
             return self._interrogate(InterrogateRequest.from_params(task.params), progress)
         raise DanError(f"this worker cannot run {task.kind} tasks")
 
     def _txt2img(
-        self, task_id: str, request: GenerationRequest, progress: ProgressCallback
+        self, task: ClaimedTask, request: GenerationRequest, progress: ProgressCallback
     ) -> TaskResult:
         control = self._control_image(request)
         images = self._engine.txt2img(request, self._files(request), progress, control)
-        return self._store(task_id, request, images)
+        return self._store(task, request, images)
 
     def _img2img(
-        self, task_id: str, request: Img2ImgRequest, progress: ProgressCallback
+        self, task: ClaimedTask, request: Img2ImgRequest, progress: ProgressCallback
     ) -> TaskResult:
         init = self._input(request.init_image_key)
         mask = self._input(request.inpaint.mask_key) if request.inpaint else None
@@ -76,25 +79,25 @@ class TaskRunner:
         extra = {"Denoising strength": f"{request.denoising_strength:g}"}
         if request.inpaint:
             extra["Mask blur"] = str(request.inpaint.mask_blur)
-        return self._store(task_id, request.generation, images, extra)
+        return self._store(task, request.generation, images, extra)
 
     def _upscale(
-        self, task_id: str, request: UpscaleRequest, progress: ProgressCallback
+        self, task: ClaimedTask, request: UpscaleRequest, progress: ProgressCallback
     ) -> TaskResult:
         image = self._input(request.image_key)
         models = [c.model for c in (request.upscaler, request.upscaler2) if c and c.model]
         files = self._resolve([(ModelKind.UPSCALER, ref) for ref in models])
         result = self._engine.upscale(request, image, files, progress)
-        key = f"{task_id}/0.png"
+        key = result_key(task.id, task.attempt, 0)
         self._blobs.put(key, encode_png(result, _upscale_infotext(request)))
         return TaskResult(image_keys=(key,), seeds=())
 
     def _detect(
-        self, task_id: str, request: DetectRequest, progress: ProgressCallback
+        self, task: ClaimedTask, request: DetectRequest, progress: ProgressCallback
     ) -> TaskResult:
         files = self._resolve(_pose_model(request.pose_model))
         result = self._engine.detect(request, self._input(request.image_key), files, progress)
-        key = f"{task_id}/0.png"
+        key = result_key(task.id, task.attempt, 0)
         self._blobs.put(key, encode_png(result, f"Preprocessor: {request.preprocess}"))
         return TaskResult(image_keys=(key,), seeds=())
 
@@ -128,7 +131,7 @@ class TaskRunner:
 
     def _store(
         self,
-        task_id: str,
+        task: ClaimedTask,
         request: GenerationRequest,
         images: list[Image],
         extra: dict[str, str] | None = None,
@@ -136,7 +139,7 @@ class TaskRunner:
         seeds = tuple(request.seed + i for i in range(len(images)))
         keys = []
         for i, (image, seed) in enumerate(zip(images, seeds, strict=True)):
-            key = f"{task_id}/{i}.png"
+            key = result_key(task.id, task.attempt, i)
             self._blobs.put(key, encode_png(image, infotext(request, seed, extra or {})))
             keys.append(key)
         return TaskResult(image_keys=tuple(keys), seeds=seeds)

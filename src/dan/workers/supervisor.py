@@ -3,7 +3,10 @@
 The worker is a separate process so that the API process never imports torch, and so that a
 dead engine (a CUDA error, a crash in native code) costs one restart, not the server. The child
 reads its stdin until EOF: when the server dies, even by ``kill -9``, the pipe closes and the
-worker exits instead of running on as an orphan.
+worker exits instead of running on as an orphan. Each child works in a node session the
+supervisor names; when it exits, ``on_exit(session)`` hands back what it held at once, each
+task counting a try, so a task that kills its worker fails after its last try instead of
+killing every restart.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +26,16 @@ HEALTHY_AFTER_S = 60.0
 
 
 class WorkerSupervisor:
-    def __init__(self, env: Mapping[str, str], argv: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        argv: list[str] | None = None,
+        *,
+        on_exit: Callable[[str], object] = lambda session: None,
+    ) -> None:
         self._env = dict(env)
         self._argv = argv or [sys.executable, "-m", "dan", "worker", "--watch-stdin"]
+        self._on_exit = on_exit
         self._stopping = threading.Event()
         self._process: subprocess.Popen[bytes] | None = None
         self._thread = threading.Thread(
@@ -55,8 +66,11 @@ class WorkerSupervisor:
         backoff = MIN_BACKOFF_S
         while not self._stopping.is_set():
             started = time.monotonic()
-            self._process = subprocess.Popen(self._argv, env=self._env, stdin=subprocess.PIPE)
+            session = str(uuid.uuid4())
+            argv = [*self._argv, "--session-id", session]
+            self._process = subprocess.Popen(argv, env=self._env, stdin=subprocess.PIPE)
             code = self._process.wait()
+            self._hand_back(session)
             if self._stopping.is_set():
                 return
             if time.monotonic() - started > HEALTHY_AFTER_S:
@@ -64,3 +78,9 @@ class WorkerSupervisor:
             log.error("the local worker exited with code %s; restarting in %.0f s", code, backoff)
             self._stopping.wait(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def _hand_back(self, session: str) -> None:
+        try:
+            self._on_exit(session)
+        except Exception:
+            log.exception("could not hand back the tasks of worker session %s", session)
