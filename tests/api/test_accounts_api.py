@@ -278,3 +278,96 @@ def test_queue_weight_grows_with_honor_with_diminishing_returns() -> None:
     assert steps == sorted(steps)
     assert weight(1000) < 10 * weight(10)
     assert queue_weight(Account(PUBLIC_ACCOUNT, "public", honor=1e6)) == 0.25
+
+
+# -- revoking every key of an account (a stolen key's offspring die with it) ---------------------
+def key_ids(api: Api, key: str) -> list[str]:
+    return [k["id"] for k in get(api, "/api/user/keys", headers=bearer(key))["data"]]
+
+
+def test_a_key_minted_with_a_stolen_key_dies_with_the_others(secured: Api) -> None:
+    accounts = secured.services.accounts
+    mine = key_for(secured, "alice")
+    stolen = accounts.issue_key("alice")
+    minted = post_as(secured, "/api/user/keys", None, stolen.key.key)["data"]["key"]
+    accounts.revoke_key(None, stolen.key.info.id)  # what an admin could do before
+    assert get(secured, "/api/user/info", headers=bearer(minted))["_http"] == 200
+
+    revoked = secured.client.delete("/api/user/keys", headers=bearer(mine))
+    assert revoked.status_code == 200
+    assert [k["prefix"] for k in revoked.json()["data"]] == [minted[:7]]
+    assert all(k["revokedAt"] is not None for k in revoked.json()["data"])
+    assert get(secured, "/api/user/info", headers=bearer(minted))["_http"] == 403
+    assert len(key_ids(secured, mine)) == 1  # the key in use is kept
+    again = secured.client.delete("/api/user/keys", headers=bearer(mine))
+    assert again.status_code == 200 and again.json()["data"] == []
+
+
+def test_admins_revoke_every_key_of_an_account(secured: Api) -> None:
+    alice = [key_for(secured, "alice") for _ in range(3)]
+    bob = key_for(secured, "bob")
+    admin = key_for(secured, "root", is_admin=True)
+    path = "/api/admin/accounts/alice/keys"
+    refused = secured.client.delete(path, headers=bearer(bob))
+    assert (refused.status_code, refused.json()["code"]) == (403, 1000)
+    assert "needs an admin" in refused.json()["message"]
+    done = secured.client.delete(path, headers=bearer(admin))
+    assert done.status_code == 200
+    assert sorted(k["prefix"] for k in done.json()["data"]) == sorted(k[:7] for k in alice)
+    for key in alice:
+        assert get(secured, "/api/user/info", headers=bearer(key))["_http"] == 403
+    assert get(secured, "/api/user/info", headers=bearer(bob))["_http"] == 200
+    unknown = secured.client.delete("/api/admin/accounts/nobody/keys", headers=bearer(admin))
+    assert unknown.status_code == 400 and "no account with nickname 'nobody'" in unknown.text
+
+
+# -- roles that can be taken away -----------------------------------------------------------------
+def patch_roles(api: Api, nickname: str, body: object, key: str) -> dict[str, Any]:
+    response = api.client.patch(f"/api/admin/accounts/{nickname}", json=body, headers=bearer(key))
+    return {**response.json(), "_http": response.status_code}
+
+
+def test_admins_give_and_take_roles(secured: Api) -> None:
+    alice = key_for(secured, "alice", can_run_nodes=True)
+    admin = key_for(secured, "root", is_admin=True)
+    assert secured.client.get("/_test/node-runner", headers=bearer(alice)).status_code == 200
+    taken = patch_roles(secured, "alice", {"canRunNodes": False}, admin)
+    assert taken["_http"] == 200 and taken["data"]["canRunNodes"] is False
+    assert taken["data"]["isAdmin"] is False  # left out: kept
+    runner = secured.client.get("/_test/node-runner", headers=bearer(alice))
+    assert runner.status_code == 403 and "dan keys roles" in runner.json()["message"]
+    assert patch_roles(secured, "alice", {"isAdmin": True}, alice)["_http"] == 403
+
+    given = patch_roles(secured, "alice", {"isAdmin": True, "canRunNodes": True}, admin)
+    assert given["data"]["isAdmin"] and given["data"]["canRunNodes"]
+    # alice, now an admin, takes root's admin role; root can then no longer do it back
+    assert patch_roles(secured, "root", {"isAdmin": False}, alice)["data"]["isAdmin"] is False
+    assert patch_roles(secured, "alice", {"isAdmin": False}, admin)["_http"] == 403
+
+
+def test_the_last_admin_keeps_the_admin_role(secured: Api) -> None:
+    admin = key_for(secured, "root", is_admin=True)
+    refused = patch_roles(secured, "root", {"isAdmin": False}, admin)
+    assert (refused["_http"], refused["code"]) == (400, 3000)
+    assert "'root' is the only admin" in refused["message"]
+    info = get(secured, "/api/user/info", headers=bearer(admin))["data"]
+    assert info["isAdmin"] is True
+
+
+@pytest.mark.parametrize(
+    ("nickname", "body", "status", "message"),
+    [
+        ("alice", {}, 400, "name a role to give or take"),
+        ("alice", {"isAdmin": "no"}, 400, "Invalid isAdmin"),
+        ("alice", {"admin": False}, 400, "Invalid admin"),
+        ("nobody", {"isAdmin": True}, 400, "no account with nickname 'nobody'"),
+        ("local", {"isAdmin": True}, 403, "built in or anonymous"),
+    ],
+)
+def test_bad_role_changes_are_refused(
+    secured: Api, nickname: str, body: dict[str, Any], status: int, message: str
+) -> None:
+    key_for(secured, "alice")
+    admin = key_for(secured, "root", is_admin=True)
+    reply = patch_roles(secured, nickname, body, admin)
+    assert reply["_http"] == status and message in reply["message"], reply

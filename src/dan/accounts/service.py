@@ -159,7 +159,8 @@ class AccountService:
         can_run_nodes: bool = False,
     ) -> IssuedKey:
         """A new key for the account ``nickname``, created first (with the signup honor) if
-        it does not exist. Roles asked for are added to an existing account, never removed."""
+        it does not exist. Roles asked for are added to an existing account, never removed
+        (``set_roles`` removes them)."""
         existing = self._store.by_nickname(nickname)
         if existing is None:
             account = self._store.create_account(
@@ -170,14 +171,30 @@ class AccountService:
                 signup_honor=self._settings.signup_honor,
             )
         else:
-            self._check_manages_keys(existing)
+            self._check_registered(existing)
             account = self._add_roles(existing, is_admin=is_admin, can_run_nodes=can_run_nodes)
         return IssuedKey(account, self._store.add_key(account.id), created=existing is None)
+
+    def set_roles(
+        self, account: Account, *, is_admin: bool | None = None, can_run_nodes: bool | None = None
+    ) -> Account:
+        """Give (True) or take (False) the admin and node roles of ``account`` (None: keep);
+        for admins and the operator. The account with its new roles; InvalidArgument if no
+        role is named or it would take the admin role from the only admin (which would leave
+        the network's admin endpoints to nobody); PermissionDenied for a built-in or anonymous
+        account."""
+        if is_admin is None and can_run_nodes is None:
+            raise InvalidArgument("name a role to give or take: admin, nodes, or both")
+        self._check_registered(account)
+        updated = self._store.set_roles(account.id, is_admin=is_admin, can_run_nodes=can_run_nodes)
+        if updated is None:  # deleted under us
+            raise InvalidArgument(f"no account with id {account.id!r}")
+        return updated
 
     # -- keys of one's own account -----------------------------------------------------------
     def create_key(self, account: Account) -> NewKey:
         """Another key for the caller's account (its text is in the result only)."""
-        self._check_manages_keys(account)
+        self._check_registered(account)
         return self._store.add_key(account.id)
 
     def list_keys(self, account: Account) -> list[ApiKey]:
@@ -198,6 +215,14 @@ class AccountService:
             whose = "" if account is None else " of this account"
             raise InvalidArgument(f"no API key{whose} with id {key_id!r}")
         return revoked
+
+    def revoke_keys(self, account: Account, *, keep_key: str | None = None) -> list[ApiKey]:
+        """Revoke every active key of ``account`` but ``keep_key`` (the text of the key in
+        use, when its holder asks; None when an admin does); the keys revoked. A key minted
+        with a stolen key dies with it this way. PermissionDenied for an account that has no
+        keys (built in or anonymous)."""
+        self._check_registered(account)
+        return self._store.revoke_keys(account.id, keep_key=keep_key)
 
     # -- honor -------------------------------------------------------------------------------
     def grant_honor(
@@ -248,11 +273,11 @@ class AccountService:
         return account
 
     @staticmethod
-    def _check_manages_keys(account: Account) -> None:
+    def _check_registered(account: Account) -> None:
         if not is_registered(account):
             raise PermissionDenied(
-                f"the account {account.nickname!r} is built in or anonymous and has no keys; "
-                "only accounts an admin created (`dan keys create`) do"
+                f"the account {account.nickname!r} is built in or anonymous and has no keys "
+                "or roles; only accounts an admin created (`dan keys create`) do"
             )
 
 

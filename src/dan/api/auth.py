@@ -53,7 +53,7 @@ def require_node_runner(request: Request) -> Account:
     if not (account.can_run_nodes or account.is_admin):
         raise PermissionDenied(
             "this account may not run nodes; an admin can allow it with "
-            "`dan keys create --nickname NAME --nodes`"
+            "`dan keys roles NICKNAME --nodes`"
         )
     return account
 
