@@ -69,6 +69,11 @@ class Settings(BaseSettings):
         description="API keys: required, optional (every key or none is accepted), or auto: "
         "optional for the embedded single-user server (SQLite, listening on loopback)",
     )
+    max_keys_per_account: int = Field(
+        10,
+        ge=1,
+        description="active API keys an account may have at once (revoked keys do not count)",
+    )
     public_key: bool = Field(
         False,
         description="offer a public key (GET /api/user/public-api-key) for anonymous use at "

@@ -371,3 +371,18 @@ def test_bad_role_changes_are_refused(
     admin = key_for(secured, "root", is_admin=True)
     reply = patch_roles(secured, nickname, body, admin)
     assert reply["_http"] == status and message in reply["message"], reply
+
+
+# -- a cap on active keys -------------------------------------------------------------------------
+def test_an_account_has_at_most_max_keys_per_account_active_keys(tmp_path: Path) -> None:
+    with serve(tmp_path, auth="required", max_keys_per_account=2) as api:
+        first = key_for(api, "alice")
+        second = post_as(api, "/api/user/keys", None, first)
+        assert second["_http"] == 200
+        third = post_as(api, "/api/user/keys", None, first)
+        assert (third["_http"], third["code"]) == (409, 3000)
+        assert "already has 2 active API keys" in third["message"]
+        assert "DAN_MAX_KEYS_PER_ACCOUNT=2" in third["message"]
+        assert len(key_ids(api, first)) == 2
+        api.client.delete(f"/api/user/keys/{second['data']['id']}", headers=bearer(first))
+        assert post_as(api, "/api/user/keys", None, first)["_http"] == 200  # room again

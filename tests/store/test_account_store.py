@@ -16,7 +16,7 @@ from dan.accounts.store import (
     hash_key,
 )
 from dan.db.tables import honor_grants
-from dan.errors import InvalidArgument
+from dan.errors import InvalidArgument, TooManyKeys
 from tests.store.conftest import Clock
 
 
@@ -188,6 +188,28 @@ def run_together(calls: list[Callable[[], object]]) -> list[object]:
     for thread in threads:
         thread.join(60)
     return results
+
+
+def test_add_key_stops_at_max_active_keys(accounts: SqlAccountStore) -> None:
+    alice = accounts.create_account("alice")
+    first = accounts.add_key(alice.id, max_active=2)
+    accounts.add_key(alice.id, max_active=2)
+    with pytest.raises(TooManyKeys, match=r"'alice' already has 2 active API keys.*=2\)"):
+        accounts.add_key(alice.id, max_active=2)
+    accounts.revoke_key(alice.id, first.info.id)  # revoked keys do not count
+    accounts.add_key(alice.id, max_active=2)
+    assert len(accounts.list_keys(alice.id)) == 2
+    accounts.add_key(alice.id)  # no limit given: none applies
+    with pytest.raises(InvalidArgument, match="no account"):
+        accounts.add_key("nobody", max_active=2)
+
+
+def test_concurrent_add_key_never_passes_the_limit(accounts: SqlAccountStore) -> None:
+    alice = accounts.create_account("alice")
+    outcomes = run_together([lambda: accounts.add_key(alice.id, max_active=3)] * 12)
+    refused = [o for o in outcomes if isinstance(o, TooManyKeys)]
+    assert len(refused) == 9, outcomes
+    assert len(accounts.list_keys(alice.id)) == 3
 
 
 def test_revoke_keys_revokes_every_active_key_but_the_one_kept(

@@ -99,3 +99,19 @@ def test_keys_roles_gives_and_takes_roles_but_keeps_an_admin(
     with account_services(Settings(data_dir=tmp_path)) as accounts:
         alice = accounts.find(nickname="alice")
         assert not alice.is_admin and not alice.can_run_nodes
+
+
+def test_keys_create_stops_at_max_keys_per_account(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DAN_MAX_KEYS_PER_ACCOUNT", "2")
+    create = ["keys", "create", "--nickname", "alice", "--data-dir", str(tmp_path)]
+    assert main(create) == 0 and main(create) == 0
+    capsys.readouterr()
+    assert main([*create, "--admin"]) == 1
+    err = capsys.readouterr().err
+    assert "already has 2 active API keys" in err and "DAN_MAX_KEYS_PER_ACCOUNT=2" in err
+    with account_services(Settings(data_dir=tmp_path)) as accounts:
+        alice = accounts.find(nickname="alice")
+        assert not alice.is_admin  # the refused call changed nothing
+        assert len(accounts.list_keys(alice)) == 2

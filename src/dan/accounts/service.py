@@ -160,7 +160,8 @@ class AccountService:
     ) -> IssuedKey:
         """A new key for the account ``nickname``, created first (with the signup honor) if
         it does not exist. Roles asked for are added to an existing account, never removed
-        (``set_roles`` removes them)."""
+        (``set_roles`` removes them). TooManyKeys if the account has ``max_keys_per_account``
+        active keys (then its roles are left as they were)."""
         existing = self._store.by_nickname(nickname)
         if existing is None:
             account = self._store.create_account(
@@ -170,10 +171,11 @@ class AccountService:
                 can_run_nodes,
                 signup_honor=self._settings.signup_honor,
             )
-        else:
-            self._check_registered(existing)
-            account = self._add_roles(existing, is_admin=is_admin, can_run_nodes=can_run_nodes)
-        return IssuedKey(account, self._store.add_key(account.id), created=existing is None)
+            return IssuedKey(account, self._add_key(account), created=True)
+        self._check_registered(existing)
+        key = self._add_key(existing)
+        account = self._add_roles(existing, is_admin=is_admin, can_run_nodes=can_run_nodes)
+        return IssuedKey(account, key, created=False)
 
     def set_roles(
         self, account: Account, *, is_admin: bool | None = None, can_run_nodes: bool | None = None
@@ -193,9 +195,10 @@ class AccountService:
 
     # -- keys of one's own account -----------------------------------------------------------
     def create_key(self, account: Account) -> NewKey:
-        """Another key for the caller's account (its text is in the result only)."""
+        """Another key for the caller's account (its text is in the result only);
+        TooManyKeys if it has ``max_keys_per_account`` active keys."""
         self._check_registered(account)
-        return self._store.add_key(account.id)
+        return self._add_key(account)
 
     def list_keys(self, account: Account) -> list[ApiKey]:
         """The caller's active keys."""
@@ -257,6 +260,9 @@ class AccountService:
         if account is None:  # the database was reset under a running server
             account = self._store.ensure_account(account_id, BUILT_IN_ACCOUNTS[account_id])
         return account
+
+    def _add_key(self, account: Account) -> NewKey:
+        return self._store.add_key(account.id, max_active=self._settings.max_keys_per_account)
 
     def _is_public_key(self, key: str) -> bool:
         if not self._settings.public_key or self._public_key is None:

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 
 from dan.db.tables import accounts, api_keys, honor_grants
 from dan.domain import Account
-from dan.errors import InvalidArgument
+from dan.errors import InvalidArgument, TooManyKeys
 
 Clock = Callable[[], float]
 
@@ -107,7 +107,7 @@ class AccountStore(Protocol):
         self, account_id: str, *, is_admin: bool | None = None, can_run_nodes: bool | None = None
     ) -> Account | None: ...
 
-    def add_key(self, account_id: str) -> NewKey: ...
+    def add_key(self, account_id: str, *, max_active: int | None = None) -> NewKey: ...
 
     def find_by_key(self, key: str) -> Account | None: ...
 
@@ -215,14 +215,15 @@ class SqlAccountStore:
         return self.get(account_id)
 
     # -- keys --------------------------------------------------------------------------------
-    def add_key(self, account_id: str) -> NewKey:
-        """A new key for the account; only its sha256 and prefix are stored."""
+    def add_key(self, account_id: str, *, max_active: int | None = None) -> NewKey:
+        """A new key for the account; only its sha256 and prefix are stored. InvalidArgument
+        if there is no such account; TooManyKeys if it already has ``max_active`` active keys.
+        The account's row is locked from the count to the insert, so concurrent calls cannot
+        pass the limit together."""
         key = generate_key()
         key_id = str(uuid.uuid4())
         with self._engine.begin() as conn:
-            exists = select(accounts.c.id).where(accounts.c.id == account_id)
-            if conn.execute(exists).first() is None:
-                raise InvalidArgument(f"no account with id {account_id!r}")
+            _check_room_for_key(conn, account_id, max_active)
             conn.execute(
                 api_keys.insert().values(
                     id=key_id,
@@ -370,6 +371,28 @@ class SqlAccountStore:
                 )
                 .values(last_used_at=now)
             )
+
+
+def _check_room_for_key(conn: Connection, account_id: str, max_active: int | None) -> None:
+    """InvalidArgument if there is no account ``account_id``, TooManyKeys if it has
+    ``max_active`` active keys. Locks the account's row until the transaction ends (FOR UPDATE
+    on PostgreSQL; SQLite leaves it out, its BEGIN IMMEDIATE already serialises writers)."""
+    account = select(accounts.c.nickname).where(accounts.c.id == account_id).with_for_update()
+    nickname = conn.execute(account).scalar_one_or_none()
+    if nickname is None:
+        raise InvalidArgument(f"no account with id {account_id!r}")
+    if max_active is None:
+        return
+    active = select(func.count()).where(
+        api_keys.c.account == account_id, api_keys.c.revoked_at.is_(None)
+    )
+    count = conn.execute(active).scalar_one()
+    if count >= max_active:
+        raise TooManyKeys(
+            f"the account {nickname!r} already has {count} active API keys, the most this "
+            f"server allows (DAN_MAX_KEYS_PER_ACCOUNT={max_active}); revoke one first "
+            "(DELETE /api/user/keys/{id}, or `dan keys revoke KEY_ID`)"
+        )
 
 
 def _keep_an_admin(conn: Connection, account_id: str) -> None:
