@@ -66,8 +66,11 @@ class Settings(BaseSettings):
     # Accounts, keys and honor
     auth: AuthMode = Field(
         "auto",
-        description="API keys: required, optional (every key or none is accepted), or auto: "
-        "optional for the embedded single-user server (SQLite, listening on loopback)",
+        description="API keys: required; optional (every key or none is accepted from anyone, "
+        "proxied or not: choose it only when something in front of DAN decides who may call); "
+        "or auto: optional for the embedded single-user server (SQLite, listening on "
+        "loopback), except for requests that came through a proxy or tunnel (a Forwarded, "
+        "X-Forwarded-For, X-Real-IP, Via or similar header), which need a valid key",
     )
     max_keys_per_account: int = Field(
         10,

@@ -18,6 +18,7 @@ from dan.api.auth import require_node_runner
 from dan.domain import PUBLIC_ACCOUNT, Account, ModelKind
 from dan.services import build_services
 from tests.api.conftest import Api, install_dummy_checkpoint, make_settings
+from tests.fixtures.live import serving
 
 TXT2IMG = "/api/sd/txt2img"
 SMALL = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64}
@@ -386,3 +387,51 @@ def test_an_account_has_at_most_max_keys_per_account_active_keys(tmp_path: Path)
         assert len(key_ids(api, first)) == 2
         api.client.delete(f"/api/user/keys/{second['data']['id']}", headers=bearer(first))
         assert post_as(api, "/api/user/keys", None, first)["_http"] == 200  # room again
+
+
+# -- requests through a proxy need a key on the embedded server -----------------------------------
+PROXIED = [
+    {"Forwarded": "for=203.0.113.7;proto=https"},
+    {"X-Forwarded-For": "203.0.113.7"},
+    {"X-Real-IP": "203.0.113.7"},
+    {"Via": "1.1 proxy.example"},
+    {"CF-Connecting-IP": "203.0.113.7"},
+]
+
+
+@pytest.mark.parametrize("headers", PROXIED, ids=lambda h: next(iter(h)))
+def test_proxied_requests_need_a_valid_key_on_the_embedded_server(
+    tmp_path: Path, headers: dict[str, str]
+) -> None:
+    with serve(tmp_path) as api:  # auth auto, 127.0.0.1, SQLite: keys optional
+        assert get(api, "/api/user/info")["data"]["id"] == "local"
+        why = f"came through a proxy or tunnel (it has a {next(iter(headers))} header)"
+        for sent in (headers, {**headers, **bearer("made-up")}):
+            refused = get(api, "/api/user/info", headers=sent)
+            assert (refused["_http"], refused["code"]) == (403, 1000), refused
+            assert why in refused["message"]
+        queued = api.post(f"{TXT2IMG}/async", SMALL, headers=headers)
+        assert queued["_http"] == 403 and api.services.tasks.statistics().total == 0
+        key = key_for(api, "alice")
+        alice = get(api, "/api/user/info", headers={**headers, **bearer(key)})
+        assert alice["_http"] == 200 and alice["data"]["nickname"] == "alice"
+
+
+def test_explicit_optional_auth_trusts_proxied_requests(tmp_path: Path) -> None:
+    with serve(tmp_path, auth="optional", host="0.0.0.0") as api:
+        headers = {"X-Forwarded-For": "203.0.113.7"}
+        assert get(api, "/api/user/info", headers=headers)["data"]["id"] == "local"
+
+
+def test_a_real_server_behind_a_loopback_proxy_asks_for_a_key(tmp_path: Path) -> None:
+    # uvicorn trusts X-Forwarded-For from 127.0.0.1 and rewrites the client address; the
+    # header must still reach DAN.
+    install_dummy_checkpoint(tmp_path / "models")
+    services = build_services(make_settings(tmp_path))
+    try:
+        with serving(create_app(services)) as client:
+            assert client.get("/api/user/info").json()["data"]["id"] == "local"
+            proxied = client.get("/api/user/info", headers={"X-Forwarded-For": "203.0.113.7"})
+            assert proxied.status_code == 403 and "proxy" in proxied.json()["message"]
+    finally:
+        services.close()

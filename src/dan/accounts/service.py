@@ -2,6 +2,11 @@
 
 Authentication rules (``authenticate``), in order:
 
+0. Keys are required when the ``auth`` setting says so (``keys_required``), and also, with
+   ``auth=auto``, for a request that came through a proxy or tunnel (it carries a header such as
+   ``X-Forwarded-For``): the embedded server trusts its loopback address, but a reverse proxy or
+   tunnel on the same machine makes every client on the internet arrive from loopback.
+   ``auth=optional``, set by the operator, keeps keys optional even then.
 1. No key: the built-in local account when keys are optional; PermissionDenied when required.
 2. The public key, when the ``public_key`` setting is on: the built-in public account.
 3. A stored, active key: its account, whatever the mode. A revoked key is always refused.
@@ -37,10 +42,10 @@ MAX_LEADERBOARD = 100
 PUBLIC_WEIGHT = 0.25
 HONOR_SCALE = 10.0
 
-NO_KEY = (
-    "this server needs an API key: send it as 'Authorization: Bearer sk-...' (an admin "
-    "creates keys with `dan keys create`)"
+HOW_TO_SEND = (
+    "send it as 'Authorization: Bearer sk-...' (an admin creates keys with `dan keys create`)"
 )
+NO_KEY = f"this server needs an API key: {HOW_TO_SEND}"
 
 
 def queue_weight(account: Account) -> float:
@@ -86,13 +91,15 @@ class AccountService:
         self._public_key = public_key
 
     # -- who is calling ----------------------------------------------------------------------
-    def authenticate(self, key: str | None) -> Account:
-        """The caller's account by the rules in the module docstring; PermissionDenied if
-        the key is missing (keys required), unknown (keys required) or revoked."""
-        required = self._settings.keys_required
+    def authenticate(self, key: str | None, *, proxy_header: str | None = None) -> Account:
+        """The caller's account by the rules in the module docstring; ``proxy_header`` names
+        the header that shows the request came through a proxy (None: it came directly).
+        PermissionDenied if the key is missing (keys required), unknown (keys required) or
+        revoked."""
+        why_required = self._why_keys_required(proxy_header)
         if key is None:
-            if required:
-                raise PermissionDenied(f"no API key: {NO_KEY}")
+            if why_required is not None:
+                raise PermissionDenied(f"no API key: {why_required}")
             return self._built_in(LOCAL_ACCOUNT)
         if self._is_public_key(key):
             return self._built_in(PUBLIC_ACCOUNT)
@@ -102,8 +109,8 @@ class AccountService:
                 return account
             if self._store.key_revoked(key):
                 raise PermissionDenied("this API key was revoked; use another key")
-        if required:
-            raise PermissionDenied(f"invalid API key: {NO_KEY}")
+        if why_required is not None:
+            raise PermissionDenied(f"invalid API key: {why_required}")
         account_id = anonymous_account_id(key)
         digits = account_id.removeprefix(ANONYMOUS_ID_PREFIX)
         return self._store.ensure_account(account_id, ANONYMOUS_NICKNAME_PREFIX + digits)
@@ -260,6 +267,18 @@ class AccountService:
         if account is None:  # the database was reset under a running server
             account = self._store.ensure_account(account_id, BUILT_IN_ACCOUNTS[account_id])
         return account
+
+    def _why_keys_required(self, proxy_header: str | None) -> str | None:
+        """Why this request needs a key (for the error message), or None if it does not."""
+        if self._settings.keys_required:
+            return NO_KEY
+        if proxy_header is not None and self._settings.auth == "auto":
+            return (
+                f"this request came through a proxy or tunnel (it has a {proxy_header} header), "
+                "and keys are optional only for clients that connect to this machine directly; "
+                f"{HOW_TO_SEND}"
+            )
+        return None
 
     def _add_key(self, account: Account) -> NewKey:
         return self._store.add_key(account.id, max_active=self._settings.max_keys_per_account)
