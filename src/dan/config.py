@@ -77,6 +77,14 @@ class Settings(BaseSettings):
         ge=1,
         description="active API keys an account may have at once (revoked keys do not count)",
     )
+    anonymous_lanes: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="when keys are optional, unknown keys share this many anonymous accounts "
+        "(queue lanes), picked by the key's hash: a client keeps its lane, and inventing keys "
+        "adds no rows beyond these",
+    )
     public_key: bool = Field(
         False,
         description="offer a public key (GET /api/user/public-api-key) for anonymous use at "

@@ -11,11 +11,14 @@ from typing import Annotated, Any
 import pytest
 from fastapi import Depends
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from dan.accounts import HonorReason, SqlAccountStore, queue_weight
 from dan.api.app import create_app
 from dan.api.auth import require_node_runner
+from dan.db.tables import accounts as accounts_table
 from dan.domain import PUBLIC_ACCOUNT, Account, ModelKind
+from dan.errors import PermissionDenied
 from dan.services import build_services
 from tests.api.conftest import Api, install_dummy_checkpoint, make_settings
 from tests.fixtures.live import serving
@@ -239,7 +242,7 @@ def test_embedded_default_needs_no_key(tmp_path: Path) -> None:
         assert api.post("/api/sd/task/status", {"taskId": task_id})["_http"] == 200
         assert get(api, "/api/user/public-api-key")["_http"] == 200
         loose = get(api, "/api/user/info", headers=bearer("my-own-lane"))["data"]
-        assert loose["id"].startswith("key-") and loose["nickname"].startswith("anon-")
+        assert loose["id"].startswith("anon-") and loose["nickname"] == loose["id"]
         assert loose["honor"] == 0.0  # inventing keys earns nothing
         # A loose key's account cannot see the local account's task...
         other = api.post("/api/sd/task/status", {"taskId": task_id}, headers=bearer("my-own-lane"))
@@ -435,3 +438,28 @@ def test_a_real_server_behind_a_loopback_proxy_asks_for_a_key(tmp_path: Path) ->
             assert proxied.status_code == 403 and "proxy" in proxied.json()["message"]
     finally:
         services.close()
+
+
+# -- unknown keys share a bounded set of anonymous lanes ------------------------------------------
+def test_unknown_keys_share_at_most_anonymous_lanes_accounts(tmp_path: Path) -> None:
+    with serve(tmp_path, anonymous_lanes=4) as api:
+        keys = [f"made-up-{n}" for n in range(40)]
+        lanes = [get(api, "/api/user/info", headers=bearer(k))["data"]["id"] for k in keys]
+        assert set(lanes) == {"anon-0", "anon-1", "anon-2", "anon-3"}
+        again = [get(api, "/api/user/info", headers=bearer(k))["data"]["id"] for k in keys]
+        assert again == lanes  # a client keeps its lane
+        with api.services.db.connect() as conn:
+            ids = conn.execute(select(accounts_table.c.id)).scalars().all()
+        assert sorted(ids) == ["anon-0", "anon-1", "anon-2", "anon-3", "local", "public"]
+        info = get(api, "/api/user/info", headers=bearer(keys[0]))["data"]
+        assert (info["nickname"], info["honor"]) == (lanes[0], 0.0)
+        refused = post_as(api, "/api/user/keys", None, keys[0])  # a lane has no keys
+        assert (refused["_http"], refused["code"]) == (403, 1000)
+
+
+def test_accounts_of_loose_keys_from_before_lanes_stay_anonymous(tmp_path: Path) -> None:
+    with serve(tmp_path) as api:
+        store = SqlAccountStore(api.services.db)
+        old = store.ensure_account("key-0123456789abcdef", "anon-0123456789abcdef")
+        with pytest.raises(PermissionDenied, match="built in or anonymous"):
+            api.services.accounts.create_key(old)

@@ -10,10 +10,13 @@ Authentication rules (``authenticate``), in order:
 1. No key: the built-in local account when keys are optional; PermissionDenied when required.
 2. The public key, when the ``public_key`` setting is on: the built-in public account.
 3. A stored, active key: its account, whatever the mode. A revoked key is always refused.
-4. Any other key: when keys are optional, an account of its own ("key-" + 16 hex digits of the
-   key's sha256, nickname "anon-" + the same digits), made on first use without a signup grant
-   (so that inventing keys earns nothing), which gives every client of a shared embedded server
-   its own fair lane in the queue. When keys are required: PermissionDenied.
+4. Any other key: when keys are optional, one of ``anonymous_lanes`` anonymous accounts (id and
+   nickname "anon-" + the lane's number), chosen by the key's sha256, made on first use without
+   a signup grant (so that inventing keys earns nothing). A client keeps its lane, so clients of
+   a shared embedded server are served fairly unless their keys share a lane, and inventing keys
+   can never add more than ``anonymous_lanes`` rows. When keys are required: PermissionDenied.
+
+Accounts made by an older version for loose keys ("key-" + 16 hex digits) stay anonymous.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from dan.config import Settings
 from dan.domain import LOCAL_ACCOUNT, PUBLIC_ACCOUNT, Account
 from dan.errors import InvalidArgument, PermissionDenied
 
-ANONYMOUS_ID_PREFIX = "key-"
-ANONYMOUS_NICKNAME_PREFIX = "anon-"
+ANONYMOUS_PREFIX = "anon-"  # the id and nickname of an anonymous lane
+LEGACY_ANONYMOUS_ID_PREFIX = "key-"  # an account per loose key, before lanes
 BUILT_IN_ACCOUNTS: dict[str, str] = {LOCAL_ACCOUNT: "local", PUBLIC_ACCOUNT: "public"}
 NICKNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_GRANT = 1_000_000.0
@@ -61,14 +64,17 @@ def queue_weight(account: Account) -> float:
     return 1.0 + math.log1p(max(account.honor, 0.0) / HONOR_SCALE)
 
 
-def anonymous_account_id(key: str) -> str:
-    """The account an unknown key stands for when keys are optional."""
-    return ANONYMOUS_ID_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:16]
+def anonymous_lane(key: str, lanes: int) -> str:
+    """The id (and nickname) of the anonymous account an unknown key joins when keys are
+    optional: one of ``lanes``, always the same for the same key."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return f"{ANONYMOUS_PREFIX}{int.from_bytes(digest[:8], 'big') % lanes}"
 
 
 def is_registered(account: Account) -> bool:
-    """Whether the account was created by an admin (not built in, not made for a loose key)."""
-    return account.id not in BUILT_IN_ACCOUNTS and not account.id.startswith(ANONYMOUS_ID_PREFIX)
+    """Whether the account was created by an admin (not built in, not an anonymous lane)."""
+    anonymous = (ANONYMOUS_PREFIX, LEGACY_ANONYMOUS_ID_PREFIX)
+    return account.id not in BUILT_IN_ACCOUNTS and not account.id.startswith(anonymous)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +117,8 @@ class AccountService:
                 raise PermissionDenied("this API key was revoked; use another key")
         if why_required is not None:
             raise PermissionDenied(f"invalid API key: {why_required}")
-        account_id = anonymous_account_id(key)
-        digits = account_id.removeprefix(ANONYMOUS_ID_PREFIX)
-        return self._store.ensure_account(account_id, ANONYMOUS_NICKNAME_PREFIX + digits)
+        lane = anonymous_lane(key, self._settings.anonymous_lanes)
+        return self._store.ensure_account(lane, lane)
 
     def public_api_key(self) -> str:
         """The key anonymous clients may use. With ``public_key`` off it is handed out only
@@ -131,8 +136,7 @@ class AccountService:
         return queue_weight(account)
 
     def weight_of(self, account_id: str) -> float:
-        """The queue weight of the account ``account_id`` (1.0 for one not stored, e.g. an
-        anonymous key's lane before its first task)."""
+        """The queue weight of the account ``account_id`` (1.0 for one not stored)."""
         account = self._store.get(account_id)
         return 1.0 if account is None else self.queue_weight(account)
 
@@ -312,10 +316,10 @@ def _check_nickname(nickname: str) -> str:
             "nickname must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
             f"or digit; got {nickname!r}"
         )
-    if nickname.startswith(ANONYMOUS_NICKNAME_PREFIX) or nickname in BUILT_IN_ACCOUNTS.values():
+    if nickname.startswith(ANONYMOUS_PREFIX) or nickname in BUILT_IN_ACCOUNTS.values():
         raise InvalidArgument(
             f"the nickname {nickname!r} is reserved (names starting with "
-            f"{ANONYMOUS_NICKNAME_PREFIX!r} and {', '.join(BUILT_IN_ACCOUNTS.values())} are "
+            f"{ANONYMOUS_PREFIX!r} and {', '.join(BUILT_IN_ACCOUNTS.values())} are "
             "given to anonymous and built-in accounts)"
         )
     return nickname
