@@ -193,8 +193,23 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     from dan.services import account_services
 
     with account_services(_settings(args)) as accounts:
-        key = accounts.revoke_key(None, args.key_id)
-    print(f"revoked key {key.id} ({key.prefix}...) of {key.nickname}")
+        if args.account is None:
+            keys = [accounts.revoke_key(None, args.key_id)]
+        else:
+            keys = accounts.revoke_keys(accounts.find(nickname=args.account))
+            print(f"revoked {len(keys)} active keys of {args.account}")
+    for key in keys:
+        print(f"revoked key {key.id} ({key.prefix}...) of {key.nickname}")
+    return 0
+
+
+def cmd_keys_roles(args: argparse.Namespace) -> int:
+    from dan.services import account_services
+
+    with account_services(_settings(args)) as accounts:
+        target = accounts.find(nickname=args.nickname)
+        account = accounts.set_roles(target, is_admin=args.admin, can_run_nodes=args.nodes)
+    print(f"{account.nickname}: {_roles(account)}")
     return 0
 
 
@@ -209,8 +224,9 @@ def cmd_honor_grant(args: argparse.Namespace) -> int:
 
 
 def _add_account_commands(sub: Any) -> None:
-    """``dan keys create|list|revoke`` and ``dan honor grant``: admin commands on the database."""
-    keys = sub.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
+    """``dan keys create|list|revoke|roles`` and ``dan honor grant``: admin commands on the
+    database."""
+    keys = sub.add_parser("keys", help="create, list, revoke API keys; set roles").add_subparsers(
         dest="keys_command", required=True
     )
     create = keys.add_parser("create", help="a new key (and its account if new), shown once")
@@ -224,10 +240,22 @@ def _add_account_commands(sub: Any) -> None:
     _add_options(listing, COMMON_OPTIONS[1:3])
     listing.add_argument("--nickname", help="only this account's keys")
     listing.set_defaults(func=cmd_keys_list)
-    revoke = keys.add_parser("revoke", help="revoke a key by its id (see `dan keys list`)")
+    revoke = keys.add_parser(
+        "revoke", help="revoke a key by its id (see `dan keys list`), or every key of an account"
+    )
     _add_options(revoke, COMMON_OPTIONS[1:3])
-    revoke.add_argument("key_id")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("key_id", nargs="?", help="the key's id")
+    which.add_argument("--account", metavar="NICKNAME", help="every active key of this account")
     revoke.set_defaults(func=cmd_keys_revoke)
+    roles = keys.add_parser("roles", help="give or take an account's admin and node roles")
+    _add_options(roles, COMMON_OPTIONS[1:3])
+    roles.add_argument("nickname", help="the account's nickname")
+    for flag, text in (("--admin", "an admin"), ("--nodes", "allowed to run nodes")):
+        roles.add_argument(
+            flag, action=argparse.BooleanOptionalAction, help=f"the account is (or is not) {text}"
+        )
+    roles.set_defaults(func=cmd_keys_roles)
 
     honor = sub.add_parser("honor", help="grant honor by hand").add_subparsers(
         dest="honor_command", required=True

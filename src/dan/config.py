@@ -66,8 +66,24 @@ class Settings(BaseSettings):
     # Accounts, keys and honor
     auth: AuthMode = Field(
         "auto",
-        description="API keys: required, optional (every key or none is accepted), or auto: "
-        "optional for the embedded single-user server (SQLite, listening on loopback)",
+        description="API keys: required; optional (every key or none is accepted from anyone, "
+        "proxied or not: choose it only when something in front of DAN decides who may call); "
+        "or auto: optional for the embedded single-user server (SQLite, listening on "
+        "loopback), except for requests that came through a proxy or tunnel (a Forwarded, "
+        "X-Forwarded-For, X-Real-IP, Via or similar header), which need a valid key",
+    )
+    max_keys_per_account: int = Field(
+        10,
+        ge=1,
+        description="active API keys an account may have at once (revoked keys do not count)",
+    )
+    anonymous_lanes: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="when keys are optional, unknown keys share this many anonymous accounts "
+        "(queue lanes), picked by the key's hash: a client keeps its lane, and inventing keys "
+        "adds no rows beyond these",
     )
     public_key: bool = Field(
         False,

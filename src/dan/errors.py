@@ -47,6 +47,13 @@ class PermissionDenied(DanError):
     http_status = 403
 
 
+class TooManyKeys(DanError):
+    """This account has as many active API keys as the server allows; revoke one first."""
+
+    code = 3000
+    http_status = 409
+
+
 class ResourceUnavailable(DanError):
     """The resource is unavailable right now."""
 

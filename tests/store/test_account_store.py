@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import Engine, MetaData, select
@@ -14,7 +16,7 @@ from dan.accounts.store import (
     hash_key,
 )
 from dan.db.tables import honor_grants
-from dan.errors import InvalidArgument
+from dan.errors import InvalidArgument, TooManyKeys
 from tests.store.conftest import Clock
 
 
@@ -166,3 +168,89 @@ def test_leaderboard_ranks_node_honor_and_shows_no_email(accounts: SqlAccountSto
     assert [(e.nickname, e.honor) for e in board] == [("bob", 5.0), ("alice", 3.0), ("carol", 3.0)]
     assert "example.org" not in repr(board)
     assert [e.nickname for e in accounts.leaderboard(1)] == ["bob"]
+
+
+def run_together(calls: list[Callable[[], object]]) -> list[object]:
+    """Run ``calls`` in threads that start at the same moment; each one's result or error."""
+    start = threading.Barrier(len(calls))
+    results: list[object] = [None] * len(calls)
+
+    def run(index: int) -> None:
+        start.wait()
+        try:
+            results[index] = calls[index]()
+        except Exception as exc:  # the test inspects it
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_add_key_stops_at_max_active_keys(accounts: SqlAccountStore) -> None:
+    alice = accounts.create_account("alice")
+    first = accounts.add_key(alice.id, max_active=2)
+    accounts.add_key(alice.id, max_active=2)
+    with pytest.raises(TooManyKeys, match=r"'alice' already has 2 active API keys.*=2\)"):
+        accounts.add_key(alice.id, max_active=2)
+    accounts.revoke_key(alice.id, first.info.id)  # revoked keys do not count
+    accounts.add_key(alice.id, max_active=2)
+    assert len(accounts.list_keys(alice.id)) == 2
+    accounts.add_key(alice.id)  # no limit given: none applies
+    with pytest.raises(InvalidArgument, match="no account"):
+        accounts.add_key("nobody", max_active=2)
+
+
+def test_concurrent_add_key_never_passes_the_limit(accounts: SqlAccountStore) -> None:
+    alice = accounts.create_account("alice")
+    outcomes = run_together([lambda: accounts.add_key(alice.id, max_active=3)] * 12)
+    refused = [o for o in outcomes if isinstance(o, TooManyKeys)]
+    assert len(refused) == 9, outcomes
+    assert len(accounts.list_keys(alice.id)) == 3
+
+
+def test_revoke_keys_revokes_every_active_key_but_the_one_kept(
+    accounts: SqlAccountStore, clock: Clock
+) -> None:
+    alice, bob = accounts.create_account("alice"), accounts.create_account("bob")
+    old, kept, newer = (accounts.add_key(alice.id) for _ in range(3))
+    accounts.revoke_key(alice.id, old.info.id)
+    bobs = accounts.add_key(bob.id)
+    clock.advance(5)
+    revoked = accounts.revoke_keys(alice.id, keep_key=kept.key)
+    assert [(k.id, k.revoked_at) for k in revoked] == [(newer.info.id, clock.now)]
+    assert accounts.find_by_key(kept.key) == alice and accounts.find_by_key(newer.key) is None
+    assert accounts.find_by_key(bobs.key) is not None
+    assert accounts.revoke_keys(alice.id, keep_key=kept.key) == []
+    assert [k.id for k in accounts.revoke_keys(alice.id)] == [kept.info.id]
+    assert accounts.list_keys(alice.id) == []
+
+
+def test_set_roles_never_takes_the_admin_role_from_the_only_admin(
+    accounts: SqlAccountStore,
+) -> None:
+    alice = accounts.create_account("alice", is_admin=True)
+    bob = accounts.create_account("bob")
+    with pytest.raises(InvalidArgument, match="'alice' is the only admin"):
+        accounts.set_roles(alice.id, is_admin=False, can_run_nodes=True)
+    assert accounts.get(alice.id) == alice  # nothing changed, the node role neither
+    assert accounts.set_roles(bob.id, is_admin=False) == bob  # not an admin: nothing to keep
+    accounts.set_roles(bob.id, is_admin=True)
+    demoted = accounts.set_roles(alice.id, is_admin=False)
+    assert demoted is not None and not demoted.is_admin
+    with pytest.raises(InvalidArgument, match="'bob' is the only admin"):
+        accounts.set_roles(bob.id, is_admin=False)
+
+
+def test_two_admins_demoting_each_other_at_once_leave_one(accounts: SqlAccountStore) -> None:
+    alice = accounts.create_account("alice", is_admin=True)
+    bob = accounts.create_account("bob", is_admin=True)
+    for _ in range(5):
+        demote = [functools.partial(accounts.set_roles, a.id, is_admin=False) for a in (alice, bob)]
+        outcomes = run_together(demote)
+        assert sum(isinstance(o, InvalidArgument) for o in outcomes) == 1, outcomes
+        for account in (alice, bob):
+            accounts.set_roles(account.id, is_admin=True)

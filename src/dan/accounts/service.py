@@ -2,13 +2,21 @@
 
 Authentication rules (``authenticate``), in order:
 
+0. Keys are required when the ``auth`` setting says so (``keys_required``), and also, with
+   ``auth=auto``, for a request that came through a proxy or tunnel (it carries a header such as
+   ``X-Forwarded-For``): the embedded server trusts its loopback address, but a reverse proxy or
+   tunnel on the same machine makes every client on the internet arrive from loopback.
+   ``auth=optional``, set by the operator, keeps keys optional even then.
 1. No key: the built-in local account when keys are optional; PermissionDenied when required.
 2. The public key, when the ``public_key`` setting is on: the built-in public account.
 3. A stored, active key: its account, whatever the mode. A revoked key is always refused.
-4. Any other key: when keys are optional, an account of its own ("key-" + 16 hex digits of the
-   key's sha256, nickname "anon-" + the same digits), made on first use without a signup grant
-   (so that inventing keys earns nothing), which gives every client of a shared embedded server
-   its own fair lane in the queue. When keys are required: PermissionDenied.
+4. Any other key: when keys are optional, one of ``anonymous_lanes`` anonymous accounts (id and
+   nickname "anon-" + the lane's number), chosen by the key's sha256, made on first use without
+   a signup grant (so that inventing keys earns nothing). A client keeps its lane, so clients of
+   a shared embedded server are served fairly unless their keys share a lane, and inventing keys
+   can never add more than ``anonymous_lanes`` rows. When keys are required: PermissionDenied.
+
+Accounts made by an older version for loose keys ("key-" + 16 hex digits) stay anonymous.
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ from dan.config import Settings
 from dan.domain import LOCAL_ACCOUNT, PUBLIC_ACCOUNT, Account
 from dan.errors import InvalidArgument, PermissionDenied
 
-ANONYMOUS_ID_PREFIX = "key-"
-ANONYMOUS_NICKNAME_PREFIX = "anon-"
+ANONYMOUS_PREFIX = "anon-"  # the id and nickname of an anonymous lane
+LEGACY_ANONYMOUS_ID_PREFIX = "key-"  # an account per loose key, before lanes
 BUILT_IN_ACCOUNTS: dict[str, str] = {LOCAL_ACCOUNT: "local", PUBLIC_ACCOUNT: "public"}
 NICKNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_GRANT = 1_000_000.0
@@ -37,10 +45,10 @@ MAX_LEADERBOARD = 100
 PUBLIC_WEIGHT = 0.25
 HONOR_SCALE = 10.0
 
-NO_KEY = (
-    "this server needs an API key: send it as 'Authorization: Bearer sk-...' (an admin "
-    "creates keys with `dan keys create`)"
+HOW_TO_SEND = (
+    "send it as 'Authorization: Bearer sk-...' (an admin creates keys with `dan keys create`)"
 )
+NO_KEY = f"this server needs an API key: {HOW_TO_SEND}"
 
 
 def queue_weight(account: Account) -> float:
@@ -56,14 +64,17 @@ def queue_weight(account: Account) -> float:
     return 1.0 + math.log1p(max(account.honor, 0.0) / HONOR_SCALE)
 
 
-def anonymous_account_id(key: str) -> str:
-    """The account an unknown key stands for when keys are optional."""
-    return ANONYMOUS_ID_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:16]
+def anonymous_lane(key: str, lanes: int) -> str:
+    """The id (and nickname) of the anonymous account an unknown key joins when keys are
+    optional: one of ``lanes``, always the same for the same key."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return f"{ANONYMOUS_PREFIX}{int.from_bytes(digest[:8], 'big') % lanes}"
 
 
 def is_registered(account: Account) -> bool:
-    """Whether the account was created by an admin (not built in, not made for a loose key)."""
-    return account.id not in BUILT_IN_ACCOUNTS and not account.id.startswith(ANONYMOUS_ID_PREFIX)
+    """Whether the account was created by an admin (not built in, not an anonymous lane)."""
+    anonymous = (ANONYMOUS_PREFIX, LEGACY_ANONYMOUS_ID_PREFIX)
+    return account.id not in BUILT_IN_ACCOUNTS and not account.id.startswith(anonymous)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +97,15 @@ class AccountService:
         self._public_key = public_key
 
     # -- who is calling ----------------------------------------------------------------------
-    def authenticate(self, key: str | None) -> Account:
-        """The caller's account by the rules in the module docstring; PermissionDenied if
-        the key is missing (keys required), unknown (keys required) or revoked."""
-        required = self._settings.keys_required
+    def authenticate(self, key: str | None, *, proxy_header: str | None = None) -> Account:
+        """The caller's account by the rules in the module docstring; ``proxy_header`` names
+        the header that shows the request came through a proxy (None: it came directly).
+        PermissionDenied if the key is missing (keys required), unknown (keys required) or
+        revoked."""
+        why_required = self._why_keys_required(proxy_header)
         if key is None:
-            if required:
-                raise PermissionDenied(f"no API key: {NO_KEY}")
+            if why_required is not None:
+                raise PermissionDenied(f"no API key: {why_required}")
             return self._built_in(LOCAL_ACCOUNT)
         if self._is_public_key(key):
             return self._built_in(PUBLIC_ACCOUNT)
@@ -102,11 +115,10 @@ class AccountService:
                 return account
             if self._store.key_revoked(key):
                 raise PermissionDenied("this API key was revoked; use another key")
-        if required:
-            raise PermissionDenied(f"invalid API key: {NO_KEY}")
-        account_id = anonymous_account_id(key)
-        digits = account_id.removeprefix(ANONYMOUS_ID_PREFIX)
-        return self._store.ensure_account(account_id, ANONYMOUS_NICKNAME_PREFIX + digits)
+        if why_required is not None:
+            raise PermissionDenied(f"invalid API key: {why_required}")
+        lane = anonymous_lane(key, self._settings.anonymous_lanes)
+        return self._store.ensure_account(lane, lane)
 
     def public_api_key(self) -> str:
         """The key anonymous clients may use. With ``public_key`` off it is handed out only
@@ -124,8 +136,7 @@ class AccountService:
         return queue_weight(account)
 
     def weight_of(self, account_id: str) -> float:
-        """The queue weight of the account ``account_id`` (1.0 for one not stored, e.g. an
-        anonymous key's lane before its first task)."""
+        """The queue weight of the account ``account_id`` (1.0 for one not stored)."""
         account = self._store.get(account_id)
         return 1.0 if account is None else self.queue_weight(account)
 
@@ -159,7 +170,9 @@ class AccountService:
         can_run_nodes: bool = False,
     ) -> IssuedKey:
         """A new key for the account ``nickname``, created first (with the signup honor) if
-        it does not exist. Roles asked for are added to an existing account, never removed."""
+        it does not exist. Roles asked for are added to an existing account, never removed
+        (``set_roles`` removes them). TooManyKeys if the account has ``max_keys_per_account``
+        active keys (then its roles are left as they were)."""
         existing = self._store.by_nickname(nickname)
         if existing is None:
             account = self._store.create_account(
@@ -169,16 +182,34 @@ class AccountService:
                 can_run_nodes,
                 signup_honor=self._settings.signup_honor,
             )
-        else:
-            self._check_manages_keys(existing)
-            account = self._add_roles(existing, is_admin=is_admin, can_run_nodes=can_run_nodes)
-        return IssuedKey(account, self._store.add_key(account.id), created=existing is None)
+            return IssuedKey(account, self._add_key(account), created=True)
+        self._check_registered(existing)
+        key = self._add_key(existing)
+        account = self._add_roles(existing, is_admin=is_admin, can_run_nodes=can_run_nodes)
+        return IssuedKey(account, key, created=False)
+
+    def set_roles(
+        self, account: Account, *, is_admin: bool | None = None, can_run_nodes: bool | None = None
+    ) -> Account:
+        """Give (True) or take (False) the admin and node roles of ``account`` (None: keep);
+        for admins and the operator. The account with its new roles; InvalidArgument if no
+        role is named or it would take the admin role from the only admin (which would leave
+        the network's admin endpoints to nobody); PermissionDenied for a built-in or anonymous
+        account."""
+        if is_admin is None and can_run_nodes is None:
+            raise InvalidArgument("name a role to give or take: admin, nodes, or both")
+        self._check_registered(account)
+        updated = self._store.set_roles(account.id, is_admin=is_admin, can_run_nodes=can_run_nodes)
+        if updated is None:  # deleted under us
+            raise InvalidArgument(f"no account with id {account.id!r}")
+        return updated
 
     # -- keys of one's own account -----------------------------------------------------------
     def create_key(self, account: Account) -> NewKey:
-        """Another key for the caller's account (its text is in the result only)."""
-        self._check_manages_keys(account)
-        return self._store.add_key(account.id)
+        """Another key for the caller's account (its text is in the result only);
+        TooManyKeys if it has ``max_keys_per_account`` active keys."""
+        self._check_registered(account)
+        return self._add_key(account)
 
     def list_keys(self, account: Account) -> list[ApiKey]:
         """The caller's active keys."""
@@ -198,6 +229,14 @@ class AccountService:
             whose = "" if account is None else " of this account"
             raise InvalidArgument(f"no API key{whose} with id {key_id!r}")
         return revoked
+
+    def revoke_keys(self, account: Account, *, keep_key: str | None = None) -> list[ApiKey]:
+        """Revoke every active key of ``account`` but ``keep_key`` (the text of the key in
+        use, when its holder asks; None when an admin does); the keys revoked. A key minted
+        with a stolen key dies with it this way. PermissionDenied for an account that has no
+        keys (built in or anonymous)."""
+        self._check_registered(account)
+        return self._store.revoke_keys(account.id, keep_key=keep_key)
 
     # -- honor -------------------------------------------------------------------------------
     def grant_honor(
@@ -233,6 +272,21 @@ class AccountService:
             account = self._store.ensure_account(account_id, BUILT_IN_ACCOUNTS[account_id])
         return account
 
+    def _why_keys_required(self, proxy_header: str | None) -> str | None:
+        """Why this request needs a key (for the error message), or None if it does not."""
+        if self._settings.keys_required:
+            return NO_KEY
+        if proxy_header is not None and self._settings.auth == "auto":
+            return (
+                f"this request came through a proxy or tunnel (it has a {proxy_header} header), "
+                "and keys are optional only for clients that connect to this machine directly; "
+                f"{HOW_TO_SEND}"
+            )
+        return None
+
+    def _add_key(self, account: Account) -> NewKey:
+        return self._store.add_key(account.id, max_active=self._settings.max_keys_per_account)
+
     def _is_public_key(self, key: str) -> bool:
         if not self._settings.public_key or self._public_key is None:
             return False
@@ -248,11 +302,11 @@ class AccountService:
         return account
 
     @staticmethod
-    def _check_manages_keys(account: Account) -> None:
+    def _check_registered(account: Account) -> None:
         if not is_registered(account):
             raise PermissionDenied(
-                f"the account {account.nickname!r} is built in or anonymous and has no keys; "
-                "only accounts an admin created (`dan keys create`) do"
+                f"the account {account.nickname!r} is built in or anonymous and has no keys "
+                "or roles; only accounts an admin created (`dan keys create`) do"
             )
 
 
@@ -262,10 +316,10 @@ def _check_nickname(nickname: str) -> str:
             "nickname must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
             f"or digit; got {nickname!r}"
         )
-    if nickname.startswith(ANONYMOUS_NICKNAME_PREFIX) or nickname in BUILT_IN_ACCOUNTS.values():
+    if nickname.startswith(ANONYMOUS_PREFIX) or nickname in BUILT_IN_ACCOUNTS.values():
         raise InvalidArgument(
             f"the nickname {nickname!r} is reserved (names starting with "
-            f"{ANONYMOUS_NICKNAME_PREFIX!r} and {', '.join(BUILT_IN_ACCOUNTS.values())} are "
+            f"{ANONYMOUS_PREFIX!r} and {', '.join(BUILT_IN_ACCOUNTS.values())} are "
             "given to anonymous and built-in accounts)"
         )
     return nickname

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 
 from dan.db.tables import accounts, api_keys, honor_grants
 from dan.domain import Account
-from dan.errors import InvalidArgument
+from dan.errors import InvalidArgument, TooManyKeys
 
 Clock = Callable[[], float]
 
@@ -107,7 +107,7 @@ class AccountStore(Protocol):
         self, account_id: str, *, is_admin: bool | None = None, can_run_nodes: bool | None = None
     ) -> Account | None: ...
 
-    def add_key(self, account_id: str) -> NewKey: ...
+    def add_key(self, account_id: str, *, max_active: int | None = None) -> NewKey: ...
 
     def find_by_key(self, key: str) -> Account | None: ...
 
@@ -118,6 +118,8 @@ class AccountStore(Protocol):
     ) -> list[ApiKey]: ...
 
     def revoke_key(self, account_id: str | None, key_id: str) -> ApiKey | None: ...
+
+    def revoke_keys(self, account_id: str, *, keep_key: str | None = None) -> list[ApiKey]: ...
 
     def honor(self, account_id: str) -> float: ...
 
@@ -199,23 +201,29 @@ class SqlAccountStore:
     def set_roles(
         self, account_id: str, *, is_admin: bool | None = None, can_run_nodes: bool | None = None
     ) -> Account | None:
-        """Change the account's roles (None: keep); the account, or None if there is none."""
+        """Change the account's roles (None: keep); the account, or None if there is none.
+        InvalidArgument if it would take the admin role from the only admin: the admins' rows
+        stay locked from the count to the update, so two admins demoting each other at once
+        cannot both succeed."""
         values = {"is_admin": is_admin, "can_run_nodes": can_run_nodes}
         values = {name: value for name, value in values.items() if value is not None}
         if values:
             with self._engine.begin() as conn:
+                if is_admin is False:
+                    _keep_an_admin(conn, account_id)
                 conn.execute(update(accounts).where(accounts.c.id == account_id).values(**values))
         return self.get(account_id)
 
     # -- keys --------------------------------------------------------------------------------
-    def add_key(self, account_id: str) -> NewKey:
-        """A new key for the account; only its sha256 and prefix are stored."""
+    def add_key(self, account_id: str, *, max_active: int | None = None) -> NewKey:
+        """A new key for the account; only its sha256 and prefix are stored. InvalidArgument
+        if there is no such account; TooManyKeys if it already has ``max_active`` active keys.
+        The account's row is locked from the count to the insert, so concurrent calls cannot
+        pass the limit together."""
         key = generate_key()
         key_id = str(uuid.uuid4())
         with self._engine.begin() as conn:
-            exists = select(accounts.c.id).where(accounts.c.id == account_id)
-            if conn.execute(exists).first() is None:
-                raise InvalidArgument(f"no account with id {account_id!r}")
+            _check_room_for_key(conn, account_id, max_active)
             conn.execute(
                 api_keys.insert().values(
                     id=key_id,
@@ -275,6 +283,18 @@ class SqlAccountStore:
             )
             row = conn.execute(_keys_query().where(*mine)).mappings().first()
         return None if row is None else _api_key(row)
+
+    def revoke_keys(self, account_id: str, *, keep_key: str | None = None) -> list[ApiKey]:
+        """Revoke every active key of the account but ``keep_key`` (a key's text, e.g. the
+        one in use); the keys this revoked, oldest first."""
+        where = [api_keys.c.account == account_id, api_keys.c.revoked_at.is_(None)]
+        if keep_key is not None:
+            where.append(api_keys.c.key_sha256 != hash_key(keep_key))
+        with self._engine.begin() as conn:
+            revoke = update(api_keys).where(*where).values(revoked_at=self._clock())
+            ids = list(conn.execute(revoke.returning(api_keys.c.id)).scalars())
+            rows = conn.execute(_keys_query().where(api_keys.c.id.in_(ids))).mappings()
+            return [_api_key(row) for row in rows]
 
     # -- honor -------------------------------------------------------------------------------
     def honor(self, account_id: str) -> float:
@@ -351,6 +371,47 @@ class SqlAccountStore:
                 )
                 .values(last_used_at=now)
             )
+
+
+def _check_room_for_key(conn: Connection, account_id: str, max_active: int | None) -> None:
+    """InvalidArgument if there is no account ``account_id``, TooManyKeys if it has
+    ``max_active`` active keys. Locks the account's row until the transaction ends (FOR UPDATE
+    on PostgreSQL; SQLite leaves it out, its BEGIN IMMEDIATE already serialises writers)."""
+    account = select(accounts.c.nickname).where(accounts.c.id == account_id).with_for_update()
+    nickname = conn.execute(account).scalar_one_or_none()
+    if nickname is None:
+        raise InvalidArgument(f"no account with id {account_id!r}")
+    if max_active is None:
+        return
+    active = select(func.count()).where(
+        api_keys.c.account == account_id, api_keys.c.revoked_at.is_(None)
+    )
+    count = conn.execute(active).scalar_one()
+    if count >= max_active:
+        raise TooManyKeys(
+            f"the account {nickname!r} already has {count} active API keys, the most this "
+            f"server allows (DAN_MAX_KEYS_PER_ACCOUNT={max_active}); revoke one first "
+            "(DELETE /api/user/keys/{id}, or `dan keys revoke KEY_ID`)"
+        )
+
+
+def _keep_an_admin(conn: Connection, account_id: str) -> None:
+    """InvalidArgument if ``account_id`` is the only admin. Locks the admins' rows (in id
+    order, so that two such transactions cannot deadlock) until the transaction ends; a
+    PostgreSQL transaction that waited for them sees the other's demotion when it proceeds."""
+    admins = (
+        select(accounts.c.id, accounts.c.nickname)
+        .where(accounts.c.is_admin.is_(True))
+        .order_by(accounts.c.id)
+        .with_for_update()
+    )
+    rows = conn.execute(admins).all()
+    if [row.id for row in rows] == [account_id]:
+        raise InvalidArgument(
+            f"{rows[0].nickname!r} is the only admin; give the role to another account first "
+            "(`dan keys roles NICKNAME --admin`, or PATCH /api/admin/accounts/NICKNAME with "
+            '{"isAdmin": true})'
+        )
 
 
 def _insert_ignoring_conflicts(conn: Connection, table: Table) -> Insert:

@@ -5,6 +5,11 @@ the bare key. Each function here is a plain function of the request, usable as a
 dependency (``Depends(caller)``: FastAPI then runs it in its thread pool, off the event loop)
 or called directly. They raise PermissionDenied, which the error table answers with 403 and
 code 1000.
+
+A request that carries one of ``PROXY_HEADERS`` came through a reverse proxy or a tunnel, so
+its peer address says nothing about the client: with ``auth=auto`` it needs a key even on the
+embedded server. A proxy that adds none of these headers (nginx's ``proxy_pass`` as it comes, an
+SSH tunnel) cannot be told from a local client; behind one, set ``DAN_AUTH=required``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,27 @@ from fastapi import Request
 from dan.api.generation import context
 from dan.domain import Account
 from dan.errors import PermissionDenied
+
+# Headers that reverse proxies, load balancers, CDNs and tunnels (nginx and Apache when told
+# to, Caddy, Traefik, cloudflared, ngrok, ...) add to say whom they forward for.
+PROXY_HEADERS = (
+    "Forwarded",
+    "X-Forwarded-For",
+    "X-Forwarded-Host",
+    "X-Forwarded-Proto",
+    "X-Real-IP",
+    "Via",
+    "CF-Connecting-IP",
+    "True-Client-IP",
+    "X-Client-IP",
+    "X-Cluster-Client-IP",
+    "Fastly-Client-IP",
+)
+
+
+def proxy_header(request: Request) -> str | None:
+    """The first of ``PROXY_HEADERS`` the request carries, or None if it has none."""
+    return next((name for name in PROXY_HEADERS if name in request.headers), None)
 
 
 def api_key(request: Request) -> str | None:
@@ -29,7 +55,8 @@ def caller(request: Request) -> Account:
     known = getattr(request.state, "dan_account", None)
     if isinstance(known, Account):
         return known
-    account = context(request).services.accounts.authenticate(api_key(request))
+    accounts = context(request).services.accounts
+    account = accounts.authenticate(api_key(request), proxy_header=proxy_header(request))
     request.state.dan_account = account
     return account
 
@@ -53,7 +80,7 @@ def require_node_runner(request: Request) -> Account:
     if not (account.can_run_nodes or account.is_admin):
         raise PermissionDenied(
             "this account may not run nodes; an admin can allow it with "
-            "`dan keys create --nickname NAME --nodes`"
+            "`dan keys roles NICKNAME --nodes`"
         )
     return account
 

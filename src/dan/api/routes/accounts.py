@@ -1,4 +1,4 @@
-"""``/api/user/...``, ``/api/honor/...``, ``/api/admin/honor``: accounts, keys and honor.
+"""``/api/user/...``, ``/api/honor/...``, ``/api/admin/...``: accounts, keys and honor.
 
 Handlers are plain functions: FastAPI runs them (and the ``caller`` dependency, which reads the
 database) in its thread pool.
@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictBool
 
 from dan.accounts import AccountService, ApiKey
-from dan.api.auth import caller, require_admin
+from dan.api.auth import api_key, caller, require_admin
 from dan.api.generation import context
 from dan.api.routes.sd import ok
 from dan.api.schemas import real
@@ -33,6 +33,16 @@ class HonorGrantBody(BaseModel):
     nickname: str | None = None
     amount: real(-1e6, 1e6)  # type: ignore[valid-type]
     note: str | None = None
+
+
+class RolesBody(BaseModel):
+    """Body of ``PATCH /api/admin/accounts/{nickname}``: roles to give (true) or take (false);
+    a role left out is kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    isAdmin: StrictBool | None = None
+    canRunNodes: StrictBool | None = None
 
 
 def accounts(request: Request) -> AccountService:
@@ -77,6 +87,14 @@ def create_key(account: Caller, request: Request) -> dict[str, Any]:
     return ok({**key_data(new.info), "key": new.key})
 
 
+@router.delete(
+    "/api/user/keys", summary="Revoke every API key of the caller's but the one this request uses"
+)
+def revoke_other_keys(account: Caller, request: Request) -> dict[str, Any]:
+    revoked = accounts(request).revoke_keys(account, keep_key=api_key(request))
+    return ok([key_data(key) for key in revoked])
+
+
 @router.delete("/api/user/keys/{key_id}", summary="Revoke one of the caller's API keys")
 def revoke_key(key_id: str, account: Caller, request: Request) -> dict[str, Any]:
     return ok(key_data(accounts(request).revoke_key(account, key_id)))
@@ -99,3 +117,21 @@ def grant_honor(body: HonorGrantBody, admin: Admin, request: Request) -> dict[st
     target = service.find(account_id=body.account, nickname=body.nickname)
     account = service.grant_honor(target, body.amount, by=admin, note=body.note)
     return ok(account_data(account, service))
+
+
+@router.patch("/api/admin/accounts/{nickname}", summary="Give or take roles (admins only)")
+def set_roles(nickname: str, body: RolesBody, _: Admin, request: Request) -> dict[str, Any]:
+    service = accounts(request)
+    target = service.find(nickname=nickname)
+    account = service.set_roles(target, is_admin=body.isAdmin, can_run_nodes=body.canRunNodes)
+    return ok(account_data(account, service))
+
+
+@router.delete(
+    "/api/admin/accounts/{nickname}/keys",
+    summary="Revoke every API key of an account (admins only)",
+)
+def revoke_account_keys(nickname: str, _: Admin, request: Request) -> dict[str, Any]:
+    service = accounts(request)
+    revoked = service.revoke_keys(service.find(nickname=nickname))
+    return ok([key_data(key) for key in revoked])
