@@ -1,4 +1,7 @@
-"""LISTEN/NOTIFY: a watcher in one process wakes when another finishes the task."""
+"""LISTEN/NOTIFY: a watcher in one process wakes when another finishes the task.
+
+LISTEN/NOTIFY is PostgreSQL's, so this module runs on PostgreSQL only (no SQLite variant that
+would skip); without DAN_TEST_POSTGRES_URL its tests skip as postgres tests."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine
@@ -14,14 +18,28 @@ from dan.db.notify import NotifyListener
 from dan.domain import TaskKind, TaskResult
 from dan.tasks.store import NewTask, SqlTaskStore
 from dan.tasks.watcher import TaskWatcher, running
+from tests.fixtures.postgres import schema_url
 
 pytestmark = pytest.mark.postgres
+
+POSTGRES_URL = os.environ.get("DAN_TEST_POSTGRES_URL")
+
+
+def postgres_url() -> str:
+    if not POSTGRES_URL:
+        pytest.skip("set DAN_TEST_POSTGRES_URL to run the LISTEN/NOTIFY tests")
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def db_url() -> Iterator[str]:
+    """The store suite's database, on PostgreSQL only."""
+    with schema_url(postgres_url()) as url:
+        yield url
 
 
 @pytest.fixture
 def pg(db: Engine, db_url: str) -> tuple[Engine, str]:
-    if db.dialect.name != "postgresql":
-        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
     return db, db_url
 
 
@@ -56,7 +74,7 @@ def test_a_finished_task_wakes_a_slow_polling_watcher_at_once(pg: tuple[Engine, 
 
 def test_the_listener_survives_a_bad_database_url() -> None:
     calls: list[str] = []
-    url = os.environ.get("DAN_TEST_POSTGRES_URL", "postgresql+psycopg://nobody@127.0.0.1:1/x")
+    url = POSTGRES_URL or "postgresql+psycopg://nobody@127.0.0.1:1/x"
     listener = NotifyListener(url.rsplit("/", 1)[0] + "/no_such_database", calls.append)
     listener.start()
     time.sleep(0.5)
