@@ -77,11 +77,10 @@ class NotifyListener:
                         for note in conn.notifies(timeout=0.5):
                             self._on_notify(note.payload)
             except Exception:
+                self.listening.clear()
                 log.warning(
                     "LISTEN %s lost its connection; polling until it is back", self._channel
                 )
                 self._stop.wait(_RECONNECT_S)
-            finally:
-                # Not listening once the connection is gone, whether by an error or by stop():
-                # a stopped listener must not leave a caller's ``ready`` event set.
-                self.listening.clear()
+        # Stopped: a caller's ``ready`` event must not say it is still listening.
+        self.listening.clear()
