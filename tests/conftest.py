@@ -1,9 +1,62 @@
-"""Shared test configuration: no test may reach a model hub."""
+"""Shared test configuration: no test may reach a model hub; with DAN_REQUIRE_POSTGRES=1 (CI)
+no PostgreSQL test may skip."""
 
 from __future__ import annotations
 
+import gc
 import os
+import warnings
+from collections.abc import Generator
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+REQUIRE_POSTGRES = "DAN_REQUIRE_POSTGRES"
+
+# Known leaks in code outside the tests, each allowed only in the tests that meet it, until
+# fixed. WorkerSupervisor starts each worker with stdin=PIPE and never closes that pipe
+# (src/dan/workers/supervisor.py, _supervise), so every child it starts leaves an unclosed
+# file behind.
+KNOWN_LEAKS = {"tests/unit/test_supervisor.py": "unclosed file <_io.BufferedWriter"}
+
+
+def postgres_required() -> bool:
+    return os.environ.get(REQUIRE_POSTGRES, "") not in ("", "0")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if postgres_required() and not os.environ.get("DAN_TEST_POSTGRES_URL"):
+        raise pytest.UsageError(
+            f"{REQUIRE_POSTGRES} is set but DAN_TEST_POSTGRES_URL is not: the postgres tests "
+            "would skip (e.g. DAN_TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test)"
+        )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """With DAN_REQUIRE_POSTGRES set, a ``postgres`` test that skips fails instead: CI must
+    not pass without having run them."""
+    report = yield
+    if report.skipped and postgres_required() and item.get_closest_marker("postgres"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"a postgres test skipped while {REQUIRE_POSTGRES} is set: {reason}"
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    leak = KNOWN_LEAKS.get(item.nodeid.split("::")[0])
+    if leak is None:
+        return (yield)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", leak, ResourceWarning)
+        try:
+            return (yield)
+        finally:
+            gc.collect()  # the leaked objects sit in cycles: meet them here, not in a later test

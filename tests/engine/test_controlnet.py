@@ -13,7 +13,9 @@ from accelerate import init_empty_weights
 from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
+from dan.config import Settings
 from dan.domain import (
+    ControlNetSpec,
     GenerationRequest,
     HiresFix,
     Img2ImgRequest,
@@ -21,10 +23,12 @@ from dan.domain import (
     InpaintSpec,
     InstalledModel,
     MaskMode,
+    ModelFiles,
     ModelKind,
     ModelRef,
     ResizeMode,
     UpscalerChoice,
+    UpscaleRequest,
 )
 from dan.engine.checkpoint import load_sd_pipeline
 from dan.engine.controlnet import (
@@ -41,10 +45,11 @@ from dan.engine.controlnet_detect import (
     to_diffusers_names,
 )
 from dan.engine.detect import base_configs
-from dan.engine.hires import PromptEmbeds, hires_fix
+from dan.engine.hires import PromptEmbeds, hires_fix, second_pass_steps
 from dan.engine.masks import fit_image, prepare_mask
 from dan.engine.prompts import encode_prompts
 from dan.engine.samplers import make_scheduler
+from dan.engine.sd import DiffusersEngine
 from dan.engine.upscale_models import UpscalerModels
 from dan.errors import EngineError
 from tests.fixtures.tiny_controlnet import (
@@ -377,12 +382,48 @@ def test_hires_fix_with_a_zero_weight_controlnet_is_plain_hires_fix(
     assert np.array_equal(hires_image(base, unit, upscaler), hires_image(base, None, upscaler))
 
 
+def engine_files(checkpoint: Path, controlnet: Path) -> ModelFiles:
+    """What the worker passes the engine: the request's checkpoint and ControlNet by sha256."""
+    return {
+        "a" * 64: InstalledModel(
+            ModelKind.CHECKPOINT, "tiny", "a" * 64, checkpoint, checkpoint.stat().st_size
+        ),
+        "c" * 64: InstalledModel(
+            ModelKind.CONTROLNET, "control", "c" * 64, controlnet, controlnet.stat().st_size
+        ),
+    }
+
+
 @slow
-def test_hires_fix_with_a_controlnet_conditions_both_passes(
-    base: StableDiffusionPipeline, controlnet: Any
+def test_hires_fix_with_a_controlnet_conditions_its_second_pass(
+    tmp_path: Path, tiny_checkpoint: Path, files: dict[str, Path]
 ) -> None:
-    plain = hires_image(base, None)
-    controlled = hires_image(base, ControlUnit(controlnet, control_image(), weight=1.0))
-    assert np.abs(controlled - plain).mean() > 1
-    late = ControlUnit(controlnet, control_image(), weight=1.0, guidance_start=0.9)
-    assert np.abs(hires_image(base, late) - controlled).mean() > 0.5
+    """Through DiffusersEngine: a hires request equals its passes run one by one through the
+    same engine (txt2img, upscale, img2img, each with the control image), and differs from the
+    same passes with the control image on the first pass only."""
+    engine = DiffusersEngine(
+        Settings(data_dir=tmp_path / "data", device="cpu", dtype="float32")  # type: ignore[call-arg]
+    )
+    models = engine_files(tiny_checkpoint, files["original-safetensors"])
+    spec = ControlNetSpec("ring", "canny", ModelRef("c" * 64, "control"), weight=1.0)
+    lanczos = UpscalerChoice("Lanczos")
+    request = replace(generation(), control_net=spec, hires=HiresFix(1.5, 0.5, lanczos))
+    ring = control_image()
+
+    def no_progress(done: int, total: int) -> None:
+        pass
+
+    [hires] = engine.txt2img(request, models, no_progress, ring)
+    assert hires.size == (96, 96)
+    # 1. The first pass, 2. upscaled, 3. denoised again over the last half of a schedule
+    # stretched so that it runs request.steps steps, as hires fix does.
+    [first] = engine.txt2img(replace(request, hires=None), models, no_progress, ring)
+    upscaled = engine.upscale(UpscaleRequest("first", 1.5, lanczos), first, models, no_progress)
+    steps = second_pass_steps(request.steps, 0.5)
+    again = replace(request, hires=None, width=96, height=96, steps=steps)
+    second = Img2ImgRequest(again, "upscaled", ResizeMode.JUST_RESIZE, 0.5)
+    [both] = engine.img2img(second, upscaled, None, models, no_progress, ring)
+    unconditioned = replace(second, generation=replace(again, control_net=None))
+    [first_only] = engine.img2img(unconditioned, upscaled, None, models, no_progress)
+    assert np.array_equal(pixels(hires), pixels(both))
+    assert np.abs(pixels(hires) - pixels(first_only)).mean() > 1

@@ -11,12 +11,19 @@ import torch
 from diffusers import EulerAncestralDiscreteScheduler
 
 from dan.config import Settings
-from dan.domain import GenerationRequest, InstalledModel, ModelKind, ModelRef, ProgressCallback
+from dan.domain import (
+    SAMPLERS,
+    GenerationRequest,
+    InstalledModel,
+    ModelKind,
+    ModelRef,
+    ProgressCallback,
+)
 from dan.engine.checkpoint import load_sd_pipeline
 from dan.engine.device import pick_dtype
 from dan.engine.sd import DiffusersEngine
 from dan.errors import TaskCancelled, UnsupportedCheckpoint
-from tests.fixtures.tiny_sd import write_tiny_checkpoint
+from tests.fixtures.tiny_sd import CLIP, TinySd, write_checkpoint, write_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -138,14 +145,51 @@ def test_cancel_stops_at_the_next_step(engine: DiffusersEngine, checkpoint: Inst
     assert steps_run == [1, 2]
 
 
-def test_seed_reproduces_and_size_is_honoured(
-    engine: DiffusersEngine, checkpoint: InstalledModel
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_is_deterministic_per_seed(
+    engine: DiffusersEngine, checkpoint: InstalledModel, sampler: str
 ) -> None:
-    [a] = engine.txt2img(request(seed=7, width=96, height=64), files(checkpoint), no_progress)
-    [b] = engine.txt2img(request(seed=7, width=96, height=64), files(checkpoint), no_progress)
-    [c] = engine.txt2img(request(seed=8, width=96, height=64), files(checkpoint), no_progress)
-    assert a.size == (96, 64)
-    assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+    def generate(seed: int) -> bytes:
+        one = request(sampler_name=sampler, seed=seed, width=96, height=64)
+        [image] = engine.txt2img(one, files(checkpoint), no_progress)
+        assert image.size == (96, 64)
+        return image.tobytes()
+
+    first = generate(7)
+    other = generate(8)  # in between: no sampler state may carry over to the next request
+    assert generate(7) == first
+    assert other != first
+
+
+def weighted_checkpoint(tiny_sd: TinySd, path: Path) -> InstalledModel:
+    """The tiny checkpoint with a real bias in the text encoder's final LayerNorm. With the
+    fresh one (bias 0) every token's hidden state averages 0, so the chunk mean that A1111's
+    emphasis restores would be float noise; trained CLIP has a real bias."""
+    bias = torch.Generator().manual_seed(0)
+    key = CLIP + "final_layer_norm.bias"
+    state = {**tiny_sd.state_dict}
+    state[key] = torch.randn(state[key].shape, generator=bias) * 0.5 + 0.5
+    return installed(write_checkpoint(state, path, fmt="safetensors"), "a" * 64)
+
+
+def test_a1111_prompt_weights_change_the_image_and_weight_1_is_no_weight(
+    engine: DiffusersEngine, tiny_sd: TinySd, tmp_path: Path
+) -> None:
+    model = weighted_checkpoint(tiny_sd, tmp_path / "weighted.safetensors")
+
+    def generate(prompt: str, negative: str = "") -> np.ndarray:
+        one = request(prompt=prompt, negative_prompt=negative, sampler_name="Euler")
+        [image] = engine.txt2img(one, files(model), no_progress)
+        return np.asarray(image, dtype=int)
+
+    def change(image: np.ndarray, reference: np.ndarray) -> float:
+        return float(np.abs(image - reference).mean())
+
+    plain = generate("a red fox")
+    assert np.array_equal(generate("a red (fox:1.0)"), plain)
+    # More weight moves the image further from the unweighted one.
+    assert 0 < change(generate("a red (fox:1.5)"), plain) < change(generate("a red (fox:2)"), plain)
+    assert change(generate("a red fox", "(blurry:1.5)"), generate("a red fox", "blurry")) > 0
 
 
 def test_unloadable_file_is_an_engine_error(engine: DiffusersEngine, tmp_path: Path) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+from PIL.Image import Image
 
 from dan.db import create_db_engine, migrate
 from dan.domain import GenerationRequest, ModelKind, ModelRef, TaskKind, TaskStatus
@@ -75,13 +78,41 @@ def test_a_dead_engine_ends_the_loop_and_leaves_the_task_for_another_worker(
     assert store.release_worker("w") == 1  # what a restarted worker does first
 
 
+class LoadingEngine(FakeEngine):
+    """A FakeEngine with a long phase that reports no steps (like loading a checkpoint): only
+    the lease's renewal thread keeps the lease alive through it. It holds until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loading, self.release = threading.Event(), threading.Event()
+
+    def txt2img(self, *args: Any, **kwargs: Any) -> list[Image]:
+        self.loading.set()
+        assert self.release.wait(30), "the test never released the engine"
+        return super().txt2img(*args, **kwargs)
+
+
 def test_lease_is_renewed_while_a_long_task_runs(
     parts: tuple[SqlTaskStore, ModelRegistry, InMemoryBlobStore],
 ) -> None:
     store, registry, blobs = parts
-    engine = FakeEngine(step_s=0.2)
-    worker = Worker(store, engine, registry, blobs, worker_id="w", lease_s=0.3, idle_sleep_s=0.01)
+    engine = LoadingEngine()
+    lease_s = 0.6
+    worker = Worker(store, engine, registry, blobs, worker_id="w", lease_s=lease_s)
     task_id = submit(store, registry, "slow")
-    worker.run_once()  # 2 steps of 0.2 s: longer than the 0.3 s lease without renewals
-    assert store.requeue_expired() == 0
-    assert store.get(task_id).status == TaskStatus.SUCCESS  # type: ignore[union-attr]
+    thread = threading.Thread(target=worker.run_once)
+    thread.start()
+    try:
+        assert engine.loading.wait(10)
+        time.sleep(3 * lease_s)  # the task is still running, well past its first lease
+        # Without renewals the sweeper would take the task back now and hand it to another.
+        assert store.requeue_expired() == 0
+        record = store.get(task_id)
+        assert record is not None and record.status == TaskStatus.PROCESSING
+        assert record.attempts == 1
+    finally:
+        engine.release.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    record = store.get(task_id)
+    assert record is not None and record.status == TaskStatus.SUCCESS and record.attempts == 1

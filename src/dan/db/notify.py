@@ -82,3 +82,5 @@ class NotifyListener:
                     "LISTEN %s lost its connection; polling until it is back", self._channel
                 )
                 self._stop.wait(_RECONNECT_S)
+        # Stopped: a caller's ``ready`` event must not say it is still listening.
+        self.listening.clear()
