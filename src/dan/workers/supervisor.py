@@ -70,6 +70,8 @@ class WorkerSupervisor:
             argv = [*self._argv, "--session-id", session]
             self._process = subprocess.Popen(argv, env=self._env, stdin=subprocess.PIPE)
             code = self._process.wait()
+            if self._process.stdin is not None:
+                self._process.stdin.close()
             self._hand_back(session)
             if self._stopping.is_set():
                 return
