@@ -10,6 +10,7 @@ check. The detected configs are also written as a diffusers config folder (no we
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 # runs the other, so callers of this module need not know where detection lives.
 StateDict = dict[str, torch.Tensor]
 PICKLE_SUFFIXES = (".ckpt", ".pt")
+
+log = logging.getLogger(__name__)
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -78,6 +81,13 @@ def _read_pickle(path: Path) -> object:
     # Training checkpoints often pickle objects that weights_only refuses (Lightning callbacks,
     # numpy scalars), so its failure is not yet a verdict on the file.
     for weights_only in (True, False):
+        if not weights_only:
+            log.warning(
+                "%s holds more than tensors (%s); unpickling it in full, as DAN_ALLOW_CKPT "
+                "allows: this runs whatever code the file carries",
+                path.name,
+                error,
+            )
         try:
             return torch.load(path, map_location="cpu", weights_only=weights_only)
         except Exception as exc:  # unpickling raises whatever the pickled code raises
