@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import time
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from dan.db import create_db_engine
+from dan.domain import TaskResult
 from dan.engine.fake import FakeEngine
 from dan.imaging import read_parameters
+from dan.tasks.store import SqlTaskStore
 from tests.api.conftest import Api
 
 TXT2IMG = "/api/sd/txt2img"
@@ -261,3 +265,39 @@ def test_expired_results_are_deleted(api: Api) -> None:
     data = api.post("/api/sd/task/status", {"taskId": task_id})["data"]
     assert data["status"] == 2 and data["images"] == [] and "expired" in data["message"]
     assert task_id not in api.services.blobs.groups()
+
+
+def test_the_pending_limit_is_checked_before_any_image_is_decoded(api: Api) -> None:
+    for _ in range(api.services.settings.max_pending_per_account):
+        assert api.post(f"{TXT2IMG}/async", small())["_http"] == 200
+    # Decoding this would answer 400; an account at its limit is refused before it is read.
+    body = small(init_image="not an image at all " * 1000)
+    reply = api.post("/api/sd/img2img/async", body)
+    assert (reply["_http"], reply["code"]) == (429, 3002)
+
+
+def test_health_does_not_show_where_the_database_is(api: Api) -> None:
+    unreachable = create_db_engine("postgresql+psycopg://secret-owner@127.0.0.1:9/hidden")
+    api.services.store = SqlTaskStore(unreachable)
+    try:
+        reply = api.client.get("/health")
+    finally:
+        unreachable.dispose()
+    body = reply.json()
+    assert (reply.status_code, body["code"]) == (503, 2000)
+    assert body["message"] == "the database is unreachable"
+    assert not any(word in reply.text for word in ("secret-owner", "127.0.0.1", "hidden"))
+
+
+def test_v0_names_a_result_without_images_instead_of_failing(api: Api) -> None:
+    outcome: dict[str, Any] = {}
+    waiting = threading.Thread(target=lambda: outcome.update(api.post("/v0/txt2img", small())))
+    waiting.start()
+    store = api.services.store
+    deadline = time.monotonic() + 10
+    while (task := store.claim("w", lease_s=30)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert task is not None
+    assert store.complete(task.id, "w", TaskResult(caption="a caption, no image"))
+    waiting.join(10)
+    assert outcome["_http"] == 500 and "without images" in outcome["msg"]

@@ -119,6 +119,7 @@ def test_a_real_node_reports_its_files_and_runs_what_names_them(empty: Api, tmp_
         stop.set()
         thread.join(10)
         queue.close(wait_s=10)
+        client.close()
     (mine,) = call(empty, "GET", "/api/nodes/mine", donor)["data"]
     (installed,) = mine["installed"]
     listed = call(empty, "GET", "/api/sd/supportedModelInfo", user)["data"]["Models"]

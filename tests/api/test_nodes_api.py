@@ -9,6 +9,7 @@ import io
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -249,10 +250,12 @@ def test_an_admin_asks_a_node_to_pull_a_catalog_model(net: Api) -> None:
     assert gpu.take()["id"] == task_id  # type: ignore[index]
 
 
+@contextmanager
 def remote_worker(
     net: Api, key: str, name: str, http: httpx.Client | None = None
-) -> tuple[RemoteQueue, Worker, threading.Event]:
-    """The real node loop (RemoteQueue + Worker on a FakeEngine) against the live server."""
+) -> Iterator[tuple[Worker, threading.Thread]]:
+    """The real node loop (RemoteQueue + Worker on a FakeEngine) against the live server,
+    running in a thread for the block."""
     stop = threading.Event()
     client = NodeClient(str(net.client.base_url), key, stop=stop, http=http)
     files = (NodeFile(sha(net, "a"), ModelKind.CHECKPOINT, "a", "a.safetensors", 256),)
@@ -269,17 +272,22 @@ def remote_worker(
         lease_s=30,
         beat_s=0.02,
     )
-    return queue, worker, stop
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield worker, thread
+    finally:
+        stop.set()
+        thread.join(10)
+        queue.close(wait_s=10)  # the last long-poll ends before the app stops
+        client.close()
 
 
 def test_the_worker_loop_runs_over_http(net: Api) -> None:
     """The same Worker loop, on a RemoteQueue talking to the API: runs, cancels, completes."""
     donor = key_for(net, "donor", can_run_nodes=True)
     user = key_for(net, "user")
-    queue, worker, stop = remote_worker(net, donor, "remote")
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with remote_worker(net, donor, "remote"):
         done = submit(net, user, "a")
         init = base64.b64encode(png(colour=(9, 9, 9))).decode()
         redrawn = submit(net, user, "a", "/api/sd/img2img/async", init_image=init)
@@ -290,10 +298,6 @@ def test_the_worker_loop_runs_over_http(net: Api) -> None:
         call(net, "POST", "/api/sd/task/cancel", user, json={"taskId": slow})
         cancelled = wait_until(net, slow, {TaskStatus.FAILURE})
         assert cancelled["progress"] < 0.9 and "cancel" in cancelled["message"]
-    finally:
-        stop.set()
-        thread.join(10)
-        queue.close(wait_s=10)  # the last long-poll ends before the app stops
     status = call(net, "POST", "/api/sd/task/status", user, json={"taskId": done})["data"]
     assert Image.open(io.BytesIO(base64.b64decode(status["images"][0]))).size == (64, 64)
     (listed,) = call(net, "GET", "/api/nodes")["data"]
@@ -315,11 +319,10 @@ def test_a_network_cut_drops_a_lost_lease_and_the_node_serves_on(net: Api) -> No
     donor = key_for(net, "donor", can_run_nodes=True)
     user = key_for(net, "user")
     cable = CuttableTransport()
-    http = httpx.Client(base_url=net.client.base_url, transport=cable)
-    queue, worker, stop = remote_worker(net, donor, "remote", http)
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with (
+        httpx.Client(base_url=net.client.base_url, transport=cable) as http,
+        remote_worker(net, donor, "remote", http) as (worker, thread),
+    ):
         task_id = submit(net, user, "a", steps=150)
         wait_until(net, task_id, {TaskStatus.PROCESSING})
         cable.cut = True
@@ -333,10 +336,6 @@ def test_a_network_cut_drops_a_lost_lease_and_the_node_serves_on(net: Api) -> No
         cable.cut = False
         after = submit(net, user, "a")
         wait_until(net, after, {TaskStatus.SUCCESS})  # it serves on
-    finally:
-        stop.set()
-        thread.join(10)
-        queue.close(wait_s=10)
     record = net.services.tasks.get(task_id)
     assert record.status == TaskStatus.SUCCESS and record.attempts == 2
     assert net.services.tasks.images(record) == [png(colour=(5, 5, 5))]  # the late node: nothing

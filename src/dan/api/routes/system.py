@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -13,6 +14,7 @@ from dan.api.routes.sd import ok
 from dan.errors import ResourceUnavailable
 
 router = APIRouter(tags=["system"])
+log = logging.getLogger(__name__)
 
 
 @router.get("/health", summary="Liveness and database reachability")
@@ -21,7 +23,9 @@ async def health(request: Request) -> dict[str, Any]:
     try:
         await asyncio.to_thread(store.ping)
     except Exception as exc:
-        raise ResourceUnavailable(f"database unreachable: {exc}") from exc
+        # The driver's message names the database's host and user: for the log, not for anyone.
+        log.warning("health check: the database is unreachable: %s", exc)
+        raise ResourceUnavailable("the database is unreachable") from exc
     return ok({"status": "ok", "version": __version__})
 
 

@@ -13,6 +13,7 @@ from dan.api.auth import account_of
 from dan.api.errors import V0_PREFIX
 from dan.api.generation import context, submit, wait_for_success
 from dan.api.schemas import Img2ImgBody, InterrogateBody, Txt2ImgBody
+from dan.errors import NodeError
 
 router = APIRouter(prefix=V0_PREFIX, tags=["v0 format"])
 
@@ -20,7 +21,14 @@ router = APIRouter(prefix=V0_PREFIX, tags=["v0 format"])
 async def run(body: Txt2ImgBody | Img2ImgBody, request: Request) -> dict[str, Any]:
     ctx = context(request)
     record = await submit(ctx, await asyncio.to_thread(account_of, request), body)
-    return {"images": (await wait_for_success(ctx, record))["images"]}
+    return {"images": _field(await wait_for_success(ctx, record), "images", record.id)}
+
+
+def _field(data: dict[str, Any], name: str, task_id: str) -> Any:
+    """``data[name]``, or a clear failure if the task's result has another shape."""
+    if name not in data:
+        raise NodeError(f"task {task_id} finished without {name} in its result", taskId=task_id)
+    return data[name]
 
 
 @router.post("/txt2img", summary="txt2img answered in the v0 format")
@@ -37,4 +45,4 @@ async def img2img(body: Img2ImgBody, request: Request) -> dict[str, Any]:
 async def interrogate(body: InterrogateBody, request: Request) -> dict[str, Any]:
     ctx = context(request)
     record = await submit(ctx, await asyncio.to_thread(account_of, request), body)
-    return {"caption": (await wait_for_success(ctx, record))["caption"]}
+    return {"caption": _field(await wait_for_success(ctx, record), "caption", record.id)}
