@@ -148,6 +148,25 @@ def check_result_png(data: bytes, width: int, height: int, max_bytes: int) -> No
         raise InvalidArgument(f"the PNG is damaged or truncated ({exc})") from exc
 
 
+THUMBNAIL = (32, 32)
+
+
+def picture_distance(first: bytes, second: bytes) -> float:
+    """How different two pictures are, 0 (the same) to 1: the root-mean-square difference of
+    their 32x32 colour thumbnails (box-filtered, values 0-1).
+
+    Two runs of one task on different GPUs, dtypes or thread counts differ in fine detail,
+    which the thumbnail averages away; another seed or another prompt changes the
+    composition, which it keeps. Images of different sizes are as different as can be (1)."""
+    with Image.open(io.BytesIO(first)) as a, Image.open(io.BytesIO(second)) as b:
+        if a.size != b.size:
+            return 1.0
+        small_a = np.asarray(a.convert("RGB").resize(THUMBNAIL, Image.Resampling.BOX))
+        small_b = np.asarray(b.convert("RGB").resize(THUMBNAIL, Image.Resampling.BOX))
+    difference = (small_a.astype(np.float64) - small_b.astype(np.float64)) / 255.0
+    return float(np.sqrt(np.mean(difference**2)))
+
+
 def load_png(data: bytes) -> Image.Image:
     """An image stored by :func:`encode_input_png`, loaded."""
     image = Image.open(io.BytesIO(data))

@@ -17,8 +17,10 @@ from dan.db import create_db_engine, migrate
 from dan.domain import ModelKind
 from dan.models.registry import ModelRegistry
 from dan.nodes import NetworkModels, NodeService, SqlNodeStore
+from dan.nodes.checks import ResultChecks
 from dan.nodes.store import NodeRules
 from dan.storage import BlobStore, LocalBlobStore, SqlBlobStore
+from dan.tasks.checks import SqlCheckStore
 from dan.tasks.service import TaskService
 from dan.tasks.store import QueueRules, SqlTaskStore, TaskStore
 
@@ -35,6 +37,7 @@ class Services:
     accounts: AccountService
     nodes: NodeService
     models: NetworkModels  # what requests may name: this server's files and online nodes'
+    checks: ResultChecks  # re-runs of nodes' results, compared
 
     def close(self) -> None:
         self.db.dispose()
@@ -120,8 +123,12 @@ def build_services(settings: Settings) -> Services:
         weight_of=accounts.weight_of,
         local_files=lambda: installed_hashes(registry),
     )
-    nodes = NodeService(node_store, store, blobs, registry.catalog, settings)
-    return Services(settings, db, store, blobs, registry, tasks, key, accounts, nodes, models)
+    check_store = SqlCheckStore(db, online_window_s=settings.node_offline_after_s)
+    checks = ResultChecks(check_store, node_store, blobs, settings)
+    nodes = NodeService(node_store, store, blobs, registry.catalog, settings, checks)
+    return Services(
+        settings, db, store, blobs, registry, tasks, key, accounts, nodes, models, checks
+    )
 
 
 def build_accounts(settings: Settings, db: Engine, *, public_key: str | None) -> AccountService:

@@ -97,3 +97,7 @@ def worker(api: Api, fake_engine: FakeEngine) -> Iterator[Worker]:
     yield worker
     stop.set()
     thread.join(10)
+
+
+# The live network server of tests/fixtures/network.py, for the node and check suites.
+from tests.fixtures.network import start as start  # noqa: E402

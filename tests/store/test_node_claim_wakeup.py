@@ -14,8 +14,10 @@ from dan.config import Settings
 from dan.domain import Account, ClaimedTask, TaskKind
 from dan.models.catalog import load_catalog
 from dan.nodes import NodeService, SqlNodeStore
+from dan.nodes.checks import ResultChecks
 from dan.nodes.store import Session
 from dan.storage import InMemoryBlobStore
+from dan.tasks.checks import SqlCheckStore
 from dan.tasks.store import NewTask, SqlTaskStore
 
 DONOR = Account("donor", "donor", can_run_nodes=True)
@@ -56,12 +58,15 @@ def make_service(
     tasks = CountingStore(db)
     nodes = SqlNodeStore(db)
     time = FakeTime()
+    blobs = InMemoryBlobStore()
+    checks = ResultChecks(SqlCheckStore(db), nodes, blobs, settings)
     service = NodeService(
         nodes,
         tasks,
-        InMemoryBlobStore(),
+        blobs,
         load_catalog(),
         settings,
+        checks,
         sleep=time.sleep,
         monotonic=time.monotonic,
     )

@@ -24,12 +24,13 @@ SWEEP_INTERVAL_S = 5.0
 
 
 async def _sweep_forever(services: Services) -> None:
-    """End overdue runs and silent node sessions, delete expired results, forever; errors
-    are logged."""
+    """End overdue runs and silent node sessions, settle result checks, delete expired
+    results, forever; errors are logged."""
     while True:
         try:
             await asyncio.to_thread(services.tasks.sweep, time.time())
             await asyncio.to_thread(services.nodes.expire_sessions)
+            await asyncio.to_thread(services.checks.settle_open)
         except Exception:
             log.exception("sweep failed; will retry")
         await asyncio.sleep(SWEEP_INTERVAL_S)

@@ -17,10 +17,13 @@ from dan.domain import (
     DetectRequest,
     GenerationRequest,
     Img2ImgRequest,
+    InpaintArea,
     InterrogateRequest,
     ModelFiles,
     ProgressCallback,
     UpscaleRequest,
+    hires_size,
+    scaled_size,
 )
 from dan.errors import EngineError, FatalEngineError
 
@@ -28,6 +31,7 @@ from dan.errors import EngineError, FatalEngineError
 class FakeEngine:
     FAIL_PROMPT = "fake:fail"
     FATAL_PROMPT = "fake:fatal"
+    OOM_PROMPT = "fake:oom"  # the host runs out of memory (MemoryError) mid-task
 
     def __init__(self, *, step_s: float = 0.0) -> None:
         self.step_s = step_s
@@ -51,8 +55,13 @@ class FakeEngine:
             progress(step + 1, request.steps)
         if request.prompt == self.FAIL_PROMPT:
             raise EngineError("the fake engine was told to fail")
+        if request.prompt == self.OOM_PROMPT:
+            raise MemoryError("the fake host is out of memory")
         colour = tuple(random.Random(request.seed).randrange(256) for _ in range(3))
-        return [PILImage.new("RGB", (request.width, request.height), colour)]
+        size = (request.width, request.height)
+        if request.hires is not None:
+            size = hires_size(request.width, request.height, request.hires.scale)
+        return [PILImage.new("RGB", size, colour)]
 
     def img2img(
         self,
@@ -63,8 +72,12 @@ class FakeEngine:
         progress: ProgressCallback,
         control_image: Image | None = None,
     ) -> list[Image]:
-        """The txt2img image, pasted over ``init_image`` where ``mask`` is white."""
+        """The txt2img image, pasted over ``init_image`` where ``mask`` is white (at the init
+        image's size when only the masked area is redrawn, as the real engine does)."""
         [generated] = self.txt2img(request.generation, files, progress)
+        inpaint = request.inpaint
+        if inpaint is not None and inpaint.inpaint_area == InpaintArea.ONLY_MASKED:
+            generated = generated.resize(init_image.size)
         base = init_image.convert("RGB").resize(generated.size)
         if mask is None:
             return [generated]
@@ -74,8 +87,7 @@ class FakeEngine:
         self, request: UpscaleRequest, image: Image, files: ModelFiles, progress: ProgressCallback
     ) -> Image:
         progress(1, 1)
-        size = (round(image.width * request.rate), round(image.height * request.rate))
-        return image.resize(size, PILImage.Resampling.NEAREST)
+        return image.resize(scaled_size(image.size, request.rate), PILImage.Resampling.NEAREST)
 
     def detect(
         self, request: DetectRequest, image: Image, files: ModelFiles, progress: ProgressCallback

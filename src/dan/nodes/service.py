@@ -44,6 +44,7 @@ from dan.errors import (
 )
 from dan.imaging import check_result_png
 from dan.models.catalog import Catalog
+from dan.nodes.checks import ResultChecks
 from dan.nodes.protocol import MAX_ERROR_CHARS, MAX_WAIT_S, parse_result_key, result_key
 from dan.nodes.store import (
     NodeFile,
@@ -94,11 +95,13 @@ class NodeService:
         blobs: BlobStore,
         catalog: Catalog,
         settings: Settings,
+        checks: ResultChecks,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._nodes, self._tasks, self._blobs = nodes, tasks, blobs
+        self._checks = checks
         self._catalog = catalog
         self._settings = settings
         self._sleep, self._monotonic = sleep, monotonic
@@ -263,19 +266,29 @@ class NodeService:
         ResultRefused (the task back in the queue) if the result is not what the task asks
         for; TaskNotHeld if the session no longer holds the task."""
         session, held = self._check_holds(account, node_id, session_id, task_id)
+        node = self._get(node_id)
         problem = self._result_problem(held, result)
+        if node.suspect:
+            problem = f"node {node.name!r} is suspect ({node.suspect_reason})"
         if problem is not None:
             self._refuse(session, held, problem)
+        plan = self._checks.plan(held, node, trusted=_trusted(account))
         own = held.account == session.account
         reward = Reward(
             session.account,
             0.0 if own else self._task_rate(session.account),
             node_id,
-            held=self._nodes.on_probation(node_id),
+            held=node.checks_passed < self._settings.probation_checks,
             work=not own,
         )
-        if not self._tasks.complete(task_id, session.worker_id, result, reward=reward):
+        hold_s = self._checks.hold_s(plan)
+        if not self._tasks.complete(
+            task_id, session.worker_id, result, reward=reward, hold_s=hold_s
+        ):
             raise _not_held(task_id)
+        self._checks.start(task_id, session.account, plan)
+        if held.verify_of is not None:  # a verification run: settle its check at once
+            self._checks.settle(held.verify_of)
 
     def fail(
         self, account: Account, node_id: str, session_id: str, task_id: str, error: str
@@ -283,8 +296,11 @@ class NodeService:
         """Record that the task failed on the node, with the node's message."""
         session = self.session(account, node_id, session_id)
         message = error.strip()[:MAX_ERROR_CHARS] or "the task failed on the node"
+        held = self._tasks.held(task_id)
         if not self._tasks.fail(task_id, session.worker_id, message):
             raise _not_held(task_id)
+        if held is not None and held.verify_of is not None:
+            self._checks.settle(held.verify_of)
 
     # -- listings, pulls and suspects ----------------------------------------------------------
     def list_public(self) -> list[PublicNode]:
@@ -449,6 +465,11 @@ class NodeService:
 
     def _task_rate(self, owner: str) -> float:
         return 0.0 if owner == LOCAL_ACCOUNT else self._settings.honor_per_task
+
+
+def _trusted(account: Account) -> bool:
+    """Whose nodes' results are never checked: the local worker's, and admins'."""
+    return account.id == LOCAL_ACCOUNT or account.is_admin
 
 
 def _not_held(task_id: str) -> TaskNotHeld:

@@ -179,10 +179,17 @@ class TaskStore(Protocol):
         ...
 
     def complete(
-        self, task_id: str, worker_id: str, result: TaskResult, *, reward: Reward | None = None
+        self,
+        task_id: str,
+        worker_id: str,
+        result: TaskResult,
+        *,
+        reward: Reward | None = None,
+        hold_s: float | None = None,
     ) -> bool:
         """Mark success and grant ``reward`` (once per task) in one transaction; False (and no
-        change) if the worker no longer holds the task."""
+        change) if the worker no longer holds the task. With ``hold_s``, keep the result
+        unshown until its check settles (at most ``hold_s``; see dan.tasks.checks)."""
         ...
 
     def fail(self, task_id: str, worker_id: str, error: str) -> bool:

@@ -163,7 +163,7 @@ class SqlTaskStore:
             return [_record(row, 0) for row in conn.execute(query).mappings()]
 
     def statistics(self) -> Statistics:
-        ok = tasks.c.status == TaskStatus.SUCCESS
+        ok = and_(tasks.c.status == TaskStatus.SUCCESS, tasks.c.verify_of.is_(None))
         with self._read() as conn:
             now = self._time.now(conn)
 
@@ -279,15 +279,26 @@ class SqlTaskStore:
         return Heartbeat(held=True, cancel_requested=bool(row.cancel_requested))
 
     def complete(
-        self, task_id: str, worker_id: str, result: TaskResult, *, reward: Reward | None = None
+        self,
+        task_id: str,
+        worker_id: str,
+        result: TaskResult,
+        *,
+        reward: Reward | None = None,
+        hold_s: float | None = None,
     ) -> bool:
-        values = {"status": TaskStatus.SUCCESS, "result": _result_json(result), "progress": 1.0}
+        """See TaskStore. With ``hold_s`` the result is kept but not shown: the task stays
+        running, held by no worker, until its check settles it (dan.tasks.checks) or
+        ``hold_s`` passes."""
         with self._engine.begin() as conn:
-            if not self._finish_in(conn, task_id, worker_id, values):
-                return False
-            if reward is not None:
+            if hold_s is None:
+                values = {"status": TaskStatus.SUCCESS, "result": result_json(result)}
+                done = self._finish_in(conn, task_id, worker_id, {**values, "progress": 1.0})
+            else:
+                done = self._hold_in(conn, task_id, worker_id, result, hold_s)
+            if done and reward is not None:
                 self._reward(conn, task_id, reward)
-            return True
+            return done
 
     def fail(self, task_id: str, worker_id: str, error: str) -> bool:
         with self._engine.begin() as conn:
@@ -301,10 +312,11 @@ class SqlTaskStore:
     def requeue_expired(self) -> int:
         with self._engine.begin() as conn:
             now = self._time.now(conn)
-            running = tasks.c.status == PROCESSING
+            processing = tasks.c.status == PROCESSING
+            running = and_(processing, tasks.c.worker_id.is_not(None))  # not a held result
             cancelled = conn.execute(
                 update(tasks)
-                .where(running, tasks.c.cancel_requested.is_(True), tasks.c.cancel_by < now)
+                .where(processing, tasks.c.cancel_requested.is_(True), tasks.c.cancel_by < now)
                 .values(**_ended(TaskStatus.FAILURE, now), error=CANCELLED_MESSAGE)
                 .returning(tasks.c.id)
             ).all()
@@ -431,6 +443,23 @@ class SqlTaskStore:
                 notify(conn, QUEUED)
         return len(failed) + int(requeued)
 
+    def _hold_in(
+        self, conn: Connection, task_id: str, worker_id: str, result: TaskResult, hold_s: float
+    ) -> bool:
+        held = conn.execute(
+            update(tasks)
+            .where(*_held_by(task_id, worker_id))
+            .values(
+                result=result_json(result),
+                progress=1.0,
+                worker_id=None,
+                lease_expires_at=None,
+                deadline=self._time.now(conn) + hold_s,
+                verification="held",
+            )
+        )
+        return bool(held.rowcount == 1)
+
     def _finish_in(
         self, conn: Connection, task_id: str, worker_id: str, values: dict[str, Any]
     ) -> bool:
@@ -551,7 +580,7 @@ def _insert_files(conn: Connection, task_id: str, requires: Iterable[str]) -> No
         conn.execute(task_files.insert(), rows)
 
 
-def _result_json(result: TaskResult) -> dict[str, Any]:
+def result_json(result: TaskResult) -> dict[str, Any]:
     payload: dict[str, Any] = {"image_keys": list(result.image_keys), "seeds": list(result.seeds)}
     if result.caption is not None:
         payload["caption"] = result.caption
