@@ -21,8 +21,8 @@ from dan.domain import (
 )
 from dan.engine.checkpoint import load_sd_pipeline
 from dan.engine.device import pick_dtype
-from dan.engine.sd import DiffusersEngine
-from dan.errors import TaskCancelled, UnsupportedCheckpoint
+from dan.engine.sd import DiffusersEngine, _engine_errors
+from dan.errors import EngineError, FatalEngineError, TaskCancelled, UnsupportedCheckpoint
 from tests.fixtures.tiny_sd import CLIP, TinySd, write_checkpoint, write_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -203,3 +203,11 @@ def test_dtype_choice() -> None:
     assert pick_dtype("auto", torch.device("cuda")) == torch.float16
     assert pick_dtype("float32", torch.device("cpu")) == torch.float32
     assert pick_dtype("auto", torch.device("cpu")) in (torch.bfloat16, torch.float32)
+
+
+def test_out_of_memory_fails_the_task_and_a_broken_gpu_the_worker() -> None:
+    with pytest.raises(EngineError) as caught, _engine_errors("512x512"):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert not isinstance(caught.value, FatalEngineError) and "512x512" in caught.value.message
+    with pytest.raises(FatalEngineError), _engine_errors("512x512"):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine
+from sqlalchemy import Engine, MetaData, select
 
-from dan.db.tables import metadata
+from dan.db import create_db_engine, migrate
+from dan.db.tables import metadata, node_files, task_files
 
 
 def test_migrations_match_the_table_definitions(db: Engine) -> None:
@@ -14,3 +17,77 @@ def test_migrations_match_the_table_definitions(db: Engine) -> None:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         differences = [d for d in compare_metadata(context, metadata) if d[0] != "remove_table"]
     assert differences == []
+
+
+def test_processes_migrating_at_once_all_succeed(db_url: str) -> None:
+    # Every API replica and worker migrates when it starts; they take turns under a lock.
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            migrate(db_url)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    engine = create_db_engine(db_url)
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert [d for d in compare_metadata(context, metadata) if d[0] != "remove_table"] == []
+    engine.dispose()
+
+
+def test_0003_moves_the_installed_and_required_lists_into_rows(db_url: str) -> None:
+    migrate(db_url, "0002")
+    engine = create_db_engine(db_url)
+    old = MetaData()
+    old.reflect(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            old.tables["nodes"]
+            .insert()
+            .values(
+                id="n1",
+                account="donor",
+                name="gpu",
+                capabilities={},
+                installed=["a" * 64, "b" * 64],
+                loaded=[],
+                pull=[],
+                tasks_done=0,
+                registered_at=0.0,
+                last_seen_at=0.0,
+                rewarded_until=0.0,
+            )
+        )
+        for task_id, status in (("pending", 0), ("done", 2)):
+            conn.execute(
+                old.tables["tasks"]
+                .insert()
+                .values(
+                    id=task_id,
+                    account="user",
+                    kind="txt2img",
+                    status=status,
+                    tag=1.0,
+                    params={},
+                    created_at=0.0,
+                    progress=0.0,
+                    attempts=0,
+                    cancel_requested=False,
+                    expired=False,
+                    requires=["a" * 64],
+                )
+            )
+    migrate(db_url)
+    with engine.connect() as conn:
+        files = conn.execute(select(node_files.c.node_id, node_files.c.sha256)).all()
+        needs = conn.execute(select(task_files.c.task_id, task_files.c.sha256)).all()
+    engine.dispose()
+    assert sorted(files) == [("n1", "a" * 64), ("n1", "b" * 64)]
+    assert needs == [("pending", "a" * 64)]  # a finished task will never be claimed again

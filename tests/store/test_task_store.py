@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
+from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 
+from dan.db import create_db_engine, migrate
+from dan.db.tables import tasks
 from dan.domain import TaskKind, TaskResult, TaskStatus
 from dan.errors import TooManyPendingTasks
-from dan.tasks.store import CANCELLED_MESSAGE, NewTask, QueueRules, SqlTaskStore
-from tests.store.conftest import Clock
+from dan.tasks.store import CANCELLED_MESSAGE, NewTask, Offer, QueueRules, SqlTaskStore
+from tests.fixtures.postgres import schema_url
+from tests.store.conftest import POSTGRES_URL, Clock
 
 LEASE = 30.0
 
@@ -241,3 +246,95 @@ def test_migrations_are_idempotent(db_url: str, db: Engine) -> None:
 
     migrate(db_url)  # the fixture already migrated once
     assert SqlTaskStore(db).statistics().total == 0
+
+
+def test_concurrent_submits_never_pass_the_pending_limit(db_url: str, db: Engine) -> None:
+    # Every submit is its own client (engine); on PostgreSQL the count-then-insert would race.
+    engines = [create_db_engine(db_url) for _ in range(10)]
+    limit, refused = 7, []
+    barrier = threading.Barrier(len(engines))
+
+    def flood(engine: Engine) -> None:
+        store = SqlTaskStore(engine)
+        barrier.wait()
+        for _ in range(10):
+            try:
+                submit(store, "flood", max_pending=limit)
+            except TooManyPendingTasks:
+                refused.append(1)
+
+    threads = [threading.Thread(target=flood, args=(engine,)) for engine in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for engine in engines:
+        engine.dispose()
+    assert SqlTaskStore(db).pending_count("flood") == limit and len(refused) == 100 - limit
+
+
+def test_expired_tasks_forget_their_prompt_parameters_and_caption(
+    store: SqlTaskStore, clock: Clock
+) -> None:
+    task_id = store.submit(
+        NewTask(str(uuid.uuid4()), "a", TaskKind.INTERROGATE, {"prompt": "secret"}),
+        max_pending=10,
+    ).id
+    store.claim("w", lease_s=LEASE)
+    store.complete(task_id, "w", TaskResult(caption="a private caption"))
+    store.mark_expired([task_id])
+    record = store.get(task_id)
+    assert record is not None and record.expired and record.status == TaskStatus.SUCCESS
+    assert record.params == {} and record.result.caption is None
+
+
+def sqlite_db(tmp_path: Path) -> Engine:
+    url = f"sqlite:///{tmp_path / 'q.sqlite3'}"
+    migrate(url)
+    return create_db_engine(url)
+
+
+def test_a_waiting_claim_with_nothing_for_it_does_not_take_the_write_lock(
+    tmp_path: Path,
+) -> None:
+    # SQLite's write lock (PostgreSQL claims skip locked rows instead).
+    db = sqlite_db(tmp_path)
+    store = SqlTaskStore(db)
+    task = NewTask(str(uuid.uuid4()), "someone", TaskKind.TXT2IMG, {}, requires=("f" * 64,))
+    store.submit(task, max_pending=10)  # pending, but the claiming node lacks its file
+    with db.begin():  # another process holds the write lock (BEGIN IMMEDIATE)
+        started = time.monotonic()
+        offer = Offer(node_id="a-node-with-no-files", account="a")
+        assert SqlTaskStore(db).claim("w", lease_s=LEASE, offer=offer) is None
+        assert time.monotonic() - started < 1.0  # not waiting 30 s for the lock
+    db.dispose()
+
+
+def test_submit_reads_the_virtual_time_from_its_partial_index(tmp_path: Path) -> None:
+    # Checked on SQLite: PostgreSQL's plan depends on the table's statistics.
+    db = sqlite_db(tmp_path)
+    claimed = select(func.max(tasks.c.tag)).where(tasks.c.started_at.is_not(None))
+    with db.connect() as conn:
+        sql = str(claimed.compile(conn, compile_kwargs={"literal_binds": True}))
+        plan = " ".join(str(row) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
+    db.dispose()
+    assert "ix_tasks_started_tag" in plan
+
+
+@pytest.mark.postgres
+def test_leases_run_on_the_database_clock_not_this_process_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if not POSTGRES_URL:
+        pytest.skip("set DAN_TEST_POSTGRES_URL: SQLite's clock is its machine's own")
+    with schema_url(POSTGRES_URL) as url:
+        migrate(url)
+        db = create_db_engine(url)
+        store = SqlTaskStore(db)  # no test clock: the database's time
+        task_id = submit(store)
+        assert store.claim("w", lease_s=LEASE) is not None
+        fast = time.time() + 3600
+        monkeypatch.setattr(time, "time", lambda: fast)  # this machine's clock runs an hour fast
+        assert store.requeue_expired() == 0
+        assert store.heartbeat(task_id, "w", lease_s=LEASE).held
+        db.dispose()

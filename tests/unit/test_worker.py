@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from PIL.Image import Image
+from sqlalchemy.exc import OperationalError
 
 from dan.db import create_db_engine, migrate
 from dan.domain import GenerationRequest, ModelKind, ModelRef, TaskKind, TaskStatus
@@ -116,3 +117,52 @@ def test_lease_is_renewed_while_a_long_task_runs(
     assert not thread.is_alive()
     record = store.get(task_id)
     assert record is not None and record.status == TaskStatus.SUCCESS and record.attempts == 1
+
+
+class FlakyQueue:
+    """The real store, whose heartbeats fail ``failures`` times first (a database restart)."""
+
+    def __init__(self, store: SqlTaskStore, failures: int) -> None:
+        self._store, self.failures = store, failures
+        self.claim, self.complete, self.fail = store.claim, store.complete, store.fail
+
+    def heartbeat(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failures > 0:
+            self.failures -= 1
+            raise OperationalError("SELECT 1", {}, Exception("the database restarts"))
+        return self._store.heartbeat(*args, **kwargs)
+
+
+def test_a_database_hiccup_during_a_run_does_not_fail_the_task(
+    parts: tuple[SqlTaskStore, ModelRegistry, InMemoryBlobStore],
+) -> None:
+    store, registry, blobs = parts
+    queue = FlakyQueue(store, failures=4)
+    engine = FakeEngine(step_s=0.25)  # 2 steps: 0.5 s, about 10 beats
+    worker = Worker(queue, engine, registry, blobs, worker_id="w", lease_s=5, beat_s=0.05)
+    task_id = submit(store, registry, "a slow one")
+    assert worker.run_once()
+    assert queue.failures == 0  # the heartbeats failed, and were tried again
+    assert store.get(task_id).status == TaskStatus.SUCCESS  # type: ignore[union-attr]
+
+
+def test_running_out_of_memory_fails_the_task_not_the_worker(
+    parts: tuple[SqlTaskStore, ModelRegistry, InMemoryBlobStore],
+) -> None:
+    store, registry, _ = parts
+    worker = make_worker(parts, FakeEngine())
+    hungry = submit(store, registry, FakeEngine.OOM_PROMPT)
+    after = submit(store, registry, "fine")
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while store.get(after).status != TaskStatus.SUCCESS and time.monotonic() < deadline:  # type: ignore[union-attr]
+        time.sleep(0.01)
+    assert thread.is_alive()
+    stop.set()
+    thread.join(5)
+    record = store.get(hungry)
+    assert record is not None and record.status == TaskStatus.FAILURE
+    assert "out of memory" in (record.error or "")
+    assert store.get(after).status == TaskStatus.SUCCESS  # type: ignore[union-attr]

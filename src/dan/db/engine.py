@@ -50,15 +50,15 @@ def _make_sqlite_transactional(engine: Engine) -> None:
 MIGRATION_LOCK = 0x64616E6D  # PostgreSQL advisory lock key ("danm")
 
 
-def migrate(url: str) -> None:
-    """Bring the database at ``url`` to the newest schema (idempotent). Processes starting
-    together (API replicas, a worker) take turns: each migrates under a lock, the later ones
-    find nothing to do."""
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the database at ``url`` to the newest schema (or to ``revision``); idempotent.
+    Processes starting together (API replicas, a worker) take turns: each migrates under a
+    lock, the later ones find nothing to do."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     with _migration_lock(url):
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
 
 
 @contextlib.contextmanager
