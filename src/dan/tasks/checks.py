@@ -30,7 +30,7 @@ from dan.db.clock import Clock, DatabaseClock
 from dan.db.notify import FINISHED, QUEUED, notify
 from dan.db.tables import accounts, node_files, nodes, task_exclusions, task_files, tasks
 from dan.domain import TaskKind, TaskResult, TaskStatus
-from dan.tasks.store import result_json
+from dan.tasks.store import result_from_json, result_json
 
 VERIFY_ACCOUNT = "verifier"  # the account verification runs are queued under
 OPEN_STATES = ("held", "checking", "disputed")
@@ -242,7 +242,6 @@ def _outcomes(where: Any) -> Any:
 
 
 def _outcome(row: Any) -> Outcome:
-    result = row.result or {}
     return Outcome(
         id=row.id,
         kind=TaskKind(row.kind),
@@ -250,11 +249,7 @@ def _outcome(row: Any) -> Outcome:
         verification=row.verification,
         node_id=row.node_id,
         node_account=row.node_account,
-        result=TaskResult(
-            image_keys=tuple(result.get("image_keys", ())),
-            seeds=tuple(result.get("seeds", ())),
-            caption=result.get("caption"),
-        ),
+        result=result_from_json(row.result),
         admin_node=bool(row.admin_node),
     )
 

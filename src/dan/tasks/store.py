@@ -506,20 +506,34 @@ class SqlTaskStore:
 
     def _position(self, conn: Connection, row: RowMapping) -> int:
         """1 + the number of pending tasks that run before this pending one; tasks for a
-        checkpoint no online node has are not counted (they cannot run before it)."""
-        conditions: list[ColumnElement[bool]] = [
+        checkpoint no online node has are not counted (they cannot run before it).
+
+        The tasks ahead are grouped by checkpoint first, so whether an online node has it is
+        asked once per checkpoint, not once per task (with thousands of nodes' files that is
+        the difference between a millisecond and tens)."""
+        ahead = [
             tasks.c.status == PENDING,
             tuple_(tasks.c.tag, tasks.c.seq) < tuple_(row["tag"], row["seq"]),
         ]
         online = self._online_nodes(conn)
-        if conn.execute(select(online.exists())).scalar_one():
-            served = exists().where(
-                node_files.c.sha256 == tasks.c.model_sha256,
-                node_files.c.node_id.in_(online),
-            )
-            conditions.append(or_(tasks.c.model_sha256.is_(None), served))
-        ahead = select(func.count()).where(*conditions)
-        return int(conn.execute(ahead).scalar_one()) + 1
+        if not conn.execute(select(online.exists())).scalar_one():
+            return int(conn.execute(select(func.count()).where(*ahead)).scalar_one()) + 1
+        since = self._time.now(conn) - self._rules.online_window_s
+        groups = (
+            select(tasks.c.model_sha256.label("sha256"), func.count().label("n"))
+            .where(*ahead)
+            .group_by(tasks.c.model_sha256)
+            .subquery()
+        )
+        served = exists().where(
+            node_files.c.sha256 == groups.c.sha256,
+            nodes.c.id == node_files.c.node_id,
+            nodes.c.last_seen_at >= since,
+        )
+        total = select(func.coalesce(func.sum(groups.c.n), 0)).where(
+            or_(groups.c.sha256.is_(None), served)
+        )
+        return int(conn.execute(total).scalar_one()) + 1
 
 
 def _runtime_limit(rules: QueueRules) -> Any:
@@ -605,8 +619,17 @@ def _new_row(task: NewTask, now: float) -> dict[str, Any]:
     }
 
 
+def result_from_json(data: Any) -> TaskResult:
+    """The TaskResult a task row's ``result`` holds (empty for none)."""
+    result = data or {}
+    return TaskResult(
+        image_keys=tuple(result.get("image_keys", ())),
+        seeds=tuple(result.get("seeds", ())),
+        caption=result.get("caption"),
+    )
+
+
 def _record(row: RowMapping, position: int) -> TaskRecord:
-    result = row["result"] or {}
     return TaskRecord(
         id=row["id"],
         account=row["account"],
@@ -618,11 +641,7 @@ def _record(row: RowMapping, position: int) -> TaskRecord:
         finished_at=row["finished_at"],
         progress=row["progress"],
         error=row["error"],
-        result=TaskResult(
-            image_keys=tuple(result.get("image_keys", ())),
-            seeds=tuple(result.get("seeds", ())),
-            caption=result.get("caption"),
-        ),
+        result=result_from_json(row["result"]),
         attempts=row["attempts"],
         cancel_requested=bool(row["cancel_requested"]),
         expired=bool(row["expired"]),
