@@ -14,7 +14,7 @@ from typing import Any
 
 from dan import __version__
 from dan.config import Settings
-from dan.domain import LOCAL_ACCOUNT, LOCAL_NODE_NAME, Account, ModelKind
+from dan.domain import Account, ModelKind
 from dan.errors import DanError
 
 log = logging.getLogger("dan")
@@ -66,8 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from dan.api.app import create_app
     from dan.models.bootstrap import ensure_default_checkpoint
-    from dan.nodes.store import node_id_for
     from dan.services import build_services
+    from dan.workers.local import LOCAL_NODE_ID, local_session_id, orphaned
     from dan.workers.supervisor import WorkerSupervisor
 
     overrides: dict[str, Any] = {}
@@ -83,10 +83,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ).start()
     supervisor = None
     if settings.worker:
-        local_node = node_id_for(LOCAL_ACCOUNT, LOCAL_NODE_NAME)
+        # A worker of a server that died (kill -9, a power cut) held its tasks until their
+        # leases ran out: hand them back at once.
+        for session in orphaned(services.nodes.sessions_of(LOCAL_NODE_ID)):
+            services.nodes.end_session(LOCAL_NODE_ID, session.id)
         supervisor = WorkerSupervisor(
             settings_env(settings),
-            on_exit=lambda session: services.nodes.end_session(local_node, session),
+            on_exit=lambda session: services.nodes.end_session(LOCAL_NODE_ID, session),
+            new_session=lambda: local_session_id(os.getpid()),
         )
     if supervisor:
         supervisor.start()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from dan.models.registry import ModelRegistry
 from dan.nodes.store import SqlNodeStore
 from dan.storage import InMemoryBlobStore
 from dan.tasks.store import NewTask, SqlTaskStore
-from dan.workers.local import LocalNodeQueue
+from dan.workers.local import LOCAL_NODE_ID, LocalNodeQueue, local_session_id, orphaned
 from dan.workers.loop import Worker
 from tests.api.conftest import install_dummy_checkpoint
 
@@ -109,4 +112,25 @@ def test_two_workers_on_one_data_dir_never_hand_back_each_others_tasks(tmp_path:
     assert store.get(task_id).status == TaskStatus.PROCESSING  # type: ignore[union-attr]
     assert first.stop() == 1
     assert store.get(task_id).status == TaskStatus.PENDING  # type: ignore[union-attr]
+    db.dispose()
+
+
+def test_a_dead_servers_worker_sessions_are_found_and_a_live_ones_are_not(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'q.sqlite3'}"
+    migrate(url)
+    db = create_db_engine(url)
+    nodes = SqlNodeStore(db)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    ids = {
+        "dead": local_session_id(gone.pid),  # its server was killed
+        "alive": local_session_id(os.getpid()),
+        "elsewhere": f"other-host:{gone.pid}:abc",  # another machine's: not ours to judge
+    }
+    for session_id in ids.values():
+        nodes.register(LOCAL_ACCOUNT, LOCAL_NODE_NAME, {}, [], [], session_id=session_id)
+    found = orphaned(nodes.sessions_of(LOCAL_NODE_ID))
+    assert [s.id for s in found] == [ids["dead"]]
     db.dispose()

@@ -191,7 +191,7 @@ node_files = Table(
 node_sessions = Table(
     "node_sessions",
     metadata,
-    Column("id", String(36), primary_key=True),
+    Column("id", String(64), primary_key=True),
     Column("node_id", String(36), nullable=False, index=True),
     Column("account", String(128), nullable=False, index=True),
     Column("slots", Integer, nullable=False),  # tasks it runs at once

@@ -146,13 +146,17 @@ class NodeService:
         self._touched.pop(session_id, None)
         return released
 
+    def sessions_of(self, node_id: str) -> list[Session]:
+        return self._nodes.sessions_of(node_id)
+
     def expire_sessions(self) -> int:
         """End the sessions of processes not heard from for the offline limit, handing back
         what they held; returns how many tasks went back."""
-        return sum(
-            self._tasks.release_worker(session.worker_id)
-            for session in self._nodes.expire_sessions()
-        )
+        released = 0
+        for session in self._nodes.expire_sessions():
+            released += self._tasks.release_worker(session.worker_id)
+            self._touched.pop(session.id, None)
+        return released
 
     # -- work --------------------------------------------------------------------------------
     async def claim(

@@ -172,6 +172,8 @@ class NodeStore(Protocol):
 
     def end_session(self, session_id: str) -> Session | None: ...
 
+    def sessions_of(self, node_id: str) -> list[Session]: ...
+
     def expire_sessions(self) -> list[Session]: ...
 
     def mark_offline(self, node_id: str) -> None: ...
@@ -305,6 +307,12 @@ class SqlNodeStore:
             if not self._live_sessions(conn, row.node_id):
                 self._set_offline(conn, row.node_id)
             return _session(row)
+
+    def sessions_of(self, node_id: str) -> list[Session]:
+        """The node's open sessions."""
+        query = select(node_sessions).where(node_sessions.c.node_id == node_id)
+        with self._read() as conn:
+            return [_session(row) for row in conn.execute(query)]
 
     def expire_sessions(self) -> list[Session]:
         """Close the sessions not heard from for ``offline_after_s`` (their processes died

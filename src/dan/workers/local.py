@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import FrameType
 
 from dan.config import Settings
@@ -35,9 +36,43 @@ log = logging.getLogger(__name__)
 REFRESH_S = 5.0  # how often the node row is refreshed (and the models folder rescanned)
 
 
+LOCAL_NODE_ID = node_id_for(LOCAL_ACCOUNT, LOCAL_NODE_NAME)
+
+
 def local_worker_id(session_id: str) -> str:
     """The worker id of the local node's session ``session_id``."""
-    return session_worker_id(node_id_for(LOCAL_ACCOUNT, LOCAL_NODE_NAME), session_id)
+    return session_worker_id(LOCAL_NODE_ID, session_id)
+
+
+def local_session_id(owner_pid: int | None = None) -> str:
+    """A new session id of the local node that names its host and the process that owns it
+    (the server supervising the worker, or the worker itself), so that a later start on this
+    host can tell that a session's owner died and hand back its tasks at once (see
+    :func:`orphaned`) instead of after their leases."""
+    host = socket.gethostname().replace(":", "-")[:32]
+    return f"{host}:{owner_pid or os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def orphaned(sessions: Iterable[Session]) -> list[Session]:
+    """The sessions whose owning process ran on this host and is gone."""
+    host = socket.gethostname().replace(":", "-")[:32]
+    found = []
+    for session in sessions:
+        owner_host, _, rest = session.id.partition(":")
+        pid = rest.partition(":")[0]
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            found.append(session)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def exit_when_parent_dies() -> None:
@@ -76,12 +111,12 @@ class LocalNodeQueue:
         self._lookahead, self._refresh_s = lookahead, refresh_s
         self._monotonic = monotonic
         self._refreshed = -float("inf")
-        self.session_id = session_id or str(uuid.uuid4())
+        self.session_id = session_id or local_session_id()
         self.session: Session | None = None
 
     @property
     def node_id(self) -> str:
-        return node_id_for(LOCAL_ACCOUNT, LOCAL_NODE_NAME)
+        return LOCAL_NODE_ID
 
     @property
     def worker_id(self) -> str:
@@ -150,6 +185,10 @@ def run_local_worker(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    for session in orphaned(opened.nodes.sessions_of(LOCAL_NODE_ID)):
+        released = opened.tasks.release_worker(session.worker_id)
+        opened.nodes.end_session(session.id)
+        log.warning("handed back %d task(s) of a worker that died (%s)", released, session.id)
     engine = engine or load_engine(settings)
     log.info("engine: %s", engine.describe())
     queue = LocalNodeQueue(

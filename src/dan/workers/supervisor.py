@@ -32,10 +32,12 @@ class WorkerSupervisor:
         argv: list[str] | None = None,
         *,
         on_exit: Callable[[str], object] = lambda session: None,
+        new_session: Callable[[], str] = lambda: str(uuid.uuid4()),
     ) -> None:
         self._env = dict(env)
         self._argv = argv or [sys.executable, "-m", "dan", "worker", "--watch-stdin"]
         self._on_exit = on_exit
+        self._new_session = new_session
         self._stopping = threading.Event()
         self._process: subprocess.Popen[bytes] | None = None
         self._thread = threading.Thread(
@@ -66,7 +68,7 @@ class WorkerSupervisor:
         backoff = MIN_BACKOFF_S
         while not self._stopping.is_set():
             started = time.monotonic()
-            session = str(uuid.uuid4())
+            session = self._new_session()
             argv = [*self._argv, "--session-id", session]
             self._process = subprocess.Popen(argv, env=self._env, stdin=subprocess.PIPE)
             code = self._process.wait()

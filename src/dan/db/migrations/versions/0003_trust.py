@@ -84,7 +84,7 @@ def _create_tables() -> None:
     op.create_index("ix_node_files_kind_file", "node_files", ["kind", "file_key"])
     op.create_table(
         "node_sessions",
-        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("id", sa.String(64), primary_key=True),
         sa.Column("node_id", sa.String(36), nullable=False, index=True),
         sa.Column("account", sa.String(128), nullable=False, index=True),
         sa.Column("slots", sa.Integer(), nullable=False),
