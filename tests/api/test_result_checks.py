@@ -4,6 +4,7 @@ them within the tasks the README promises, and honest nodes pass and are paid.""
 
 from __future__ import annotations
 
+import base64
 import io
 import threading
 import time
@@ -22,7 +23,7 @@ from dan.services import node_rules
 from dan.workers.local import LocalNodeQueue
 from dan.workers.loop import Worker
 from tests.fixtures.network import Net, Start
-from tests.fixtures.scripted_node import ScriptedNode
+from tests.fixtures.scripted_node import ScriptedNode, png
 
 
 def picture(task: dict[str, Any], *, seed_offset: int = 0) -> bytes:
@@ -191,3 +192,21 @@ def test_a_node_cheating_after_its_probation_is_caught_by_a_sampled_check(start:
 def pixels(png: bytes) -> bytes:
     with Image.open(io.BytesIO(png)) as image:
         return image.convert("RGB").tobytes()
+
+
+def test_a_verifier_reads_the_tasks_inputs_but_never_the_result_it_checks(start: Start) -> None:
+    net = start(probation_checks=1)
+    user = net.key("user")
+    liar = net.node(net.key("liar", can_run_nodes=True), "gpu")
+    verifier = net.node(net.key("verifier", can_run_nodes=True), "gpu")
+    init = base64.b64encode(png(colour=(9, 9, 9))).decode()
+    task_id = net.submit(user, "/api/sd/img2img/async", init_image=init)
+    assert liar.take()["id"] == task_id  # type: ignore[index]
+    assert liar.deliver(task_id, png(colour=(1, 1, 1))).status == 200
+    run = verifier.take()
+    assert run is not None and run["id"] != task_id
+    assert run["params"]["init_image_key"] == f"{task_id}/init.png"
+    assert verifier.input(run["id"], f"{task_id}/init.png").status == 200
+    copied = verifier.input(run["id"], liar.key_of(task_id))
+    assert copied.status == 400  # it could copy the result it is asked to check
+    assert verifier.input(run["id"], f"{task_id}-other/init.png").status == 400

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,10 @@ def exercise(blobs: BlobStore) -> None:
         blobs.get("task-1/0.png")
     assert list(blobs.groups()) == ["task-2"]
     blobs.delete_group("no-such-task")
+    blobs.delete("task-2/0.png")
+    blobs.delete("task-2/0.png")  # deleting what is not there is no error
+    with pytest.raises(KeyError):
+        blobs.get("task-2/0.png")
 
 
 @pytest.mark.parametrize("key", ["../etc/passwd", "a/b/c", "no-slash", "a/..", "/abs"])
@@ -53,3 +58,23 @@ def test_two_stores_on_one_database_share_their_blobs(db: Engine) -> None:
     replica_a, replica_b = SqlBlobStore(db), SqlBlobStore(db)
     replica_a.put("task-9/0.png", b"made on a node, uploaded through replica A")
     assert replica_b.get("task-9/0.png").endswith(b"replica A")
+
+
+def test_a_file_blob_reaches_the_disk_before_it_replaces_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    blobs.put("task-1/0.png", b"old")
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    blobs.put("task-1/0.png", b"new")
+    assert len(synced) == 2  # the file, then its folder (the rename)
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        blobs.put("task-1/0.png", b"lost")
+    assert blobs.get("task-1/0.png") == b"new"  # the old bytes, whole
+    assert [p.name for p in (tmp_path / "blobs" / "task-1").iterdir()] == ["0.png"]
