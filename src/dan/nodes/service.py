@@ -42,10 +42,10 @@ from dan.errors import (
     TaskNotHeld,
     TooManyNodes,
 )
-from dan.imaging import check_result_png
 from dan.models.catalog import Catalog
 from dan.nodes.checks import ResultChecks
 from dan.nodes.protocol import MAX_ERROR_CHARS, MAX_WAIT_S, parse_result_key, result_key
+from dan.nodes.results import result_problem, upload_problem
 from dan.nodes.store import (
     NodeFile,
     NodeRecord,
@@ -61,7 +61,6 @@ MIN_POLL_S = 0.05  # a waiting claim looks at the queue at most this often
 # With queue notifications (PostgreSQL's NOTIFY, see listen_for_queued_tasks), a waiting claim
 # asks the database when a task was queued, and otherwise only this often, as a fallback.
 NOTIFIED_POLL_S = 2.0
-RESULT_SLACK_BYTES = 1024 * 1024  # a PNG's chunks and text beyond its raw pixels
 Gone = Callable[[], Awaitable[bool]]  # whether the claiming node hung up
 
 
@@ -247,15 +246,9 @@ class NodeService:
         """Store a result image of a task the session holds; it must be a real PNG of the
         task's output size within the byte cap, else the task goes back to the queue."""
         session, held = self._check_holds(account, node_id, session_id, task_id)
-        expects = held.expects or Expected()
-        parsed = parse_result_key(task_id, key)
-        if parsed is None or parsed[0] != held.attempt or parsed[1] >= expects.images:
-            wanted = [result_key(task_id, held.attempt, i) for i in range(expects.images)]
-            self._refuse(session, held, f"result key {key!r} is not one of {wanted}")
-        try:
-            check_result_png(data, expects.width, expects.height, self._result_cap(expects))
-        except InvalidArgument as exc:
-            self._refuse(session, held, f"result {key}: {exc.message}")
+        problem = upload_problem(held, key, data, max_bytes=self._settings.max_body_bytes)
+        if problem is not None:
+            self._refuse(session, held, problem)
         self._blobs.put(key, data)
 
     def complete(
@@ -271,7 +264,7 @@ class NodeService:
         for; TaskNotHeld if the session no longer holds the task."""
         session, held = self._check_holds(account, node_id, session_id, task_id)
         node = self._get(node_id)
-        problem = self._result_problem(held, result)
+        problem = result_problem(held, result, self._blobs)
         if node.suspect:
             problem = f"node {node.name!r} is suspect ({node.suspect_reason})"
         if problem is not None:
@@ -430,27 +423,6 @@ class NodeService:
             raise _not_held(task_id)
         return session, held
 
-    def _result_problem(self, held: HeldTask, result: TaskResult) -> str | None:
-        """What is wrong with ``result`` for ``held``, or None."""
-        expects = held.expects or Expected()
-        if expects.caption:
-            if not result.caption or result.image_keys:
-                return "an interrogate task's result is a caption and no images"
-            return None
-        wanted = [result_key(held.id, held.attempt, i) for i in range(expects.images)]
-        if list(result.image_keys) != wanted or result.caption is not None:
-            return (
-                f"this task's result is exactly the images {wanted}, got {list(result.image_keys)}"
-            )
-        if len(result.seeds) not in (0, len(wanted)):
-            return "seeds must be empty or give one seed per image"
-        for key in wanted:
-            try:
-                self._blobs.get(key)
-            except KeyError:
-                return f"the result image {key} was not uploaded (PUT /api/node/result first)"
-        return None
-
     def _refuse(self, session: Session, held: HeldTask, problem: str) -> NoReturn:
         """Refuse a result: the task goes back to the queue (its try counts), its uploads of
         this try are deleted, and the node hears why."""
@@ -459,10 +431,6 @@ class NodeService:
         reason = f"a worker's result was refused: {problem}"
         self._tasks.release(held.id, session.worker_id, reason)
         raise ResultRefused(f"{problem}; the task went back to the queue", taskId=held.id)
-
-    def _result_cap(self, expects: Expected) -> int:
-        raw = expects.width * expects.height * 4 + RESULT_SLACK_BYTES
-        return min(raw, self._settings.max_body_bytes)
 
     def _online_rate(self, owner: str) -> float:
         return 0.0 if owner == LOCAL_ACCOUNT else self._settings.honor_per_interval

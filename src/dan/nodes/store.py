@@ -10,205 +10,54 @@ process: tasks are held by ``node:<node id>:<session id>``, so two processes of 
 a restart before the old lease ran out) never hand back each other's tasks. Every account has
 a bounded number of nodes, sessions and files (:class:`NodeRules`).
 
-Online honor is paid in whole intervals, in the transaction that records the node being seen:
-``rewarded_until`` is where the paid time ends, and the update that moves it forward is guarded
-by its old value (``WHERE rewarded_until = :old``), so two API replicas seeing the same node at
-the same moment never pay the same interval twice. A node not heard from for
-``offline_after_s`` was offline: the time since its last sighting is not paid, and payment
-starts afresh when it is seen again. Only a node that earns it is paid: not suspect, past its
-probation (``probation_checks`` results checked and found right), with an accepted result for
-another account within ``honor_window_s``, and among the first ``rewarded_nodes_per_account``
-of its account paid in the interval; other intervals pass unpaid.
+Online honor and the escrow of nodes on probation follow the rules of dan.nodes.honor; the
+update that pays an interval is guarded by its old ``rewarded_until`` (``WHERE rewarded_until =
+:old``), so two API replicas seeing the same node at the same moment never pay it twice.
 """
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from sqlalchemy import Connection, Engine, case, delete, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, case, delete, func, select, text, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
 from dan.db.clock import DatabaseClock
-from dan.db.tables import accounts, honor_escrow, honor_grants, node_files, node_sessions, nodes
+from dan.db.tables import accounts, honor_escrow, node_files, node_sessions, nodes
 from dan.domain import ModelKind
 from dan.errors import InvalidArgument, TooManyNodes
+from dan.nodes.base import (
+    NetworkFile,
+    NodeFile,
+    NodeRecord,
+    NodeRules,
+    NodeStore,
+    PublicNode,
+    Session,
+    node_id_for,
+    session_worker_id,
+)
+from dan.nodes.files import account_files, described_files, replace_files
+from dan.nodes.honor import earns, grant_online, release_escrow, settle
+
+# What callers import from here (the seam itself lives in dan.nodes.base).
+__all__ = [
+    "NetworkFile",
+    "NodeFile",
+    "NodeRecord",
+    "NodeRules",
+    "NodeStore",
+    "PublicNode",
+    "Session",
+    "SqlNodeStore",
+    "node_id_for",
+    "session_worker_id",
+]
 
 Clock = Callable[[], float]
-NODE_NAMESPACE = uuid.UUID("5b0f6f43-3c4e-4d0c-9a57-3f1e8f0c2d11")
-ONLINE_REASON, TASK_REASON = "online", "task"
-_INSERT_BATCH = 2000
-
-
-@dataclass(frozen=True)
-class NodeRules:
-    """The store's limits and honor rules (see the module docstring)."""
-
-    offline_after_s: float = 60.0
-    online_interval_s: float = 600.0
-    probation_checks: int = 3
-    honor_window_s: float = 3600.0
-    rewarded_nodes_per_account: int = 4
-    max_nodes_per_account: int = 32
-    max_sessions_per_node: int = 4
-    max_files_per_account: int = 100_000
-
-
-@dataclass(frozen=True)
-class NodeFile:
-    """A file a node has installed: its sha256 and, when the node describes it, its kind,
-    model name and file name (which requests may name)."""
-
-    sha256: str
-    kind: ModelKind | None = None
-    name: str | None = None
-    file: str | None = None
-    size: int | None = None
-
-
-@dataclass(frozen=True)
-class Session:
-    """One running process of a node, and the worker id it holds tasks under."""
-
-    id: str
-    node_id: str
-    account: str
-    slots: int
-
-    @property
-    def worker_id(self) -> str:
-        return session_worker_id(self.node_id, self.id)
-
-
-@dataclass(frozen=True)
-class NodeRecord:
-    """A node as stored. Times are UNIX seconds; ``online`` is computed when read."""
-
-    id: str
-    account: str
-    name: str
-    capabilities: dict[str, Any]
-    loaded: frozenset[str]
-    pull: tuple[str, ...]
-    tasks_done: int
-    registered_at: float
-    last_seen_at: float
-    rewarded_until: float
-    online: bool
-    checks_passed: int = 0
-    checks_failed: int = 0
-    worked_at: float | None = None
-    suspect_since: float | None = None
-    suspect_reason: str | None = None
-
-    @property
-    def suspect(self) -> bool:
-        return self.suspect_since is not None
-
-
-@dataclass(frozen=True)
-class PublicNode:
-    """What anyone may know of a node: never its owner's email or what it has installed."""
-
-    id: str
-    owner: str  # the owner's nickname
-    name: str
-    tasks_done: int
-    online: bool
-
-
-@dataclass(frozen=True)
-class NetworkFile:
-    """A described file as online nodes report it, and how many of them hold it."""
-
-    kind: ModelKind
-    sha256: str
-    name: str
-    file: str
-    size: int
-    holders: int
-
-
-def node_id_for(account: str, name: str) -> str:
-    """The id of the node ``name`` of ``account`` (stable across registrations)."""
-    return str(uuid.uuid5(NODE_NAMESPACE, f"{account}\x00{name}"))
-
-
-def session_worker_id(node_id: str, session_id: str) -> str:
-    """The worker id under which a node's session holds its tasks."""
-    return f"node:{node_id}:{session_id}"
-
-
-class NodeStore(Protocol):
-    """The nodes' persistence seam (see SqlNodeStore for the contract of each method)."""
-
-    def register(
-        self,
-        account: str,
-        name: str,
-        capabilities: dict[str, Any],
-        files: Sequence[NodeFile],
-        loaded: Iterable[str],
-        *,
-        slots: int = 1,
-        honor_per_interval: float = 0.0,
-        session_id: str | None = None,
-    ) -> Session: ...
-
-    def session(self, session_id: str) -> Session | None: ...
-
-    def seen(
-        self,
-        node_id: str,
-        *,
-        session_id: str | None = None,
-        loaded: Iterable[str] | None = None,
-        honor_per_interval: float = 0.0,
-    ) -> NodeRecord | None: ...
-
-    def end_session(self, session_id: str) -> Session | None: ...
-
-    def sessions_of(self, node_id: str) -> list[Session]: ...
-
-    def expire_sessions(self) -> list[Session]: ...
-
-    def mark_offline(self, node_id: str) -> None: ...
-
-    def get(self, node_id: str) -> NodeRecord | None: ...
-
-    def files(self, node_id: str) -> frozenset[str]: ...
-
-    def list_for(self, account: str) -> list[NodeRecord]: ...
-
-    def list_public(self) -> list[PublicNode]: ...
-
-    def find_files(
-        self,
-        kind: ModelKind,
-        *,
-        sha256: str | None = None,
-        key: str | None = None,
-        prefix: str | None = None,
-        limit: int = 1000,
-    ) -> list[NetworkFile]: ...
-
-    def request_pull(self, node_id: str, catalog_name: str) -> tuple[str, ...] | None: ...
-
-    def take_pulls(self, node_id: str) -> tuple[str, ...]: ...
-
-    def record_check(
-        self, node_id: str, *, passed: bool, reason: str = ""
-    ) -> NodeRecord | None: ...
-
-    def clear_suspect(self, node_id: str) -> NodeRecord | None: ...
-
-    def suspects(self) -> list[NodeRecord]: ...
-
-    def on_probation(self, node_id: str) -> bool: ...
 
 
 class SqlNodeStore:
@@ -256,7 +105,7 @@ class SqlNodeStore:
                         row = {**self._new_row(conn, node_id, account, name), **described}
                         conn.execute(nodes.insert().values(**row))
                     self._check_file_count(conn, account, node_id, len(files))
-                    self._replace_files(conn, node_id, files)
+                    replace_files(conn, node_id, files)
                     session = self._open_session(conn, node_id, account, slots, session_id)
                     self._seen_in(conn, node_id, described, honor_per_interval)
                 return session
@@ -381,29 +230,10 @@ class SqlNodeStore:
         """The described files of ``kind`` on online, unsuspected nodes: with that sha256,
         a model or file name whose casefold is ``key``, or a sha256 starting with ``prefix``
         (all of them without a filter); one per (sha256, name, file), most holders first."""
-        f = node_files
         with self._read() as conn:
             since = self._time.now(conn) - self._rules.offline_after_s
-            holders = func.count(func.distinct(f.c.node_id)).label("holders")
-            query = (
-                select(f.c.sha256, f.c.name, f.c.file, func.max(f.c.size).label("size"), holders)
-                .join(nodes, nodes.c.id == f.c.node_id)
-                .where(
-                    f.c.kind == kind.value,
-                    nodes.c.last_seen_at >= since,
-                    nodes.c.suspect_since.is_(None),
-                )
-                .group_by(f.c.sha256, f.c.name, f.c.file)
-                .order_by(holders.desc(), f.c.sha256, f.c.name)
-                .limit(limit)
-            )
-            if sha256 is not None:
-                query = query.where(f.c.sha256 == sha256)
-            if key is not None:
-                query = query.where((f.c.name_key == key) | (f.c.file_key == key))
-            if prefix is not None:
-                query = query.where(f.c.sha256.startswith(prefix, autoescape=True))
-            rows = conn.execute(query).all()
+            query = described_files(kind, since, sha256=sha256, key=key, prefix=prefix)
+            rows = conn.execute(query.limit(limit)).all()
         return [NetworkFile(kind, r.sha256, r.name, r.file, r.size or 0, r.holders) for r in rows]
 
     # -- checks and suspects -----------------------------------------------------------------
@@ -428,7 +258,7 @@ class SqlNodeStore:
                     select(nodes.c.checks_passed).where(nodes.c.id == node_id)
                 ).scalar_one_or_none()
                 if passed_count is not None and passed_count >= self._rules.probation_checks:
-                    self._release_escrow(conn, node_id, now)
+                    release_escrow(conn, node_id, now)
             else:
                 conn.execute(
                     update(nodes)
@@ -463,13 +293,6 @@ class SqlNodeStore:
         )
         with self._read() as conn:
             return [self._record(conn, row) for row in conn.execute(query).mappings().all()]
-
-    def note_work(self, node_id: str) -> None:
-        """The node's result for another account was accepted just now."""
-        with self._engine.begin() as conn:
-            conn.execute(
-                update(nodes).where(nodes.c.id == node_id).values(worked_at=self._time.now(conn))
-            )
 
     # -- model pulls -------------------------------------------------------------------------
     def request_pull(self, node_id: str, catalog_name: str) -> tuple[str, ...] | None:
@@ -518,24 +341,13 @@ class SqlNodeStore:
             )
 
     def _check_file_count(self, conn: Connection, account: str, node_id: str, count: int) -> None:
-        others = conn.execute(
-            select(func.count())
-            .select_from(node_files.join(nodes, nodes.c.id == node_files.c.node_id))
-            .where(nodes.c.account == account, nodes.c.id != node_id)
-        ).scalar_one()
+        others = account_files(conn, account, besides=node_id)
         limit = self._rules.max_files_per_account
         if others + count > limit:
             raise InvalidArgument(
                 f"files: this account's nodes would have {others + count} files installed; "
                 f"at most {limit} are accepted per account"
             )
-
-    @staticmethod
-    def _replace_files(conn: Connection, node_id: str, files: Sequence[NodeFile]) -> None:
-        conn.execute(delete(node_files).where(node_files.c.node_id == node_id))
-        rows = [_file_row(node_id, f) for f in {f.sha256: f for f in files}.values()]
-        for start in range(0, len(rows), _INSERT_BATCH):
-            conn.execute(insert(node_files), rows[start : start + _INSERT_BATCH])
 
     def _open_session(
         self, conn: Connection, node_id: str, account: str, slots: int, session_id: str | None
@@ -598,7 +410,7 @@ class SqlNodeStore:
         row = conn.execute(select(nodes).where(nodes.c.id == node_id)).mappings().first()
         if row is None:
             return None
-        intervals, until = self._settle(row, now)
+        intervals, until = settle(row, now, self._rules)
         later = case((nodes.c.last_seen_at > now, nodes.c.last_seen_at), else_=now)
         paid = conn.execute(
             update(nodes)
@@ -609,74 +421,11 @@ class SqlNodeStore:
             conn.execute(
                 update(nodes).where(nodes.c.id == node_id).values(**values, last_seen_at=later)
             )
-        elif intervals and honor_per_interval > 0 and self._earns(conn, row, now):
-            self._grant(conn, row, intervals, honor_per_interval, now)
+        elif intervals and honor_per_interval > 0 and earns(conn, row, now, self._rules):
+            interval_s = self._rules.online_interval_s
+            grant_online(conn, row, intervals, honor_per_interval, now, interval_s)
         fresh = conn.execute(select(nodes).where(nodes.c.id == node_id)).mappings().one()
         return self._record(conn, fresh)
-
-    def _settle(self, row: RowMapping, now: float) -> tuple[int, float]:
-        """Whole intervals to pay, and the new ``rewarded_until``."""
-        paid_until, last_seen = row["rewarded_until"], row["last_seen_at"]
-        was_offline = now - last_seen > self._rules.offline_after_s
-        online_until = last_seen if was_offline else now
-        interval = self._rules.online_interval_s
-        intervals = max(0, math.floor((online_until - paid_until) / interval))
-        if was_offline:
-            return intervals, max(now, paid_until)
-        return intervals, paid_until + intervals * interval
-
-    def _earns(self, conn: Connection, row: RowMapping, now: float) -> bool:
-        """Whether the node earns online honor now (see the module docstring)."""
-        rules = self._rules
-        if row["suspect_since"] is not None or row["checks_passed"] < rules.probation_checks:
-            return False
-        if row["worked_at"] is None or row["worked_at"] < now - rules.honor_window_s:
-            return False
-        paid_nodes = conn.execute(
-            select(func.count(func.distinct(honor_grants.c.node_id))).where(
-                honor_grants.c.account == row["account"],
-                honor_grants.c.reason == ONLINE_REASON,
-                honor_grants.c.created_at >= now - rules.online_interval_s,
-                honor_grants.c.node_id != row["id"],
-            )
-        ).scalar_one()
-        return bool(paid_nodes < rules.rewarded_nodes_per_account)
-
-    def _grant(
-        self, conn: Connection, row: RowMapping, intervals: int, amount: float, now: float
-    ) -> None:
-        conn.execute(
-            honor_grants.insert().values(
-                account=row["account"],
-                amount=intervals * amount,
-                reason=ONLINE_REASON,
-                node_id=row["id"],
-                note=f"{intervals} x {self._rules.online_interval_s:g} s online",
-                created_at=now,
-            )
-        )
-
-    @staticmethod
-    def _release_escrow(conn: Connection, node_id: str, now: float) -> None:
-        held = conn.execute(
-            delete(honor_escrow).where(honor_escrow.c.node_id == node_id).returning(*honor_escrow.c)
-        ).all()
-        if held:
-            conn.execute(
-                honor_grants.insert(),
-                [
-                    {
-                        "account": grant.account,
-                        "amount": grant.amount,
-                        "reason": TASK_REASON,
-                        "task_id": grant.task_id,
-                        "node_id": node_id,
-                        "note": "held until the node's first results were checked",
-                        "created_at": now,
-                    }
-                    for grant in held
-                ],
-            )
 
     def _pulls(self, conn: Connection, node_id: str) -> tuple[str, ...] | None:
         query = select(nodes.c.pull).where(nodes.c.id == node_id)
@@ -726,16 +475,3 @@ class SqlNodeStore:
 
 def _session(row: Any) -> Session:
     return Session(row.id, row.node_id, row.account, row.slots)
-
-
-def _file_row(node_id: str, file: NodeFile) -> dict[str, Any]:
-    return {
-        "node_id": node_id,
-        "sha256": file.sha256,
-        "kind": file.kind.value if file.kind else None,
-        "name": file.name,
-        "file": file.file,
-        "size": file.size,
-        "name_key": file.name.casefold() if file.name else None,
-        "file_key": file.file.casefold() if file.file else None,
-    }

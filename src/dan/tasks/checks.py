@@ -30,7 +30,7 @@ from dan.db.clock import Clock, DatabaseClock
 from dan.db.notify import FINISHED, QUEUED, notify
 from dan.db.tables import accounts, node_files, nodes, task_exclusions, task_files, tasks
 from dan.domain import TaskKind, TaskResult, TaskStatus
-from dan.tasks.store import result_from_json, result_json
+from dan.tasks.rows import result_from_json, result_json
 
 VERIFY_ACCOUNT = "verifier"  # the account verification runs are queued under
 OPEN_STATES = ("held", "checking", "disputed")

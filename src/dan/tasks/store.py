@@ -72,6 +72,19 @@ from dan.tasks.base import (
     Statistics,
     TaskStore,
 )
+from dan.tasks.rows import (
+    PENDING,
+    PROCESSING,
+    choose,
+    ended,
+    held_by,
+    insert_files,
+    new_row,
+    record,
+    result_json,
+    runnable_for,
+    runtime_limit,
+)
 
 # What callers import from here (the seam itself lives in dan.tasks.base).
 __all__ = [
@@ -88,8 +101,6 @@ __all__ = [
     "Statistics",
     "TaskStore",
 ]
-
-PENDING, PROCESSING = TaskStatus.PENDING, TaskStatus.PROCESSING
 
 
 class SqlTaskStore:
@@ -110,7 +121,7 @@ class SqlTaskStore:
             if row is None:
                 return None
             position = self._position(conn, row) if row["status"] == PENDING else 0
-            return _record(row, position)
+            return record(row, position)
 
     def held(self, task_id: str) -> HeldTask | None:
         query = select(
@@ -160,7 +171,7 @@ class SqlTaskStore:
             .limit(limit)
         )
         with self._read() as conn:
-            return [_record(row, 0) for row in conn.execute(query).mappings()]
+            return [record(row, 0) for row in conn.execute(query).mappings()]
 
     def statistics(self) -> Statistics:
         ok = and_(tasks.c.status == TaskStatus.SUCCESS, tasks.c.verify_of.is_(None))
@@ -214,12 +225,12 @@ class SqlTaskStore:
                 )
             tag = self._next_tag(conn, task.account, task.cost / task.weight)
             now = self._time.now(conn)
-            conn.execute(tasks.insert().values(**_new_row(task, now), tag=tag))
-            _insert_files(conn, task.id, task.requires)
+            conn.execute(tasks.insert().values(**new_row(task, now), tag=tag))
+            insert_files(conn, task.id, task.requires)
             if self._postgres:
                 notify(conn, QUEUED, task.id)
             row = conn.execute(select(tasks).where(tasks.c.id == task.id)).mappings().one()
-            return _record(row, self._position(conn, row))
+            return record(row, self._position(conn, row))
 
     def cancel(self, task_id: str) -> TaskRecord | None:
         with self._engine.begin() as conn:
@@ -241,7 +252,7 @@ class SqlTaskStore:
                 .values(cancel_requested=True, cancel_by=now + self._rules.cancel_grace_s)
             )
             row = conn.execute(select(tasks).where(tasks.c.id == task_id)).mappings().first()
-            return None if row is None else _record(row, 0)
+            return None if row is None else record(row, 0)
 
     # -- worker side -------------------------------------------------------------------------
     def claim(
@@ -256,7 +267,7 @@ class SqlTaskStore:
             if not self._may_claim(conn, worker_id, offer):
                 return None
             candidates = self._candidates(offer, for_update=True)
-            seq = _choose(conn.execute(candidates).all(), offer)
+            seq = choose(conn.execute(candidates).all(), offer)
             if seq is None:
                 return None
             return self._take(conn, seq, worker_id, lease_s, offer.node_id)
@@ -270,7 +281,7 @@ class SqlTaskStore:
                 values["progress"] = progress
             row = conn.execute(
                 update(tasks)
-                .where(*_held_by(task_id, worker_id))
+                .where(*held_by(task_id, worker_id))
                 .values(**values)
                 .returning(tasks.c.cancel_requested)
             ).first()
@@ -307,7 +318,7 @@ class SqlTaskStore:
 
     def release(self, task_id: str, worker_id: str, reason: str) -> bool:
         with self._engine.begin() as conn:
-            return self._hand_back(conn, and_(*_held_by(task_id, worker_id)), reason) == 1
+            return self._hand_back(conn, and_(*held_by(task_id, worker_id)), reason) == 1
 
     def requeue_expired(self) -> int:
         with self._engine.begin() as conn:
@@ -317,7 +328,7 @@ class SqlTaskStore:
             cancelled = conn.execute(
                 update(tasks)
                 .where(processing, tasks.c.cancel_requested.is_(True), tasks.c.cancel_by < now)
-                .values(**_ended(TaskStatus.FAILURE, now), error=CANCELLED_MESSAGE)
+                .values(**ended(TaskStatus.FAILURE, now), error=CANCELLED_MESSAGE)
                 .returning(tasks.c.id)
             ).all()
             if self._postgres:
@@ -378,7 +389,7 @@ class SqlTaskStore:
         """The pending tasks ``offer`` can run, in queue order: seq and checkpoint."""
         query = (
             select(tasks.c.seq, tasks.c.model_sha256)
-            .where(tasks.c.status == PENDING, *_runnable_for(offer))
+            .where(tasks.c.status == PENDING, *runnable_for(offer))
             .order_by(tasks.c.tag, tasks.c.seq)
             .limit(max(offer.lookahead, 1))
         )
@@ -399,7 +410,7 @@ class SqlTaskStore:
                 worker_id=worker_id,
                 node_id=node_id,
                 lease_expires_at=now + lease_s,
-                deadline=now + _runtime_limit(self._rules),
+                deadline=now + runtime_limit(self._rules),
                 started_at=now,
                 progress=0.0,
                 attempts=tasks.c.attempts + 1,
@@ -421,7 +432,7 @@ class SqlTaskStore:
         failed = conn.execute(
             update(tasks)
             .where(which, last)
-            .values(**_ended(TaskStatus.FAILURE, now), error=message)
+            .values(**ended(TaskStatus.FAILURE, now), error=message)
             .returning(tasks.c.id)
         ).all()
         requeued = conn.execute(
@@ -448,7 +459,7 @@ class SqlTaskStore:
     ) -> bool:
         held = conn.execute(
             update(tasks)
-            .where(*_held_by(task_id, worker_id))
+            .where(*held_by(task_id, worker_id))
             .values(
                 result=result_json(result),
                 progress=1.0,
@@ -464,9 +475,9 @@ class SqlTaskStore:
         self, conn: Connection, task_id: str, worker_id: str, values: dict[str, Any]
     ) -> bool:
         now = self._time.now(conn)
-        ended = {**_ended(values.pop("status"), now), "worker_id": worker_id}
+        finished = {**ended(values.pop("status"), now), "worker_id": worker_id}
         done = conn.execute(
-            update(tasks).where(*_held_by(task_id, worker_id)).values(**values, **ended)
+            update(tasks).where(*held_by(task_id, worker_id)).values(**values, **finished)
         )
         if done.rowcount == 1 and self._postgres:
             notify(conn, FINISHED, task_id)
@@ -534,116 +545,3 @@ class SqlTaskStore:
             or_(groups.c.sha256.is_(None), served)
         )
         return int(conn.execute(total).scalar_one()) + 1
-
-
-def _runtime_limit(rules: QueueRules) -> Any:
-    """The run-time limit of the row being claimed, from its own cost (SQL)."""
-    cost = func.coalesce(tasks.c.cost, 1.0)
-    return rules.runtime_base_s + rules.runtime_per_cost_s * cost
-
-
-def _runnable_for(offer: Offer) -> list[ColumnElement[bool]]:
-    """Conditions on a pending task for ``offer``: the node has all its files, and its
-    account is not excluded from it."""
-    conditions: list[ColumnElement[bool]] = []
-    if offer.node_id is not None:
-        has = exists().where(
-            node_files.c.node_id == offer.node_id, node_files.c.sha256 == task_files.c.sha256
-        )
-        missing = exists().where(task_files.c.task_id == tasks.c.id, ~has)
-        conditions.append(~missing)
-    if offer.account is not None:
-        excluded = exists().where(
-            task_exclusions.c.task_id == tasks.c.id, task_exclusions.c.account == offer.account
-        )
-        conditions.append(~excluded)
-    return conditions
-
-
-def _choose(rows: Sequence[Any], offer: Offer) -> int | None:
-    """The seq to claim of ``rows`` (runnable, in order): the first on a loaded checkpoint,
-    else the first."""
-    for row in rows:
-        if row.model_sha256 is not None and row.model_sha256 in offer.loaded:
-            return int(row.seq)
-    return int(rows[0].seq) if rows else None
-
-
-def _held_by(task_id: str, worker_id: str) -> tuple[ColumnElement[bool], ...]:
-    return (
-        tasks.c.id == task_id,
-        tasks.c.worker_id == worker_id,
-        tasks.c.status == PROCESSING,
-    )
-
-
-def _ended(status: TaskStatus, now: float) -> dict[str, Any]:
-    """The values of a task that stops running with ``status``."""
-    return {
-        "status": status,
-        "finished_at": now,
-        "worker_id": None,
-        "lease_expires_at": None,
-        "deadline": None,
-    }
-
-
-def _insert_files(conn: Connection, task_id: str, requires: Iterable[str]) -> None:
-    rows = [{"task_id": task_id, "sha256": sha} for sha in sorted(set(requires))]
-    if rows:
-        conn.execute(task_files.insert(), rows)
-
-
-def result_json(result: TaskResult) -> dict[str, Any]:
-    payload: dict[str, Any] = {"image_keys": list(result.image_keys), "seeds": list(result.seeds)}
-    if result.caption is not None:
-        payload["caption"] = result.caption
-    return payload
-
-
-def _new_row(task: NewTask, now: float) -> dict[str, Any]:
-    return {
-        "id": task.id,
-        "account": task.account,
-        "kind": task.kind.value,
-        "status": PENDING,
-        "params": task.params,
-        "cost": task.cost,
-        "model_sha256": task.checkpoint,
-        "expects": task.expects.to_json() if task.expects else None,
-        "created_at": now,
-        "progress": 0.0,
-        "attempts": 0,
-        "cancel_requested": False,
-        "expired": False,
-    }
-
-
-def result_from_json(data: Any) -> TaskResult:
-    """The TaskResult a task row's ``result`` holds (empty for none)."""
-    result = data or {}
-    return TaskResult(
-        image_keys=tuple(result.get("image_keys", ())),
-        seeds=tuple(result.get("seeds", ())),
-        caption=result.get("caption"),
-    )
-
-
-def _record(row: RowMapping, position: int) -> TaskRecord:
-    return TaskRecord(
-        id=row["id"],
-        account=row["account"],
-        kind=TaskKind(row["kind"]),
-        status=TaskStatus(row["status"]),
-        params=row["params"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        progress=row["progress"],
-        error=row["error"],
-        result=result_from_json(row["result"]),
-        attempts=row["attempts"],
-        cancel_requested=bool(row["cancel_requested"]),
-        expired=bool(row["expired"]),
-        queue_position=position,
-    )
