@@ -11,6 +11,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from dan.engine.prompts import (
     BREAK_FRAGMENT,
     PromptChunk,
+    apply_emphasis,
     clean_text,
     encode_prompts,
     parse_prompt_attention,
@@ -317,3 +318,14 @@ def test_encoding_is_deterministic(tokenizer: CLIPTokenizer, text_encoder: CLIPT
     first = encode(tokenizer, text_encoder, "a (cat:1.3) BREAK [dog]", "ugly")
     second = encode(tokenizer, text_encoder, "a (cat:1.3) BREAK [dog]", "ugly")
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_emphasis_of_hidden_states_that_average_to_zero_is_not_nan() -> None:
+    # A random-weight CLIP (zero final LayerNorm bias) can give hidden states whose mean is 0.0
+    # exactly in float32; the rescale by the mean must not divide 0 by 0 into a black picture.
+    hidden = torch.tensor([[[1.0, -1.0], [2.0, -2.0]]])
+    ones = torch.ones(1, 2)
+    assert torch.equal(apply_emphasis(hidden, ones), hidden)
+    weighted = apply_emphasis(hidden, torch.tensor([[1.5, 1.0]]))
+    assert not weighted.isnan().any()
+    assert torch.equal(weighted, hidden * torch.tensor([[[1.5], [1.0]]]))

@@ -265,7 +265,12 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """
     original_mean = hidden.mean(dim=(1, 2), keepdim=True)
     weighted = hidden * weights.unsqueeze(-1)
-    return weighted * (original_mean / weighted.mean(dim=(1, 2), keepdim=True))
+    weighted_mean = weighted.mean(dim=(1, 2), keepdim=True)
+    # A chunk whose weighted mean is 0 keeps its scale: 0 / 0 would turn the picture black.
+    # (A random-weight CLIP's hidden states can average to exactly 0 in float32.)
+    unchanged = torch.ones_like(weighted_mean)
+    scale = torch.where(weighted_mean == 0, unchanged, original_mean / weighted_mean)
+    return weighted * scale
 
 
 def encode_chunks(text_encoder: CLIPTextModel, chunks: list[PromptChunk]) -> torch.Tensor:
