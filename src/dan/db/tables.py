@@ -61,9 +61,13 @@ tasks = Table(
     Column("cancel_by", Float),
     Column("verify_of", String(36), index=True),
     Column("verification", String(16)),
+    # Added by 0004: the latest step preview of a running task (a small PNG the worker sends
+    # with its heartbeats; cleared when the task ends).
+    Column("preview", LargeBinary),
     Index("ix_tasks_status_tag_seq", "status", "tag", "seq"),
     Index("ix_tasks_account_tag", "account", "tag"),
     Index("ix_tasks_account_status", "account", "status"),
+    Index("ix_tasks_account_seq", "account", "seq"),  # an account's history, newest first
     Index("ix_tasks_finished_at", "finished_at"),
     # The queue's virtual time (the highest tag ever claimed) and the results still to expire
     # are read on every submit and sweep: partial indexes keep those reads off the history.
@@ -223,4 +227,16 @@ blobs = Table(
     Column("grp", String(64), nullable=False, index=True),
     Column("data", LargeBinary, nullable=False),
     Column("created_at", Float, nullable=False),
+)
+
+# Sign-in identities (0004): an account made by signing in with an OAuth 2 / OpenID Connect
+# provider is found again by (provider, subject). Nothing of the provider's tokens is kept.
+identities = Table(
+    "identities",
+    metadata,
+    Column("provider", String(64), primary_key=True),
+    Column("subject", String(255), primary_key=True),
+    Column("account", String(128), nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+    Column("last_seen_at", Float, nullable=False),
 )

@@ -67,6 +67,7 @@ def ended(status: TaskStatus, now: float) -> dict[str, Any]:
         "worker_id": None,
         "lease_expires_at": None,
         "deadline": None,
+        "preview": None,
     }
 
 
