@@ -96,7 +96,7 @@ def test_generate_shows_progress_then_the_image_and_downloads_the_png(
     if server_has_events(playground):
         assert seen["preview"], "the server streams events but no step preview was shown"
     assert page.locator("#create-task .result img").evaluate("i => i.naturalWidth") == 256
-    assert page.locator("#create-task .seed").inner_text() == "Seed 1234"
+    assert page.locator("#create-task .result-seed").inner_text() == "Seed 1234"
     assert page.locator("#create-task progress").is_hidden()  # the finished task's bar is gone
 
     with page.expect_download() as download:

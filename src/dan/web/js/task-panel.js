@@ -151,7 +151,7 @@ export class TaskPanel {
       "figure",
       { class: "result" },
       el("img", { src: url, alt: what }),
-      el("figcaption", {}, seed === undefined ? "" : el("span", { class: "seed" }, `Seed ${seed}`), ...buttons),
+      el("figcaption", {}, seed === undefined ? "" : el("span", { class: "result-seed" }, `Seed ${seed}`), ...buttons),
     );
   }
 }
