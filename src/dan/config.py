@@ -23,6 +23,11 @@ class Settings(BaseSettings):
     # HTTP
     host: str = Field("127.0.0.1", description="address the API listens on")
     port: int = Field(6006, ge=0, le=65535, description="port the API listens on")
+    cors_origins: str = Field(
+        "",
+        description="comma-separated origins (https://app.example) whose browser clients may "
+        "call the API; * for any",
+    )
     max_body_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="largest request body accepted, in bytes"
     )
@@ -184,6 +189,10 @@ class Settings(BaseSettings):
     lora_cache_bytes: int = Field(
         1024**3, ge=0, description="memory budget for LoRA files kept read"
     )
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @property
     def keys_required(self) -> bool:

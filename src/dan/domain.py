@@ -8,9 +8,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import TypeAdapter
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 # The six sampler names of the reference, in its order (AUTOMATIC1111 names).
 SAMPLERS: tuple[str, ...] = ("DPM++ SDE Karras", "Euler a", "Euler", "DPM++ SDE", "LMS", "DDIM")
@@ -357,6 +360,8 @@ class TaskRecord:
     expired: bool = False
     queue_position: int = 0
     warning: str | None = None  # set only on the record a submit returns
+    preview: bytes | None = None  # the latest step preview (a small PNG) while it runs
+    seq: int = 0  # its place among all tasks ever queued (history pages by it)
 
 
 @dataclass(frozen=True)
@@ -375,3 +380,7 @@ ModelFiles = Mapping[str, InstalledModel]
 # Called by the engine after every denoising step with (steps done, steps in all).
 # It raises dan.errors.TaskCancelled to stop the run.
 ProgressCallback = Callable[[int, int], None]
+
+# Offered a step preview by the engine, as a function that draws it: the sink draws it only
+# when it wants one (a few times a second at most), so a preview costs nothing otherwise.
+PreviewSink = Callable[[Callable[[], "Image"]], None]

@@ -76,7 +76,7 @@ def decode_image(data: object, field: str, *, max_pixels: int = MAX_INPUT_PIXELS
     file, or a huge (or decompression-bomb) image, which is refused from its header, before
     its pixels are decoded.
     """
-    raw = _base64_payload(data, field)
+    raw = decode_base64(data, field)
     try:
         image = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError as exc:
@@ -99,7 +99,9 @@ def decode_image(data: object, field: str, *, max_pixels: int = MAX_INPUT_PIXELS
     return image
 
 
-def _base64_payload(data: object, field: str) -> bytes:
+def decode_base64(data: object, field: str) -> bytes:
+    """The bytes of base64 ``data`` (a ``data:...;base64,`` URL is fine); InvalidArgument
+    naming ``field`` otherwise."""
     if not isinstance(data, str) or not data.strip():
         raise InvalidArgument(f"Invalid {field}: must be a base64-encoded PNG, JPEG or WebP image")
     text = data.strip()
@@ -146,6 +148,35 @@ def check_result_png(data: bytes, width: int, height: int, max_bytes: int) -> No
         raise InvalidArgument(f"not a usable PNG ({exc})") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidArgument(f"the PNG is damaged or truncated ({exc})") from exc
+
+
+PREVIEW_SIDE = 256  # the largest side of a step preview, in pixels
+PREVIEW_BYTES = 64 * 1024
+
+
+def encode_preview(image: Image.Image) -> bytes:
+    """A step preview as a small PNG (at most PREVIEW_SIDE on its longest side)."""
+    small = image.convert("RGB")
+    small.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def check_preview(data: bytes) -> None:
+    """Raise InvalidArgument unless ``data`` is a PNG of at most PREVIEW_SIDE x PREVIEW_SIDE
+    pixels in at most PREVIEW_BYTES (what a node may show a task's owner while it runs)."""
+    if len(data) > PREVIEW_BYTES or not data.startswith(PNG_SIGNATURE):
+        raise InvalidArgument(f"a preview is a PNG of at most {PREVIEW_BYTES} bytes")
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            if max(image.size) > PREVIEW_SIDE:
+                raise InvalidArgument(f"a preview is at most {PREVIEW_SIDE} pixels on a side")
+            image.load()
+    except InvalidArgument:
+        raise
+    except (Image.DecompressionBombError, UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InvalidArgument(f"the preview is not a usable PNG ({exc})") from exc
 
 
 THUMBNAIL = (32, 32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -211,3 +212,19 @@ def test_out_of_memory_fails_the_task_and_a_broken_gpu_the_worker() -> None:
     assert not isinstance(caught.value, FatalEngineError) and "512x512" in caught.value.message
     with pytest.raises(FatalEngineError), _engine_errors("512x512"):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_step_previews_come_from_the_latents_and_change_nothing(
+    engine: DiffusersEngine, checkpoint: InstalledModel
+) -> None:
+    files = {checkpoint.sha256: checkpoint}
+    drawers: list[Any] = []
+    plain = engine.txt2img(request(steps=4), files, lambda d, t: None)
+    with_previews = engine.txt2img(
+        request(steps=4), files, lambda d, t: None, preview=drawers.append
+    )
+    assert np.array_equal(np.asarray(plain[0]), np.asarray(with_previews[0]))
+    assert len(drawers) == 4  # one offer per step; drawing is the sink's choice
+    first, last = drawers[0](), drawers[-1]()
+    assert first.size == last.size == (64 // 8, 64 // 8)  # the latents' resolution
+    assert not np.array_equal(np.asarray(first), np.asarray(last))  # the picture changes

@@ -7,8 +7,11 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from dan import __version__
 from dan.api.errors import install_error_handlers
@@ -21,6 +24,7 @@ from dan.tasks.watcher import TaskWatcher, running
 
 log = logging.getLogger(__name__)
 SWEEP_INTERVAL_S = 5.0
+WEB = Path(__file__).resolve().parents[1] / "web"
 
 
 async def _sweep_forever(services: Services) -> None:
@@ -81,5 +85,16 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(system.router)
     app.include_router(accounts.router)
     app.include_router(nodes.router)
+    if WEB.is_dir():  # the playground (dan/web, in the package) answers what no route took
+        app.mount("/", StaticFiles(directory=WEB, html=True), name="web")
     app.add_middleware(BodySizeLimit, max_bytes=services.settings.max_body_bytes)
+    origins = services.settings.cors_origin_list
+    if origins:  # other sites' browser clients
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["Content-Type"],
+        )
     return app

@@ -164,6 +164,30 @@ def result_data(ctx: ApiContext, record: TaskRecord) -> dict[str, Any]:
     return {"images": images, "seeds": list(record.result.seeds)}
 
 
+def history_entry(record: TaskRecord) -> dict[str, Any]:
+    """A task as a person's history lists it: what was asked, and where it stands (the
+    images come from the task's status)."""
+    params = record.params
+    generation = params.get("generation", params)  # img2img nests its generation
+    model = generation.get("model")
+    return {
+        "taskId": record.id,
+        "kind": record.kind.value,
+        "status": int(record.status),
+        "createdAt": record.created_at,
+        "finishedAt": record.finished_at,
+        "prompt": generation.get("prompt"),
+        "negativePrompt": generation.get("negative_prompt"),
+        "seed": generation.get("seed"),
+        "width": generation.get("width"),
+        "height": generation.get("height"),
+        "steps": generation.get("steps"),
+        "sampler": generation.get("sampler_name"),
+        "model": model.get("name") if isinstance(model, dict) else None,
+        "expired": record.expired,
+    }
+
+
 async def task_status(ctx: ApiContext, task_id: str, account: str | None) -> dict[str, Any]:
     """The task-status data of the reference, plus ``progress`` and a failure ``message``."""
     record = await asyncio.to_thread(ctx.services.tasks.get, task_id, account)

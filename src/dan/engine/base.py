@@ -10,6 +10,7 @@ from dan.domain import (
     Img2ImgRequest,
     InterrogateRequest,
     ModelFiles,
+    PreviewSink,
     ProgressCallback,
     UpscaleRequest,
 )
@@ -38,9 +39,11 @@ class Engine(Protocol):
         files: ModelFiles,
         progress: ProgressCallback,
         control_image: Image | None = None,
+        *,
+        preview: PreviewSink | None = None,
     ) -> list[Image]:
         """Images for ``request`` (with its LoRAs, hires fix and ControlNet, whose input image
-        is ``control_image``)."""
+        is ``control_image``); step previews are offered to ``preview``."""
         ...
 
     def img2img(
@@ -51,8 +54,11 @@ class Engine(Protocol):
         files: ModelFiles,
         progress: ProgressCallback,
         control_image: Image | None = None,
+        *,
+        preview: PreviewSink | None = None,
     ) -> list[Image]:
-        """Images made from ``init_image``; with ``mask``, only the masked part is redrawn."""
+        """Images made from ``init_image``; with ``mask``, only the masked part is redrawn;
+        step previews are offered to ``preview``."""
         ...
 
     def upscale(

@@ -14,6 +14,7 @@ from diffusers import StableDiffusionPipeline
 
 from dan.domain import InstalledModel
 from dan.engine.detect import Sd1Architecture
+from dan.engine.preview import LatentPreviewer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -24,6 +25,7 @@ class LoadedCheckpoint:
     pipeline: StableDiffusionPipeline
     architecture: Sd1Architecture
     size_bytes: int
+    previewer: LatentPreviewer  # step previews from its latents
 
 
 class PipelineCache:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 
 from PIL import Image as PILImage
 from PIL.Image import Image
@@ -20,6 +21,7 @@ from dan.domain import (
     InpaintArea,
     InterrogateRequest,
     ModelFiles,
+    PreviewSink,
     ProgressCallback,
     UpscaleRequest,
     hires_size,
@@ -46,18 +48,22 @@ class FakeEngine:
         files: ModelFiles,
         progress: ProgressCallback,
         control_image: Image | None = None,
+        *,
+        preview: PreviewSink | None = None,
     ) -> list[Image]:
         self.calls.append(request)
         if request.prompt == self.FATAL_PROMPT:
             raise FatalEngineError("the fake device died")
+        colour = tuple(random.Random(request.seed).randrange(256) for _ in range(3))
         for step in range(request.steps):
             time.sleep(self.step_s)
             progress(step + 1, request.steps)
+            if preview is not None:  # the picture so far: its colour, fading in
+                preview(_fading(colour, (step + 1) / request.steps, request))
         if request.prompt == self.FAIL_PROMPT:
             raise EngineError("the fake engine was told to fail")
         if request.prompt == self.OOM_PROMPT:
             raise MemoryError("the fake host is out of memory")
-        colour = tuple(random.Random(request.seed).randrange(256) for _ in range(3))
         size = (request.width, request.height)
         if request.hires is not None:
             size = hires_size(request.width, request.height, request.hires.scale)
@@ -71,10 +77,12 @@ class FakeEngine:
         files: ModelFiles,
         progress: ProgressCallback,
         control_image: Image | None = None,
+        *,
+        preview: PreviewSink | None = None,
     ) -> list[Image]:
         """The txt2img image, pasted over ``init_image`` where ``mask`` is white (at the init
         image's size when only the masked area is redrawn, as the real engine does)."""
-        [generated] = self.txt2img(request.generation, files, progress)
+        [generated] = self.txt2img(request.generation, files, progress, preview=preview)
         inpaint = request.inpaint
         if inpaint is not None and inpaint.inpaint_area == InpaintArea.ONLY_MASKED:
             generated = generated.resize(init_image.size)
@@ -105,3 +113,12 @@ class FakeEngine:
         """``"<model> caption of a WxH image"``."""
         progress(1, 1)
         return f"{request.model} caption of a {image.width}x{image.height} image"
+
+
+def _fading(
+    colour: tuple[int, ...], share: float, request: GenerationRequest
+) -> Callable[[], Image]:
+    """A preview drawer: the request's colour at ``share`` of its strength, 1/8 of its size."""
+    shade = tuple(int(c * share) for c in colour)
+    size = (max(1, request.width // 8), max(1, request.height // 8))
+    return lambda: PILImage.new("RGB", size, shade)

@@ -32,6 +32,7 @@ from PIL.Image import Image
 
 from dan.domain import GenerationRequest, HiresFix, ModelFiles, ProgressCallback, hires_size
 from dan.engine.controlnet import ControlUnit
+from dan.engine.preview import LatentsSink, step_callback
 from dan.engine.upscale import is_latent_upscaler, model_file_of, resize_image, upscale_latents
 from dan.engine.upscale_models import UpscalerModels
 from dan.errors import EngineError
@@ -101,6 +102,7 @@ def hires_fix(
     upscalers: UpscalerModels,
     progress: ProgressCallback,
     unit: ControlUnit | None = None,
+    on_latents: LatentsSink | None = None,
 ) -> Image:
     """The hires-fixed image for ``request`` (which must have ``hires``), of :func:`hires_size`,
     conditioned on ``unit`` in both passes when given.
@@ -130,7 +132,7 @@ def hires_fix(
             height=request.height,
             num_inference_steps=request.steps,
             output_type="latent" if latent else "pil",
-            callback_on_step_end=step_callback(progress, 0, plan.total),
+            callback_on_step_end=step_callback(progress, total=plan.total, on_latents=on_latents),
         ).images
         # 3. Upscale to the target size.
         hold = _holding(progress, plan.first, plan.total)
@@ -145,7 +147,9 @@ def hires_fix(
             image=init,
             strength=hires.denoising_strength,
             num_inference_steps=second_steps,
-            callback_on_step_end=step_callback(progress, plan.first, plan.total),
+            callback_on_step_end=step_callback(
+                progress, offset=plan.first, total=plan.total, on_latents=on_latents
+            ),
         ).images
     progress(plan.total, plan.total)
     image: Image = images[0]
@@ -253,15 +257,3 @@ def _holding(progress: ProgressCallback, done: int, total: int) -> ProgressCallb
         progress(done, total)
 
     return report
-
-
-def step_callback(progress: ProgressCallback, offset: int, total: int) -> Any:
-    """A ``callback_on_step_end`` reporting ``(offset + steps done, total)``, never past total."""
-
-    def on_step_end(
-        _pipeline: Any, step: int, _timestep: Any, kwargs: dict[str, Any]
-    ) -> dict[str, Any]:
-        progress(min(offset + step + 1, total), total)
-        return kwargs
-
-    return on_step_end

@@ -30,6 +30,7 @@ from dan.domain import (
     InterrogateRequest,
     ModelFiles,
     ModelRef,
+    PreviewSink,
     ProgressCallback,
     UpscaleRequest,
 )
@@ -48,6 +49,7 @@ from dan.engine.interrogate import Interrogators
 from dan.engine.lora import LoraCache, LoraStack
 from dan.engine.openpose_body import OpenPoseBody
 from dan.engine.preprocess import PoseEstimator, preprocess
+from dan.engine.preview import LatentPreviewer, LatentsSink, step_callback
 from dan.engine.prompts import encode_prompts
 from dan.engine.samplers import make_scheduler
 from dan.engine.upscale import upscale
@@ -66,6 +68,7 @@ class Conditioning:
     embeds: PromptEmbeds
     request: GenerationRequest
     progress: ProgressCallback
+    on_latents: LatentsSink | None = None  # step previews, when someone wants them
 
     def scheduler(self) -> Any:
         """A new scheduler for one pass: passes never share sampler state."""
@@ -117,13 +120,15 @@ class DiffusersEngine:
         files: ModelFiles,
         progress: ProgressCallback,
         control_image: Image | None = None,
+        *,
+        preview: PreviewSink | None = None,
     ) -> list[Image]:
-        with self._conditioned(request, files, progress) as c:
+        with self._conditioned(request, files, progress, preview) as c:
             unit = self._control_unit(request, files, control_image)
             if request.hires is not None:
                 return [self._hires(c, files, unit)]
             if unit is not None:
-                return controlled_txt2img(c.base, request, unit, **_denoising(c, progress))
+                return controlled_txt2img(c.base, request, unit, **_denoising(c))
             pipeline = StableDiffusionPipeline(
                 **{**c.base.components, "scheduler": c.scheduler()}, requires_safety_checker=False
             )
@@ -136,7 +141,7 @@ class DiffusersEngine:
                 num_inference_steps=request.steps,
                 guidance_scale=request.cfg_scale,
                 generator=c.generator(),
-                callback_on_step_end=_step_callback(progress),
+                callback_on_step_end=step_callback(progress, on_latents=c.on_latents),
             )
             return list(output.images)
 
@@ -148,16 +153,18 @@ class DiffusersEngine:
         files: ModelFiles,
         progress: ProgressCallback,
         control_image: Image | None = None,
+        *,
+        preview: PreviewSink | None = None,
     ) -> list[Image]:
         validate_img2img(request, init_image, mask)
-        with self._conditioned(request.generation, files, progress) as c:
+        with self._conditioned(request.generation, files, progress, preview) as c:
             unit = self._control_unit(request.generation, files, control_image)
             if unit is not None:
                 images = controlled_img2img(
-                    c.base, request, init_image, mask, unit, **_denoising(c, progress)
+                    c.base, request, init_image, mask, unit, **_denoising(c)
                 )
             else:
-                images = run_img2img(c.base, request, init_image, mask, **_denoising(c, progress))
+                images = run_img2img(c.base, request, init_image, mask, **_denoising(c))
         progress(1, 1)  # strength 0 runs no step
         return images
 
@@ -222,14 +229,21 @@ class DiffusersEngine:
             upscalers=self.upscalers,
             progress=c.progress,
             unit=unit,
+            on_latents=c.on_latents,
         )
 
     @contextlib.contextmanager
     def _conditioned(
-        self, request: GenerationRequest, files: ModelFiles, progress: ProgressCallback
+        self,
+        request: GenerationRequest,
+        files: ModelFiles,
+        progress: ProgressCallback,
+        preview: PreviewSink | None = None,
     ) -> Iterator[Conditioning]:
         """The loaded checkpoint with the request's LoRAs applied and its prompts encoded."""
-        base = self.pipelines.get(files[request.model.sha256]).pipeline
+        loaded = self.pipelines.get(files[request.model.sha256])
+        base = loaded.pipeline
+        on_latents = _previews(loaded.previewer, preview) if preview is not None else None
         with (
             _engine_errors(f"{request.width}x{request.height}"),
             self._loras(base, request, files),
@@ -244,7 +258,8 @@ class DiffusersEngine:
                 device=self.device,
                 dtype=self.dtype,
             )
-            yield Conditioning(base, PromptEmbeds(embeds, negative), request, progress)
+            embedded = PromptEmbeds(embeds, negative)
+            yield Conditioning(base, embedded, request, progress, on_latents)
 
     def _loras(
         self, base: StableDiffusionPipeline, request: GenerationRequest, files: ModelFiles
@@ -262,18 +277,28 @@ class DiffusersEngine:
             device=self.device,
             allow_ckpt=self._settings.allow_ckpt,
         )
-        return LoadedCheckpoint(pipeline, architecture, pipeline_bytes(pipeline))
+        previewer = LatentPreviewer(pipeline.vae)
+        return LoadedCheckpoint(pipeline, architecture, pipeline_bytes(pipeline), previewer)
 
 
-def _denoising(c: Conditioning, progress: ProgressCallback) -> dict[str, Any]:
+def _denoising(c: Conditioning) -> dict[str, Any]:
     """The per-pass arguments every denoising run of a request takes."""
     return {
         "scheduler": c.scheduler(),
         "prompt_embeds": c.embeds.prompt_embeds,
         "negative_prompt_embeds": c.embeds.negative_prompt_embeds,
         "generator": c.generator(),
-        "callback_on_step_end": _step_callback(progress),
+        "callback_on_step_end": step_callback(c.progress, on_latents=c.on_latents),
     }
+
+
+def _previews(previewer: LatentPreviewer, sink: PreviewSink) -> LatentsSink:
+    """Latents offered to ``sink`` as a picture it may ask ``previewer`` to draw."""
+
+    def on_latents(latents: torch.Tensor) -> None:
+        sink(lambda: previewer(latents))
+
+    return on_latents
 
 
 @contextlib.contextmanager
@@ -288,15 +313,3 @@ def _engine_errors(size: str) -> Iterator[None]:
         if "CUDA" in str(exc) or "cuDNN" in str(exc):
             raise FatalEngineError(f"the GPU failed: {exc}") from exc
         raise EngineError(f"generation failed: {exc}") from exc
-
-
-def _step_callback(progress: ProgressCallback) -> Any:
-    # The total comes from the pipeline: second-order samplers (DPM++ SDE) evaluate the model
-    # twice per step, so there are more callbacks than requested steps.
-    def on_step_end(
-        pipeline: Any, step: int, _timestep: Any, kwargs: dict[str, Any]
-    ) -> dict[str, Any]:
-        progress(step + 1, int(pipeline.num_timesteps))
-        return kwargs
-
-    return on_step_end

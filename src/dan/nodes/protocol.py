@@ -42,6 +42,7 @@ MAX_CAPABILITIES_BYTES = 64 * 1024
 MAX_NAME_CHARS = 256  # a model or file name
 MAX_ERROR_CHARS = 2000
 MAX_CAPTION_CHARS = 20_000
+MAX_PREVIEW_CHARS = 90_000  # base64 of a step preview (dan.imaging.PREVIEW_BYTES and some)
 SHA256 = re.compile(r"[0-9a-f]{64}")
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
 
@@ -149,6 +150,7 @@ class TaskBody(SessionBody):
 
 class HeartbeatBody(TaskBody):
     progress: float | None = Field(None, ge=0, le=1)
+    preview: str | None = Field(None, max_length=MAX_PREVIEW_CHARS)  # base64 of a small PNG
 
 
 class ResultBody(_Body):

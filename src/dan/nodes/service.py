@@ -42,6 +42,7 @@ from dan.errors import (
     TaskNotHeld,
     TooManyNodes,
 )
+from dan.imaging import check_preview
 from dan.models.catalog import Catalog
 from dan.nodes.checks import ResultChecks
 from dan.nodes.protocol import MAX_ERROR_CHARS, MAX_WAIT_S, parse_result_key, result_key
@@ -215,14 +216,27 @@ class NodeService:
         self._queued += 1  # a lost increment only delays a claim to the fallback poll
 
     def heartbeat(
-        self, account: Account, node_id: str, session_id: str, task_id: str, progress: float | None
+        self,
+        account: Account,
+        node_id: str,
+        session_id: str,
+        task_id: str,
+        progress: float | None,
+        preview: bytes | None = None,
     ) -> Heartbeat:
-        """Renew the session's lease on the task and record its progress: whether it still
-        holds the task, and whether it should stop (cancelled, or no longer held)."""
+        """Renew the session's lease on the task and record its progress (and step preview,
+        which must be a small PNG): whether it still holds the task, and whether it should
+        stop (cancelled, or no longer held)."""
         session = self.session(account, node_id, session_id)
+        if preview is not None:
+            check_preview(preview)
         self._touch(session)
         return self._tasks.heartbeat(
-            task_id, session.worker_id, lease_s=self._settings.lease_s, progress=progress
+            task_id,
+            session.worker_id,
+            lease_s=self._settings.lease_s,
+            progress=progress,
+            preview=preview,
         )
 
     def read_input(

@@ -148,6 +148,10 @@ class TaskStore(Protocol):
         """How many pending tasks ``account`` has (a cheap check before decoding inputs)."""
         ...
 
+    def history(self, account: str, *, limit: int, before: int | None = None) -> list[TaskRecord]:
+        """The account's tasks, newest first, queued before task ``before`` (its seq)."""
+        ...
+
     def get(self, task_id: str) -> TaskRecord | None:
         """The task with its current queue position, or None."""
         ...
@@ -173,9 +177,16 @@ class TaskStore(Protocol):
         ...
 
     def heartbeat(
-        self, task_id: str, worker_id: str, *, lease_s: float, progress: float | None = None
+        self,
+        task_id: str,
+        worker_id: str,
+        *,
+        lease_s: float,
+        progress: float | None = None,
+        preview: bytes | None = None,
     ) -> Heartbeat:
-        """Renew the lease (and record progress) if ``worker_id`` still holds the task."""
+        """Renew the lease (and record progress and the latest step preview, a small PNG)
+        if ``worker_id`` still holds the task."""
         ...
 
     def complete(

@@ -129,4 +129,6 @@ def record(row: RowMapping, position: int) -> TaskRecord:
         cancel_requested=bool(row["cancel_requested"]),
         expired=bool(row["expired"]),
         queue_position=position,
+        preview=row["preview"],
+        seq=row["seq"],
     )

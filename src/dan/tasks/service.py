@@ -139,6 +139,10 @@ class TaskService:
             raise TaskNotFound(f"no task with taskId {task_id!r}")
         return record
 
+    def history(self, account: str, *, limit: int, before: int | None = None) -> list[TaskRecord]:
+        """The account's tasks, newest first (a page of ``limit``, before seq ``before``)."""
+        return self._store.history(account, limit=limit, before=before)
+
     def images(self, record: TaskRecord) -> list[bytes]:
         """The PNG files of a successful task (empty once its results have expired)."""
         if record.expired:

@@ -151,6 +151,16 @@ class SqlTaskStore:
             verify_of=row.verify_of,
         )
 
+    def history(self, account: str, *, limit: int, before: int | None = None) -> list[TaskRecord]:
+        """The account's tasks, newest first: at most ``limit``, queued before the task of
+        seq ``before`` when given (the page after the one that ended there)."""
+        query = select(tasks).where(tasks.c.account == account)
+        if before is not None:
+            query = query.where(tasks.c.seq < before)
+        query = query.order_by(tasks.c.seq.desc()).limit(limit)
+        with self._read() as conn:
+            return [record(row, 0) for row in conn.execute(query).mappings()]
+
     def pending_count(self, account: str) -> int:
         with self._read() as conn:
             return self._pending(conn, account)
@@ -273,12 +283,20 @@ class SqlTaskStore:
             return self._take(conn, seq, worker_id, lease_s, offer.node_id)
 
     def heartbeat(
-        self, task_id: str, worker_id: str, *, lease_s: float, progress: float | None = None
+        self,
+        task_id: str,
+        worker_id: str,
+        *,
+        lease_s: float,
+        progress: float | None = None,
+        preview: bytes | None = None,
     ) -> Heartbeat:
         with self._engine.begin() as conn:
             values: dict[str, Any] = {"lease_expires_at": self._time.now(conn) + lease_s}
             if progress is not None:
                 values["progress"] = progress
+            if preview is not None:
+                values["preview"] = preview
             row = conn.execute(
                 update(tasks)
                 .where(*held_by(task_id, worker_id))

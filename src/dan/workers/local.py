@@ -145,7 +145,13 @@ class LocalNodeQueue:
         return self._store.claim(self.worker_id, lease_s=lease_s, offer=offer)
 
     def heartbeat(
-        self, task_id: str, worker_id: str, *, lease_s: float, progress: float | None = None
+        self,
+        task_id: str,
+        worker_id: str,
+        *,
+        lease_s: float,
+        progress: float | None = None,
+        preview: bytes | None = None,
     ) -> Heartbeat:
         if self._monotonic() - self._refreshed >= self._refresh_s:
             # A long task must not make the node look offline; no rescan in the middle of it.
@@ -155,7 +161,9 @@ class LocalNodeQueue:
             )
             if seen is None:
                 self._refreshed = -float("inf")  # the row is gone: register at the next claim
-        return self._store.heartbeat(task_id, self.worker_id, lease_s=lease_s, progress=progress)
+        return self._store.heartbeat(
+            task_id, self.worker_id, lease_s=lease_s, progress=progress, preview=preview
+        )
 
     def complete(self, task_id: str, worker_id: str, result: TaskResult) -> bool:
         reward = Reward(LOCAL_ACCOUNT, 0.0, self.node_id, work=False)

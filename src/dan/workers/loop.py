@@ -18,15 +18,19 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from PIL.Image import Image
+
 from dan.domain import ClaimedTask, TaskResult
 from dan.engine.base import Engine
 from dan.errors import DanError, FatalEngineError, TaskCancelled
+from dan.imaging import encode_preview
 from dan.tasks.orders import ModelLookup
 from dan.tasks.store import CANCELLED_MESSAGE, Heartbeat
 from dan.workers.runner import TaskFiles, TaskRunner
 
 log = logging.getLogger(__name__)
 BEAT_S = 0.3  # how often a running task's progress is sent (and its cancel flag read)
+PREVIEW_S = 1.0  # how often a step preview is drawn and sent
 REPORT_TRIES_S = 30.0  # how long a finished task's outcome is retried against a failing queue
 
 
@@ -40,9 +44,16 @@ class WorkQueue(Protocol):
         ...
 
     def heartbeat(
-        self, task_id: str, worker_id: str, *, lease_s: float, progress: float | None = None
+        self,
+        task_id: str,
+        worker_id: str,
+        *,
+        lease_s: float,
+        progress: float | None = None,
+        preview: bytes | None = None,
     ) -> Heartbeat:
-        """Renew the lease and record progress; whether it is still held, and whether to stop."""
+        """Renew the lease and record progress (and a step preview, a small PNG); whether it
+        is still held, and whether to stop."""
         ...
 
     def complete(self, task_id: str, worker_id: str, result: TaskResult) -> bool:
@@ -63,6 +74,7 @@ class Lease:
     fails (a database hiccup, a cut network) is tried again at the next beat; only when none
     has got through for a whole lease is the task taken as lost. ``report`` raises
     TaskCancelled at the first step after the answer says stop (cancelled, or no longer held).
+    :meth:`preview` draws a step preview at most every ``preview_s``; the next beat sends it.
     """
 
     def __init__(
@@ -73,14 +85,18 @@ class Lease:
         lease_s: float,
         *,
         beat_s: float = BEAT_S,
+        preview_s: float = PREVIEW_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._queue, self._task_id, self._worker_id = queue, task_id, worker_id
         self._lease_s = lease_s
         self._beat_s = min(beat_s, lease_s / 3)
+        self._preview_s = preview_s
         self._clock = clock
         self._lock = threading.Lock()
         self._progress: float | None = None
+        self._preview: bytes | None = None  # drawn, not sent yet
+        self._previewed = -float("inf")
         self._answer = Heartbeat(held=True, cancel_requested=False)
         self._last_answer = clock()
         self._stop = threading.Event()
@@ -110,6 +126,21 @@ class Lease:
         if answer.cancel_requested or not answer.held:
             raise TaskCancelled("the task was cancelled" if answer.held else "the lease was lost")
 
+    def preview(self, draw: Callable[[], Image]) -> None:
+        """The engine offers a step preview: draw and keep it if the last is ``preview_s``
+        old (a drawing that fails costs the preview, never the task)."""
+        now = self._clock()
+        if now - self._previewed < self._preview_s:
+            return
+        self._previewed = now
+        try:
+            data = encode_preview(draw())
+        except Exception:
+            log.exception("could not draw a preview of %s", self._task_id)
+            return
+        with self._lock:
+            self._preview = data
+
     def _beat_forever(self) -> None:
         while not self._stop.wait(self._beat_s):
             self.beat()
@@ -117,10 +148,14 @@ class Lease:
     def beat(self) -> None:
         """Send one heartbeat with the latest progress and keep the answer."""
         with self._lock:
-            progress = self._progress
+            progress, preview, self._preview = self._progress, self._preview, None
         try:
             answer = self._queue.heartbeat(
-                self._task_id, self._worker_id, lease_s=self._lease_s, progress=progress
+                self._task_id,
+                self._worker_id,
+                lease_s=self._lease_s,
+                progress=progress,
+                preview=preview,
             )
         except Exception as exc:
             silent_s = self._clock() - self._last_answer
@@ -150,6 +185,7 @@ class Worker:
         lease_s: float,
         idle_sleep_s: float = 0.05,
         beat_s: float = BEAT_S,
+        preview_s: float = PREVIEW_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
@@ -158,6 +194,7 @@ class Worker:
         self._lease_s = lease_s
         self._idle_sleep_s = idle_sleep_s
         self._beat_s = beat_s
+        self._preview_s = preview_s
         self._clock = clock
         self._stop = threading.Event()
 
@@ -186,10 +223,17 @@ class Worker:
 
     def _execute(self, task: ClaimedTask) -> None:
         started = self._clock()
-        lease = Lease(self._store, task.id, self.worker_id, self._lease_s, beat_s=self._beat_s)
+        lease = Lease(
+            self._store,
+            task.id,
+            self.worker_id,
+            self._lease_s,
+            beat_s=self._beat_s,
+            preview_s=self._preview_s,
+        )
         try:
             with lease:
-                result = self._runner.run(task, lease.report)
+                result = self._runner.run(task, lease.report, lease.preview)
         except TaskCancelled:
             self._report(
                 task, "fail", lambda: self._store.fail(task.id, self.worker_id, CANCELLED_MESSAGE)

@@ -15,6 +15,7 @@ server said so.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import threading
@@ -132,8 +133,17 @@ class NodeClient:
             )
         return ClaimAnswer(task, tuple(answer.pull))
 
-    def heartbeat(self, session: Registration, task_id: str, progress: float | None) -> Heartbeat:
-        body = protocol.HeartbeatBody(**_ids(session), taskId=task_id, progress=progress)
+    def heartbeat(
+        self,
+        session: Registration,
+        task_id: str,
+        progress: float | None,
+        preview: bytes | None = None,
+    ) -> Heartbeat:
+        encoded = base64.b64encode(preview).decode("ascii") if preview is not None else None
+        body = protocol.HeartbeatBody(
+            **_ids(session), taskId=task_id, progress=progress, preview=encoded
+        )
         data = self._post("/api/node/heartbeat", body, retry=False, timeout=HEARTBEAT_TIMEOUT)
         beat = _parse(protocol.Beat, data)
         return Heartbeat(held=beat.held, cancel_requested=beat.cancelRequested)
@@ -323,13 +333,19 @@ class RemoteQueue:
         return answer.task
 
     def heartbeat(
-        self, task_id: str, worker_id: str, *, lease_s: float, progress: float | None = None
+        self,
+        task_id: str,
+        worker_id: str,
+        *,
+        lease_s: float,
+        progress: float | None = None,
+        preview: bytes | None = None,
     ) -> Heartbeat:
         session = self.session
         if session is None:
             return Heartbeat(held=False, cancel_requested=True)
         try:
-            return self._client.heartbeat(session, task_id, progress)
+            return self._client.heartbeat(session, task_id, progress, preview)
         except NodeNotFound:
             return Heartbeat(held=False, cancel_requested=True)
 

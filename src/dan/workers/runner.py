@@ -15,6 +15,7 @@ from dan.domain import (
     ModelFiles,
     ModelKind,
     ModelRef,
+    PreviewSink,
     ProgressCallback,
     TaskKind,
     TaskResult,
@@ -46,13 +47,18 @@ class TaskRunner:
     def __init__(self, engine: Engine, models: ModelLookup, blobs: TaskFiles) -> None:
         self._engine, self._models, self._blobs = engine, models, blobs
 
-    def run(self, task: ClaimedTask, progress: ProgressCallback) -> TaskResult:
+    def run(
+        self, task: ClaimedTask, progress: ProgressCallback, preview: PreviewSink | None = None
+    ) -> TaskResult:
         """Run ``task``; its result images are stored under the keys of its try
-        (dan.nodes.protocol.result_key), so a late run never overwrites a newer one."""
+        (dan.nodes.protocol.result_key), so a late run never overwrites a newer one. Step
+        previews of generations are offered to ``preview``."""
         if task.kind == TaskKind.TXT2IMG:
-            return self._txt2img(task, GenerationRequest.from_params(task.params), progress)
+            request = GenerationRequest.from_params(task.params)
+            return self._txt2img(task, request, progress, preview)
         if task.kind == TaskKind.IMG2IMG:
-            return self._img2img(task, Img2ImgRequest.from_params(task.params), progress)
+            request2 = Img2ImgRequest.from_params(task.params)
+            return self._img2img(task, request2, progress, preview)
         if task.kind == TaskKind.UPSCALE:
             return self._upscale(task, UpscaleRequest.from_params(task.params), progress)
         if task.kind == TaskKind.DETECT:
@@ -62,20 +68,31 @@ class TaskRunner:
         raise DanError(f"this worker cannot run {task.kind} tasks")
 
     def _txt2img(
-        self, task: ClaimedTask, request: GenerationRequest, progress: ProgressCallback
+        self,
+        task: ClaimedTask,
+        request: GenerationRequest,
+        progress: ProgressCallback,
+        preview: PreviewSink | None,
     ) -> TaskResult:
         control = self._control_image(request)
-        images = self._engine.txt2img(request, self._files(request), progress, control)
+        files = self._files(request)
+        images = self._engine.txt2img(request, files, progress, control, preview=preview)
         return self._store(task, request, images)
 
     def _img2img(
-        self, task: ClaimedTask, request: Img2ImgRequest, progress: ProgressCallback
+        self,
+        task: ClaimedTask,
+        request: Img2ImgRequest,
+        progress: ProgressCallback,
+        preview: PreviewSink | None,
     ) -> TaskResult:
         init = self._input(request.init_image_key)
         mask = self._input(request.inpaint.mask_key) if request.inpaint else None
         files = self._files(request.generation)
         control = self._control_image(request.generation)
-        images = self._engine.img2img(request, init, mask, files, progress, control)
+        images = self._engine.img2img(
+            request, init, mask, files, progress, control, preview=preview
+        )
         extra = {"Denoising strength": f"{request.denoising_strength:g}"}
         if request.inpaint:
             extra["Mask blur"] = str(request.inpaint.mask_blur)

@@ -20,6 +20,7 @@ from dan.api.generation import context
 from dan.api.routes.sd import ok
 from dan.domain import Account, ClaimedTask, ModelKind, TaskResult
 from dan.errors import InvalidArgument
+from dan.imaging import decode_base64
 from dan.nodes import NodeRecord, NodeService, PublicNode
 from dan.nodes.protocol import (
     MAX_WAIT_S,
@@ -143,8 +144,9 @@ async def claim(body: ClaimBody, account: NodeRunner, request: Request) -> dict[
 
 @router.post("/api/node/heartbeat", summary="Renew the lease of a running task, with progress")
 def heartbeat(body: HeartbeatBody, account: NodeRunner, request: Request) -> dict[str, Any]:
+    preview = decode_base64(body.preview, "preview") if body.preview is not None else None
     beat = nodes(request).heartbeat(
-        account, body.nodeId, body.sessionId, body.taskId, body.progress
+        account, body.nodeId, body.sessionId, body.taskId, body.progress, preview
     )
     return ok(Beat(held=beat.held, cancelRequested=beat.cancel_requested).model_dump())
 

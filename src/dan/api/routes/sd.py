@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Query, Request
+from sse_starlette import EventSourceResponse
 
 from dan.api.auth import account_of, caller, task_owner
-from dan.api.generation import AnyBody, context, submit, task_status, wait_for_success
+from dan.api.events import last_event_id as last_event_id_of
+from dan.api.events import task_events
+from dan.api.generation import (
+    AnyBody,
+    context,
+    history_entry,
+    submit,
+    task_status,
+    wait_for_success,
+)
 from dan.api.schemas import (
     DetectBody,
     Img2ImgBody,
@@ -18,8 +28,11 @@ from dan.api.schemas import (
     UpscaleBody,
 )
 from dan.domain import IMAGE_UPSCALERS, LATENT_UPSCALERS, SAMPLERS, ModelKind, TaskRecord
+from dan.errors import InvalidArgument
 
 router = APIRouter(prefix="/api/sd", tags=["generation"])
+PING_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
+MAX_HISTORY = 100
 
 
 def ok(data: Any, message: str = "success") -> dict[str, Any]:
@@ -107,6 +120,51 @@ async def controlnet_detect_async(body: DetectBody, request: Request) -> dict[st
 async def status(body: TaskIdBody, request: Request) -> dict[str, Any]:
     owner = task_owner(await asyncio.to_thread(caller, request))
     return ok(await task_status(context(request), body.taskId, owner))
+
+
+@router.get(
+    "/task/events",
+    summary="Server-sent events of a task: its state as it changes, then its result",
+    response_class=EventSourceResponse,
+)
+async def events(
+    request: Request,
+    taskId: Annotated[str, Query(min_length=1, max_length=64)],
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> EventSourceResponse:
+    """``state`` events while it waits and runs, one ``done`` event at the end (see
+    dan.api.events); resumes after ``Last-Event-ID``. Another account's task is a 404."""
+    owner = task_owner(await asyncio.to_thread(caller, request))
+    ctx = context(request)
+    await asyncio.to_thread(ctx.services.tasks.get, taskId, owner)  # 404 before streaming
+    stream = task_events(ctx, taskId, owner, last_event_id_of(last_event_id))
+    return EventSourceResponse(stream, ping=PING_S)
+
+
+@router.get("/tasks", summary="The caller's tasks, newest first, a page at a time")
+async def history(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=MAX_HISTORY)] = 20,
+    before: Annotated[str | None, Query(max_length=20)] = None,
+) -> dict[str, Any]:
+    """``{tasks: [...], next}``: ``next`` is the ``before`` of the following page (null at
+    the end)."""
+    account = await asyncio.to_thread(caller, request)
+    cursor = _cursor(before)
+    tasks = context(request).services.tasks
+    page = await asyncio.to_thread(tasks.history, account.id, limit=limit, before=cursor)
+    more = str(page[-1].seq) if len(page) == limit else None
+    return ok({"tasks": [history_entry(record) for record in page], "next": more})
+
+
+def _cursor(before: str | None) -> int | None:
+    if before is None or before == "":
+        return None
+    if not before.isdigit():
+        raise InvalidArgument(
+            f"Invalid before: must be the next value of a previous page, got {before!r}"
+        )
+    return int(before)
 
 
 @router.post("/task/cancel", summary="Cancel a task (a running one stops within one step)")
