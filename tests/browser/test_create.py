@@ -33,11 +33,11 @@ def fill_form(tab: Tab, **fields: str) -> None:
 
 
 def start_recording_progress(tab: Tab) -> None:
-    """Remember, in the page, every progress value and status text the panel shows, and
+    """Remember, in the page, every progress value, status and ETA text the panel shows, and
     whether a step preview appeared."""
     tab.page.evaluate(
         """() => {
-        const seen = (window.seen = {progress: [], status: [], preview: false});
+        const seen = (window.seen = {progress: [], status: [], eta: [], preview: false});
         const root = document.querySelector('#create-task');
         new MutationObserver(() => {
             const bar = root.querySelector('progress');
@@ -45,6 +45,7 @@ def start_recording_progress(tab: Tab) -> None:
             if (task && !task.hidden) {
                 seen.progress.push(bar.value);
                 seen.status.push(root.querySelector('.task-status').textContent);
+                seen.eta.push(root.querySelector('.eta').textContent);
             }
             const preview = root.querySelector('.preview');
             if (preview && !preview.hidden && preview.src) seen.preview = true;
@@ -68,21 +69,9 @@ def result_png(tab: Tab, index: int = 0) -> bytes:
     return base64.b64decode(encoded)
 
 
-def server_has_events(playground: Playground) -> bool:
-    """Whether the server streams task events (and so step previews) yet."""
-    reply = playground.server.client.get(
-        "/api/sd/task/events",
-        params={"taskId": "none"},
-        headers={"Authorization": f"Bearer {playground.user_key}"},
-    )
-    return reply.json().get("message") != "Not Found"
-
-
-def test_generate_shows_progress_then_the_image_and_downloads_the_png(
-    tab: Tab, playground: Playground
-) -> None:
+def test_generate_shows_progress_then_the_image_and_downloads_the_png(tab: Tab) -> None:
     page = tab.open("create")
-    fill_form(tab, prompt="a red fox", width="256", height="256", steps="40", seed="1234")
+    fill_form(tab, prompt="a red fox", width="256", height="256", steps="60", seed="1234")
     start_recording_progress(tab)
     page.click("#generate")
     page.wait_for_function(
@@ -93,8 +82,8 @@ def test_generate_shows_progress_then_the_image_and_downloads_the_png(
     seen = page.evaluate("window.seen")
     assert any(0 < value < 1 for value in seen["progress"]), seen
     assert any(text.startswith("Running:") for text in seen["status"]), seen
-    if server_has_events(playground):
-        assert seen["preview"], "the server streams events but no step preview was shown"
+    assert any(text.startswith("about ") for text in seen["eta"]), seen
+    assert seen["preview"], "no step preview was shown"
     assert page.locator("#create-task .result img").evaluate("i => i.naturalWidth") == 256
     assert page.locator("#create-task .result-seed").inner_text() == "Seed 1234"
     assert page.locator("#create-task progress").is_hidden()  # the finished task's bar is gone

@@ -10,11 +10,6 @@ export class ApiError extends Error {
     this.code = code;
     this.data = data;
   }
-
-  /** True when the route itself does not exist on this server (not "no such task"). */
-  get routeMissing() {
-    return this.status === 404 && this.message === "Not Found";
-  }
 }
 
 /** The error a non-2xx response stands for, with the message the server gave. */
@@ -96,12 +91,17 @@ export class Api {
     return (await this.call("DELETE", path, undefined, options)).data;
   }
 
-  /** An open streaming response (server-sent events) for ``path``; throws ApiError. */
-  async stream(path, signal) {
+  /**
+   * An open streaming response (server-sent events) for ``path``, resuming after event
+   * ``lastEventId`` when given; throws ApiError.
+   */
+  async stream(path, signal, lastEventId = "") {
+    const headers = { ...this.headers("GET", false), Accept: "text/event-stream" };
+    if (lastEventId) headers["Last-Event-ID"] = lastEventId;
     let response;
     try {
       response = await fetch(this.base + path, {
-        headers: { ...this.headers("GET", false), Accept: "text/event-stream" },
+        headers,
         credentials: "same-origin",
         cache: "no-store",
         signal,

@@ -54,7 +54,6 @@ function createApp() {
         app.me = null;
         app.meError = error.message;
       }
-      app.history.setAccount(app.me?.id);
       showWho(app);
       for (const listener of app.listeners) listener(app.me);
     },

@@ -200,42 +200,14 @@ export function setupCreate(app) {
     const button = $("#generate");
     button.disabled = true;
     try {
-      await panel.run(async () => {
-        const accepted = await app.api.post(path, body);
-        remember(accepted.taskId, image ? "img2img" : "txt2img", body);
-        return accepted;
-      });
+      await panel.run(() => app.api.post(path, body));
     } finally {
       button.disabled = false;
     }
   }
 
-  function remember(taskId, kind, body) {
-    app.history.remember({
-      taskId,
-      kind,
-      status: Status.PENDING,
-      createdAt: Date.now() / 1000,
-      prompt: body.prompt,
-      negativePrompt: body.negative_prompt,
-      seed: body.seed,
-      width: body.width,
-      height: body.height,
-      model: body.model,
-      steps: body.steps,
-      sampler: body.sampler_name,
-    });
-  }
-
   panel.actions.onFinished = (taskId, data) => {
     const seed = data.seeds?.[0];
-    app.history.remember({
-      taskId,
-      status: data.status,
-      finishedAt: Date.now() / 1000,
-      ...(seed === undefined ? {} : { seed }),
-      ...(data.message && data.status === Status.FAILURE ? { message: data.message } : {}),
-    });
     if (seed !== undefined) {
       state.lastSeed = seed;
       $("#seed-reuse").disabled = false;

@@ -28,14 +28,20 @@ export function setupHistory(app) {
       seed: task.seed,
       width: task.width,
       height: task.height,
-      modelHash: task.model,
-      modelName: task.model,
+      modelName: task.model, // the server's list names the checkpoint
     };
   }
 
   function item(task) {
     const size = task.width && task.height ? `${task.width}×${task.height}` : "";
-    const facts = [task.kind, statusText(task.status), size, task.seed !== undefined ? `seed ${task.seed}` : "", formatTime(task.createdAt)]
+    const facts = [
+      task.kind,
+      statusText(task.status),
+      task.expired ? "images deleted" : "",
+      size,
+      task.seed !== undefined && task.seed !== null ? `seed ${task.seed}` : "",
+      formatTime(task.createdAt),
+    ]
       .filter(Boolean)
       .join(" · ");
     const open = () => {
@@ -73,9 +79,6 @@ export function setupHistory(app) {
       else list.replaceChildren(...items);
       if (!append && !items.length) list.append(el("li", { class: "hint" }, "No task yet."));
       more.hidden = !next;
-      $("#history-where").textContent = app.history.local
-        ? "This server keeps no history: these are the tasks made in this browser."
-        : "Your recent tasks. Their images are kept for a day.";
     } catch (err) {
       say(error, err.message);
     }
