@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,7 @@ def test_paint_a_mask_and_inpaint_keeps_the_unpainted_pixels(tab: Tab, tmp_path:
     fill_form(tab, prompt="a red fox", steps="4", seed="5", denoise="1", mask_blur="0")
 
     # Two drags in the left quarter of the picture (brush 4 px, the default for 64 px).
+    page.locator("#mask-canvas").scroll_into_view_if_needed()
     box = page.locator("#mask-canvas").bounding_box()
     assert box is not None
 
@@ -189,22 +191,6 @@ def test_paint_a_mask_and_inpaint_keeps_the_unpainted_pixels(tab: Tab, tmp_path:
     assert sum(result.getpixel(p) != original.getpixel(p) for p in white) > len(white) // 2
 
 
-def test_cancel_stops_a_long_task(tab: Tab) -> None:
-    page = tab.open("create")
-    fill_form(tab, prompt="a long task", steps="150", width="256", height="256")
-    page.click("#generate")
-    page.wait_for_function(
-        "() => { const b = document.querySelector('#create-task progress');"
-        " return b && b.offsetParent !== null && b.value > 0; }"
-    )
-    page.click("#create-task >> text=Cancel")
-    error = page.locator("#create-task .error")
-    error.wait_for()
-    assert error.inner_text() == "cancelled by the user"  # the API's own message
-    assert page.locator("#create-task .result").count() == 0
-    assert page.locator("#generate").is_enabled()
-
-
 def test_history_survives_a_reload(tab: Tab) -> None:
     page = tab.open("create")
     fill_form(tab, prompt="a remembered fox", steps="2", width="64", height="64", seed="31")
@@ -221,3 +207,113 @@ def test_history_survives_a_reload(tab: Tab) -> None:
     page.wait_for_function("() => location.hash === '#/create'")
     assert page.input_value("#prompt") == "a remembered fox"
     assert page.input_value("#seed") == "31"
+
+
+def test_loras_and_hires_fix_are_sent_and_read_back(tab: Tab, playground: Playground) -> None:
+    page = tab.open("create")
+    fill_form(tab, prompt="a styled fox", steps="2", width="64", height="64", seed="9")
+    page.click("#lora-add")
+    assert page.input_value("#lora-1") == playground.lora
+    assert page.locator("#lora-1 option").inner_text() == f"style-a [{playground.lora[:10]}]"
+    page.fill("#lora-1-weight", "0.8")
+    page.check("#hires-on")
+    fill_form(tab, hires_scale="1.5", hires_denoise="0.6", hires_upscaler="Latent (bicubic)")
+    with page.expect_request("**/api/sd/txt2img/async") as sent:
+        page.click("#generate")
+    body = json.loads(sent.value.post_data or "{}")
+    assert body["loras"] == [[playground.lora, 0.8]]
+    assert body["upscale"] == {
+        "scale": 1.5,
+        "denoising_strength": 0.6,
+        "upscaler": "Latent (bicubic)",
+    }
+    result = page.locator("#create-task .result img")
+    result.wait_for()
+    assert result.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [96, 96]
+
+    page.click("#loras button")  # remove the LoRA row, switch hires off
+    page.uncheck("#hires-on")
+    page.click("#create-task >> text=Use these settings again")
+    page.wait_for_selector("#lora-1")
+    assert page.input_value("#lora-1") == playground.lora
+    # The PNG's parameters name each LoRA but not its weight: it comes back as 1.
+    assert page.input_value("#lora-1-weight") == "1"
+    assert page.is_checked("#hires-on")
+    assert page.input_value("#hires-scale") == "1.5"
+    assert page.input_value("#hires-denoise") == "0.6"
+    assert page.input_value("#hires-upscaler") == "Latent (bicubic)"
+
+
+def test_mask_tools_paint_erase_invert_and_clear(tab: Tab, tmp_path: Path) -> None:
+    page = tab.open("create")
+    page.check("input[name=mode][value=inpaint]")
+    page.set_input_files("#init-image", str(pattern_png(tmp_path / "source.png")))
+    page.wait_for_selector("#mask-canvas:visible")
+    painted = "() => window.maskPixels()"
+    page.evaluate(
+        """() => { window.maskPixels = () => {
+            const c = document.querySelector('#mask-canvas');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] >= 128) n++; return n; }; }"""
+    )
+
+    def drag(y: float, x0: float, x1: float) -> None:
+        canvas = page.locator("#mask-canvas")
+        canvas.scroll_into_view_if_needed()  # clicking a tool may have scrolled the page
+        box = canvas.bounding_box()
+        assert box is not None
+        page.mouse.move(box["x"] + x0 * box["width"], box["y"] + y * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["x"] + x1 * box["width"], box["y"] + y * box["height"], steps=6)
+        page.mouse.up()
+
+    page.evaluate(
+        "() => { const r = document.querySelector('#brush-size');"
+        " r.value = 8; r.dispatchEvent(new Event('input')); }"
+    )
+    assert page.locator("#brush-size-value").inner_text() == "8"
+    drag(0.5, 0.1, 0.9)
+    stroke = page.evaluate(painted)
+    assert 8 * 40 < stroke < 8 * 64
+    page.check("input[name=brush][value=erase]")
+    drag(0.5, 0.4, 0.6)
+    erased = page.evaluate(painted)
+    assert erased < stroke - 8 * 8
+    page.click("#mask-invert")
+    assert page.evaluate(painted) == 64 * 64 - erased
+    page.click("#mask-clear")
+    assert page.evaluate(painted) == 0
+    page.click("#generate")  # nothing painted: the page says so instead of sending
+    assert "Paint the part" in page.locator("#create-error").inner_text()
+
+
+def test_a_waiting_task_shows_its_queue_position_and_a_running_one_cancels(
+    open_tab: Callable[..., Tab], playground: Playground
+) -> None:
+    first = open_tab(key=playground.user_key)
+    page = first.open("create")
+    fill_form(first, prompt="a long task", steps="150", width="256", height="256")
+    page.click("#generate")
+    page.wait_for_function(
+        "() => { const b = document.querySelector('#create-task progress');"
+        " return b && b.offsetParent !== null && b.value > 0; }"
+    )
+
+    second = open_tab(key=playground.user_key)
+    other = second.open("create")
+    fill_form(second, prompt="next in line", steps="2", width="64", height="64")
+    other.click("#generate")
+    status = other.locator("#create-task .task-status")
+    other.wait_for_function(
+        "() => document.querySelector('#create-task .task-status').textContent"
+        " === 'Waiting in the queue: position 1'"
+    )
+
+    page.click("#create-task >> text=Cancel")
+    error = page.locator("#create-task .error")
+    error.wait_for()
+    assert error.inner_text() == "cancelled by the user"  # the API's own message
+    assert page.locator("#create-task .result").count() == 0
+    assert page.locator("#generate").is_enabled()
+    other.wait_for_selector("#create-task .result img")  # the next one ran
+    assert status.is_hidden()

@@ -36,7 +36,7 @@ def test_upscale_makes_a_bigger_picture(tab: Tab, tmp_path: Path) -> None:
     assert result.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [128, 128]
 
 
-def test_interrogate_without_weights_shows_the_apis_message(
+def test_interrogate_captions_and_the_caption_becomes_the_prompt(
     tab: Tab, playground: Playground, tmp_path: Path
 ) -> None:
     source = square_png(tmp_path / "in.png")
@@ -44,12 +44,33 @@ def test_interrogate_without_weights_shows_the_apis_message(
     page.set_input_files("#interrogate-image", str(source))
     page.select_option("#interrogate-model", "deepdanbooru")
     page.click("#interrogate-form button[type=submit]")
+    page.wait_for_selector("#caption-box:visible")
+    image = base64.b64encode(source.read_bytes()).decode()
+    expected = playground.server.client.post(
+        "/api/sd/interrogate",
+        json={"image": image, "model": "deepdanbooru"},
+        headers={"Authorization": f"Bearer {playground.user_key}"},
+    ).json()["data"]["caption"]
+    assert page.input_value("#caption") == expected
+    page.click("#caption-use")
+    page.wait_for_function("() => location.hash === '#/create'")
+    assert page.input_value("#prompt") == expected
+
+
+def test_interrogate_without_its_files_shows_the_apis_message(
+    tab: Tab, playground: Playground, tmp_path: Path
+) -> None:
+    source = square_png(tmp_path / "in.png")
+    page = tab.open("tools")
+    page.set_input_files("#interrogate-image", str(source))
+    page.select_option("#interrogate-model", "clip")  # its BLIP and CLIP files are missing
+    page.click("#interrogate-form button[type=submit]")
     error = page.locator("#interrogate-task .error")
     error.wait_for()
     image = base64.b64encode(source.read_bytes()).decode()
     reply = playground.server.client.post(
         "/api/sd/interrogate/async",
-        json={"image": image, "model": "deepdanbooru"},
+        json={"image": image, "model": "clip"},
         headers={"Authorization": f"Bearer {playground.user_key}"},
     ).json()
     assert reply["code"] != 200 and error.inner_text() == reply["message"]
