@@ -78,7 +78,8 @@ function route(views) {
     if (link.dataset.route === current) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
-  document.title = current === "home" ? "DAN playground" : `${$(`#${current}-title`).textContent} · DAN`;
+  document.title =
+    current === "home" ? "DAN playground" : `${$(`#${current}-title`).textContent} · DAN`;
   views[current].show?.();
   return current;
 }

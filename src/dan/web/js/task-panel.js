@@ -22,7 +22,11 @@ export class TaskPanel {
     this.progress = el("progress", { max: 1, value: 0, "aria-label": `${label} progress` });
     this.eta = el("span", { class: "eta" });
     this.preview = el("img", { class: "preview", alt: "Preview of the latest step", hidden: true });
-    this.cancel = el("button", { type: "button", class: "secondary", onclick: () => this.stop() }, "Cancel");
+    this.cancel = el(
+      "button",
+      { type: "button", class: "secondary", onclick: () => this.stop() },
+      "Cancel",
+    );
     this.running = el(
       "div",
       { class: "task", hidden: true },
@@ -151,7 +155,12 @@ export class TaskPanel {
       "figure",
       { class: "result" },
       el("img", { src: url, alt: what }),
-      el("figcaption", {}, seed === undefined ? "" : el("span", { class: "result-seed" }, `Seed ${seed}`), ...buttons),
+      el(
+        "figcaption",
+        {},
+        seed === undefined ? "" : el("span", { class: "result-seed" }, `Seed ${seed}`),
+        ...buttons,
+      ),
     );
   }
 }

@@ -119,7 +119,20 @@ export function setupAccount(app) {
       el("td", {}, el("code", {}, `${key.prefix}…`)),
       el("td", {}, formatTime(key.createdAt)),
       el("td", {}, formatTime(key.lastUsedAt) || "never"),
-      el("td", {}, el("button", { type: "button", class: "secondary", "aria-label": `Revoke key ${key.prefix}`, onclick: revoke }, "Revoke")),
+      el(
+        "td",
+        {},
+        el(
+          "button",
+          {
+            type: "button",
+            class: "secondary",
+            "aria-label": `Revoke key ${key.prefix}`,
+            onclick: revoke,
+          },
+          "Revoke",
+        ),
+      ),
     );
   }
 

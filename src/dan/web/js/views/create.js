@@ -1,7 +1,17 @@
 // Create: txt2img, img2img and inpaint in one form, with LoRAs, hires fix and one ControlNet
 // unit; the task panel beside it shows progress and the results.
 
-import { $, $$, acceptImages, el, fillSelect, loadImage, numberOf, readDataUrl, say } from "../dom.js";
+import {
+  $,
+  $$,
+  acceptImages,
+  el,
+  fillSelect,
+  loadImage,
+  numberOf,
+  readDataUrl,
+  say,
+} from "../dom.js";
 import { settingsOfPng } from "../png.js";
 import { MaskEditor } from "../mask.js";
 import { TaskPanel } from "../task-panel.js";
@@ -17,10 +27,15 @@ export function setupCreate(app) {
   const error = $("#create-error");
   const state = { mode: "txt2img", image: null, control: null, lastSeed: null, loras: [] };
   const editor = new MaskEditor($("#mask-canvas"));
-  const panel = new TaskPanel($("#create-task"), app.api, {
-    onSettings: (bytes) => reuse(bytes),
-    onUseImage: (dataUrl) => useImage(dataUrl),
-  }, "Generation");
+  const panel = new TaskPanel(
+    $("#create-task"),
+    app.api,
+    {
+      onSettings: (bytes) => reuse(bytes),
+      onUseImage: (dataUrl) => useImage(dataUrl),
+    },
+    "Generation",
+  );
 
   // --- the form's parts --------------------------------------------------------------------
 
@@ -63,7 +78,10 @@ export function setupCreate(app) {
   function addLora(ref = null, weight = 1) {
     const index = $("#loras").children.length + 1;
     const select = el("select", { id: `lora-${index}`, class: "lora-model" });
-    fillSelect(select, state.loras.map((l) => [l.hash, `${l.name} [${l.hash.slice(0, SHORT_HASH)}]`]));
+    fillSelect(
+      select,
+      state.loras.map((l) => [l.hash, `${l.name} [${l.hash.slice(0, SHORT_HASH)}]`]),
+    );
     if (ref) select.value = ref;
     const weightInput = el("input", {
       id: `lora-${index}-weight`,
@@ -81,15 +99,19 @@ export function setupCreate(app) {
       select,
       el("label", { for: weightInput.id }, "Weight"),
       weightInput,
-      el("button", {
-        type: "button",
-        class: "secondary",
-        "aria-label": `Remove LoRA ${index}`,
-        onclick: () => {
-          row.remove();
-          $("#lora-add").focus();
+      el(
+        "button",
+        {
+          type: "button",
+          class: "secondary",
+          "aria-label": `Remove LoRA ${index}`,
+          onclick: () => {
+            row.remove();
+            $("#lora-add").focus();
+          },
         },
-      }, "Remove"),
+        "Remove",
+      ),
     );
     $("#loras").append(row);
     return select;
@@ -99,10 +121,19 @@ export function setupCreate(app) {
     try {
       const info = await app.models();
       const models = info.Models || [];
-      fillSelect($("#model"), models.map((m) => [m.hash, `${m.name} [${m.hash.slice(0, SHORT_HASH)}]`]));
+      fillSelect(
+        $("#model"),
+        models.map((m) => [m.hash, `${m.name} [${m.hash.slice(0, SHORT_HASH)}]`]),
+      );
       if (!models.length) fillSelect($("#model"), [["", "No checkpoint installed"]]);
-      fillSelect($("#sampler"), (info.Samplers || []).map((s) => [s, s]));
-      fillSelect($("#hires-upscaler"), (info.HiresUpscalers || []).map((u) => [u, u]));
+      fillSelect(
+        $("#sampler"),
+        (info.Samplers || []).map((s) => [s, s]),
+      );
+      fillSelect(
+        $("#hires-upscaler"),
+        (info.HiresUpscalers || []).map((u) => [u, u]),
+      );
       state.loras = info.LoRAs || [];
       $("#lora-add").hidden = !state.loras.length;
       $("#lora-none").hidden = Boolean(state.loras.length);
@@ -291,7 +322,8 @@ export function setupCreate(app) {
         preprocess_param2: unit.preprocess_param2,
       });
       const data = await watchTask(app.api, accepted.taskId, () => {});
-      if (data.status !== Status.SUCCESS) throw new Error(data.message || "the preprocessor failed");
+      if (data.status !== Status.SUCCESS)
+        throw new Error(data.message || "the preprocessor failed");
       $("#cn-preview").src = `data:image/png;base64,${data.images[0]}`;
       $("#cn-preview").hidden = false;
       status.textContent = "";
@@ -321,7 +353,10 @@ export function setupCreate(app) {
   });
   $("#brush-size").addEventListener("input", () => setBrush(Number($("#brush-size").value)));
   for (const radio of $$('input[name="brush"]')) {
-    radio.addEventListener("change", () => (editor.erasing = radio.value === "erase" && radio.checked));
+    radio.addEventListener(
+      "change",
+      () => (editor.erasing = radio.value === "erase" && radio.checked),
+    );
   }
   $("#mask-clear").addEventListener("click", () => editor.clear());
   $("#mask-invert").addEventListener("click", () => editor.invert());
@@ -330,7 +365,10 @@ export function setupCreate(app) {
     if (state.lastSeed !== null) $("#seed").value = state.lastSeed;
   });
   $("#lora-add").addEventListener("click", () => addLora(state.loras[0]?.hash).focus());
-  $("#hires-on").addEventListener("change", () => ($("#hires-options").hidden = !$("#hires-on").checked));
+  $("#hires-on").addEventListener(
+    "change",
+    () => ($("#hires-options").hidden = !$("#hires-on").checked),
+  );
   $("#cn-on").addEventListener("change", () => ($("#cn-options").hidden = !$("#cn-on").checked));
   $("#cn-preprocess").addEventListener("change", () => {
     const canny = $("#cn-preprocess").value === "canny";

@@ -55,7 +55,8 @@ export function setupDonors(app) {
           el("tr", {}, el("td", {}, row.rank), el("td", {}, row.nickname), el("td", {}, row.honor)),
         ),
       );
-      if (!board.value.length) $("#leaderboard").append(emptyRow(3, "No donor has earned honor yet."));
+      if (!board.value.length)
+        $("#leaderboard").append(emptyRow(3, "No donor has earned honor yet."));
     }
     if (nodes.status === "fulfilled") {
       $("#nodes").replaceChildren(

@@ -7,7 +7,7 @@ import { TaskPanel } from "../task-panel.js";
 const STATUS = ["waiting", "running", "done", "failed"];
 
 function statusText(status) {
-  return typeof status === "number" ? STATUS[status] ?? String(status) : String(status ?? "");
+  return typeof status === "number" ? (STATUS[status] ?? String(status)) : String(status ?? "");
 }
 
 export function setupHistory(app) {
@@ -15,9 +15,14 @@ export function setupHistory(app) {
   const more = $("#history-more");
   const error = $("#history-error");
   let next = null;
-  const panel = new TaskPanel($("#history-task"), app.api, {
-    onSettings: (bytes) => app.views.create.reuseBytes?.(bytes),
-  }, "Task");
+  const panel = new TaskPanel(
+    $("#history-task"),
+    app.api,
+    {
+      onSettings: (bytes) => app.views.create.reuseBytes?.(bytes),
+    },
+    "Task",
+  );
 
   function settingsOf(task) {
     return {
@@ -46,7 +51,9 @@ export function setupHistory(app) {
       .join(" · ");
     const open = () => {
       $("#history-open").hidden = false;
-      $("#history-open-title").textContent = task.prompt ? `Task: ${task.prompt.slice(0, 60)}` : "Task";
+      $("#history-open-title").textContent = task.prompt
+        ? `Task: ${task.prompt.slice(0, 60)}`
+        : "Task";
       panel.run(async () => ({ taskId: task.taskId, queuePosition: 0 }));
     };
     const reuse = () => {
@@ -63,7 +70,11 @@ export function setupHistory(app) {
         { class: "row" },
         el("button", { type: "button", class: "secondary", onclick: open }, "Show"),
         task.prompt !== undefined
-          ? el("button", { type: "button", class: "secondary", onclick: reuse }, "Use these settings")
+          ? el(
+              "button",
+              { type: "button", class: "secondary", onclick: reuse },
+              "Use these settings",
+            )
           : null,
       ),
     );

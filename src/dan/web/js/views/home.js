@@ -21,7 +21,8 @@ export function setupHome(app) {
       $("#stat-day").textContent = format(stats.value.countInLast24Hours);
       $("#stat-week").textContent = format(stats.value.countInLastWeek);
     }
-    if (nodes.status === "fulfilled") $("#stat-nodes").textContent = format(countOnline(nodes.value));
+    if (nodes.status === "fulfilled")
+      $("#stat-nodes").textContent = format(countOnline(nodes.value));
     const failed = [stats, nodes].find((result) => result.status === "rejected");
     if (failed) say(error, failed.reason.message);
   }

@@ -21,10 +21,20 @@ function imagePicker(zone, input, preview, error) {
 
 export function setupTools(app) {
   const upscaleError = $("#upscale-error");
-  const upscaleImage = imagePicker($("#upscale-drop"), $("#upscale-image"), $("#upscale-source"), upscaleError);
-  const upscalePanel = new TaskPanel($("#upscale-task"), app.api, {
-    onUseImage: (dataUrl) => app.views.create.useImage(dataUrl),
-  }, "Upscale");
+  const upscaleImage = imagePicker(
+    $("#upscale-drop"),
+    $("#upscale-image"),
+    $("#upscale-source"),
+    upscaleError,
+  );
+  const upscalePanel = new TaskPanel(
+    $("#upscale-task"),
+    app.api,
+    {
+      onUseImage: (dataUrl) => app.views.create.useImage(dataUrl),
+    },
+    "Upscale",
+  );
 
   const askError = $("#interrogate-error");
   const askImage = imagePicker(
@@ -66,7 +76,10 @@ export function setupTools(app) {
   async function loadUpscalers() {
     try {
       const upscalers = (await app.models()).Upscalers || [];
-      fillSelect($("#upscale-upscaler"), upscalers.map((u) => [u, u]));
+      fillSelect(
+        $("#upscale-upscaler"),
+        upscalers.map((u) => [u, u]),
+      );
       fillSelect($("#upscale-upscaler2"), [["", "None"], ...upscalers.map((u) => [u, u])]);
     } catch {
       // the Create view already said that the models could not be listed
