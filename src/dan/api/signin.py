@@ -41,6 +41,7 @@ from dan.services import Services
 PROVIDER_TIMEOUT_S = 15.0
 OIDC_SCOPE = "openid profile email"
 WELL_KNOWN = "/.well-known/openid-configuration"
+CLIENT_KWARGS: dict[str, Any] = {"code_challenge_method": "S256", "timeout": PROVIDER_TIMEOUT_S}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,30 +61,34 @@ class Providers:
     def __init__(self, settings: Settings) -> None:
         self._oauth = OAuth()
         self._providers: dict[str, Provider] = {}
-        common = {"code_challenge_method": "S256", "timeout": PROVIDER_TIMEOUT_S}
         if settings.github_client_id:
-            self._oauth.register(
-                GITHUB,
-                client_id=settings.github_client_id,
-                client_secret=settings.github_client_secret,
-                authorize_url=f"{settings.github_url.rstrip('/')}/login/oauth/authorize",
-                access_token_url=f"{settings.github_url.rstrip('/')}/login/oauth/access_token",
-                api_base_url=f"{settings.github_api_url.rstrip('/')}/",
-                # GitHub documents the client's credentials as form fields of the token request
-                client_kwargs={**common, "token_endpoint_auth_method": "client_secret_post"},
-            )
-            namespace = provider_namespace(settings.github_url)
-            self._providers[GITHUB] = Provider(GITHUB, "GitHub", namespace)
+            self._register_github(settings)
         if settings.oidc_issuer:
-            issuer = settings.oidc_issuer.rstrip("/")
-            self._oauth.register(
-                OIDC,
-                client_id=settings.oidc_client_id,
-                client_secret=settings.oidc_client_secret,
-                server_metadata_url=issuer + WELL_KNOWN,
-                client_kwargs={**common, "scope": OIDC_SCOPE},
-            )
-            self._providers[OIDC] = Provider(OIDC, settings.oidc_name, provider_namespace(issuer))
+            self._register_oidc(settings, settings.oidc_issuer.rstrip("/"))
+
+    def _register_github(self, settings: Settings) -> None:
+        web, api = settings.github_url.rstrip("/"), settings.github_api_url.rstrip("/")
+        self._oauth.register(
+            GITHUB,
+            client_id=settings.github_client_id,
+            client_secret=settings.github_client_secret,
+            authorize_url=f"{web}/login/oauth/authorize",
+            access_token_url=f"{web}/login/oauth/access_token",
+            api_base_url=f"{api}/",
+            # GitHub documents the client's credentials as form fields of the token request
+            client_kwargs={**CLIENT_KWARGS, "token_endpoint_auth_method": "client_secret_post"},
+        )
+        self._providers[GITHUB] = Provider(GITHUB, "GitHub", provider_namespace(web))
+
+    def _register_oidc(self, settings: Settings, issuer: str) -> None:
+        self._oauth.register(
+            OIDC,
+            client_id=settings.oidc_client_id,
+            client_secret=settings.oidc_client_secret,
+            server_metadata_url=issuer + WELL_KNOWN,
+            client_kwargs={**CLIENT_KWARGS, "scope": OIDC_SCOPE},
+        )
+        self._providers[OIDC] = Provider(OIDC, settings.oidc_name, provider_namespace(issuer))
 
     def listed(self) -> list[Provider]:
         """The configured providers, GitHub first; empty when sign-in is off."""
