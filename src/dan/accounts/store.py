@@ -32,6 +32,7 @@ Clock = Callable[[], float]
 
 KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_CHARS = 48  # after "sk-", as the original's keys
+KEY_ID_CHARS = 36  # api_keys.id: a uuid, or a tag and a uuid's 32 hex digits
 PREFIX_CHARS = 7  # "sk-" and four characters: enough to tell one's keys apart
 LAST_USED_RESOLUTION_S = 60.0  # last_used_at is written at most this often per key
 
@@ -107,7 +108,9 @@ class AccountStore(Protocol):
         self, account_id: str, *, is_admin: bool | None = None, can_run_nodes: bool | None = None
     ) -> Account | None: ...
 
-    def add_key(self, account_id: str, *, max_active: int | None = None) -> NewKey: ...
+    def add_key(
+        self, account_id: str, *, max_active: int | None = None, replacing: str | None = None
+    ) -> NewKey: ...
 
     def find_by_key(self, key: str) -> Account | None: ...
 
@@ -164,19 +167,16 @@ class SqlAccountStore:
     ) -> Account:
         """A new account and its one signup grant, in one transaction; InvalidArgument if the
         nickname is taken."""
-        account_id = str(uuid.uuid4())
-        now = self._clock()
-        row = _account_row(account_id, nickname, email, is_admin, can_run_nodes, now)
         try:
             with self._engine.begin() as conn:
-                conn.execute(accounts.insert().values(**row))
-                conn.execute(
-                    honor_grants.insert().values(
-                        account=account_id,
-                        amount=signup_honor,
-                        reason=HonorReason.SIGNUP.value,
-                        created_at=now,
-                    )
+                account_id = insert_account(
+                    conn,
+                    nickname,
+                    email,
+                    is_admin,
+                    can_run_nodes,
+                    signup_honor=signup_honor,
+                    now=self._clock(),
                 )
         except IntegrityError as exc:
             raise InvalidArgument(f"the nickname {nickname!r} is taken") from exc
@@ -215,14 +215,25 @@ class SqlAccountStore:
         return self.get(account_id)
 
     # -- keys --------------------------------------------------------------------------------
-    def add_key(self, account_id: str, *, max_active: int | None = None) -> NewKey:
+    def add_key(
+        self, account_id: str, *, max_active: int | None = None, replacing: str | None = None
+    ) -> NewKey:
         """A new key for the account; only its sha256 and prefix are stored. InvalidArgument
         if there is no such account; TooManyKeys if it already has ``max_active`` active keys.
         The account's row is locked from the count to the insert, so concurrent calls cannot
-        pass the limit together."""
+        pass the limit together.
+
+        With ``replacing`` (a short tag such as "web-"), the new key's id starts with the tag,
+        and the account's active keys whose ids start with it are revoked in the same
+        transaction, before the count: one kind of key is rotated, the others are kept."""
         key = generate_key()
-        key_id = str(uuid.uuid4())
+        key_id = str(uuid.uuid4()) if replacing is None else replacing + uuid.uuid4().hex
+        if len(key_id) > KEY_ID_CHARS:
+            raise ValueError(f"a key id tag must be at most 4 characters, got {replacing!r}")
         with self._engine.begin() as conn:
+            if replacing is not None:
+                _check_room_for_key(conn, account_id, None)  # locks the account's row first
+                _revoke_tagged(conn, account_id, replacing, self._clock())
             _check_room_for_key(conn, account_id, max_active)
             conn.execute(
                 api_keys.insert().values(
@@ -371,6 +382,45 @@ class SqlAccountStore:
                 )
                 .values(last_used_at=now)
             )
+
+
+def insert_account(
+    conn: Connection,
+    nickname: str,
+    email: str | None,
+    is_admin: bool,
+    can_run_nodes: bool,
+    *,
+    signup_honor: float,
+    now: float,
+) -> str:
+    """Insert a new account and its signup grant inside ``conn``'s transaction; its id.
+    IntegrityError (from the database) if the nickname is taken."""
+    account_id = str(uuid.uuid4())
+    row = _account_row(account_id, nickname, email, is_admin, can_run_nodes, now)
+    conn.execute(accounts.insert().values(**row))
+    conn.execute(
+        honor_grants.insert().values(
+            account=account_id,
+            amount=signup_honor,
+            reason=HonorReason.SIGNUP.value,
+            created_at=now,
+        )
+    )
+    return account_id
+
+
+def _revoke_tagged(conn: Connection, account_id: str, tag: str, now: float) -> None:
+    """Revoke the account's active keys whose ids start with ``tag``."""
+    conn.execute(
+        update(api_keys)
+        .where(
+            api_keys.c.account == account_id,
+            api_keys.c.id.startswith(tag, autoescape=True),
+            api_keys.c.revoked_at.is_(None),
+        )
+        .values(revoked_at=now)
+    )
 
 
 def _check_room_for_key(conn: Connection, account_id: str, max_active: int | None) -> None:
