@@ -164,7 +164,7 @@ def test_the_key_of_the_web_page_works_and_rotates(start: Start) -> None:
     assert answer.headers["cache-control"] == "no-store"
     first = {**answer.json(), "_http": answer.status_code}
     assert first["_http"] == 200, first
-    assert first["data"]["id"].startswith("web-")
+    assert first["data"]["origin"] == "web"
     key = first["data"]["key"]
     assert key.startswith("sk-") and first["data"]["prefix"] == key[:7]
     submitted = site.bearer("POST", "/api/sd/txt2img/async", key, json=SMALL)

@@ -29,7 +29,7 @@ from dan.config import Settings
 from dan.domain import Account
 from dan.errors import InvalidArgument, PermissionDenied
 
-SIGN_IN_KEY_TAG = "web-"  # the ids of keys made by signed-in people start with this
+SIGN_IN_KEY_ORIGIN = "web"  # api_keys.origin of the keys signed-in people make
 FALLBACK_NICKNAME = "user"
 NICKNAME_BASE_CHARS = 56  # leaves room for a suffix within the 64 characters of a nickname
 NUMBERED_TRIES = 20  # "alice-2" ... "alice-20", then random suffixes
@@ -124,7 +124,7 @@ class SignInService:
         return self._accounts.add_key(
             account.id,
             max_active=self._settings.max_keys_per_account,
-            replacing=SIGN_IN_KEY_TAG,
+            origin=SIGN_IN_KEY_ORIGIN,
         )
 
     def _create(self, identity: Identity) -> str:

@@ -32,7 +32,6 @@ Clock = Callable[[], float]
 
 KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_CHARS = 48  # after "sk-", as the original's keys
-KEY_ID_CHARS = 36  # api_keys.id: a uuid, or a tag and a uuid's 32 hex digits
 PREFIX_CHARS = 7  # "sk-" and four characters: enough to tell one's keys apart
 LAST_USED_RESOLUTION_S = 60.0  # last_used_at is written at most this often per key
 
@@ -61,6 +60,7 @@ class ApiKey:
     created_at: float
     last_used_at: float | None = None
     revoked_at: float | None = None
+    origin: str | None = None  # "web": made by a signed-in person (and rotated there)
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class AccountStore(Protocol):
     ) -> Account | None: ...
 
     def add_key(
-        self, account_id: str, *, max_active: int | None = None, replacing: str | None = None
+        self, account_id: str, *, max_active: int | None = None, origin: str | None = None
     ) -> NewKey: ...
 
     def find_by_key(self, key: str) -> Account | None: ...
@@ -216,24 +216,22 @@ class SqlAccountStore:
 
     # -- keys --------------------------------------------------------------------------------
     def add_key(
-        self, account_id: str, *, max_active: int | None = None, replacing: str | None = None
+        self, account_id: str, *, max_active: int | None = None, origin: str | None = None
     ) -> NewKey:
         """A new key for the account; only its sha256 and prefix are stored. InvalidArgument
         if there is no such account; TooManyKeys if it already has ``max_active`` active keys.
         The account's row is locked from the count to the insert, so concurrent calls cannot
         pass the limit together.
 
-        With ``replacing`` (a short tag such as "web-"), the new key's id starts with the tag,
-        and the account's active keys whose ids start with it are revoked in the same
-        transaction, before the count: one kind of key is rotated, the others are kept."""
+        With ``origin`` (where the key is made, such as "web"), the account's active keys of
+        that origin are revoked in the same transaction, before the count: that kind of key is
+        rotated, the others are kept."""
         key = generate_key()
-        key_id = str(uuid.uuid4()) if replacing is None else replacing + uuid.uuid4().hex
-        if len(key_id) > KEY_ID_CHARS:
-            raise ValueError(f"a key id tag must be at most 4 characters, got {replacing!r}")
+        key_id = str(uuid.uuid4())
         with self._engine.begin() as conn:
-            if replacing is not None:
+            if origin is not None:
                 _check_room_for_key(conn, account_id, None)  # locks the account's row first
-                _revoke_tagged(conn, account_id, replacing, self._clock())
+                _revoke_origin(conn, account_id, origin, self._clock())
             _check_room_for_key(conn, account_id, max_active)
             conn.execute(
                 api_keys.insert().values(
@@ -242,6 +240,7 @@ class SqlAccountStore:
                     key_sha256=hash_key(key),
                     prefix=key[:PREFIX_CHARS],
                     created_at=self._clock(),
+                    origin=origin,
                 )
             )
             row = conn.execute(_keys_query().where(api_keys.c.id == key_id)).mappings().one()
@@ -410,13 +409,13 @@ def insert_account(
     return account_id
 
 
-def _revoke_tagged(conn: Connection, account_id: str, tag: str, now: float) -> None:
-    """Revoke the account's active keys whose ids start with ``tag``."""
+def _revoke_origin(conn: Connection, account_id: str, origin: str, now: float) -> None:
+    """Revoke the account's active keys made at ``origin``."""
     conn.execute(
         update(api_keys)
         .where(
             api_keys.c.account == account_id,
-            api_keys.c.id.startswith(tag, autoescape=True),
+            api_keys.c.origin == origin,
             api_keys.c.revoked_at.is_(None),
         )
         .values(revoked_at=now)
@@ -527,6 +526,7 @@ def _keys_query() -> Any:
             api_keys.c.created_at,
             api_keys.c.last_used_at,
             api_keys.c.revoked_at,
+            api_keys.c.origin,
         )
         .join_from(api_keys, accounts, api_keys.c.account == accounts.c.id)
         .order_by(api_keys.c.created_at, api_keys.c.id)
@@ -542,4 +542,5 @@ def _api_key(row: RowMapping) -> ApiKey:
         created_at=row["created_at"],
         last_used_at=row["last_used_at"],
         revoked_at=row["revoked_at"],
+        origin=row["origin"],
     )
