@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -13,6 +13,8 @@ AuthMode = Literal["auto", "required", "optional"]
 UnservedModelPolicy = Literal["reject", "accept"]
 BlobStoreKind = Literal["auto", "files", "database"]
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+GITHUB = "github"  # the sign-in providers' ids, as in /auth/login/{id}
+OIDC = "oidc"
 
 
 class Settings(BaseSettings):
@@ -107,6 +109,39 @@ class Settings(BaseSettings):
     )
     online_interval_s: float = Field(600.0, gt=0, description="length of an online interval")
 
+    # Sign in (OAuth 2 / OpenID Connect): off unless a provider is configured
+    public_url: str | None = Field(
+        None,
+        description="the server's external base URL (https://dan.example), for the sign-in "
+        "redirect URIs <public_url>/auth/callback/<provider>; default: the request's own URL",
+    )
+    session_secret: str | None = Field(
+        None,
+        min_length=32,
+        description="signs the sign-in session cookies (at least 32 characters; the same on "
+        "every API replica); default: one made once and kept in data_dir",
+    )
+    session_max_age_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="a sign-in session lasts this long"
+    )
+    github_client_id: str | None = Field(None, description="GitHub OAuth app's client id")
+    github_client_secret: str | None = Field(None, description="GitHub OAuth app's secret")
+    github_url: str = Field(
+        "https://github.com", description="GitHub's web address (GitHub Enterprise: your server)"
+    )
+    github_api_url: str = Field(
+        "https://api.github.com",
+        description="GitHub's API address (GitHub Enterprise: https://HOST/api/v3)",
+    )
+    oidc_issuer: str | None = Field(
+        None,
+        description="an OpenID Connect provider's issuer URL (its /.well-known/"
+        "openid-configuration is read from there)",
+    )
+    oidc_client_id: str | None = Field(None, description="client id at the OIDC provider")
+    oidc_client_secret: str | None = Field(None, description="client secret at the provider")
+    oidc_name: str = Field("OpenID Connect", description="the OIDC provider's name, as shown")
+
     # Nodes
     node_offline_after_s: float = Field(
         60.0, gt=0, description="a node not heard from for this long is offline"
@@ -190,6 +225,29 @@ class Settings(BaseSettings):
         1024**3, ge=0, description="memory budget for LoRA files kept read"
     )
 
+    @model_validator(mode="after")
+    def _check_sign_in(self) -> Settings:
+        _check_together(
+            DAN_GITHUB_CLIENT_ID=self.github_client_id,
+            DAN_GITHUB_CLIENT_SECRET=self.github_client_secret,
+        )
+        _check_together(
+            DAN_OIDC_ISSUER=self.oidc_issuer,
+            DAN_OIDC_CLIENT_ID=self.oidc_client_id,
+            DAN_OIDC_CLIENT_SECRET=self.oidc_client_secret,
+        )
+        _check_url("DAN_PUBLIC_URL", self.public_url)
+        _check_url("DAN_OIDC_ISSUER", self.oidc_issuer)
+        _check_url("DAN_GITHUB_URL", self.github_url)
+        _check_url("DAN_GITHUB_API_URL", self.github_api_url)
+        return self
+
+    @property
+    def sign_in_providers(self) -> tuple[str, ...]:
+        """The ids of the sign-in providers configured (none: sign-in is off)."""
+        configured = {GITHUB: self.github_client_id, OIDC: self.oidc_issuer}
+        return tuple(provider for provider, value in configured.items() if value)
+
     @property
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
@@ -221,3 +279,17 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+
+def _check_together(**settings: str | None) -> None:
+    """ValueError if some of ``settings`` are set and others not."""
+    missing = [name for name, value in settings.items() if not value]
+    if missing and len(missing) < len(settings):
+        raise ValueError(
+            f"sign-in needs {' and '.join(settings)} together; not set: {', '.join(missing)}"
+        )
+
+
+def _check_url(name: str, url: str | None) -> None:
+    if url is not None and not url.startswith(("https://", "http://")):
+        raise ValueError(f"{name} must be an http(s) URL such as https://dan.example, got {url!r}")

@@ -47,6 +47,19 @@ class PermissionDenied(DanError):
     http_status = 403
 
 
+class SignInOff(DanError):
+    """Sign-in is off on this server: no provider is configured (an operator sets
+    DAN_GITHUB_CLIENT_ID and DAN_GITHUB_CLIENT_SECRET, or DAN_OIDC_ISSUER, DAN_OIDC_CLIENT_ID
+    and DAN_OIDC_CLIENT_SECRET); ask its admin for an API key."""
+
+    code = 3000
+    http_status = 404
+
+
+class SignInFailed(InvalidArgument):
+    """Signing in failed; start again from the sign-in button."""
+
+
 class TooManyKeys(DanError):
     """This account has as many active API keys as the server allows; revoke one first."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from dan.accounts import AccountService, SqlAccountStore
+from dan.accounts import AccountService, SignInService, SqlAccountStore, SqlIdentityStore
 from dan.config import Settings
 from dan.db import create_db_engine, migrate
 from dan.domain import ModelKind
@@ -38,6 +38,8 @@ class Services:
     nodes: NodeService
     models: NetworkModels  # what requests may name: this server's files and online nodes'
     checks: ResultChecks  # re-runs of nodes' results, compared
+    sign_in: SignInService  # accounts people make by signing in, and their keys
+    session_secret: str | None = None  # signs sign-in sessions (None: no provider configured)
 
     def close(self) -> None:
         self.db.dispose()
@@ -126,8 +128,21 @@ def build_services(settings: Settings) -> Services:
     check_store = SqlCheckStore(db, online_window_s=settings.node_offline_after_s)
     checks = ResultChecks(check_store, node_store, blobs, settings)
     nodes = NodeService(node_store, store, blobs, registry.catalog, settings, checks)
+    sign_in = SignInService(SqlAccountStore(db), SqlIdentityStore(db), settings)
     return Services(
-        settings, db, store, blobs, registry, tasks, key, accounts, nodes, models, checks
+        settings,
+        db,
+        store,
+        blobs,
+        registry,
+        tasks,
+        key,
+        accounts,
+        nodes,
+        models,
+        checks,
+        sign_in,
+        session_secret(settings),
     )
 
 
@@ -165,3 +180,21 @@ def public_api_key(data_dir: Path) -> str:
     data_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(key + "\n")
     return key
+
+
+def session_secret(settings: Settings) -> str | None:
+    """The key that signs sign-in sessions: ``session_secret`` if set (as it must be,
+    identically, on every replica), else one made once and kept in the data dir; None while no
+    sign-in provider is configured."""
+    if not settings.sign_in_providers:
+        return None
+    if settings.session_secret:
+        return settings.session_secret
+    path = settings.data_dir / "session-secret"
+    if path.is_file():
+        return path.read_text().strip()
+    secret = secrets.token_urlsafe(48)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(secret + "\n")
+    return secret

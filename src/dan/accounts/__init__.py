@@ -2,10 +2,13 @@
 
 ``AccountStore`` (SQL) keeps accounts, keys (sha256 only) and honor grants; ``AccountService``
 holds the rules: authentication, key management, admin grants, the donor leaderboard and the
-queue weight that honor buys.
+queue weight that honor buys. ``SignInService`` makes the accounts people create by signing in
+(identities in ``IdentityStore``) and their web keys.
 """
 
+from dan.accounts.identities import IdentityStore, SqlIdentityStore
 from dan.accounts.service import AccountService, queue_weight
+from dan.accounts.signin import Identity, SignIn, SignInService
 from dan.accounts.store import (
     AccountStore,
     ApiKey,
@@ -20,8 +23,13 @@ __all__ = [
     "AccountStore",
     "ApiKey",
     "HonorReason",
+    "Identity",
+    "IdentityStore",
     "LeaderboardEntry",
     "NewKey",
+    "SignIn",
+    "SignInService",
     "SqlAccountStore",
+    "SqlIdentityStore",
     "queue_weight",
 ]

@@ -60,6 +60,7 @@ class ApiKey:
     created_at: float
     last_used_at: float | None = None
     revoked_at: float | None = None
+    origin: str | None = None  # "web": made by a signed-in person (and rotated there)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,9 @@ class AccountStore(Protocol):
         self, account_id: str, *, is_admin: bool | None = None, can_run_nodes: bool | None = None
     ) -> Account | None: ...
 
-    def add_key(self, account_id: str, *, max_active: int | None = None) -> NewKey: ...
+    def add_key(
+        self, account_id: str, *, max_active: int | None = None, origin: str | None = None
+    ) -> NewKey: ...
 
     def find_by_key(self, key: str) -> Account | None: ...
 
@@ -164,19 +167,16 @@ class SqlAccountStore:
     ) -> Account:
         """A new account and its one signup grant, in one transaction; InvalidArgument if the
         nickname is taken."""
-        account_id = str(uuid.uuid4())
-        now = self._clock()
-        row = _account_row(account_id, nickname, email, is_admin, can_run_nodes, now)
         try:
             with self._engine.begin() as conn:
-                conn.execute(accounts.insert().values(**row))
-                conn.execute(
-                    honor_grants.insert().values(
-                        account=account_id,
-                        amount=signup_honor,
-                        reason=HonorReason.SIGNUP.value,
-                        created_at=now,
-                    )
+                account_id = insert_account(
+                    conn,
+                    nickname,
+                    email,
+                    is_admin,
+                    can_run_nodes,
+                    signup_honor=signup_honor,
+                    now=self._clock(),
                 )
         except IntegrityError as exc:
             raise InvalidArgument(f"the nickname {nickname!r} is taken") from exc
@@ -215,14 +215,23 @@ class SqlAccountStore:
         return self.get(account_id)
 
     # -- keys --------------------------------------------------------------------------------
-    def add_key(self, account_id: str, *, max_active: int | None = None) -> NewKey:
+    def add_key(
+        self, account_id: str, *, max_active: int | None = None, origin: str | None = None
+    ) -> NewKey:
         """A new key for the account; only its sha256 and prefix are stored. InvalidArgument
         if there is no such account; TooManyKeys if it already has ``max_active`` active keys.
         The account's row is locked from the count to the insert, so concurrent calls cannot
-        pass the limit together."""
+        pass the limit together.
+
+        With ``origin`` (where the key is made, such as "web"), the account's active keys of
+        that origin are revoked in the same transaction, before the count: that kind of key is
+        rotated, the others are kept."""
         key = generate_key()
         key_id = str(uuid.uuid4())
         with self._engine.begin() as conn:
+            if origin is not None:
+                _check_room_for_key(conn, account_id, None)  # locks the account's row first
+                _revoke_origin(conn, account_id, origin, self._clock())
             _check_room_for_key(conn, account_id, max_active)
             conn.execute(
                 api_keys.insert().values(
@@ -231,6 +240,7 @@ class SqlAccountStore:
                     key_sha256=hash_key(key),
                     prefix=key[:PREFIX_CHARS],
                     created_at=self._clock(),
+                    origin=origin,
                 )
             )
             row = conn.execute(_keys_query().where(api_keys.c.id == key_id)).mappings().one()
@@ -373,6 +383,45 @@ class SqlAccountStore:
             )
 
 
+def insert_account(
+    conn: Connection,
+    nickname: str,
+    email: str | None,
+    is_admin: bool,
+    can_run_nodes: bool,
+    *,
+    signup_honor: float,
+    now: float,
+) -> str:
+    """Insert a new account and its signup grant inside ``conn``'s transaction; its id.
+    IntegrityError (from the database) if the nickname is taken."""
+    account_id = str(uuid.uuid4())
+    row = _account_row(account_id, nickname, email, is_admin, can_run_nodes, now)
+    conn.execute(accounts.insert().values(**row))
+    conn.execute(
+        honor_grants.insert().values(
+            account=account_id,
+            amount=signup_honor,
+            reason=HonorReason.SIGNUP.value,
+            created_at=now,
+        )
+    )
+    return account_id
+
+
+def _revoke_origin(conn: Connection, account_id: str, origin: str, now: float) -> None:
+    """Revoke the account's active keys made at ``origin``."""
+    conn.execute(
+        update(api_keys)
+        .where(
+            api_keys.c.account == account_id,
+            api_keys.c.origin == origin,
+            api_keys.c.revoked_at.is_(None),
+        )
+        .values(revoked_at=now)
+    )
+
+
 def _check_room_for_key(conn: Connection, account_id: str, max_active: int | None) -> None:
     """InvalidArgument if there is no account ``account_id``, TooManyKeys if it has
     ``max_active`` active keys. Locks the account's row until the transaction ends (FOR UPDATE
@@ -477,6 +526,7 @@ def _keys_query() -> Any:
             api_keys.c.created_at,
             api_keys.c.last_used_at,
             api_keys.c.revoked_at,
+            api_keys.c.origin,
         )
         .join_from(api_keys, accounts, api_keys.c.account == accounts.c.id)
         .order_by(api_keys.c.created_at, api_keys.c.id)
@@ -492,4 +542,5 @@ def _api_key(row: RowMapping) -> ApiKey:
         created_at=row["created_at"],
         last_used_at=row["last_used_at"],
         revoked_at=row["revoked_at"],
+        origin=row["origin"],
     )

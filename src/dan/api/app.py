@@ -17,7 +17,8 @@ from dan import __version__
 from dan.api.errors import install_error_handlers
 from dan.api.generation import ApiContext
 from dan.api.limits import BodySizeLimit
-from dan.api.routes import accounts, nodes, sd, system, v0
+from dan.api.routes import accounts, nodes, sd, signin, system, v0
+from dan.api.signin import install_sign_in
 from dan.db.notify import QUEUED, NotifyListener
 from dan.services import Services
 from dan.tasks.watcher import TaskWatcher, running
@@ -85,6 +86,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(system.router)
     app.include_router(accounts.router)
     app.include_router(nodes.router)
+    app.include_router(signin.router)
+    install_sign_in(app, services)
     if WEB.is_dir():  # the playground (dan/web, in the package) answers what no route took
         app.mount("/", StaticFiles(directory=WEB, html=True), name="web")
     app.add_middleware(BodySizeLimit, max_bytes=services.settings.max_body_bytes)

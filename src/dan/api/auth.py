@@ -1,9 +1,11 @@
 """Who is calling: the caller's account, by the rules of dan.accounts.service.
 
 A request carries its key as ``Authorization: Bearer sk-...`` or, as the original accepted,
-the bare key. Each function here is a plain function of the request, usable as a FastAPI
-dependency (``Depends(caller)``: FastAPI then runs it in its thread pool, off the event loop)
-or called directly. They raise PermissionDenied, which the error table answers with 403 and
+the bare key. A request without a key but with a sign-in session cookie is the session's
+account (state-changing ones must carry the session's CSRF token: see dan.api.session).
+Each function here is a plain function of the request, usable as a FastAPI dependency
+(``Depends(caller)``: FastAPI then runs it in its thread pool, off the event loop) or called
+directly. They raise PermissionDenied, which the error table answers with 403 and
 code 1000.
 
 A request that carries one of ``PROXY_HEADERS`` came through a reverse proxy or a tunnel, so
@@ -17,6 +19,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from dan.api.generation import context
+from dan.api.session import check_session, session_of
 from dan.domain import Account
 from dan.errors import PermissionDenied
 
@@ -55,8 +58,14 @@ def caller(request: Request) -> Account:
     known = getattr(request.state, "dan_account", None)
     if isinstance(known, Account):
         return known
-    accounts = context(request).services.accounts
-    account = accounts.authenticate(api_key(request), proxy_header=proxy_header(request))
+    services = context(request).services
+    key = api_key(request)
+    session = session_of(request) if key is None else None
+    if session is not None:  # signed in on the web page (see dan.api.session)
+        check_session(request, session)
+        account = services.sign_in.session_account(session.account)
+    else:
+        account = services.accounts.authenticate(key, proxy_header=proxy_header(request))
     request.state.dan_account = account
     return account
 

@@ -129,6 +129,9 @@ api_keys = Table(
     Column("created_at", Float, nullable=False),
     Column("last_used_at", Float),
     Column("revoked_at", Float),
+    # Added by 0004: where the key was made ("web": by a signed-in person at /auth/key, and
+    # rotated there; NULL: by an admin or by the account's own keys).
+    Column("origin", String(16)),
 )
 
 # The honor ledger: an account's honor is the sum of its grants. A completed task earns its

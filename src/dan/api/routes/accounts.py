@@ -68,6 +68,7 @@ def key_data(key: ApiKey) -> dict[str, Any]:
         "createdAt": key.created_at,
         "lastUsedAt": key.last_used_at,
         "revokedAt": key.revoked_at,
+        "origin": key.origin,
     }
 
 

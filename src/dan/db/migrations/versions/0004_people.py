@@ -1,4 +1,5 @@
-"""People: step previews of running tasks, an account's history, sign-in identities.
+"""People: step previews of running tasks, an account's history, sign-in identities and the
+keys they make.
 
 Revision ID: 0004
 Revises: 0003
@@ -20,6 +21,8 @@ def upgrade() -> None:
     with op.batch_alter_table("tasks") as batch:
         batch.add_column(sa.Column("preview", sa.LargeBinary()))
         batch.create_index("ix_tasks_account_seq", ["account", "seq"])
+    with op.batch_alter_table("api_keys") as batch:
+        batch.add_column(sa.Column("origin", sa.String(16)))
     op.create_table(
         "identities",
         sa.Column("provider", sa.String(64), primary_key=True),
@@ -32,6 +35,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("identities")
+    with op.batch_alter_table("api_keys") as batch:
+        batch.drop_column("origin")
     with op.batch_alter_table("tasks") as batch:
         batch.drop_index("ix_tasks_account_seq")
         batch.drop_column("preview")
