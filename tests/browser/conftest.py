@@ -15,15 +15,17 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from tests.fixtures.browser import CHROMIUM_ARGS, Playground, chromium_executable, start_playground
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, ConsoleMessage, Page, Response
+    from playwright.sync_api import Browser, ConsoleMessage, Page, Response, Route
 
 LAUNCH_TIMEOUT_MS = 60_000
+LOCAL_HOSTS = {"127.0.0.1", "localhost", None}  # None: about:blank, data: URLs
 STEP_TIMEOUT_MS = 60_000  # the longest a single wait for the page may take
 
 
@@ -66,6 +68,7 @@ class Tab:
     base: str
     artifacts: Path
     console: list[str] = field(default_factory=list)
+    external: list[str] = field(default_factory=list)  # requests off this machine (refused)
 
     def open(self, route: str = "") -> Page:
         """Load the page afresh at ``#/route`` and wait until its first requests settled."""
@@ -91,14 +94,17 @@ TABS = pytest.StashKey[list[Tab]]()
 def open_tab(
     browser: Browser, playground: Playground, request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Callable[..., Tab]]:
-    """Opens browser contexts (``key``: the API key in localStorage, ``viewport``), each with
-    its own localStorage; all are closed after the test."""
+    """Opens browser contexts (``key``: the API key in localStorage, ``viewport``, ``base``:
+    another server than the playground's), each with its own localStorage; all are closed
+    after the test. Requests to other machines are refused and listed in ``Tab.external``."""
     opened: list[Generator[Tab, None, None]] = []
     tabs = request.node.stash.setdefault(TABS, [])
 
     def make(**options: Any) -> Tab:
         artifacts = tmp_path / f"tab{len(opened)}"
-        generator = new_tab(browser, playground, artifacts, tabs, **options)
+        generator = new_tab(
+            browser, options.pop("base", playground.url), artifacts, tabs, **options
+        )
         opened.append(generator)
         return next(generator)
 
@@ -115,7 +121,7 @@ def tab(open_tab: Callable[..., Tab], playground: Playground) -> Tab:
 
 def new_tab(
     browser: Browser,
-    playground: Playground,
+    base: str,
     artifacts: Path,
     tabs: list[Tab],
     *,
@@ -129,7 +135,13 @@ def new_tab(
     if key is not None:
         context.add_init_script(f"localStorage.setItem('dan.apiKey', {json.dumps(key)})")
     page = context.new_page()
-    tab = Tab(page, playground.url, artifacts)
+    tab = Tab(page, base, artifacts)
+
+    def offline(route: Route) -> None:  # the tests run offline, as the page must work
+        tab.external.append(route.request.url)
+        route.abort()
+
+    context.route(lambda url: urlsplit(url).hostname not in LOCAL_HOSTS, offline)
 
     def log(message: ConsoleMessage) -> None:
         where = message.location.get("url", "")

@@ -1,4 +1,5 @@
-"""The page at phone width (360 px), with a label on every control and the keyboard alone."""
+"""The page at phone width (360 px), with a label on every control, nothing loaded from
+another machine, and the keyboard alone."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def test_every_view_fits_a_phone_and_labels_every_control(
     page.check("input[name=mode][value=inpaint]")
     assert page.evaluate("document.documentElement.scrollWidth") <= 360
     assert page.evaluate(UNLABELLED) == []
+    assert tab.external == []  # nothing from a CDN: the page works offline
 
 
 def test_generate_with_the_keyboard_alone(tab: Tab) -> None:

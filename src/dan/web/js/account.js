@@ -19,6 +19,11 @@ export class Credentials {
     else this.storage.removeItem(KEY);
   }
 
+  /** The key requests carry: none while signed in (the session cookie says who it is). */
+  bearer() {
+    return this.session.signedIn ? "" : this.key();
+  }
+
   csrf() {
     return this.session.signedIn ? this.session.csrf || "" : "";
   }

@@ -36,8 +36,8 @@ function unreachable(error) {
 
 export class Api {
   /**
-   * @param credentials  ``{key(): string, csrf(): string}``: the API key to send as a Bearer
-   *                     token, and the session's CSRF token for POST and DELETE.
+   * @param credentials  ``{bearer(): string, csrf(): string}``: the API key to send as a
+   *                     Bearer token, and the session's CSRF token for POST and DELETE.
    * @param base         the API's origin; "" for the page's own.
    */
   constructor(credentials, base = "") {
@@ -47,7 +47,7 @@ export class Api {
 
   headers(method, json) {
     const headers = {};
-    const key = this.credentials.key();
+    const key = this.credentials.bearer();
     if (key) headers.Authorization = `Bearer ${key}`;
     const csrf = this.credentials.csrf();
     if (csrf && method !== "GET") headers["X-CSRF-Token"] = csrf;

@@ -65,12 +65,15 @@ function showWho(app) {
   const who = $("#who");
   if (app.me) {
     who.textContent = `${app.me.nickname} · ${app.me.honor} honor`;
+  } else if (app.credentials.session.signedIn) {
+    who.textContent = "Signed in";
   } else {
     who.textContent = app.credentials.key() ? "Key refused" : "No API key";
   }
 }
 
 function route(views) {
+  if (location.hash === "#signed-in") history.replaceState(null, "", "#/account"); // back from sign-in
   const name = location.hash.replace(/^#\/?/, "").split("?")[0] || "home";
   const current = ROUTES.includes(name) ? name : "home";
   for (const section of $$("[data-view]")) section.hidden = section.dataset.view !== current;

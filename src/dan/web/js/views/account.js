@@ -49,7 +49,8 @@ export function setupAccount(app) {
     const account = session.account;
     const name = account && (account.nickname || account.name || account.id || account);
     $("#signin-state").textContent = session.signedIn
-      ? `Signed in${name ? ` as ${name}` : ""}.`
+      ? `Signed in${name ? ` as ${name}` : ""}. The page acts for this account; a key saved ` +
+        "below only goes into the donors' node command."
       : "Sign in to use this network without copying a key around.";
     $("#signin-providers").replaceChildren(
       ...(session.signedIn ? [] : session.providers).map((provider) =>
@@ -80,7 +81,8 @@ export function setupAccount(app) {
   async function sessionKey() {
     try {
       const data = await app.api.post("/auth/key", {});
-      showNewKey(data.key ?? data.apiKey ?? data);
+      await loadKeys();
+      showNewKey(data.key);
     } catch (error) {
       say($("#signin-error"), error.message);
     }
@@ -138,8 +140,9 @@ export function setupAccount(app) {
 
   async function createKey() {
     try {
-      showNewKey((await app.api.post("/api/user/keys", {})).key);
-      await loadKeys();
+      const data = await app.api.post("/api/user/keys", {});
+      await loadKeys(); // the new key's row is there when the key is shown
+      showNewKey(data.key);
     } catch (error) {
       say($("#keys-error"), error.message);
     }
