@@ -1,6 +1,7 @@
-"""The Create view in a real browser against the real server on the tiny checkpoint: generate
-and watch the task, download the PNG, read its settings back into the form, paint a mask and
-inpaint, cancel a long task, and the history after a reload."""
+"""The Create view in a real browser against the real server on the tiny models: generate and
+watch the task (progress, ETA, a step preview), download the PNG, read its settings back into
+the form, LoRAs and hires fix, paint a mask and inpaint, the mask tools, a queue position and
+a cancel, a broken event stream opened again, and the history after a reload."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from PIL import Image
@@ -18,6 +19,9 @@ from PIL import Image
 from dan.imaging import read_parameters
 from tests.browser.conftest import Tab
 from tests.fixtures.browser import Playground
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Route
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -317,3 +321,22 @@ def test_a_waiting_task_shows_its_queue_position_and_a_running_one_cancels(
     assert page.locator("#generate").is_enabled()
     other.wait_for_selector("#create-task .result img")  # the next one ran
     assert status.is_hidden()
+
+
+def test_a_broken_event_stream_is_opened_again(tab: Tab) -> None:
+    page = tab.open("create")
+    opened: list[str] = []
+
+    def first_fails(route: Route) -> None:
+        opened.append(route.request.url)
+        if len(opened) == 1:
+            route.abort("connectionreset")  # as a proxy or a restarting replica would
+        else:
+            route.continue_()
+
+    page.route("**/api/sd/task/events?*", first_fails)
+    fill_form(tab, prompt="a persistent fox", steps="2", width="64", height="64")
+    page.click("#generate")
+    page.wait_for_selector("#create-task .result img")
+    assert len(opened) == 2
+    assert page.locator("#create-task .error").is_hidden()

@@ -6,6 +6,7 @@ import { readEvents } from "./sse.js";
 import { sleep } from "./dom.js";
 
 const RECONNECT_MS = 1000;
+const MAX_FAILURES = 5; // network failures in a row before giving up
 
 /** Task statuses of the API. */
 export const Status = Object.freeze({ PENDING: 0, RUNNING: 1, SUCCESS: 2, FAILURE: 3 });
@@ -25,22 +26,31 @@ export const finished = (status) => status === Status.SUCCESS || status === Stat
 export async function watchTask(api, taskId, onState, { signal } = {}) {
   const path = `/api/sd/task/events?taskId=${encodeURIComponent(taskId)}`;
   let lastId = "";
+  let failures = 0;
   for (;;) {
     let result = null;
-    const response = await api.stream(path, signal, lastId);
-    await readEvents(
-      response,
-      ({ event, data, id }) => {
-        lastId = id || lastId;
-        if (event === "state") onState(JSON.parse(data));
-        if (event !== "done") return false;
-        result = JSON.parse(data);
-        return true;
-      },
-      signal,
-    );
+    try {
+      const response = await api.stream(path, signal, lastId);
+      await readEvents(
+        response,
+        ({ event, data, id }) => {
+          lastId = id || lastId;
+          failures = 0;
+          if (event === "state") onState(JSON.parse(data));
+          if (event !== "done") return false;
+          result = JSON.parse(data);
+          return true;
+        },
+        signal,
+      );
+    } catch (error) {
+      // The server unreachable, or the connection cut mid-stream: try again a few times;
+      // any answer of the API's own (an unknown task, a refused key) is final.
+      const network = error instanceof TypeError || (error.status === 0 && !signal?.aborted);
+      if (!network || ++failures > MAX_FAILURES) throw error;
+    }
     if (result) return result;
     signal?.throwIfAborted();
-    await sleep(RECONNECT_MS, signal);
+    await sleep(RECONNECT_MS * Math.max(1, failures), signal);
   }
 }
