@@ -1,6 +1,7 @@
 """Browser tests: the playground page in headless Chromium (Playwright for Python) against a
-real `dan serve` on the tiny checkpoint. One server and one browser serve the whole suite; each
-test gets a fresh browser context (its own localStorage).
+real `dan serve` on the tiny checkpoint. One server and one browser serve this package (and
+are gone before the rest of the suite runs); each test gets a fresh browser context (its own
+localStorage).
 
 Where Playwright or Chromium is missing or cannot start, these tests skip and say why; with
 DAN_REQUIRE_BROWSER=1 (CI) such a skip fails instead (tests/conftest.py). When a test fails,
@@ -29,7 +30,7 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", None}  # None: about:blank, data: URLs
 STEP_TIMEOUT_MS = 60_000  # the longest a single wait for the page may take
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Browser]:
     try:
         from playwright.sync_api import Error, sync_playwright
@@ -52,7 +53,7 @@ def browser() -> Iterator[Browser]:
         launched.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def playground(browser: Browser, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Playground]:
     """The server, started only once a browser is there to drive it."""
     started = start_playground(tmp_path_factory.mktemp("playground"))
