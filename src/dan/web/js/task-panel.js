@@ -69,6 +69,7 @@ export class TaskPanel {
     this.show({ status: Status.PENDING, queuePosition: accepted.queuePosition, progress: 0 });
     this.running.hidden = false;
     this.cancel.disabled = false;
+    this.running.scrollIntoView({ block: "nearest" }); // on a phone the panel is below the form
     try {
       const data = await watchTask(this.api, accepted.taskId, (state) => this.show(state));
       this.finish(data);
