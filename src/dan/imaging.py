@@ -38,6 +38,9 @@ def infotext(request: GenerationRequest, seed: int, extra: Mapping[str, object] 
     if request.loras:
         hashes = ", ".join(f"{lora.model.name}: {lora.model.short_hash}" for lora in request.loras)
         fields["Lora hashes"] = f'"{hashes}"'
+        # DAN's own addition, so that reusing the settings restores the weights too.
+        weights = ", ".join(f"{lora.model.name}: {lora.weight:g}" for lora in request.loras)
+        fields["Lora weights"] = f'"{weights}"'
     fields["Version"] = f"DAN {__version__}"
     return "\n".join([*lines, ", ".join(f"{key}: {value}" for key, value in fields.items())])
 

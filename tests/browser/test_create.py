@@ -240,8 +240,7 @@ def test_loras_and_hires_fix_are_sent_and_read_back(tab: Tab, playground: Playgr
     page.click("#create-task >> text=Use these settings again")
     page.wait_for_selector("#lora-1")
     assert page.input_value("#lora-1") == playground.lora
-    # The PNG's parameters name each LoRA but not its weight: it comes back as 1.
-    assert page.input_value("#lora-1-weight") == "1"
+    assert page.input_value("#lora-1-weight") == "0.8"  # from the PNG's "Lora weights"
     assert page.is_checked("#hires-on")
     assert page.input_value("#hires-scale") == "1.5"
     assert page.input_value("#hires-denoise") == "0.6"

@@ -78,7 +78,7 @@ INFOTEXT = (
     "Steps: 12, Sampler: DPM++ SDE Karras, CFG scale: 6.5, Seed: 42, Size: 64x96, "
     "Model hash: abcdef0123, Model: tiny-sd15, Denoising strength: 0.4, Hires upscale: 1.5, "
     'Hires upscaler: Latent (bicubic), Lora hashes: "one: 0123456789, two: 9876543210", '
-    "Version: DAN 0.1.0"
+    'Lora weights: "one: 0.75", Version: DAN 0.1.0'
 )
 
 
@@ -110,5 +110,5 @@ def test_settings_are_read_back_from_a_png(tab: Tab, options: dict[str, Any]) ->
         "denoisingStrength": 0.4,
         "hiresScale": 1.5,
         "hiresUpscaler": "Latent (bicubic)",
-        "loras": [["one", "0123456789"], ["two", "9876543210"]],
+        "loras": [["one", "0123456789", 0.75], ["two", "9876543210", 1]],  # 1: not said
     }

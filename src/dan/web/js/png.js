@@ -99,6 +99,18 @@ export function parseLoraHashes(value) {
     .filter((pair) => pair.length === 2 && pair[0] && pair[1]);
 }
 
+/** The LoRAs of "Lora hashes" with their weights from DAN's "Lora weights" (1 where it does
+ * not say): ``[[name, hash, weight], ...]``. */
+export function parseLoras(hashes, weights) {
+  const weightOf = new Map(
+    parseLoraHashes(weights).map(([name, weight]) => [name, Number(weight)]),
+  );
+  return parseLoraHashes(hashes).map(([name, hash]) => {
+    const weight = weightOf.get(name);
+    return [name, hash, Number.isFinite(weight) ? weight : 1];
+  });
+}
+
 /** The generation settings of a PNG made by DAN (or A1111), or null if it carries none. */
 export async function settingsOfPng(bytes) {
   const text = (await pngText(bytes)).parameters;
@@ -120,6 +132,6 @@ export async function settingsOfPng(bytes) {
     denoisingStrength: number("Denoising strength"),
     hiresScale: number("Hires upscale"),
     hiresUpscaler: params["Hires upscaler"],
-    loras: parseLoraHashes(params["Lora hashes"]),
+    loras: parseLoras(params["Lora hashes"], params["Lora weights"]),
   };
 }

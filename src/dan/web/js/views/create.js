@@ -285,10 +285,9 @@ export function setupCreate(app) {
     }
     if (settings.loras) {
       $("#loras").replaceChildren();
-      for (const [name, hash] of settings.loras) {
+      for (const [name, hash, weight] of settings.loras) {
         const known = state.loras.find((l) => l.hash.startsWith(hash) || l.name === name);
-        // The infotext names each LoRA but not its weight: 1 until it says.
-        if (known) addLora(known.hash, 1);
+        if (known) addLora(known.hash, weight);
       }
     }
   }
