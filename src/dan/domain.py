@@ -78,16 +78,24 @@ class Account:
 
 
 class TaskStatus(IntEnum):
-    """Task status numbers of the reference."""
+    """Where a task stands. 0-3 are the reference's status numbers; a cancelled task is an
+    outcome of its own here, and a failure (3) on the wire: use ``wire`` for what a client sees.
+    """
 
     PENDING = 0
     PROCESSING = 1
     SUCCESS = 2
     FAILURE = 3
+    CANCELLED = 4
 
     @property
     def finished(self) -> bool:
-        return self in (TaskStatus.SUCCESS, TaskStatus.FAILURE)
+        return self in (TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.CANCELLED)
+
+    @property
+    def wire(self) -> int:
+        """The reference's status number (a cancelled task is a failure there)."""
+        return int(TaskStatus.FAILURE if self == TaskStatus.CANCELLED else self)
 
 
 class TaskKind(StrEnum):
@@ -222,6 +230,14 @@ class GenerationRequest:
     loras: tuple[LoraSpec, ...] = ()
     hires: HiresFix | None = None
     control_net: ControlNetSpec | None = None
+    # A1111's batches: ``batch_size`` images go through the UNet together, ``n_iter`` batches
+    # run one after another; image i has the seed ``seed + i``.
+    batch_size: int = 1
+    n_iter: int = 1
+
+    @property
+    def images(self) -> int:
+        return self.batch_size * self.n_iter
 
     def to_params(self) -> dict[str, Any]:
         return _to_params(self)

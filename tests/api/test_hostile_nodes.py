@@ -239,7 +239,7 @@ def test_a_cancel_ignored_for_a_lease_ends_the_task_and_refuses_its_result(start
     time.sleep(0.8)
     net.services.tasks.sweep(time.time())
     record = net.record(task_id)
-    assert record.status == TaskStatus.FAILURE and "cancel" in record.error
+    assert record.status == TaskStatus.CANCELLED and "cancel" in record.error
     assert node.upload(task_id, node.key_of(task_id), png()).status == 409
     assert node.complete(task_id, [node.key_of(task_id)]).reason == "task_not_held"
 

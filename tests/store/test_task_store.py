@@ -139,9 +139,20 @@ def test_failure_keeps_its_message(store: SqlTaskStore) -> None:
 def test_cancel_pending_never_runs(store: SqlTaskStore) -> None:
     task_id = submit(store)
     record = store.cancel(task_id)
-    assert record is not None and record.status == TaskStatus.FAILURE
-    assert record.error == CANCELLED_MESSAGE
+    assert record is not None and record.status == TaskStatus.CANCELLED
+    assert record.error == CANCELLED_MESSAGE and record.status.wire == 3
     assert store.claim("w", lease_s=LEASE) is None
+
+
+def test_a_run_that_stops_after_a_cancel_ends_cancelled(store: SqlTaskStore) -> None:
+    """However the worker words its failure, a task whose cancel was asked for ends cancelled."""
+    task_id = submit(store)
+    store.claim("w", lease_s=LEASE)
+    store.cancel(task_id)
+    assert store.fail(task_id, "w", "interrupted")
+    record = store.get(task_id)
+    assert record is not None
+    assert (record.status, record.error) == (TaskStatus.CANCELLED, CANCELLED_MESSAGE)
 
 
 def test_cancel_processing_asks_the_worker_to_stop(store: SqlTaskStore) -> None:

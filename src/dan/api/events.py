@@ -60,7 +60,7 @@ def last_event_id(header: str | None) -> int:
 def _state(record: TaskRecord) -> dict[str, Any]:
     return {
         "taskId": record.id,
-        "status": int(record.status),
+        "status": record.status.wire,
         "queuePosition": record.queue_position,
         "progress": round(record.progress, 4),
         "etaS": _eta_s(record),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from dan.tasks.orders import (
     Txt2ImgOrder,
     UpscaleOrder,
 )
+from dan.tasks.service import TaskService
 from dan.tasks.store import CANCELLED_MESSAGE
 from dan.tasks.watcher import TaskWatcher
 
@@ -115,25 +117,48 @@ def upscale_order(body: UpscaleBody) -> UpscaleOrder:
     )
 
 
-AnyBody = Txt2ImgBody | Img2ImgBody | UpscaleBody | DetectBody | InterrogateBody
+def detect_order(body: DetectBody) -> DetectOrder:
+    low, high = int(body.preprocess_param1), int(body.preprocess_param2)
+    return DetectOrder(body.image, body.preprocess, low, high)
 
 
-async def submit(ctx: ApiContext, account: str, body: AnyBody) -> TaskRecord:
-    """Queue the task ``body`` describes (decoding images and resolving models off the loop)."""
-    tasks = ctx.services.tasks
-    if isinstance(body, Txt2ImgBody):
-        return await asyncio.to_thread(tasks.submit_txt2img, account, txt2img_order(body))
-    if isinstance(body, Img2ImgBody):
-        return await asyncio.to_thread(tasks.submit_img2img, account, img2img_order(body))
-    if isinstance(body, UpscaleBody):
-        return await asyncio.to_thread(tasks.submit_upscale, account, upscale_order(body))
-    if isinstance(body, InterrogateBody):
-        interrogate = InterrogateOrder(body.image, body.model)
-        return await asyncio.to_thread(tasks.submit_interrogate, account, interrogate)
-    detect = DetectOrder(
-        body.image, body.preprocess, int(body.preprocess_param1), int(body.preprocess_param2)
-    )
-    return await asyncio.to_thread(tasks.submit_detect, account, detect)
+def interrogate_order(body: InterrogateBody) -> InterrogateOrder:
+    return InterrogateOrder(body.image, body.model)
+
+
+# A submission, typed from the route to the queue: given the task service and the caller's
+# account, it queues one kind of task with its order (see the ``*_submit`` functions).
+Submit = Callable[[TaskService, str], TaskRecord]
+
+
+def txt2img_submit(body: Txt2ImgBody) -> Submit:
+    order = txt2img_order(body)
+    return lambda tasks, account: tasks.submit_txt2img(account, order)
+
+
+def img2img_submit(body: Img2ImgBody) -> Submit:
+    order = img2img_order(body)
+    return lambda tasks, account: tasks.submit_img2img(account, order)
+
+
+def upscale_submit(body: UpscaleBody) -> Submit:
+    order = upscale_order(body)
+    return lambda tasks, account: tasks.submit_upscale(account, order)
+
+
+def detect_submit(body: DetectBody) -> Submit:
+    order = detect_order(body)
+    return lambda tasks, account: tasks.submit_detect(account, order)
+
+
+def interrogate_submit(body: InterrogateBody) -> Submit:
+    order = interrogate_order(body)
+    return lambda tasks, account: tasks.submit_interrogate(account, order)
+
+
+async def submit(ctx: ApiContext, account: str, queue: Submit) -> TaskRecord:
+    """Queue a task (decoding its images and resolving its models off the event loop)."""
+    return await asyncio.to_thread(queue, ctx.services.tasks, account)
 
 
 async def wait_for_success(ctx: ApiContext, record: TaskRecord) -> dict[str, Any]:
@@ -146,12 +171,12 @@ async def wait_for_success(ctx: ApiContext, record: TaskRecord) -> dict[str, Any
             f"the task did not finish within {timeout:g} s; it keeps running: poll "
             "/api/sd/task/status with its taskId",
             taskId=record.id,
-            status=int(record.status),
+            status=record.status.wire,
             queuePosition=record.queue_position,
         )
+    if record.status == TaskStatus.CANCELLED:
+        raise TaskCancelled(f"the task was {CANCELLED_MESSAGE}", taskId=record.id)
     if record.status == TaskStatus.FAILURE:
-        if record.error == CANCELLED_MESSAGE:
-            raise TaskCancelled(f"the task was {CANCELLED_MESSAGE}", taskId=record.id)
         raise NodeError(record.error or "the task failed", taskId=record.id)
     return await asyncio.to_thread(result_data, ctx, record)
 
@@ -173,7 +198,8 @@ def history_entry(record: TaskRecord) -> dict[str, Any]:
     return {
         "taskId": record.id,
         "kind": record.kind.value,
-        "status": int(record.status),
+        "status": record.status.wire,
+        "cancelled": record.status == TaskStatus.CANCELLED,
         "createdAt": record.created_at,
         "finishedAt": record.finished_at,
         "prompt": generation.get("prompt"),
@@ -193,7 +219,7 @@ async def task_status(ctx: ApiContext, task_id: str, account: str | None) -> dic
     record = await asyncio.to_thread(ctx.services.tasks.get, task_id, account)
     data: dict[str, Any] = {
         "taskId": record.id,
-        "status": int(record.status),
+        "status": record.status.wire,
         "queuePosition": record.queue_position,
         "progress": round(record.progress, 4),
     }
@@ -201,6 +227,6 @@ async def task_status(ctx: ApiContext, task_id: str, account: str | None) -> dic
         data.update(await asyncio.to_thread(result_data, ctx, record))
         if record.expired:
             data["message"] = "the results of this task have expired and were deleted"
-    elif record.status == TaskStatus.FAILURE:
+    elif record.status in (TaskStatus.FAILURE, TaskStatus.CANCELLED):
         data["message"] = record.error or "the task failed"
     return data

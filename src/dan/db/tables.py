@@ -64,6 +64,9 @@ tasks = Table(
     # Added by 0004: the latest step preview of a running task (a small PNG the worker sends
     # with its heartbeats; cleared when the task ends).
     Column("preview", LargeBinary),
+    # Added by 0005: how many images the task makes (batch_size x n_iter); pending limits
+    # count images, not requests.
+    Column("images", Integer, nullable=False, default=1, server_default="1"),
     Index("ix_tasks_status_tag_seq", "status", "tag", "seq"),
     Index("ix_tasks_account_tag", "account", "tag"),
     Index("ix_tasks_account_status", "account", "status"),
@@ -115,6 +118,8 @@ accounts = Table(
     Column("is_admin", Boolean, nullable=False, default=False),
     Column("can_run_nodes", Boolean, nullable=False, default=False),
     Column("created_at", Float, nullable=False),
+    # Added by 0005: the HMAC-SHA256 key of the account's webhook signatures (made on first use).
+    Column("webhook_secret", String(64)),
 )
 
 # API keys, stored only as the sha256 of the key; ``prefix`` (its first characters) lets people
@@ -242,4 +247,39 @@ identities = Table(
     Column("account", String(128), nullable=False, index=True),
     Column("created_at", Float, nullable=False),
     Column("last_seen_at", Float, nullable=False),
+)
+
+# --- Clients (migration 0005) ---------------------------------------------------------------
+
+# A finished task's webhook: POSTed to ``url`` until it is delivered or given up. ``due_at`` is
+# when the next try may start (NULL once delivered or given up); a sender claims a row by moving
+# it forward, so replicas never send one delivery at once.
+webhooks = Table(
+    "webhooks",
+    metadata,
+    Column("task_id", String(36), primary_key=True),
+    Column("account", String(128), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("state", String(16), nullable=False),  # waiting, pending, delivered, failed
+    Column("attempts", Integer, nullable=False, default=0, server_default="0"),
+    Column("due_at", Float),
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("delivered_at", Float),
+)
+Index(
+    "ix_webhooks_due",
+    webhooks.c.due_at,
+    postgresql_where=text("due_at IS NOT NULL"),
+    sqlite_where=text("due_at IS NOT NULL"),
+)
+
+# What an AUTOMATIC1111 client set with POST /sdapi/v1/options, per API key ("key:<id>") or,
+# for keyless callers, per account ("account:<id>"): never globally.
+client_options = Table(
+    "client_options",
+    metadata,
+    Column("owner", String(200), primary_key=True),
+    Column("checkpoint", String(64)),  # sha256 of sd_model_checkpoint
+    Column("updated_at", Float, nullable=False),
 )

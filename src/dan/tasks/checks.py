@@ -121,7 +121,7 @@ class SqlCheckStore:
         finished_run = exists().where(
             run.c.verify_of == tasks.c.id,
             run.c.verification == RUN,
-            run.c.status.in_([TaskStatus.SUCCESS, TaskStatus.FAILURE]),
+            run.c.status.in_([TaskStatus.SUCCESS, TaskStatus.FAILURE, TaskStatus.CANCELLED]),
         )
         with self._engine.connect().execution_options(dan_read_only=True) as conn:
             now = self._time.now(conn)

@@ -85,6 +85,8 @@ class GenerationOrder:
     model: str | None
     loras: tuple[tuple[str, float], ...] = ()
     control_net: ControlNetOrder | None = None
+    batch_size: int = 1
+    n_iter: int = 1
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ def held_by(task_id: str, worker_id: str) -> tuple[ColumnElement[bool], ...]:
     )
 
 
-def ended(status: TaskStatus, now: float) -> dict[str, Any]:
+def ended(status: TaskStatus | ColumnElement[Any], now: float) -> dict[str, Any]:
     """The values of a task that stops running with ``status``."""
     return {
         "status": status,

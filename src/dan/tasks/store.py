@@ -35,6 +35,7 @@ from sqlalchemy import (
     Engine,
     Select,
     and_,
+    case,
     delete,
     exists,
     func,
@@ -248,7 +249,7 @@ class SqlTaskStore:
             conn.execute(
                 update(tasks)
                 .where(tasks.c.id == task_id, tasks.c.status == PENDING)
-                .values(status=TaskStatus.FAILURE, error=CANCELLED_MESSAGE, finished_at=now)
+                .values(status=TaskStatus.CANCELLED, error=CANCELLED_MESSAGE, finished_at=now)
             )
             if self._postgres:
                 notify(conn, FINISHED, task_id)
@@ -330,8 +331,13 @@ class SqlTaskStore:
             return done
 
     def fail(self, task_id: str, worker_id: str, error: str) -> bool:
+        # A run that stops once its cancel was asked for ends cancelled, whatever it says.
+        asked = tasks.c.cancel_requested.is_(True)
         with self._engine.begin() as conn:
-            values = {"status": TaskStatus.FAILURE, "error": error}
+            values = {
+                "status": case((asked, TaskStatus.CANCELLED), else_=TaskStatus.FAILURE),
+                "error": case((asked, CANCELLED_MESSAGE), else_=error),
+            }
             return self._finish_in(conn, task_id, worker_id, values)
 
     def release(self, task_id: str, worker_id: str, reason: str) -> bool:
@@ -346,7 +352,7 @@ class SqlTaskStore:
             cancelled = conn.execute(
                 update(tasks)
                 .where(processing, tasks.c.cancel_requested.is_(True), tasks.c.cancel_by < now)
-                .values(**ended(TaskStatus.FAILURE, now), error=CANCELLED_MESSAGE)
+                .values(**ended(TaskStatus.CANCELLED, now), error=CANCELLED_MESSAGE)
                 .returning(tasks.c.id)
             ).all()
             if self._postgres:

@@ -12,11 +12,16 @@ from dan.api.auth import account_of, caller, task_owner
 from dan.api.events import last_event_id as last_event_id_of
 from dan.api.events import task_events
 from dan.api.generation import (
-    AnyBody,
+    Submit,
     context,
+    detect_submit,
     history_entry,
+    img2img_submit,
+    interrogate_submit,
     submit,
     task_status,
+    txt2img_submit,
+    upscale_submit,
     wait_for_success,
 )
 from dan.api.schemas import (
@@ -40,80 +45,79 @@ def ok(data: Any, message: str = "success") -> dict[str, Any]:
     return {"code": 200, "data": data, "message": message}
 
 
-def success_message(body: AnyBody, record: TaskRecord | None = None) -> str:
-    notes = [record.warning] if record is not None and record.warning else []
-    ignored = getattr(body, "ignored_units", 0)
-    if ignored:
-        notes.append(f"only the first control_net unit is used, {ignored} more ignored")
+def success_message(record: TaskRecord, ignored_units: int = 0) -> str:
+    notes = [record.warning] if record.warning else []
+    if ignored_units:
+        notes.append(f"only the first control_net unit is used, {ignored_units} more ignored")
     return "; ".join(["success", *notes])
 
 
-async def run(body: AnyBody, request: Request) -> dict[str, Any]:
+async def run(request: Request, queue: Submit, ignored_units: int = 0) -> dict[str, Any]:
     """Submit and wait: ``{taskId, images, seeds}`` (``{taskId, caption}`` for interrogate)."""
     ctx = context(request)
-    record = await submit(ctx, await asyncio.to_thread(account_of, request), body)
+    record = await submit(ctx, await asyncio.to_thread(account_of, request), queue)
     result = await wait_for_success(ctx, record)
-    return ok({"taskId": record.id, **result}, success_message(body, record))
+    return ok({"taskId": record.id, **result}, success_message(record, ignored_units))
 
 
-async def queue(body: AnyBody, request: Request) -> dict[str, Any]:
+async def enqueue(request: Request, queue: Submit, ignored_units: int = 0) -> dict[str, Any]:
     """Submit and answer at once: ``{status: 0, taskId, queuePosition}``."""
-    record = await submit(context(request), await asyncio.to_thread(account_of, request), body)
+    record = await submit(context(request), await asyncio.to_thread(account_of, request), queue)
     position = record.queue_position
-    data = {"status": int(record.status), "taskId": record.id, "queuePosition": position}
-    return ok(data, success_message(body, record))
+    data = {"status": record.status.wire, "taskId": record.id, "queuePosition": position}
+    return ok(data, success_message(record, ignored_units))
 
 
 @router.post("/txt2img", summary="Generate images from text and wait for them")
 async def txt2img(body: Txt2ImgBody, request: Request) -> dict[str, Any]:
-    return await run(body, request)
+    return await run(request, txt2img_submit(body), body.ignored_units)
 
 
 @router.post("/txt2img/async", summary="Queue a txt2img task and return its taskId at once")
 async def txt2img_async(body: Txt2ImgBody, request: Request) -> dict[str, Any]:
-    return await queue(body, request)
+    return await enqueue(request, txt2img_submit(body), body.ignored_units)
 
 
 @router.post("/img2img", summary="Redraw an image (or its masked part) and wait")
 async def img2img(body: Img2ImgBody, request: Request) -> dict[str, Any]:
-    return await run(body, request)
+    return await run(request, img2img_submit(body), body.ignored_units)
 
 
 @router.post("/img2img/async", summary="Queue an img2img or inpaint task")
 async def img2img_async(body: Img2ImgBody, request: Request) -> dict[str, Any]:
-    return await queue(body, request)
+    return await enqueue(request, img2img_submit(body), body.ignored_units)
 
 
 @router.post("/upscale", summary="Enlarge an image with an upscaler and wait")
 async def upscale(body: UpscaleBody, request: Request) -> dict[str, Any]:
-    return await run(body, request)
+    return await run(request, upscale_submit(body))
 
 
 @router.post("/upscale/async", summary="Queue an upscale task")
 async def upscale_async(body: UpscaleBody, request: Request) -> dict[str, Any]:
-    return await queue(body, request)
+    return await enqueue(request, upscale_submit(body))
 
 
 @router.post("/interrogate", summary="Describe an image (clip caption or deepdanbooru tags)")
 async def interrogate(body: InterrogateBody, request: Request) -> dict[str, Any]:
-    return await run(body, request)
+    return await run(request, interrogate_submit(body))
 
 
 @router.post("/interrogate/async", summary="Queue an interrogate task")
 async def interrogate_async(body: InterrogateBody, request: Request) -> dict[str, Any]:
-    return await queue(body, request)
+    return await enqueue(request, interrogate_submit(body))
 
 
 @router.post(
     "/controlnet/detect", summary="The control image a ControlNet preprocessor makes of an image"
 )
 async def controlnet_detect(body: DetectBody, request: Request) -> dict[str, Any]:
-    return await run(body, request)
+    return await run(request, detect_submit(body))
 
 
 @router.post("/controlnet/detect/async", summary="Queue a ControlNet preprocessor run")
 async def controlnet_detect_async(body: DetectBody, request: Request) -> dict[str, Any]:
-    return await queue(body, request)
+    return await enqueue(request, detect_submit(body))
 
 
 @router.post("/task/status", summary="Status, progress and result of a task")
@@ -172,7 +176,7 @@ async def cancel(body: TaskIdBody, request: Request) -> dict[str, Any]:
     owner = task_owner(await asyncio.to_thread(caller, request))
     tasks = context(request).services.tasks
     record = await asyncio.to_thread(tasks.cancel, body.taskId, owner)
-    return ok({"taskId": record.id, "status": int(record.status), "cancelRequested": True})
+    return ok({"taskId": record.id, "status": record.status.wire, "cancelRequested": True})
 
 
 @router.get("/supportedModelInfo", summary="Installed checkpoints and LoRAs, and the samplers")
