@@ -52,5 +52,6 @@ async def img2img(body: Img2ImgBody, request: Request) -> dict[str, Any]:
 @router.post("/interrogate", summary="interrogate answered in the v0 format")
 async def interrogate(body: InterrogateBody, request: Request) -> dict[str, Any]:
     ctx = context(request)
-    record = await submit(ctx, await asyncio.to_thread(account_of, request), interrogate_submit(body))
+    account = await asyncio.to_thread(account_of, request)
+    record = await submit(ctx, account, interrogate_submit(body))
     return {"caption": _field(await wait_for_success(ctx, record), "caption", record.id)}
