@@ -296,7 +296,7 @@ def test_the_worker_loop_runs_over_http(net: Api) -> None:
         wait_until(net, redrawn, {TaskStatus.SUCCESS})  # its input came over HTTP
         wait_until(net, slow, {TaskStatus.PROCESSING})
         call(net, "POST", "/api/sd/task/cancel", user, json={"taskId": slow})
-        cancelled = wait_until(net, slow, {TaskStatus.FAILURE})
+        cancelled = wait_until(net, slow, {TaskStatus.CANCELLED})
         assert cancelled["progress"] < 0.9 and "cancel" in cancelled["message"]
     status = call(net, "POST", "/api/sd/task/status", user, json={"taskId": done})["data"]
     assert Image.open(io.BytesIO(base64.b64decode(status["images"][0]))).size == (64, 64)
