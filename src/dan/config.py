@@ -225,6 +225,29 @@ class Settings(BaseSettings):
         1024**3, ge=0, description="memory budget for LoRA files kept read"
     )
 
+    # Webhooks: a task submitted with a callback_url POSTs its final status there (README,
+    # "Webhooks"); dan.webhooks.
+    webhook_allow_private: bool = Field(
+        False,
+        description="let callback_url reach loopback, private, link-local and other non-public "
+        "addresses (turns the SSRF guard off: only for receivers on a network you trust)",
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="a webhook try must be answered within this long (s)"
+    )
+    webhook_max_attempts: int = Field(
+        8, ge=1, le=30, description="tries of a webhook before it is given up"
+    )
+    webhook_retry_s: float = Field(
+        10.0,
+        gt=0,
+        description="wait before a failed webhook's second try; each later one waits 3 times "
+        "longer than the one before (10 s, 30 s, 90 s, ...)",
+    )
+    webhook_poll_s: float = Field(
+        1.0, gt=0, description="how often each API process looks for webhooks to send (s)"
+    )
+
     @model_validator(mode="after")
     def _check_sign_in(self) -> Settings:
         _check_together(

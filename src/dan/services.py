@@ -23,6 +23,7 @@ from dan.storage import BlobStore, LocalBlobStore, SqlBlobStore
 from dan.tasks.checks import SqlCheckStore
 from dan.tasks.service import TaskService
 from dan.tasks.store import QueueRules, SqlTaskStore, TaskStore
+from dan.webhooks import SqlWebhookStore, WebhookService
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Services:
     models: NetworkModels  # what requests may name: this server's files and online nodes'
     checks: ResultChecks  # re-runs of nodes' results, compared
     sign_in: SignInService  # accounts people make by signing in, and their keys
+    webhooks: WebhookService  # callback URLs, the accounts' secrets, the tries (dan.webhooks)
     session_secret: str | None = None  # signs sign-in sessions (None: no provider configured)
 
     def close(self) -> None:
@@ -117,6 +119,7 @@ def build_services(settings: Settings) -> Services:
     models = NetworkModels(registry, node_store)
     key = settings.public_api_key or public_api_key(settings.data_dir)
     accounts = build_accounts(settings, db, public_key=key)
+    webhooks = WebhookService(SqlWebhookStore(db), settings)
     tasks = TaskService(
         store,
         blobs,
@@ -124,6 +127,7 @@ def build_services(settings: Settings) -> Services:
         settings,
         weight_of=accounts.weight_of,
         local_files=lambda: installed_hashes(registry),
+        webhooks=webhooks,
     )
     check_store = SqlCheckStore(db, online_window_s=settings.node_offline_after_s)
     checks = ResultChecks(check_store, node_store, blobs, settings)
@@ -142,6 +146,7 @@ def build_services(settings: Settings) -> Services:
         models,
         checks,
         sign_in,
+        webhooks,
         session_secret(settings),
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,13 +16,14 @@ from fastapi.staticfiles import StaticFiles
 
 from dan import __version__
 from dan.api.errors import install_error_handlers
-from dan.api.generation import ApiContext
+from dan.api.generation import ApiContext, webhook_body
 from dan.api.limits import BodySizeLimit
 from dan.api.routes import accounts, nodes, sd, signin, system, v0
 from dan.api.signin import install_sign_in
 from dan.db.notify import QUEUED, NotifyListener
 from dan.services import Services
 from dan.tasks.watcher import TaskWatcher, running
+from dan.webhooks.sender import WebhookSender, sending
 
 log = logging.getLogger(__name__)
 SWEEP_INTERVAL_S = 5.0
@@ -41,15 +43,19 @@ async def _sweep_forever(services: Services) -> None:
         await asyncio.sleep(SWEEP_INTERVAL_S)
 
 
-def _listen(services: Services, watcher: TaskWatcher) -> list[NotifyListener]:
-    """On PostgreSQL: wake ``watcher`` when any process finishes a task, and the nodes' waiting
-    claims when one queues a task (see tasks.notify); polling stays as the fallback."""
+def _listen(
+    services: Services, watcher: TaskWatcher, webhooks: WebhookSender
+) -> list[NotifyListener]:
+    """On PostgreSQL: wake ``watcher`` and the ``webhooks`` sender when any process finishes a
+    task, and the nodes' waiting claims when one queues a task (see tasks.notify); polling
+    stays as the fallback."""
     if services.db.dialect.name != "postgresql":
         return []
     loop = asyncio.get_running_loop()
 
     def on_finished(task_id: str) -> None:
         loop.call_soon_threadsafe(watcher.poke, task_id)
+        loop.call_soon_threadsafe(webhooks.wake)
 
     url = services.settings.db_url
     nodes = services.nodes
@@ -63,10 +69,11 @@ def create_app(services: Services) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watcher = TaskWatcher(services.store, interval_s=services.settings.poll_interval_s)
-        app.state.ctx = ApiContext(services=services, watcher=watcher)
+        ctx = app.state.ctx = ApiContext(services=services, watcher=watcher)
+        webhooks = WebhookSender(services.webhooks, functools.partial(webhook_body, ctx))
         sweeper = asyncio.create_task(_sweep_forever(services), name="sweeper")
-        listeners = _listen(services, watcher)
-        async with running(watcher):
+        listeners = _listen(services, watcher, webhooks)
+        async with running(watcher), sending(webhooks):
             yield
         for listener in listeners:
             listener.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -132,28 +133,28 @@ Submit = Callable[[TaskService, str], TaskRecord]
 
 
 def txt2img_submit(body: Txt2ImgBody) -> Submit:
-    order = txt2img_order(body)
-    return lambda tasks, account: tasks.submit_txt2img(account, order)
+    order, url = txt2img_order(body), body.callback_url
+    return lambda tasks, account: tasks.submit_txt2img(account, order, callback_url=url)
 
 
 def img2img_submit(body: Img2ImgBody) -> Submit:
-    order = img2img_order(body)
-    return lambda tasks, account: tasks.submit_img2img(account, order)
+    order, url = img2img_order(body), body.callback_url
+    return lambda tasks, account: tasks.submit_img2img(account, order, callback_url=url)
 
 
 def upscale_submit(body: UpscaleBody) -> Submit:
-    order = upscale_order(body)
-    return lambda tasks, account: tasks.submit_upscale(account, order)
+    order, url = upscale_order(body), body.callback_url
+    return lambda tasks, account: tasks.submit_upscale(account, order, callback_url=url)
 
 
 def detect_submit(body: DetectBody) -> Submit:
-    order = detect_order(body)
-    return lambda tasks, account: tasks.submit_detect(account, order)
+    order, url = detect_order(body), body.callback_url
+    return lambda tasks, account: tasks.submit_detect(account, order, callback_url=url)
 
 
 def interrogate_submit(body: InterrogateBody) -> Submit:
-    order = interrogate_order(body)
-    return lambda tasks, account: tasks.submit_interrogate(account, order)
+    order, url = interrogate_order(body), body.callback_url
+    return lambda tasks, account: tasks.submit_interrogate(account, order, callback_url=url)
 
 
 async def submit(ctx: ApiContext, account: str, queue: Submit) -> TaskRecord:
@@ -215,8 +216,26 @@ def history_entry(record: TaskRecord) -> dict[str, Any]:
 
 
 async def task_status(ctx: ApiContext, task_id: str, account: str | None) -> dict[str, Any]:
-    """The task-status data of the reference, plus ``progress`` and a failure ``message``."""
+    """The task-status data of the reference, plus ``progress``, a failure ``message``, and
+    where its webhook stands (``callback``) if it has one."""
     record = await asyncio.to_thread(ctx.services.tasks.get, task_id, account)
+    return await asyncio.to_thread(status_and_callback, ctx, record)
+
+
+def status_and_callback(ctx: ApiContext, record: TaskRecord) -> dict[str, Any]:
+    data = status_data(ctx, record)
+    webhook = ctx.services.webhooks.state(record.id)
+    if webhook is not None:
+        data["callback"] = {
+            "state": webhook.state,
+            "attempts": webhook.attempts,
+            "lastError": webhook.last_error,
+        }
+    return data
+
+
+def status_data(ctx: ApiContext, record: TaskRecord) -> dict[str, Any]:
+    """The task-status data of ``record`` (without its webhook's state)."""
     data: dict[str, Any] = {
         "taskId": record.id,
         "status": record.status.wire,
@@ -224,9 +243,16 @@ async def task_status(ctx: ApiContext, task_id: str, account: str | None) -> dic
         "progress": round(record.progress, 4),
     }
     if record.status == TaskStatus.SUCCESS:
-        data.update(await asyncio.to_thread(result_data, ctx, record))
+        data.update(result_data(ctx, record))
         if record.expired:
             data["message"] = "the results of this task have expired and were deleted"
     elif record.status in (TaskStatus.FAILURE, TaskStatus.CANCELLED):
         data["message"] = record.error or "the task failed"
     return data
+
+
+def webhook_body(ctx: ApiContext, task_id: str) -> bytes:
+    """What a task's webhook POSTs: the very body ``/api/sd/task/status`` answers for it
+    (base64 images included), as JSON."""
+    data = status_data(ctx, ctx.services.tasks.get(task_id))
+    return json.dumps({"code": 200, "data": data, "message": "success"}).encode()

@@ -27,6 +27,7 @@ from dan.domain import (
     SAMPLERS,
     SEED_MAX,
 )
+from dan.webhooks.addresses import parse_callback_url
 
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_STEPS = 150
@@ -156,6 +157,25 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def _callback_url(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _fail(f"must be an http:// or https:// URL (a string), got {value!r}")
+    try:
+        parse_callback_url(value)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    return value
+
+
+class Submission(Body):
+    """What every submit may add: ``callback_url``, where DAN POSTs the task's final status,
+    signed, when it ends (see dan.webhooks; the address is checked when the task is queued)."""
+
+    callback_url: Annotated[str | None, BeforeValidator(_callback_url)] = None
+
+
 class HiresBody(Body):
     """txt2img's ``upscale``: hires fix."""
 
@@ -234,7 +254,7 @@ def _units(value: Any) -> Any:
     return [value] if isinstance(value, dict) else value
 
 
-class GenerationBody(Body):
+class GenerationBody(Submission):
     """Fields txt2img and img2img share."""
 
     prompt: Text = ""
@@ -274,7 +294,7 @@ class Img2ImgBody(GenerationBody):
     inpaint: InpaintBody | None = None
 
 
-class DetectBody(Body):
+class DetectBody(Submission):
     """Body of ``POST /api/sd/controlnet/detect``: what a ControlNet would be conditioned on."""
 
     image: str
@@ -298,14 +318,14 @@ def _interrogator(value: Any) -> str:
     return name
 
 
-class InterrogateBody(Body):
+class InterrogateBody(Submission):
     """Body of ``POST /api/sd/interrogate``: describe an image."""
 
     image: str
     model: Annotated[str, BeforeValidator(_interrogator)] = "clip"
 
 
-class UpscaleBody(Body):
+class UpscaleBody(Submission):
     """Body of ``POST /api/sd/upscale``, the original service's standalone upscaler."""
 
     image: str

@@ -64,6 +64,7 @@ class NewTask:
     checkpoint: str | None = None
     requires: tuple[str, ...] = ()  # sha256 of every model file a node needs to run it
     expects: Expected | None = None
+    callback_url: str | None = None  # where its webhook goes when it ends (dan.webhooks)
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,8 @@ class TaskStore(Protocol):
     """The queue's persistence seam. All methods are synchronous and thread-safe."""
 
     def submit(self, task: NewTask, *, max_pending: int) -> TaskRecord:
-        """Insert a pending task; raise TooManyPendingTasks if the account has max_pending."""
+        """Insert a pending task (and its webhook, if it has a callback URL); raise
+        TooManyPendingTasks if the account has max_pending."""
         ...
 
     def pending_count(self, account: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import uuid
@@ -10,7 +11,7 @@ from dataclasses import replace
 
 from dan.config import Settings
 from dan.domain import TaskKind, TaskRecord
-from dan.errors import ResourceUnavailable, TaskNotFound, TooManyPendingTasks
+from dan.errors import InvalidArgument, ResourceUnavailable, TaskNotFound, TooManyPendingTasks
 from dan.storage import BlobStore
 from dan.tasks.needs import Needs
 from dan.tasks.orders import (
@@ -24,6 +25,7 @@ from dan.tasks.orders import (
     UpscaleOrder,
 )
 from dan.tasks.store import NewTask, Statistics, TaskStore
+from dan.webhooks import WebhookService
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,9 @@ class TaskService:
         random_seed: Callable[[], int] = lambda: secrets.randbelow(2**32),
         weight_of: Callable[[str], float] = lambda account: 1.0,
         local_files: Callable[[], frozenset[str]] = frozenset,
+        webhooks: WebhookService | None = None,
     ) -> None:
+        self._webhooks = webhooks
         self._weight_of = weight_of
         self._local_files = local_files
         self._store = store
@@ -49,31 +53,53 @@ class TaskService:
         self._settings = settings
         self._build = RequestBuilder(models, settings, random_seed=random_seed)
 
-    def submit_txt2img(self, account: str, order: Txt2ImgOrder) -> TaskRecord:
+    # Every submit takes an optional ``callback_url``: the task's webhook goes there when it
+    # ends (checked first: see dan.webhooks.addresses).
+    def submit_txt2img(
+        self, account: str, order: Txt2ImgOrder, *, callback_url: str | None = None
+    ) -> TaskRecord:
         """Queue a txt2img task; raises InvalidArgument, ModelNotFound, TooManyPendingTasks."""
-        return self._submit(account, TaskKind.TXT2IMG, lambda tid: self._build.txt2img(order, tid))
+        build = functools.partial(self._build.txt2img, order)
+        return self._submit(account, TaskKind.TXT2IMG, build, callback_url)
 
-    def submit_img2img(self, account: str, order: Img2ImgOrder) -> TaskRecord:
+    def submit_img2img(
+        self, account: str, order: Img2ImgOrder, *, callback_url: str | None = None
+    ) -> TaskRecord:
         """Queue an img2img or inpaint task; the input images are checked and stored first."""
-        return self._submit(account, TaskKind.IMG2IMG, lambda tid: self._build.img2img(order, tid))
+        build = functools.partial(self._build.img2img, order)
+        return self._submit(account, TaskKind.IMG2IMG, build, callback_url)
 
-    def submit_upscale(self, account: str, order: UpscaleOrder) -> TaskRecord:
+    def submit_upscale(
+        self, account: str, order: UpscaleOrder, *, callback_url: str | None = None
+    ) -> TaskRecord:
         """Queue a standalone upscale of an image."""
-        return self._submit(account, TaskKind.UPSCALE, lambda tid: self._build.upscale(order, tid))
+        build = functools.partial(self._build.upscale, order)
+        return self._submit(account, TaskKind.UPSCALE, build, callback_url)
 
-    def submit_detect(self, account: str, order: DetectOrder) -> TaskRecord:
+    def submit_detect(
+        self, account: str, order: DetectOrder, *, callback_url: str | None = None
+    ) -> TaskRecord:
         """Queue a ControlNet preprocessor run (it needs the worker's packages, not torch)."""
-        return self._submit(account, TaskKind.DETECT, lambda tid: self._build.detect(order, tid))
+        build = functools.partial(self._build.detect, order)
+        return self._submit(account, TaskKind.DETECT, build, callback_url)
 
-    def submit_interrogate(self, account: str, order: InterrogateOrder) -> TaskRecord:
+    def submit_interrogate(
+        self, account: str, order: InterrogateOrder, *, callback_url: str | None = None
+    ) -> TaskRecord:
         """Queue a caption (clip) or tagging (deepdanbooru) of an image; raises
         ResourceUnavailable at once when the interrogator's weights are not installed."""
-        kind = TaskKind.INTERROGATE
-        return self._submit(account, kind, lambda tid: self._build.interrogate(order, tid))
+        build = functools.partial(self._build.interrogate, order)
+        return self._submit(account, TaskKind.INTERROGATE, build, callback_url)
 
-    def _submit(self, account: str, kind: TaskKind, build: Callable[[str], Prepared]) -> TaskRecord:
+    def _submit(
+        self,
+        account: str,
+        kind: TaskKind,
+        build: Callable[[str], Prepared],
+        callback_url: str | None = None,
+    ) -> TaskRecord:
         """Refuse at once an account at its pending limit (before any image is decoded),
-        build and check the request, store its inputs, and queue it."""
+        check the callback URL, build and check the request, store its inputs, and queue it."""
         limit = self._settings.max_pending_per_account
         pending = self._store.pending_count(account)
         if pending >= limit:
@@ -81,6 +107,8 @@ class TaskService:
                 f"this account already has {pending} pending tasks (the limit is {limit}); "
                 "wait for some to finish"
             )
+        if callback_url is not None:
+            self._check_callback(account, callback_url)
         task_id = str(uuid.uuid4())
         prepared = build(task_id)
         needs = prepared.needs
@@ -98,12 +126,18 @@ class TaskService:
                 checkpoint=needs.checkpoint,
                 requires=needs.requires,
                 expects=needs.expects,
+                callback_url=callback_url,
             )
             record = self._store.submit(new, max_pending=limit)
         except BaseException:
             self._blobs.delete_group(task_id)  # a refused task leaves nothing behind
             raise
         return replace(record, warning=warning) if warning else record
+
+    def _check_callback(self, account: str, url: str) -> None:
+        if self._webhooks is None:
+            raise InvalidArgument("Invalid callback_url: this server sends no webhooks")
+        self._webhooks.check_callback(account, url)
 
     def _check_served(self, needs: Needs) -> str | None:
         """Refuse (or warn about, by setting) a task that no single online node can run: one

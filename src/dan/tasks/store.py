@@ -57,6 +57,7 @@ from dan.db.tables import (
     task_exclusions,
     task_files,
     tasks,
+    webhooks,
 )
 from dan.domain import ClaimedTask, TaskKind, TaskRecord, TaskResult, TaskStatus
 from dan.errors import TooManyPendingTasks
@@ -86,6 +87,7 @@ from dan.tasks.rows import (
     runnable_for,
     runtime_limit,
 )
+from dan.webhooks.store import new_webhook
 
 # What callers import from here (the seam itself lives in dan.tasks.base).
 __all__ = [
@@ -238,6 +240,9 @@ class SqlTaskStore:
             now = self._time.now(conn)
             conn.execute(tasks.insert().values(**new_row(task, now), tag=tag))
             insert_files(conn, task.id, task.requires)
+            if task.callback_url is not None:
+                hook = new_webhook(task.id, task.account, task.callback_url, now)
+                conn.execute(webhooks.insert().values(**hook))
             if self._postgres:
                 notify(conn, QUEUED, task.id)
             row = conn.execute(select(tasks).where(tasks.c.id == task.id)).mappings().one()

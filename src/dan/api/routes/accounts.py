@@ -101,6 +101,21 @@ def revoke_key(key_id: str, account: Caller, request: Request) -> dict[str, Any]
     return ok(key_data(accounts(request).revoke_key(account, key_id)))
 
 
+@router.get(
+    "/api/user/webhook", summary="The secret that signs the caller's webhooks (made on first use)"
+)
+def webhook_secret(account: Caller, request: Request) -> dict[str, Any]:
+    return ok({"secret": context(request).services.webhooks.secret(account.id)})
+
+
+@router.post(
+    "/api/user/webhook/rotate",
+    summary="A new webhook secret for the caller: webhooks sent from now on are signed with it",
+)
+def rotate_webhook_secret(account: Caller, request: Request) -> dict[str, Any]:
+    return ok({"secret": context(request).services.webhooks.rotate_secret(account.id)})
+
+
 @router.get("/api/honor/leaderboard", summary="Donors ranked by the honor their nodes earned")
 def leaderboard(request: Request, limit: int = 20) -> dict[str, Any]:
     entries = accounts(request).leaderboard(limit)
