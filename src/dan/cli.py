@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import SecretStr
+
 from dan import __version__
 from dan.config import Settings
 from dan.domain import Account, ModelKind
@@ -56,6 +58,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that reproduces ``settings`` in a child process."""
     env = dict(os.environ)
     for name, value in settings.model_dump().items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()  # str() would hand the child "**********"
         if value is not None:
             env[f"DAN_{name.upper()}"] = str(value)
     return env
@@ -139,13 +143,15 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 def cmd_models_pull(args: argparse.Namespace) -> int:
     from dan.models import catalog
     from dan.models.download import pull
+    from dan.models.hashing import HashCache
+    from dan.models.sources import DownloadSources
 
     settings = _settings(args)
-    from dan.models.hashing import HashCache
-
     entry = catalog.find(args.name)
     hashes = HashCache(settings.cache_dir)
-    path = pull(entry, settings.models_dir, progress=sys.stderr.isatty(), hashes=hashes)
+    sources = DownloadSources.from_settings(settings)
+    progress = sys.stderr.isatty()
+    path = pull(entry, settings.models_dir, progress=progress, hashes=hashes, sources=sources)
     print(f"installed {path} (sha256 {entry.sha256})")
     return 0
 

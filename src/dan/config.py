@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -248,6 +248,26 @@ class Settings(BaseSettings):
         1.0, gt=0, description="how often each API process looks for webhooks to send (s)"
     )
 
+    # Downloads: a Hugging Face mirror, and the tokens of sources that need one. The standard
+    # HF_ENDPOINT and HF_TOKEN (read by the hub's own tools) apply when the DAN_ ones are unset.
+    hf_endpoint: str = Field(
+        "https://huggingface.co",
+        validation_alias=AliasChoices("DAN_HF_ENDPOINT", "HF_ENDPOINT", "hf_endpoint"),
+        description="base URL of the Hugging Face hub or of a mirror of it "
+        "(https://hf-mirror.example): catalog files on huggingface.co are downloaded from there",
+    )
+    hf_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("DAN_HF_TOKEN", "HF_TOKEN", "hf_token"),
+        description="Hugging Face access token for gated repositories; sent only to "
+        "huggingface.co or the mirror of hf_endpoint",
+    )
+    civitai_api_key: SecretStr | None = Field(
+        None,
+        description="CivitAI API key for models whose creators allow signed-in downloads only; "
+        "sent only to civitai.com",
+    )
+
     @model_validator(mode="after")
     def _check_sign_in(self) -> Settings:
         _check_together(
@@ -263,6 +283,11 @@ class Settings(BaseSettings):
         _check_url("DAN_OIDC_ISSUER", self.oidc_issuer)
         _check_url("DAN_GITHUB_URL", self.github_url)
         _check_url("DAN_GITHUB_API_URL", self.github_api_url)
+        return self
+
+    @model_validator(mode="after")
+    def _check_downloads(self) -> Settings:
+        _check_url("DAN_HF_ENDPOINT", self.hf_endpoint)
         return self
 
     @property

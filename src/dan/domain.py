@@ -113,11 +113,20 @@ class ModelKind(StrEnum):
     UPSCALER = "upscaler"
     INTERROGATOR = "interrogator"  # the CLIP, BLIP and DeepDanbooru weights of interrogate
     ANNOTATOR = "annotator"  # preprocessor weights, e.g. the OpenPose body model
+    VAE = "vae"  # a separate VAE, e.g. SDXL's fp16-fix
 
     @property
     def folder(self) -> str:
         """Sub-folder of the models directory holding this kind."""
         return {"controlnet": "controlnet"}.get(self.value, f"{self.value}s")
+
+
+class ModelFamily(StrEnum):
+    """The Stable Diffusion generation a checkpoint, LoRA, ControlNet or VAE belongs to: files
+    of one family only work with checkpoints of the same family."""
+
+    SD15 = "sd15"  # Stable Diffusion 1.x
+    SDXL = "sdxl"  # Stable Diffusion XL
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,11 @@ class ChecksumMismatch(DownloadError):
     """The downloaded file's sha256 does not match the catalog; it was not installed."""
 
 
+class DownloadUnauthorized(DownloadError):
+    """The source refused the download without a valid token; ``data["setting"]`` names the
+    setting that holds its token."""
+
+
 # Errors of the engine, raised inside a worker.
 class EngineError(DanError):
     """The engine could not run this task; the worker keeps serving."""

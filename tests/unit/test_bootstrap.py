@@ -51,3 +51,19 @@ def test_no_download_when_told_not_to(tmp_path: Path, serve: Serve) -> None:
     settings.download = False
     ensure_default_checkpoint(registry, settings)
     assert server.ranges == [] and registry.default_checkpoint(None) is None
+
+
+def test_the_default_comes_from_the_mirror_when_one_is_set(
+    tmp_path: Path, serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = serve("ok")
+    hub_url = "https://huggingface.co/org/repo/resolve/main/tiny_default.safetensors"
+    registry, settings = registry_with_default(tmp_path, hub_url)
+    settings.hf_endpoint = f"http://{server.netloc}"
+    with caplog.at_level(logging.INFO):
+        ensure_default_checkpoint(registry, settings)
+    assert registry.default_checkpoint(None) is not None
+    assert [seen.path for seen in server.seen] == [
+        "/org/repo/resolve/main/tiny_default.safetensors"
+    ]
+    assert f"from http://{server.netloc}/org/repo" in caplog.text

@@ -11,6 +11,7 @@ from dan.domain import ModelKind
 from dan.errors import ChecksumMismatch
 from dan.models.catalog import Catalog, CatalogEntry
 from dan.models.registry import ModelRegistry
+from dan.models.sources import DownloadSources
 from dan.workers.node import Puller
 from tests.fixtures.file_server import SHA, Serve
 
@@ -40,3 +41,13 @@ def test_a_corrupt_download_installs_nothing(serve: Serve, tmp_path: Path) -> No
         Puller(registry, lambda: called.append(True)).pull_one("tiny")
     registry.scan()
     assert registry.list(ModelKind.LORA) == [] and called == []
+
+
+def test_a_node_pulls_hugging_face_files_through_its_mirror(serve: Serve, tmp_path: Path) -> None:
+    server = serve("ok")
+    hub_url = "https://huggingface.co/org/repo/resolve/main/tiny.safetensors"
+    registry = registry_with(tmp_path, hub_url)
+    sources = DownloadSources(hf_endpoint=f"http://{server.netloc}")
+    Puller(registry, lambda: None, sources).pull_one("tiny")
+    assert [seen.path for seen in server.seen] == ["/org/repo/resolve/main/tiny.safetensors"]
+    assert [model.sha256 for model in registry.list(ModelKind.LORA)] == [SHA]

@@ -8,6 +8,7 @@ from dan.config import Settings
 from dan.errors import DanError
 from dan.models.download import pull
 from dan.models.registry import ModelRegistry
+from dan.models.sources import DownloadSources
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,11 @@ def ensure_default_checkpoint(registry: ModelRegistry, settings: Settings) -> No
         log.warning("no checkpoint is installed; %s", how)
         return
     entry = registry.catalog.default_checkpoint
-    log.info("no checkpoint is installed; downloading %s from %s", entry.name, entry.url)
+    sources = DownloadSources.from_settings(settings)
+    url = sources.url_for(entry.url)
+    log.info("no checkpoint is installed; downloading %s from %s", entry.name, url)
     try:
-        pull(entry, settings.models_dir, progress=False, hashes=registry.hashes)
+        pull(entry, settings.models_dir, progress=False, hashes=registry.hashes, sources=sources)
     except (DanError, OSError) as exc:
         log.warning("could not download %s (%s); %s", entry.name, exc, how)
         return

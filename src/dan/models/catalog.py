@@ -4,6 +4,11 @@ The packaged ``catalog.json`` is read with :func:`load_catalog`; nothing is load
 time. Lookups are case-insensitive on names and aliases; a sha256 matches an entry's own hash or
 one of its ``also_known_sha256`` (earlier releases of the same model, e.g. the reference's
 ``chillout_mix`` hash ``3a17d0de...``).
+
+Checkpoints, LoRAs, ControlNets and VAEs belong to a :class:`~dan.domain.ModelFamily` (``family``
+in the JSON, ``sd15`` when absent); other kinds have none. Entries whose sha256 the original
+service did not publish say where it was confirmed in ``sha256_source`` (kept in the JSON for
+readers, not loaded).
 """
 
 from __future__ import annotations
@@ -16,15 +21,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from dan.domain import ModelKind
+from dan.domain import ModelFamily, ModelKind
 from dan.errors import ModelNotFound
 
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
+# Kinds whose files work only with checkpoints of one family.
+FAMILY_KINDS = frozenset(
+    {ModelKind.CHECKPOINT, ModelKind.LORA, ModelKind.CONTROLNET, ModelKind.VAE}
+)
 
 
 @dataclass(frozen=True)
 class CatalogEntry:
-    """One downloadable model file. ``sha256`` values are lower-case hex."""
+    """One downloadable model file. ``sha256`` values are lower-case hex. ``family`` is set
+    exactly for the kinds in :data:`FAMILY_KINDS` (``sd15`` unless given); giving one to
+    another kind raises ``ValueError``."""
 
     kind: ModelKind
     name: str
@@ -33,6 +44,14 @@ class CatalogEntry:
     file_name: str
     aliases: tuple[str, ...] = ()
     also_known_sha256: tuple[str, ...] = ()
+    family: ModelFamily | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAMILY_KINDS and self.family is not None:
+            raise ValueError(f"catalog entry {self.name!r}: {self.kind} entries have no family")
+        if self.kind in FAMILY_KINDS and self.family is None:
+            # The original network served only SD 1.x models.
+            object.__setattr__(self, "family", ModelFamily.SD15)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -137,6 +156,7 @@ def _parse_entry(raw: Mapping[str, Any]) -> CatalogEntry:
         file_name=str(raw["file_name"]),
         aliases=tuple(str(a) for a in raw.get("aliases", ())),
         also_known_sha256=tuple(str(h).lower() for h in raw.get("also_known_sha256", ())),
+        family=_family(name, raw.get("family")),
     )
     for digest in entry.hashes:
         if not SHA256_RE.fullmatch(digest):
@@ -146,3 +166,16 @@ def _parse_entry(raw: Mapping[str, Any]) -> CatalogEntry:
             f"catalog entry {name!r}: file_name {entry.file_name!r} is not a plain name"
         )
     return entry
+
+
+def _family(name: str, value: object) -> ModelFamily | None:
+    """The ``family`` of a JSON entry, if it has one."""
+    if value is None:
+        return None
+    try:
+        return ModelFamily(str(value))
+    except ValueError as exc:
+        known = ", ".join(f.value for f in ModelFamily)
+        raise ValueError(
+            f"catalog entry {name!r}: family must be one of {known}, got {value!r}"
+        ) from exc

@@ -5,6 +5,10 @@ file whose sha256 matches the catalog is renamed (``os.replace``) to its final n
 registry never sees a partial or corrupt model. An interrupted download keeps its ``.part`` and
 the next :func:`pull` resumes it with an HTTP ``Range`` request. Concurrent pulls of the same
 file are refused (an exclusive ``flock`` on the ``.part``; POSIX only).
+
+Where a file comes from and which token goes with it is :mod:`dan.models.sources`' business: a
+Hugging Face URL may be moved to a mirror, and a source's token goes only to its own host.
+Messages show URLs without their query (a CDN's pre-signed URL is a credential of sorts).
 """
 
 from __future__ import annotations
@@ -14,18 +18,32 @@ import hashlib
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import httpx
 from tqdm import tqdm
 
-from dan.errors import ChecksumMismatch, DownloadError
+from dan.errors import ChecksumMismatch, DownloadError, DownloadUnauthorized
 from dan.models.catalog import CatalogEntry
 from dan.models.hashing import CHUNK_BYTES, HashCache, sha256_file
+from dan.models.sources import DownloadSources
 
 PART_SUFFIX = ".part"
 _TIMEOUT = httpx.Timeout(30.0, read=120.0)
+_REFUSED = frozenset({401, 403})
+
+
+@dataclass(frozen=True)
+class _Transfer:
+    """One pull's request: the entry, the URL it is fetched from, and how."""
+
+    entry: CatalogEntry
+    url: str
+    client: httpx.Client
+    sources: DownloadSources
+    bar: bool
 
 
 def target_path(entry: CatalogEntry, models_dir: Path) -> Path:
@@ -40,18 +58,22 @@ def pull(
     client: httpx.Client | None = None,
     progress: bool = True,
     hashes: HashCache | None = None,
+    sources: DownloadSources | None = None,
 ) -> Path:
     """Download ``entry`` into ``models_dir`` and return the installed file's path.
 
     Idempotent: an installed file with the right sha256 is returned without any request.
-    ``client`` (e.g. one carrying a civitai token) is used as given and not closed; redirects
-    are followed. The progress bar goes to stderr, only when it is a terminal. ``hashes``, if
+    ``client`` is used as given and not closed; redirects are followed. ``sources`` (default:
+    the hub, no tokens) moves Hugging Face URLs to a mirror and adds a source's token to its
+    own requests. The progress bar goes to stderr, only when it is a terminal. ``hashes``, if
     given, answers the check of an installed file and learns the new file's hash.
 
     Raises :class:`ChecksumMismatch` (the ``.part`` is deleted; ``data`` has ``expected`` and
-    ``actual``) and :class:`DownloadError` for HTTP errors, network failures (the ``.part`` is
-    kept, so calling again resumes), a concurrent pull of the same file, or an installed file
-    with a different sha256 (left untouched).
+    ``actual``), :class:`DownloadUnauthorized` when a source with a token setting answers 401
+    or 403 or a sign-in page (``data["setting"]`` names the setting), and
+    :class:`DownloadError` for other HTTP errors, network failures (the ``.part`` is kept, so
+    calling again resumes), a concurrent pull of the same file, or an installed file with a
+    different sha256 (left untouched).
     """
     target = target_path(entry, models_dir)
     if target.exists():
@@ -60,10 +82,13 @@ def pull(
     with contextlib.ExitStack() as stack:
         if client is None:
             client = stack.enter_context(httpx.Client(follow_redirects=True, timeout=_TIMEOUT))
+        sources = sources if sources is not None else DownloadSources()
+        bar = progress and sys.stderr.isatty()
+        transfer = _Transfer(entry, sources.url_for(entry.url), client, sources, bar)
         part = target.with_name(target.name + PART_SUFFIX)
         file = stack.enter_context(_locked_part(part))
-        digest = _fetch(entry, file, client, progress)
-        _install(entry, part, target, digest)
+        digest = _fetch(transfer, file)
+        _install(transfer, part, target, digest)
     if hashes is not None:
         hashes.record(target, digest)
     return target
@@ -99,21 +124,22 @@ def _locked_part(part: Path) -> Iterator[IO[bytes]]:
                 part.unlink(missing_ok=True)
 
 
-def _fetch(entry: CatalogEntry, file: IO[bytes], client: httpx.Client, progress: bool) -> str:
-    """Complete ``file`` from ``entry.url`` and return the sha256 of its whole content.
+def _fetch(transfer: _Transfer, file: IO[bytes]) -> str:
+    """Complete ``file`` from ``transfer.url`` and return the sha256 of its whole content.
 
     A second round happens only when the server refused to resume (a 416 for a ``.part`` that
     is not the complete file, or a 206 for the wrong range); it starts from zero.
     """
+    entry = transfer.entry
     for _ in range(2):
         offset = file.seek(0, os.SEEK_END)
         hasher = _hash_prefix(file, offset)
         try:
-            digest = _fetch_once(entry, file, client, progress, offset, hasher)
+            digest = _fetch_once(transfer, file, offset, hasher)
         except httpx.HTTPError as exc:
             file.flush()
             raise DownloadError(
-                f"downloading {entry.name} from {entry.url} failed after "
+                f"downloading {entry.name} from {_shown(transfer.url)} failed after "
                 f"{file.tell()} bytes: {exc!r}; run the pull again to resume"
             ) from exc
         except OSError as exc:
@@ -121,35 +147,54 @@ def _fetch(entry: CatalogEntry, file: IO[bytes], client: httpx.Client, progress:
         if digest is not None:
             return digest
         file.truncate(0)
-    raise DownloadError(f"{entry.url} refused to resume the download of {entry.name}")
+    raise DownloadError(f"{_shown(transfer.url)} refused to resume the download of {entry.name}")
 
 
 def _fetch_once(
-    entry: CatalogEntry,
-    file: IO[bytes],
-    client: httpx.Client,
-    progress: bool,
-    offset: int,
-    hasher: hashlib._Hash,
+    transfer: _Transfer, file: IO[bytes], offset: int, hasher: hashlib._Hash
 ) -> str | None:
     """One request; the digest of the complete file, or ``None`` to start again from zero."""
+    entry = transfer.entry
     headers = {"Range": f"bytes={offset}-"} if offset else {}
-    with client.stream("GET", entry.url, headers=headers, follow_redirects=True) as response:
+    auth = transfer.sources.auth()
+    with transfer.client.stream(
+        "GET", transfer.url, headers=headers, auth=auth, follow_redirects=True
+    ) as response:
         status = response.status_code
         if status == 416 and offset:
             # Nothing left to send: the .part may already be complete.
             return hasher.hexdigest() if hasher.hexdigest() in entry.hashes else None
         if status == 206 and offset and _range_start(response) != offset:
             return None
-        if status not in (200, 206):
-            raise DownloadError(f"downloading {entry.name}: HTTP {status} from {response.url}")
+        _check_answer(transfer, response)
         if status == 200 and offset:
             # The server ignored Range and sends the whole file: start over.
             file.truncate(0)
             offset, hasher = 0, hashlib.sha256()
-        bar = progress and sys.stderr.isatty()
-        _copy_body(response, file, hasher, offset, desc=entry.file_name, bar=bar)
+        _copy_body(response, file, hasher, offset, desc=entry.file_name, bar=transfer.bar)
     return hasher.hexdigest()
+
+
+def _check_answer(transfer: _Transfer, response: httpx.Response) -> None:
+    """Raise unless ``response`` is the file (200 or 206, and not a web page)."""
+    status = response.status_code
+    answered = status in (200, 206)
+    page = answered and response.headers.get("content-type", "").startswith("text/html")
+    if answered and not page:
+        return
+    what = f"a web page instead of {transfer.entry.file_name}" if page else f"HTTP {status}"
+    message = f"downloading {transfer.entry.name}: {what} from {_shown(response.url)}"
+    source = transfer.sources.source_of(transfer.url)
+    if source is not None and (page or status in _REFUSED):
+        # A sign-in page is how CivitAI has answered a download that needs a key.
+        message += f"; {source.refusal()}"
+        raise DownloadUnauthorized(message, setting=source.setting, status=status)
+    raise DownloadError(message)
+
+
+def _shown(url: str | httpx.URL) -> str:
+    """``url`` without its query and fragment."""
+    return str(httpx.URL(url).copy_with(query=None, fragment=None))
 
 
 def _range_start(response: httpx.Response) -> int | None:
@@ -201,12 +246,13 @@ def _copy_body(
     os.fsync(file.fileno())
 
 
-def _install(entry: CatalogEntry, part: Path, target: Path, digest: str) -> None:
+def _install(transfer: _Transfer, part: Path, target: Path, digest: str) -> None:
     """Rename the verified ``.part`` to ``target``, or delete it and raise on a mismatch."""
+    entry = transfer.entry
     if digest not in entry.hashes:
         part.unlink(missing_ok=True)
         raise ChecksumMismatch(
-            f"{entry.url} sent a file with sha256 {digest}, but {entry.name} has sha256 "
+            f"{_shown(transfer.url)} sent a file with sha256 {digest}, but {entry.name} has sha256 "
             f"{entry.sha256}; the download was deleted",
             expected=entry.sha256,
             actual=digest,

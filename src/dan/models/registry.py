@@ -8,6 +8,7 @@ Layout (created on the first scan)::
     models/upscalers/    *.safetensors, *.pth, *.pt, *.ckpt
     models/interrogators/ *.safetensors, *.pth, *.pt, *.txt (CLIP, BLIP, DeepDanbooru)
     models/annotators/   *.safetensors, *.pth (the OpenPose body model)
+    models/vaes/         *.safetensors (e.g. SDXL's fp16-fix VAE)
 
 (folder names come from :attr:`dan.domain.ModelKind.folder`)
 
@@ -51,6 +52,7 @@ EXTENSIONS: dict[ModelKind, frozenset[str]] = {
     # CLIP's archive is .pt, BLIP's and DeepDanbooru's weights .pth/.pt, BLIP's vocabulary .txt.
     ModelKind.INTERROGATOR: frozenset({".safetensors", ".pth", ".pt", ".txt"}),
     ModelKind.ANNOTATOR: frozenset({".safetensors", ".pth"}),
+    ModelKind.VAE: frozenset({".safetensors"}),
 }
 # Kinds whose pickled files need allow_ckpt, and which suffixes count as pickled for them.
 GATED_KINDS = frozenset({ModelKind.CHECKPOINT, ModelKind.LORA})

@@ -26,6 +26,7 @@ from dan.engine.base import Engine, load_engine
 from dan.errors import DanError
 from dan.models.download import pull
 from dan.models.registry import ModelRegistry
+from dan.models.sources import DownloadSources
 from dan.nodes.service import NodeDescription
 from dan.services import model_registry
 from dan.workers.capabilities import capabilities, installed_files, loaded_checkpoints
@@ -39,9 +40,15 @@ class Puller:
     """Downloads requested catalog models one at a time in a background thread, then rescans
     the models folder and calls ``on_installed`` (so the node registers again)."""
 
-    def __init__(self, registry: ModelRegistry, on_installed: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        on_installed: Callable[[], None],
+        sources: DownloadSources | None = None,
+    ) -> None:
         self._registry = registry
         self._on_installed = on_installed
+        self._sources = sources  # the mirror and tokens of the node's settings
         self._wanted: queue.Queue[str] = queue.Queue()
         self._thread = threading.Thread(target=self._pull_forever, name="puller", daemon=True)
 
@@ -64,7 +71,13 @@ class Puller:
     def pull_one(self, name: str) -> None:
         entry = self._registry.catalog.find(name)
         log.info("pulling %s as the server asked", entry.name)
-        path = pull(entry, self._registry.models_dir, progress=False, hashes=self._registry.hashes)
+        path = pull(
+            entry,
+            self._registry.models_dir,
+            progress=False,
+            hashes=self._registry.hashes,
+            sources=self._sources,
+        )
         self._registry.scan()
         self._on_installed()
         log.info("installed %s (%s)", path, entry.sha256[:10])
@@ -86,7 +99,8 @@ class Node:
         self._name, self._engine, self._client, self._stop = name, engine, client, stop
         self._registry = model_registry(settings)
         self._registry.scan()
-        self._puller = Puller(self._registry, lambda: self.queue.refresh())
+        sources = DownloadSources.from_settings(settings)
+        self._puller = Puller(self._registry, lambda: self.queue.refresh(), sources)
         self.queue = RemoteQueue(
             client,
             self.describe,
