@@ -196,11 +196,17 @@ def test_send_images_false_answers_no_images(facade: Facade) -> None:
 def test_hires_fix_makes_the_larger_image(facade: Facade) -> None:
     api = facade.api(facade.key("alice"))
     result = api.txt2img(
-        **SMALL, enable_hr=True, hr_scale=2, hr_upscaler="Latent", denoising_strength=0.5
+        **SMALL,
+        enable_hr=True,
+        hr_scale=2,
+        hr_upscaler="Latent",
+        denoising_strength=0.5,
+        hr_second_pass_steps=3,
     )
     assert result.image.size == (128, 128)
     assert result.info["denoising_strength"] == 0.5
-    assert "Hires upscale: 2, Hires upscaler: Latent" in result.info["infotexts"][0]
+    infotext = result.info["infotexts"][0]
+    assert "Hires upscale: 2, Hires upscaler: Latent, Hires steps: 3" in infotext
 
 
 # -- img2img and inpainting -------------------------------------------------------------------

@@ -112,8 +112,8 @@ def test_hires_fields() -> None:
     assert txt2img(hr_scale=3).hires is None  # hires fields mean nothing without enable_hr
     refused("hr_scale", txt2img, enable_hr=True, hr_scale=2.5)
     refused("hr_resize_x", txt2img, enable_hr=True, hr_resize_x=1024, hr_resize_y=600)
-    refused("hr_second_pass_steps", txt2img, enable_hr=True, steps=20, hr_second_pass_steps=10)
-    assert txt2img(enable_hr=True, steps=20, hr_second_pass_steps=20).hires is not None
+    assert txt2img(enable_hr=True, steps=20, hr_second_pass_steps=10).hires.steps == 10
+    assert txt2img(enable_hr=True, steps=20).hires.steps == 0  # as many as the first pass
     refused("hr_checkpoint_name", txt2img, enable_hr=True, hr_checkpoint_name="other")
     same = {"hr_sampler_name": "Use same sampler", "hr_checkpoint_name": "Use same checkpoint"}
     assert txt2img(enable_hr=True, **same).hires is not None
