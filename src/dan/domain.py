@@ -198,7 +198,8 @@ class HiresFix:
         return self.steps or first_pass_steps
 
 
-CONTROLNET_PREPROCESSORS: tuple[str, ...] = ("canny", "openpose")
+# "none": the control image is used as it is (already an edge map or a drawn pose).
+CONTROLNET_PREPROCESSORS: tuple[str, ...] = ("canny", "openpose", "none")
 CONTROLNET_MODELS: tuple[str, ...] = ("sd15_canny", "sd15_openpose")
 
 

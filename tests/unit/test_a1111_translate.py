@@ -188,6 +188,9 @@ def test_controlnet_units_as_the_extension_and_webuiapi_send_them() -> None:
     )
     with_dict = unit(image={"image": "img", "mask": None}, module="canny", threshold_a=20)
     assert txt2img(**with_dict).generation.control_net.low_threshold == 20
+    ready = unit(image="edges", module="none", model="control_v11p_sd15_canny [d14c016b]")
+    control = txt2img(**ready).generation.control_net
+    assert (control.preprocess, control.model) == ("none", "sd15_canny")
 
 
 def test_disabled_and_empty_units_are_none_and_two_enabled_are_refused() -> None:
@@ -203,6 +206,7 @@ def test_disabled_and_empty_units_are_none_and_two_enabled_are_refused() -> None
         ("alwayson_scripts.ControlNet.args.0.module", {"image": "i", "module": "depth"}),
         ("alwayson_scripts.ControlNet.args.0.model", {"image": "i", "model": "control_depth"}),
         ("alwayson_scripts.ControlNet.args.0.image", {"module": "canny"}),
+        ("alwayson_scripts.ControlNet.args.0.model", {"image": "i", "module": "none"}),
         ("alwayson_scripts.ControlNet.args.0.weight", {"image": "i", "weight": 3}),
         ("alwayson_scripts.ControlNet.args.0.control_mode", {"image": "i", "control_mode": 1}),
         ("alwayson_scripts.ControlNet.args.0.threshold_a", {"image": "i", "threshold_a": 300}),
