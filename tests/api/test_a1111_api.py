@@ -216,7 +216,7 @@ def test_img2img_starts_from_the_init_image(facade: Facade) -> None:
     key = facade.key("alice")
     result = facade.api(key).img2img(images=[picture()], **SMALL, denoising_strength=0.6)
     assert result.image.size == (64, 64)
-    assert "init_images" not in result.parameters  # as A1111: not echoed unless asked
+    assert result.parameters["init_images"] is None  # as A1111: not echoed unless asked
     [task] = facade.tasks_of(key)
     assert task.params["denoising_strength"] == 0.6 and task.params["inpaint"] is None
 
@@ -319,9 +319,9 @@ def test_controlnet_extension_endpoints(facade: Facade) -> None:
     ]
     assert all(len(t.split(" [")[1].rstrip("]")) == 8 for t in titles)
     assert {"canny", "openpose"} <= set(api.controlnet_module_list())
-    detected = api.controlnet_detect([picture((48, 32))], module="canny")
-    [image] = detected.images
-    assert image.size == (48, 32) and detected.info == "Success"
+    detected = api.controlnet_detect([picture((48, 32)), picture((16, 24))], module="canny")
+    assert [image.size for image in detected.images] == [(48, 32), (16, 24)]
+    assert detected.info == "Success"
 
 
 # -- upscale, interrogate, png-info -----------------------------------------------------------

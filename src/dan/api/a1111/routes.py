@@ -67,14 +67,24 @@ def identify(request: Request) -> Caller:
 
 
 async def run(ctx: ApiContext, account: Account, queue: Queue) -> TaskRecord:
-    """Submit (refusals name A1111's fields) and wait for the task to succeed."""
+    """Submit and wait for the task to succeed."""
+    return await finish(ctx, await submit(ctx, account, queue))
+
+
+async def submit(ctx: ApiContext, account: Account, queue: Queue) -> TaskRecord:
+    """Queue the task; refusals name A1111's fields."""
     try:
-        record = await asyncio.to_thread(queue, ctx.services.tasks, account.id)
+        return await asyncio.to_thread(queue, ctx.services.tasks, account.id)
     except DanError as exc:
         renamed = a1111_field_names(exc)
         if renamed is exc:
             raise
         raise renamed from exc
+
+
+async def finish(ctx: ApiContext, record: TaskRecord) -> TaskRecord:
+    """The task once it succeeded (A1111 clients wait as long as it takes, up to
+    ``a1111_timeout_s``)."""
     return await wait_for_record(ctx, record, ctx.services.settings.a1111_timeout_s)
 
 
@@ -100,9 +110,9 @@ async def img2img(body: Img2ImgRequest, request: Request) -> dict[str, Any]:
     order = img2img_order(body, who.checkpoint)
     record = await run(ctx, who.account, lambda tasks, a: tasks.submit_img2img(a, order))
     pngs = await generated(ctx, record)
-    # As A1111: the input images are not sent back unless asked for.
-    exclude = set() if body.include_init_images else {"init_images", "mask"}
-    parameters = body.model_dump(exclude=exclude)
+    parameters = body.model_dump()
+    if not body.include_init_images:  # as A1111: the input images are not sent back
+        parameters.update(init_images=None, mask=None)
     return answers.generation_answer(record, pngs, parameters, body.send_images)
 
 
@@ -134,10 +144,9 @@ async def pnginfo(body: PngInfoRequest, request: Request) -> dict[str, Any]:
 @controlnet_router.post("/detect", summary="ControlNet extension: the preprocessor's output")
 async def detect(body: DetectRequest, request: Request) -> dict[str, Any]:
     ctx, who = context(request), await asyncio.to_thread(identify, request)
-    images: list[str] = []
-    for order in detect_orders(body):
-        record = await run(ctx, who.account, detect_queue(order))
-        images.extend(answers.b64(png) for png in await generated(ctx, record))
+    queued = [await submit(ctx, who.account, detect_queue(o)) for o in detect_orders(body)]
+    done = await asyncio.gather(*(finish(ctx, record) for record in queued))
+    images = [answers.b64(png) for record in done for png in await generated(ctx, record)]
     return {"images": images, "info": "Success"}
 
 
