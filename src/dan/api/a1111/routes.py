@@ -10,6 +10,7 @@ no timeout of their own), and answer in A1111's shape (dan.api.a1111.answers).
 from __future__ import annotations
 
 import asyncio
+import html
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -118,20 +119,21 @@ async def img2img(body: Img2ImgRequest, request: Request) -> dict[str, Any]:
 
 @router.post("/extra-single-image", summary="A1111 extras: DAN's upscale of one image")
 async def extra_single_image(body: ExtrasSingleImageRequest, request: Request) -> dict[str, Any]:
-    ctx, who = context(request), await asyncio.to_thread(identify, request)
+    ctx, account = context(request), await asyncio.to_thread(caller, request)
     order = upscale_order(body)
-    record = await run(ctx, who.account, lambda tasks, a: tasks.submit_upscale(a, order))
+    record = await run(ctx, account, lambda tasks, a: tasks.submit_upscale(a, order))
     [png] = await generated(ctx, record)
     second = f", {order.upscaler2} ({order.upscaler2_factor:g})" if order.upscaler2_factor else ""
-    info = f"<p>Upscale: {order.rate:g}, upscaler: {order.upscaler}{second}</p>"
-    return {"html_info": info, "image": answers.b64(png) if body.show_extras_results else None}
+    info = html.escape(f"Upscale: {order.rate:g}, upscaler: {order.upscaler}{second}")
+    image = answers.b64(png) if body.show_extras_results else None
+    return {"html_info": f"<p>{info}</p>", "image": image}
 
 
 @router.post("/interrogate", summary="A1111 interrogate: a caption (clip) or tags (deepdanbooru)")
 async def interrogate(body: InterrogateRequest, request: Request) -> dict[str, Any]:
-    ctx, who = context(request), await asyncio.to_thread(identify, request)
+    ctx, account = context(request), await asyncio.to_thread(caller, request)
     order = interrogate_order(body)
-    record = await run(ctx, who.account, lambda tasks, a: tasks.submit_interrogate(a, order))
+    record = await run(ctx, account, lambda tasks, a: tasks.submit_interrogate(a, order))
     return {"caption": record.result.caption}
 
 
@@ -143,8 +145,8 @@ async def pnginfo(body: PngInfoRequest, request: Request) -> dict[str, Any]:
 
 @controlnet_router.post("/detect", summary="ControlNet extension: the preprocessor's output")
 async def detect(body: DetectRequest, request: Request) -> dict[str, Any]:
-    ctx, who = context(request), await asyncio.to_thread(identify, request)
-    queued = [await submit(ctx, who.account, detect_queue(o)) for o in detect_orders(body)]
+    ctx, account = context(request), await asyncio.to_thread(caller, request)
+    queued = [await submit(ctx, account, detect_queue(o)) for o in detect_orders(body)]
     done = await asyncio.gather(*(finish(ctx, record) for record in queued))
     images = [answers.b64(png) for record in done for png in await generated(ctx, record)]
     return {"images": images, "info": "Success"}
