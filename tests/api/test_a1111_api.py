@@ -390,6 +390,14 @@ def test_each_key_has_its_own_checkpoint(facade: Facade) -> None:
     once = first.txt2img(**SMALL, override_settings={"sd_model_checkpoint": "beta"})
     assert once.info["sd_model_hash"] == beta.sha256[:10]
     assert first.txt2img(**SMALL).info["sd_model_hash"] == alpha.sha256[:10]
+    # ... unless the client asks to keep it (as A1111 keeps it loaded), for this key only.
+    first.txt2img(
+        **SMALL,
+        override_settings={"sd_model_checkpoint": "beta"},
+        override_settings_restore_afterwards=False,
+    )
+    assert first.get_options()["sd_checkpoint_hash"] == beta.sha256
+    assert first.txt2img(**SMALL).info["sd_model_hash"] == beta.sha256[:10]
 
 
 def test_an_unknown_checkpoint_is_refused_in_a1111_shape(facade: Facade) -> None:

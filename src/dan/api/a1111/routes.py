@@ -25,6 +25,7 @@ from dan.api.a1111.pnginfo import png_info
 from dan.api.a1111.schemas import (
     DetectRequest,
     ExtrasSingleImageRequest,
+    GenerationRequest,
     Img2ImgRequest,
     InterrogateRequest,
     PngInfoRequest,
@@ -33,6 +34,7 @@ from dan.api.a1111.schemas import (
 from dan.api.a1111.translate import (
     a1111_field_names,
     check_override_settings,
+    checkpoint_named,
     checkpoint_reference,
     img2img_order,
     interrogate_order,
@@ -89,6 +91,18 @@ async def finish(ctx: ApiContext, record: TaskRecord) -> TaskRecord:
     return await wait_for_record(ctx, record, ctx.services.settings.a1111_timeout_s)
 
 
+async def keep_override(
+    ctx: ApiContext, who: Caller, body: GenerationRequest, record: TaskRecord
+) -> None:
+    """With ``override_settings_restore_afterwards`` false, the checkpoint the request named
+    becomes the caller's for later requests (A1111 keeps it loaded for everyone)."""
+    if body.override_settings_restore_afterwards or not checkpoint_named(body):
+        return
+    generation = record.params.get("generation", record.params)
+    sha256 = generation["model"]["sha256"]
+    await asyncio.to_thread(ctx.services.client_options.choose_checkpoint, who.owner, sha256)
+
+
 async def generated(ctx: ApiContext, record: TaskRecord) -> list[bytes]:
     return await asyncio.to_thread(ctx.services.tasks.images, record)
 
@@ -100,7 +114,9 @@ async def generated(ctx: ApiContext, record: TaskRecord) -> list[bytes]:
 async def txt2img(body: Txt2ImgRequest, request: Request) -> dict[str, Any]:
     ctx, who = context(request), await asyncio.to_thread(identify, request)
     order = txt2img_order(body, who.checkpoint)
-    record = await run(ctx, who.account, lambda tasks, a: tasks.submit_txt2img(a, order))
+    record = await submit(ctx, who.account, lambda tasks, a: tasks.submit_txt2img(a, order))
+    await keep_override(ctx, who, body, record)
+    record = await finish(ctx, record)
     pngs = await generated(ctx, record)
     return answers.generation_answer(record, pngs, body.model_dump(), body.send_images)
 
@@ -109,7 +125,9 @@ async def txt2img(body: Txt2ImgRequest, request: Request) -> dict[str, Any]:
 async def img2img(body: Img2ImgRequest, request: Request) -> dict[str, Any]:
     ctx, who = context(request), await asyncio.to_thread(identify, request)
     order = img2img_order(body, who.checkpoint)
-    record = await run(ctx, who.account, lambda tasks, a: tasks.submit_img2img(a, order))
+    record = await submit(ctx, who.account, lambda tasks, a: tasks.submit_img2img(a, order))
+    await keep_override(ctx, who, body, record)
+    record = await finish(ctx, record)
     pngs = await generated(ctx, record)
     parameters = body.model_dump()
     if not body.include_init_images:  # as A1111: the input images are not sent back

@@ -103,6 +103,11 @@ def check_override_settings(settings: dict[str, Any]) -> None:
         )
 
 
+def checkpoint_named(body: GenerationRequest) -> bool:
+    """Whether the request names its checkpoint (``override_settings``)."""
+    return bool(body.override_settings.get("sd_model_checkpoint"))
+
+
 def checkpoint_of(body: GenerationRequest, chosen: str | None) -> str | None:
     """The checkpoint a request names (``override_settings.sd_model_checkpoint``), else the
     caller's choice from ``POST /options`` (``chosen``, a sha256), else None (the default)."""
