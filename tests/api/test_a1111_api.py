@@ -32,6 +32,7 @@ from tests.fixtures.server import free_port
 from tests.store.conftest import POSTGRES_URL
 
 SMALL: dict[str, Any] = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64}
+MAX_BODY_BYTES = 1024 * 1024
 STEP_S = 0.01
 SLOW_STEPS = 150  # 1.5 s at STEP_S: long enough to watch it run and to interrupt it
 MODEL_FILES = (
@@ -120,7 +121,9 @@ def database(request: pytest.FixtureRequest) -> Iterator[str | None]:
 @pytest.fixture
 def facade(tmp_path: Path, database: str | None) -> Iterator[Facade]:
     install_models(tmp_path / "models")
-    settings = make_settings(tmp_path, auth="required", database_url=database)
+    settings = make_settings(
+        tmp_path, auth="required", database_url=database, max_body_bytes=MAX_BODY_BYTES
+    )
     services = build_services(settings)
     port = free_port()
     try:
@@ -496,3 +499,6 @@ def test_errors_take_a1111s_shape_and_name_the_field(facade: Facade) -> None:
     assert scheduler.status_code == 400 and "Karras" in scheduler.json()["detail"]
     unknown = facade.http.get("/sdapi/v1/no-such-endpoint", auth=basic(key))
     assert unknown.status_code == 404 and "error" in unknown.json()
+    huge = {**SMALL, "prompt": "x" * MAX_BODY_BYTES}
+    too_large = facade.http.post("/sdapi/v1/txt2img", json=huge, auth=basic(key))
+    assert too_large.status_code == 413 and "larger than" in too_large.json()["detail"]
