@@ -12,6 +12,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from dan.accounts import AccountService, SignInService, SqlAccountStore, SqlIdentityStore
+from dan.accounts.options import ClientOptions, SqlClientOptionsStore
 from dan.config import Settings
 from dan.db import create_db_engine, migrate
 from dan.domain import ModelKind
@@ -41,6 +42,7 @@ class Services:
     checks: ResultChecks  # re-runs of nodes' results, compared
     sign_in: SignInService  # accounts people make by signing in, and their keys
     webhooks: WebhookService  # callback URLs, the accounts' secrets, the tries (dan.webhooks)
+    client_options: ClientOptions  # what A1111 clients set per key (POST /sdapi/v1/options)
     session_secret: str | None = None  # signs sign-in sessions (None: no provider configured)
 
     def close(self) -> None:
@@ -147,6 +149,7 @@ def build_services(settings: Settings) -> Services:
         checks,
         sign_in,
         webhooks,
+        ClientOptions(SqlClientOptionsStore(db)),
         session_secret(settings),
     )
 

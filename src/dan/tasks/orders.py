@@ -94,6 +94,7 @@ class HiresOrder:
     scale: float
     denoising_strength: float
     upscaler: str
+    steps: int = 0  # of the second pass; 0: as many as the first
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class InpaintOrder:
     mask_blur: int
     mask_mode: int
     inpaint_area: int
+    padding: int = 32  # pixels around the mask's box, for inpaint_area ONLY_MASKED
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ class RequestBuilder:
         if order.hires is not None:
             hires = order.hires
             upscaler = self._upscaler(hires.upscaler, "upscale.upscaler", latent=True)
-            hires_fix = HiresFix(hires.scale, hires.denoising_strength, upscaler)
+            hires_fix = HiresFix(hires.scale, hires.denoising_strength, upscaler, hires.steps)
             request = replace(request, hires=hires_fix)
         return Prepared(request.to_params(), inputs, generation_needs(request))
 
@@ -409,6 +411,7 @@ def _inpaint(order: InpaintOrder, mask_key: str) -> InpaintSpec:
         mask_blur=order.mask_blur,
         mask_mode=MaskMode(order.mask_mode),
         inpaint_area=InpaintArea(order.inpaint_area),
+        padding=order.padding,
     )
 
 
