@@ -77,14 +77,14 @@ def test_txt2img_names_models_as_the_instance_does_and_keeps_the_checkpoint_load
     assert payloads.txt2img_size(generation()) == (96, 64)
 
 
-def test_hires_fix_asks_for_the_size_dan_promises() -> None:
+def test_hires_fix_by_its_scale_and_upscaler() -> None:
     hires = HiresFix(1.7, 0.45, UpscalerChoice("R-ESRGAN 4x+", ESRGAN))
     request = generation(hires=hires)
     body = payloads.txt2img(request, names)
-    # 96 x 1.7 = 163.2 and 64 x 1.7 = 108.8: DAN rounds to multiples of 8, A1111 would truncate.
-    assert (body["hr_resize_x"], body["hr_resize_y"]) == (160, 112)
+    # 96 x 1.7 = 163.2 and 64 x 1.7 = 108.8: DAN rounds to multiples of 8.
     assert payloads.txt2img_size(request) == (160, 112)
     assert body["enable_hr"] is True and body["hr_scale"] == 1.7
+    assert body["hr_second_pass_steps"] == 0 and "hr_resize_x" not in body
     assert body["hr_upscaler"] == "R-ESRGAN 4x+" and body["denoising_strength"] == 0.45
     latent = payloads.txt2img(generation(hires=HiresFix(2, 0.5, UpscalerChoice("Latent"))), names)
     assert latent["hr_upscaler"] == "Latent"
@@ -137,7 +137,7 @@ def test_inpainting_sends_the_mask_thresholded_by_dans_rule() -> None:
     assert decoded(body["init_images"][0]).size == (80, 48)
     assert (body["resize_mode"], body["denoising_strength"], body["mask_blur"]) == (1, 0.6, 4)
     assert (body["inpainting_mask_invert"], body["inpaint_full_res"]) == (1, False)
-    assert (body["width"], body["height"]) == (96, 64)
+    assert (body["width"], body["height"], body["inpainting_fill"]) == (96, 64, 1)
     assert payloads.img2img_size(request, init) == (96, 64)
 
 
@@ -147,19 +147,19 @@ def test_only_masked_inpainting_answers_at_the_pictures_size() -> None:
     inpaint = InpaintSpec("t/mask.png", 0, MaskMode.REGENERATE_MASKED, InpaintArea.ONLY_MASKED, 16)
     request = Img2ImgRequest(generation(), "t/init.png", ResizeMode.JUST_RESIZE, 0.5, inpaint)
     body = payloads.img2img(request, init, mask, names)
-    assert (body["width"], body["height"]) == (80, 48) == payloads.img2img_size(request, init)
+    assert (body["width"], body["height"]) == (96, 64)
+    assert payloads.img2img_size(request, init) == (80, 48)
     assert (body["inpaint_full_res"], body["inpaint_full_res_padding"]) == (True, 16)
 
 
-def test_upscale_asks_for_the_exact_size() -> None:
+def test_upscale_by_a_factor() -> None:
     image = Image.new("RGB", (33, 21), "red")
     request = UpscaleRequest(
         "t/in.png", 2.5, UpscalerChoice("R-ESRGAN 4x+", ESRGAN), UpscalerChoice("Lanczos"), 0.3
     )
     body = payloads.upscale(request, image, names)
-    assert (body["upscaling_resize_w"], body["upscaling_resize_h"]) == (83, 53)  # half up
-    assert payloads.upscale_size(request, image) == (83, 53)
-    assert (body["resize_mode"], body["upscaling_crop"]) == (1, True)
+    assert (body["resize_mode"], body["upscaling_resize"]) == (0, 2.5)
+    assert payloads.upscale_size(request, image) == (83, 53)  # half up
     assert (body["upscaler_1"], body["upscaler_2"]) == ("R-ESRGAN 4x+", "Lanczos")
     assert body["extras_upscaler_2_visibility"] == 0.3
     alone = payloads.upscale(UpscaleRequest("t/in.png", 2, UpscalerChoice("Nearest")), image, names)

@@ -19,6 +19,7 @@ instance produces no result). The instance being down raises A1111Unreachable (s
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
@@ -49,6 +50,7 @@ POLL_S = 0.5
 INTERRUPT_WAIT_S = 30.0
 PROGRESS_STEPS = 1000  # the fraction done is reported as steps of this many
 MAX_IMAGE_PIXELS = 8192 * 8192  # the largest answer image decoded (DAN's largest upscale)
+ROUNDING_PX = 8  # how far A1111's rounding of an enlarged side may be from DAN's
 
 
 class A1111Engine:
@@ -99,7 +101,8 @@ class A1111Engine:
         body = payloads.txt2img(request, self._inventory.call_name, control_image)
         answer = self._run("/sdapi/v1/txt2img", body, progress, preview)
         size = payloads.txt2img_size(request)
-        images = _images(answer, request.images, size, extra_ok=control_image is not None)
+        fit = partial(_fit if request.hires else _exactly, size=size)
+        images = _images(answer, request.images, fit, extra_ok=control_image is not None)
         self._loaded = request.model.sha256
         return images
 
@@ -118,8 +121,12 @@ class A1111Engine:
         body = payloads.img2img(request, init_image, mask, names, control_image)
         answer = self._run("/sdapi/v1/img2img", body, progress, preview)
         size = payloads.img2img_size(request, init_image)
+        fit = partial(_exactly, size=size)
+        if payloads.only_masked(request):
+            asked = (request.generation.width, request.generation.height)
+            fit = partial(_resized_back, size=size, asked=asked)
         count = request.generation.images
-        images = _images(answer, count, size, extra_ok=control_image is not None)
+        images = _images(answer, count, fit, extra_ok=control_image is not None)
         self._loaded = request.generation.model.sha256
         return images
 
@@ -129,8 +136,7 @@ class A1111Engine:
         body = payloads.upscale(request, image, self._inventory.call_name)
         answer = self._run("/sdapi/v1/extra-single-image", body, progress, None)
         result = _decode(_field(answer, "image", str), "upscaled image")
-        _check_size(result, payloads.upscale_size(request, image), "upscaled image")
-        return result
+        return _fit(result, payloads.upscale_size(request, image), "upscaled image")
 
     def detect(
         self, request: DetectRequest, image: Image, files: ModelFiles, progress: ProgressCallback
@@ -240,9 +246,12 @@ class _Relay:
         self._progress(round(self._done * PROGRESS_STEPS), PROGRESS_STEPS)
 
 
-def _images(answer: Any, count: int, size: tuple[int, int], *, extra_ok: bool) -> list[Image]:
-    """The first ``count`` images of a generation answer, each checked to be ``size``. More
-    are allowed only with ControlNet (older extensions append their detected maps)."""
+def _images(
+    answer: Any, count: int, fit: Callable[[Image], Image], *, extra_ok: bool
+) -> list[Image]:
+    """The first ``count`` images of a generation answer, each passed through ``fit`` (which
+    checks its size). More are allowed only with ControlNet (older extensions append their
+    detected maps)."""
     found = _field(answer, "images", list)
     if len(found) < count or (len(found) > count and not extra_ok):
         raise EngineError(
@@ -252,9 +261,7 @@ def _images(answer: Any, count: int, size: tuple[int, int], *, extra_ok: bool) -
     for data in found[:count]:
         if not isinstance(data, str):
             raise EngineError("the instance answered an image that is not base64 text")
-        image = _decode(data, "image")
-        _check_size(image, size, "image")
-        images.append(image)
+        images.append(fit(_decode(data, "image")))
     return images
 
 
@@ -272,9 +279,29 @@ def _decode(data: str, what: str) -> Image:
         raise EngineError(exc.message) from exc
 
 
-def _check_size(image: Image, size: tuple[int, int], what: str) -> None:
-    if image.size != size:
-        raise EngineError(
-            f"the instance's {what} is {image.width}x{image.height}; the task asks for "
-            f"{size[0]}x{size[1]}"
-        )
+def _fit(image: Image, size: tuple[int, int], what: str = "image") -> Image:
+    """``image`` at ``size``: A1111 rounds an enlarged side down (hires fix truncates, its
+    upscalers go to a multiple of 8) where DAN rounds it to the nearest, so a side that is
+    off by less than ROUNDING_PX is resized to DAN's; any other size is an EngineError."""
+    if image.size != size and all(
+        abs(got - want) < ROUNDING_PX for got, want in zip(image.size, size, strict=True)
+    ):
+        return image.resize(size, Resampling.LANCZOS)
+    return _exactly(image, size, what)
+
+
+def _resized_back(image: Image, size: tuple[int, int], asked: tuple[int, int]) -> Image:
+    """Only-masked inpainting: DAN answers at the picture's ``size``; A1111 at the size
+    ``asked`` (it fitted the picture to it first), which is resized back."""
+    if image.size == asked != size:
+        return image.resize(size, Resampling.LANCZOS)
+    return _exactly(image, size)
+
+
+def _exactly(image: Image, size: tuple[int, int], what: str = "image") -> Image:
+    if image.size == size:
+        return image
+    raise EngineError(
+        f"the instance's {what} is {image.width}x{image.height}; the task asks for "
+        f"{size[0]}x{size[1]}"
+    )

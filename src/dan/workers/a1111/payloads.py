@@ -56,13 +56,9 @@ def txt2img(
     """The ``POST /sdapi/v1/txt2img`` body of ``request``."""
     body = _generation(request, names)
     if request.hires is not None:
-        width, height = hires_size(request.width, request.height, request.hires.scale)
         body |= {
             "enable_hr": True,
             "hr_scale": request.hires.scale,
-            # The exact size DAN promises (A1111 would truncate width x scale instead).
-            "hr_resize_x": width,
-            "hr_resize_y": height,
             "hr_upscaler": _upscaler(request.hires.upscaler, names),
             "denoising_strength": request.hires.denoising_strength,
             "hr_second_pass_steps": 0,  # as many as the first pass
@@ -71,7 +67,8 @@ def txt2img(
 
 
 def txt2img_size(request: GenerationRequest) -> tuple[int, int]:
-    """The size of every image a txt2img answer must hold."""
+    """The size of every image a txt2img answer must hold (with hires fix, DAN rounds each
+    side to a multiple of 8; A1111 truncates instead, which the engine evens out)."""
     if request.hires is not None:
         return hires_size(request.width, request.height, request.hires.scale)
     return request.width, request.height
@@ -85,13 +82,10 @@ def img2img(
     control_image: Image | None = None,
 ) -> dict[str, Any]:
     """The ``POST /sdapi/v1/img2img`` body of ``request``."""
-    width, height = img2img_size(request, init)
     body = _generation(request.generation, names) | {
         "init_images": [b64_png(init)],
         "resize_mode": int(request.resize_mode),
         "denoising_strength": request.denoising_strength,
-        "width": width,
-        "height": height,
     }
     if request.inpaint is not None and mask is not None:
         body |= {
@@ -107,27 +101,25 @@ def img2img(
 
 
 def img2img_size(request: Img2ImgRequest, init: Image) -> tuple[int, int]:
-    """The size of every image an img2img answer must hold: the requested size, or, when only
-    the masked part is redrawn, the picture's own (DAN pastes the crop back into the picture;
-    A1111 makes its result the request's size, so it is asked for the picture's size)."""
-    only_masked = request.inpaint and request.inpaint.inpaint_area == InpaintArea.ONLY_MASKED
-    if only_masked:
+    """The size of every image of the task's result: the requested size, or, when only the
+    masked part is redrawn, the picture's own (DAN pastes the redrawn crop back into the
+    picture; A1111 first fits the picture to the requested size, which the engine undoes)."""
+    if only_masked(request):
         return init.size
     return request.generation.width, request.generation.height
 
 
+def only_masked(request: Img2ImgRequest) -> bool:
+    return bool(request.inpaint and request.inpaint.inpaint_area == InpaintArea.ONLY_MASKED)
+
+
 def upscale(request: UpscaleRequest, image: Image, names: Names) -> dict[str, Any]:
-    """The ``POST /sdapi/v1/extra-single-image`` body of ``request``: to the exact size DAN
-    promises (``resize_mode`` 1), which the factor alone would leave to rounding."""
-    width, height = upscale_size(request, image)
+    """The ``POST /sdapi/v1/extra-single-image`` body of ``request`` (by a factor)."""
     second = request.upscaler2
     return {
         "image": b64_png(image),
-        "resize_mode": 1,
+        "resize_mode": 0,
         "upscaling_resize": request.rate,
-        "upscaling_resize_w": width,
-        "upscaling_resize_h": height,
-        "upscaling_crop": True,
         "upscaler_1": _upscaler(request.upscaler, names),
         "upscaler_2": _upscaler(second, names) if second is not None else "None",
         "extras_upscaler_2_visibility": request.upscaler2_factor if second is not None else 0,
@@ -135,6 +127,8 @@ def upscale(request: UpscaleRequest, image: Image, names: Names) -> dict[str, An
 
 
 def upscale_size(request: UpscaleRequest, image: Image) -> tuple[int, int]:
+    """The size of the upscaled image (A1111's upscalers round down to a multiple of 8 instead,
+    which the engine evens out)."""
     return scaled_size(image.size, request.rate)
 
 
