@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 
 from dan.domain import ModelKind
+from dan.models.catalog import Catalog, CatalogEntry
 from dan.models.hashing import HashCache
 from dan.workers.a1111.inventory import (
     Identifier,
+    catalog_files,
     checkpoints,
     controlnets,
     loras,
@@ -141,3 +143,32 @@ def test_controlnet_models_are_found_next_to_the_checkpoints(
         "control_sd15_canny [fef5e48e]": canny,
         "control_sd15_openpose [cab727d4]": pose,
     }
+
+
+def test_catalog_interrogator_files_in_the_instances_folders(
+    tmp_path: Path, ident: Identifier
+) -> None:
+    models = tmp_path / "webui" / "models"
+    tagger = write(models / "torch_deepdanbooru" / "model-resnet_custom_v3.pt")
+    write(models / "BLIP" / "model_base_caption_capfilt_large.pth")  # not the catalog's bytes
+    pose = write(
+        tmp_path / "webui/extensions/sd-webui-controlnet/annotator/downloads/openpose/"
+        "body_pose_model.pth"
+    )
+
+    def entry(kind: ModelKind, name: str, sha256: str, suffix: str) -> CatalogEntry:
+        return CatalogEntry(kind, name, sha256, "https://example.invalid/x", name + suffix)
+
+    catalog = Catalog(
+        [
+            entry(ModelKind.CHECKPOINT, "base", "0" * 64, ".safetensors"),
+            entry(ModelKind.INTERROGATOR, "model-resnet_custom_v3", tagger, ".pt"),
+            entry(ModelKind.INTERROGATOR, "model_base_caption_capfilt_large", "1" * 64, ".pth"),
+            entry(ModelKind.ANNOTATOR, "body_pose_model", pose, ".pth"),
+        ],
+        "base",
+    )
+    found = {f.model.name: f.model for f in catalog_files(catalog, [models], ident)}
+    assert set(found) == {"model-resnet_custom_v3", "body_pose_model"}
+    assert found["model-resnet_custom_v3"].kind == ModelKind.INTERROGATOR
+    assert found["body_pose_model"].sha256 == pose

@@ -14,7 +14,10 @@ reported:
   ``Lanczos`` and ``Nearest`` need no file, and the latent modes are part of every instance;
 - ControlNet models (``GET /controlnet/model_list``, names with the extension's own short
   hash, which is not a sha256) by finding and hashing their file under the instance's
-  ``models/ControlNet`` folder (next to its checkpoints' folder), or the extension's own.
+  ``models/ControlNet`` folder (next to its checkpoints' folder), or the extension's own;
+- DAN's catalog interrogator and annotator weights (DeepDanbooru's, BLIP's, the OpenPose body
+  model), found by their file names in the instance's folders, when their sha256 is the
+  catalog's: DAN sends interrogate tasks only to nodes that have these files.
 
 Each model keeps two names: ``name`` (the file's stem, as DAN names models) and the name the
 instance wants in a request (:meth:`A1111Inventory.call_name`: a checkpoint's title, a LoRA's
@@ -36,6 +39,7 @@ from typing import Any
 
 from dan.domain import InstalledModel, ModelKind
 from dan.errors import EngineError, ModelNotFound
+from dan.models.catalog import Catalog, load_catalog
 from dan.models.hashing import HashCache
 from dan.models.registry import EXTENSIONS
 from dan.workers.a1111.client import A1111Client
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 RESCAN_INTERVAL_S = 10.0
+ANNOTATOR_DOWNLOADS = "extensions/sd-webui-controlnet/annotator/downloads"
 
 
 @dataclass(frozen=True)
@@ -65,10 +70,12 @@ class A1111Inventory:
         client: A1111Client,
         hashes: HashCache,
         *,
+        catalog: Catalog | None = None,
         rescan_interval_s: float = RESCAN_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client, self._hashes = client, hashes
+        self._catalog = catalog if catalog is not None else load_catalog()
         self._rescan_interval_s, self._clock = rescan_interval_s, clock
         self._lock = threading.Lock()
         self._found: dict[tuple[ModelKind, str], Found] = {}
@@ -142,14 +149,23 @@ class A1111Inventory:
     def _read(self) -> tuple[builtins.list[Found], bool]:
         """Every identified model of the instance, and whether it has ControlNet."""
         ident = Identifier(self._hashes)
+        try:
+            listed = _items(self._client.get("/sdapi/v1/sd-models"), "sd-models")
+        except EngineError as exc:  # not A1111Unreachable
+            raise EngineError(
+                f"{exc.message}; is {self._client.url} an AUTOMATIC1111 or Forge instance "
+                "started with --api?"
+            ) from exc
         found = [
-            *checkpoints(_items(self._client.get("/sdapi/v1/sd-models"), "sd-models"), ident),
+            *checkpoints(listed, ident),
             *loras(self._listing("/sdapi/v1/loras"), ident),
             *upscalers(self._listing("/sdapi/v1/upscalers"), ident),
         ]
+        roots = models_roots(found)
         names = self._controlnet_list()
         if names is not None:
-            found += controlnets(names, models_roots(found), ident)
+            found += controlnets(names, roots, ident)
+        found += catalog_files(self._catalog, roots, ident)
         return found, names is not None
 
     def _listing(self, path: str) -> builtins.list[dict[str, Any]]:
@@ -264,6 +280,30 @@ def controlnets(
         found = ident.identify(ModelKind.CONTROLNET, entry, str(path), None)
         if found is not None:
             yield found
+
+
+def catalog_files(
+    catalog: Catalog, roots: builtins.list[Path], ident: Identifier
+) -> Iterator[Found]:
+    """The interrogator and annotator weights of DAN's catalog found by file name in the
+    instance's folders (``models/BLIP``, ``models/torch_deepdanbooru``, the ControlNet
+    extension's downloads) with the catalog's sha256: the files that let interrogate tasks,
+    and openpose ones that ask for the body model, reach this node."""
+    folders = [*roots, *(root.parent / ANNOTATOR_DOWNLOADS for root in roots)]
+    folders = [folder for folder in folders if folder.is_dir()]
+    for entry in (*catalog.of_kind(ModelKind.INTERROGATOR), *catalog.of_kind(ModelKind.ANNOTATOR)):
+        path = _find_named(entry.file_name, folders)
+        found = path and ident.identify(entry.kind, entry.name, str(path), None, quiet=True)
+        if found and found.model.sha256 in entry.hashes:
+            yield found
+
+
+def _find_named(name: str, folders: builtins.list[Path]) -> Path | None:
+    for folder in folders:
+        for path in sorted(folder.rglob(glob.escape(name))):
+            if path.is_file():
+                return path
+    return None
 
 
 def _items(answer: Any, path: str) -> list[dict[str, Any]]:
