@@ -226,6 +226,14 @@ class Settings(BaseSettings):
         1024**3, ge=0, description="memory budget for LoRA files kept read"
     )
 
+    # AUTOMATIC1111 facade (/sdapi/v1): its clients set no timeout and wait for the image
+    a1111_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="how long a synchronous /sdapi/v1 request (txt2img, img2img, extras, "
+        "interrogate) waits for its task before answering 504; the task keeps running",
+    )
+
     @model_validator(mode="after")
     def _check_sign_in(self) -> Settings:
         _check_together(

@@ -12,6 +12,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from dan.accounts import AccountService, SignInService, SqlAccountStore, SqlIdentityStore
+from dan.accounts.options import ClientOptions, SqlClientOptionsStore
 from dan.config import Settings
 from dan.db import create_db_engine, migrate
 from dan.domain import ModelKind
@@ -39,6 +40,7 @@ class Services:
     models: NetworkModels  # what requests may name: this server's files and online nodes'
     checks: ResultChecks  # re-runs of nodes' results, compared
     sign_in: SignInService  # accounts people make by signing in, and their keys
+    client_options: ClientOptions  # what A1111 clients set per key (POST /sdapi/v1/options)
     session_secret: str | None = None  # signs sign-in sessions (None: no provider configured)
 
     def close(self) -> None:
@@ -142,6 +144,7 @@ def build_services(settings: Settings) -> Services:
         models,
         checks,
         sign_in,
+        ClientOptions(SqlClientOptionsStore(db)),
         session_secret(settings),
     )
 

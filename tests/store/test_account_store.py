@@ -63,11 +63,14 @@ def test_unknown_and_revoked_keys_find_no_account(accounts: SqlAccountStore) -> 
     bob = accounts.create_account("bob")
     new = accounts.add_key(alice.id)
     assert accounts.find_by_key("sk-" + "x" * 48) is None
+    assert accounts.key_id("sk-" + "x" * 48) is None
     assert accounts.revoke_key(bob.id, new.info.id) is None  # not bob's key
     assert accounts.find_by_key(new.key) == alice and not accounts.key_revoked(new.key)
+    assert accounts.key_id(new.key) == new.info.id
     revoked = accounts.revoke_key(alice.id, new.info.id)
     assert revoked is not None and revoked.revoked_at is not None
     assert accounts.find_by_key(new.key) is None and accounts.key_revoked(new.key)
+    assert accounts.key_id(new.key) is None
     assert accounts.revoke_key(None, new.info.id) == revoked  # again: no change
     assert accounts.revoke_key(None, "no-such-key") is None
 

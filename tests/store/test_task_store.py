@@ -71,6 +71,19 @@ def test_queue_position_counts_the_tasks_that_run_first(store: SqlTaskStore) -> 
     assert store.get(a[0]).queue_position == 0  # type: ignore[union-attr]
 
 
+def test_active_lists_an_accounts_running_then_pending_tasks(store: SqlTaskStore) -> None:
+    first, second, third = (submit(store, "a") for _ in range(3))
+    submit(store, "b")
+    assert store.claim("w", lease_s=LEASE).id == first  # type: ignore[union-attr]
+    store.cancel(third)
+    active = store.active("a")
+    assert [(r.id, r.status, r.queue_position) for r in active] == [
+        (first, TaskStatus.PROCESSING, 0),
+        (second, TaskStatus.PENDING, 2),  # b's task runs first
+    ]
+    assert store.active("nobody") == []
+
+
 def test_an_account_arriving_late_waits_for_one_round_not_the_backlog(store: SqlTaskStore) -> None:
     for _ in range(6):
         submit(store, "flood")

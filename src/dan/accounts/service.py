@@ -120,6 +120,13 @@ class AccountService:
         lane = anonymous_lane(key, self._settings.anonymous_lanes)
         return self._store.ensure_account(lane, lane)
 
+    def key_id(self, key: str | None) -> str | None:
+        """The id of ``key`` when it is a stored, active key (None for no key, an unknown or
+        revoked key, or the public key): what per-key settings are kept under."""
+        if key is None or len(key) > MAX_KEY_CHARS or self._is_public_key(key):
+            return None
+        return self._store.key_id(key)
+
     def public_api_key(self) -> str:
         """The key anonymous clients may use. With ``public_key`` off it is handed out only
         while keys are optional (it is then a key like any other); otherwise PermissionDenied."""

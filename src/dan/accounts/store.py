@@ -116,6 +116,8 @@ class AccountStore(Protocol):
 
     def key_revoked(self, key: str) -> bool: ...
 
+    def key_id(self, key: str) -> str | None: ...
+
     def list_keys(
         self, account_id: str | None = None, *, include_revoked: bool = False
     ) -> list[ApiKey]: ...
@@ -266,6 +268,15 @@ class SqlAccountStore:
         with self._read() as conn:
             revoked_at = conn.execute(query).scalar_one_or_none()
         return revoked_at is not None
+
+    def key_id(self, key: str) -> str | None:
+        """The id of ``key`` if it is a stored, active key; else None."""
+        query = select(api_keys.c.id).where(
+            api_keys.c.key_sha256 == hash_key(key), api_keys.c.revoked_at.is_(None)
+        )
+        with self._read() as conn:
+            found: str | None = conn.execute(query).scalar_one_or_none()
+        return found
 
     def list_keys(
         self, account_id: str | None = None, *, include_revoked: bool = False

@@ -14,6 +14,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from dan import __version__
+from dan.api.a1111 import listings as a1111_listings
+from dan.api.a1111 import routes as a1111_routes
 from dan.api.errors import install_error_handlers
 from dan.api.generation import ApiContext
 from dan.api.limits import BodySizeLimit
@@ -87,6 +89,9 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(accounts.router)
     app.include_router(nodes.router)
     app.include_router(signin.router)
+    for router in (a1111_routes, a1111_listings):  # the AUTOMATIC1111 facade
+        app.include_router(router.router)
+        app.include_router(router.controlnet_router)
     install_sign_in(app, services)
     if WEB.is_dir():  # the playground (dan/web, in the package) answers what no route took
         app.mount("/", StaticFiles(directory=WEB, html=True), name="web")

@@ -1,12 +1,14 @@
 """Who is calling: the caller's account, by the rules of dan.accounts.service.
 
 A request carries its key as ``Authorization: Bearer sk-...`` or, as the original accepted,
-the bare key. A request without a key but with a sign-in session cookie is the session's
-account (state-changing ones must carry the session's CSRF token: see dan.api.session).
+the bare key; under the AUTOMATIC1111 facade (``/sdapi``, ``/controlnet``) also as HTTP Basic
+credentials with the key as the password (any user name), which is what A1111 clients send.
+A request without a key but with a sign-in session cookie is the session's account
+(state-changing ones must carry the session's CSRF token: see dan.api.session).
 Each function here is a plain function of the request, usable as a FastAPI dependency
 (``Depends(caller)``: FastAPI then runs it in its thread pool, off the event loop) or called
 directly. They raise PermissionDenied, which the error table answers with 403 and
-code 1000.
+code 1000 (under the facade: 401 with ``WWW-Authenticate: Basic``).
 
 A request that carries one of ``PROXY_HEADERS`` came through a reverse proxy or a tunnel, so
 its peer address says nothing about the client: with ``auth=auto`` it needs a key even on the
@@ -16,8 +18,12 @@ SSH tunnel) cannot be told from a local client; behind one, set ``DAN_AUTH=requi
 
 from __future__ import annotations
 
+import base64
+import binascii
+
 from fastapi import Request
 
+from dan.api.a1111 import is_facade_path
 from dan.api.generation import context
 from dan.api.session import check_session, session_of
 from dan.domain import Account
@@ -46,11 +52,26 @@ def proxy_header(request: Request) -> str | None:
 
 
 def api_key(request: Request) -> str | None:
-    """The key the request sends, with or without ``Bearer``; None if it sends none."""
+    """The key the request sends, with or without ``Bearer`` (or as the password of HTTP
+    Basic credentials, under the A1111 facade); None if it sends none."""
     header = request.headers.get("authorization", "").strip()
+    if header[:6].lower() == "basic " and is_facade_path(request.url.path):
+        return basic_password(header[6:].strip())
     if header[:7].lower() == "bearer ":
         header = header[7:].strip()
     return header or None
+
+
+def basic_password(credentials: str) -> str | None:
+    """The password of HTTP Basic ``credentials`` (base64 of ``user:password``); the user
+    name when there is no password (some clients put the key there); None when both are empty.
+    Credentials that do not decode are taken as they are, as a key no account has."""
+    try:
+        text = base64.b64decode(credentials, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return credentials or None
+    user, _, password = text.partition(":")
+    return password or user or None
 
 
 def caller(request: Request) -> Account:

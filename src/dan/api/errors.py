@@ -1,4 +1,5 @@
-"""The one table from errors to responses: the DAN envelope, or the v0 format under /v0."""
+"""The one table from errors to responses: the DAN envelope, the v0 format under /v0, or
+AUTOMATIC1111's shape under the facade's paths (see dan.api.a1111.errors)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from dan.api.a1111 import errors as a1111
+from dan.api.a1111 import is_facade_path
 from dan.errors import DanError, InvalidArgument
 from dan.nodes.protocol import Reason, reason_of
 
@@ -68,23 +71,31 @@ def describe_validation_error(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     async def dan_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, DanError)
+        if is_facade_path(request.url.path):
+            return a1111.from_dan_error(exc)
         data = node_data(request, reason_of(exc), exc.data)
         return error_response(request, exc.http_status, exc.code, exc.message, data)
 
     async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         message = describe_validation_error(exc)
+        if is_facade_path(request.url.path):
+            return a1111.from_validation_error(message)
         data = node_data(request, Reason.INVALID)
         return error_response(request, 400, InvalidArgument.code, message, data)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
+        if is_facade_path(request.url.path):
+            return a1111.from_http_error(exc)
         code = InvalidArgument.code if exc.status_code < 500 else DanError.code
         data = node_data(request, Reason.ERROR)
         return error_response(request, exc.status_code, code, str(exc.detail), data)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        if is_facade_path(request.url.path):
+            return a1111.from_unexpected(exc)
         data = node_data(request, Reason.ERROR)
         return error_response(request, 500, DanError.code, "internal server error", data)
 

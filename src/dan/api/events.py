@@ -63,11 +63,11 @@ def _state(record: TaskRecord) -> dict[str, Any]:
         "status": record.status.wire,
         "queuePosition": record.queue_position,
         "progress": round(record.progress, 4),
-        "etaS": _eta_s(record),
+        "etaS": eta_s(record),
     }
 
 
-def _eta_s(record: TaskRecord) -> float | None:
+def eta_s(record: TaskRecord) -> float | None:
     """Seconds left at the rate the task has progressed so far (None before it started)."""
     if record.status != TaskStatus.PROCESSING or not record.started_at or record.progress <= 0:
         return None

@@ -163,7 +163,16 @@ async def submit(ctx: ApiContext, account: str, queue: Submit) -> TaskRecord:
 
 async def wait_for_success(ctx: ApiContext, record: TaskRecord) -> dict[str, Any]:
     """Wait for the task and return its result data; raise if it failed or took too long."""
-    timeout = ctx.services.settings.sync_timeout_s
+    record = await wait_for_record(ctx, record)
+    return await asyncio.to_thread(result_data, ctx, record)
+
+
+async def wait_for_record(
+    ctx: ApiContext, record: TaskRecord, timeout_s: float | None = None
+) -> TaskRecord:
+    """Wait for the task (``timeout_s``, by default ``sync_timeout_s``) and return it once it
+    succeeded; raise SyncTimeout, TaskCancelled or NodeError otherwise."""
+    timeout = ctx.services.settings.sync_timeout_s if timeout_s is None else timeout_s
     finished = await ctx.watcher.wait(record.id, timeout)
     record = await asyncio.to_thread(ctx.services.tasks.get, record.id)
     if not finished or not record.status.finished:
@@ -178,7 +187,7 @@ async def wait_for_success(ctx: ApiContext, record: TaskRecord) -> dict[str, Any
         raise TaskCancelled(f"the task was {CANCELLED_MESSAGE}", taskId=record.id)
     if record.status == TaskStatus.FAILURE:
         raise NodeError(record.error or "the task failed", taskId=record.id)
-    return await asyncio.to_thread(result_data, ctx, record)
+    return record
 
 
 def result_data(ctx: ApiContext, record: TaskRecord) -> dict[str, Any]:

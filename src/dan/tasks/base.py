@@ -152,6 +152,10 @@ class TaskStore(Protocol):
         """The account's tasks, newest first, queued before task ``before`` (its seq)."""
         ...
 
+    def active(self, account: str) -> list[TaskRecord]:
+        """The account's running tasks (oldest first), then its pending ones in queue order."""
+        ...
+
     def get(self, task_id: str) -> TaskRecord | None:
         """The task with its current queue position, or None."""
         ...

@@ -108,6 +108,7 @@ class InpaintOrder:
     mask_blur: int
     mask_mode: int
     inpaint_area: int
+    padding: int = 32  # pixels around the mask's box, for inpaint_area ONLY_MASKED
 
 
 @dataclass(frozen=True)
@@ -409,6 +410,7 @@ def _inpaint(order: InpaintOrder, mask_key: str) -> InpaintSpec:
         mask_blur=order.mask_blur,
         mask_mode=MaskMode(order.mask_mode),
         inpaint_area=InpaintArea(order.inpaint_area),
+        padding=order.padding,
     )
 
 

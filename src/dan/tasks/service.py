@@ -139,6 +139,10 @@ class TaskService:
             raise TaskNotFound(f"no task with taskId {task_id!r}")
         return record
 
+    def active(self, account: str) -> list[TaskRecord]:
+        """The account's running tasks, then its pending ones in the order they will run."""
+        return self._store.active(account)
+
     def history(self, account: str, *, limit: int, before: int | None = None) -> list[TaskRecord]:
         """The account's tasks, newest first (a page of ``limit``, before seq ``before``)."""
         return self._store.history(account, limit=limit, before=before)

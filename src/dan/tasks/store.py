@@ -162,6 +162,22 @@ class SqlTaskStore:
         with self._read() as conn:
             return [record(row, 0) for row in conn.execute(query).mappings()]
 
+    def active(self, account: str) -> list[TaskRecord]:
+        """The account's running tasks (oldest first), then its pending ones in queue order
+        (each with its queue position)."""
+        running = tasks.c.status == PROCESSING
+        query = (
+            select(tasks)
+            .where(tasks.c.account == account, tasks.c.status.in_((PENDING, PROCESSING)))
+            .order_by(case((running, 0), else_=1), tasks.c.tag, tasks.c.seq)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).mappings().all()
+            return [
+                record(row, self._position(conn, row) if row["status"] == PENDING else 0)
+                for row in rows
+            ]
+
     def pending_count(self, account: str) -> int:
         with self._read() as conn:
             return self._pending(conn, account)

@@ -1,0 +1,225 @@
+"""The facade's routes that run tasks or act for the caller: ``/sdapi/v1/txt2img``, ``img2img``,
+``extra-single-image``, ``interrogate``, ``png-info``, ``progress``, ``interrupt``, ``skip``,
+``options``, and ``/controlnet/detect``.
+
+Thin: parse the A1111 body, translate it into DAN's order (dan.api.a1111.translate), submit it
+under the caller's account like any DAN request, wait (``a1111_timeout_s``: A1111 clients set
+no timeout of their own), and answer in A1111's shape (dan.api.a1111.answers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Request
+
+from dan.accounts.options import options_owner
+from dan.api.a1111 import CONTROLNET_PREFIX, SDAPI_PREFIX, answers
+from dan.api.a1111.controlnet import detect_orders
+from dan.api.a1111.errors import invalid
+from dan.api.a1111.pnginfo import png_info
+from dan.api.a1111.schemas import (
+    DetectRequest,
+    ExtrasSingleImageRequest,
+    Img2ImgRequest,
+    InterrogateRequest,
+    PngInfoRequest,
+    Txt2ImgRequest,
+)
+from dan.api.a1111.translate import (
+    a1111_field_names,
+    check_override_settings,
+    checkpoint_reference,
+    img2img_order,
+    interrogate_order,
+    txt2img_order,
+    upscale_order,
+)
+from dan.api.auth import api_key, caller
+from dan.api.generation import ApiContext, context, wait_for_record
+from dan.domain import Account, InstalledModel, ModelKind, TaskRecord, TaskStatus
+from dan.errors import DanError, ModelNotFound
+from dan.tasks.orders import DetectOrder
+from dan.tasks.service import TaskService
+
+router = APIRouter(prefix=SDAPI_PREFIX, tags=["AUTOMATIC1111 facade"])
+controlnet_router = APIRouter(prefix=CONTROLNET_PREFIX, tags=["AUTOMATIC1111 facade"])
+
+Queue = Callable[[TaskService, str], TaskRecord]
+
+
+@dataclass(frozen=True)
+class Caller:
+    account: Account
+    owner: str  # whose client options (see dan.accounts.options)
+    checkpoint: str | None  # the sha256 it chose with POST /options, if any
+
+
+def identify(request: Request) -> Caller:
+    """The caller, its options' owner and its checkpoint (blocking: run it in a thread)."""
+    account = caller(request)
+    services = context(request).services
+    owner = options_owner(account.id, services.accounts.key_id(api_key(request)))
+    return Caller(account, owner, services.client_options.checkpoint(owner))
+
+
+async def run(ctx: ApiContext, account: Account, queue: Queue) -> TaskRecord:
+    """Submit (refusals name A1111's fields) and wait for the task to succeed."""
+    try:
+        record = await asyncio.to_thread(queue, ctx.services.tasks, account.id)
+    except DanError as exc:
+        renamed = a1111_field_names(exc)
+        if renamed is exc:
+            raise
+        raise renamed from exc
+    return await wait_for_record(ctx, record, ctx.services.settings.a1111_timeout_s)
+
+
+async def generated(ctx: ApiContext, record: TaskRecord) -> list[bytes]:
+    return await asyncio.to_thread(ctx.services.tasks.images, record)
+
+
+# -- generation -----------------------------------------------------------------------------
+
+
+@router.post("/txt2img", summary="A1111 txt2img: generate and wait")
+async def txt2img(body: Txt2ImgRequest, request: Request) -> dict[str, Any]:
+    ctx, who = context(request), await asyncio.to_thread(identify, request)
+    order = txt2img_order(body, who.checkpoint)
+    record = await run(ctx, who.account, lambda tasks, a: tasks.submit_txt2img(a, order))
+    pngs = await generated(ctx, record)
+    return answers.generation_answer(record, pngs, body.model_dump(), body.send_images)
+
+
+@router.post("/img2img", summary="A1111 img2img (inpainting with a mask): generate and wait")
+async def img2img(body: Img2ImgRequest, request: Request) -> dict[str, Any]:
+    ctx, who = context(request), await asyncio.to_thread(identify, request)
+    order = img2img_order(body, who.checkpoint)
+    record = await run(ctx, who.account, lambda tasks, a: tasks.submit_img2img(a, order))
+    pngs = await generated(ctx, record)
+    # As A1111: the input images are not sent back unless asked for.
+    exclude = set() if body.include_init_images else {"init_images", "mask"}
+    parameters = body.model_dump(exclude=exclude)
+    return answers.generation_answer(record, pngs, parameters, body.send_images)
+
+
+@router.post("/extra-single-image", summary="A1111 extras: DAN's upscale of one image")
+async def extra_single_image(body: ExtrasSingleImageRequest, request: Request) -> dict[str, Any]:
+    ctx, who = context(request), await asyncio.to_thread(identify, request)
+    order = upscale_order(body)
+    record = await run(ctx, who.account, lambda tasks, a: tasks.submit_upscale(a, order))
+    [png] = await generated(ctx, record)
+    second = f", {order.upscaler2} ({order.upscaler2_factor:g})" if order.upscaler2_factor else ""
+    info = f"<p>Upscale: {order.rate:g}, upscaler: {order.upscaler}{second}</p>"
+    return {"html_info": info, "image": answers.b64(png) if body.show_extras_results else None}
+
+
+@router.post("/interrogate", summary="A1111 interrogate: a caption (clip) or tags (deepdanbooru)")
+async def interrogate(body: InterrogateRequest, request: Request) -> dict[str, Any]:
+    ctx, who = context(request), await asyncio.to_thread(identify, request)
+    order = interrogate_order(body)
+    record = await run(ctx, who.account, lambda tasks, a: tasks.submit_interrogate(a, order))
+    return {"caption": record.result.caption}
+
+
+@router.post("/png-info", summary="The generation parameters a PNG carries")
+async def pnginfo(body: PngInfoRequest, request: Request) -> dict[str, Any]:
+    await asyncio.to_thread(caller, request)
+    return await asyncio.to_thread(png_info, body.image)
+
+
+@controlnet_router.post("/detect", summary="ControlNet extension: the preprocessor's output")
+async def detect(body: DetectRequest, request: Request) -> dict[str, Any]:
+    ctx, who = context(request), await asyncio.to_thread(identify, request)
+    images: list[str] = []
+    for order in detect_orders(body):
+        record = await run(ctx, who.account, detect_queue(order))
+        images.extend(answers.b64(png) for png in await generated(ctx, record))
+    return {"images": images, "info": "Success"}
+
+
+def detect_queue(order: DetectOrder) -> Queue:
+    return lambda tasks, account: tasks.submit_detect(account, order)
+
+
+# -- the caller's tasks ---------------------------------------------------------------------
+
+
+@router.get("/progress", summary="Progress of the caller's current task (others' are not shown)")
+async def progress(
+    request: Request, skip_current_image: Annotated[bool, Query()] = False
+) -> dict[str, Any]:
+    account = await asyncio.to_thread(caller, request)
+    active = await asyncio.to_thread(context(request).services.tasks.active, account.id)
+    return answers.progress(active, skip_current_image=skip_current_image)
+
+
+@router.post("/interrupt", summary="Stop the caller's current task (it ends cancelled)")
+async def interrupt(request: Request) -> dict[str, Any]:
+    await asyncio.to_thread(stop_current, request)
+    return {}
+
+
+@router.post("/skip", summary="As interrupt: DAN cannot skip one image of a task")
+async def skip(request: Request) -> None:
+    await asyncio.to_thread(stop_current, request)
+
+
+def stop_current(request: Request) -> None:
+    """Cancel the caller's running tasks, or, when none runs yet, the one that runs next."""
+    account = caller(request)
+    tasks = context(request).services.tasks
+    active = tasks.active(account.id)
+    running = [r for r in active if r.status == TaskStatus.PROCESSING] or active[:1]
+    for record in running:
+        tasks.cancel(record.id, account.id)
+
+
+# -- options --------------------------------------------------------------------------------
+
+
+@router.get("/options", summary="A1111's common options, with the caller's checkpoint")
+async def get_options(request: Request) -> dict[str, Any]:
+    return answers.options(await asyncio.to_thread(current_checkpoint, request))
+
+
+@router.post("/options", summary="Set options: sd_model_checkpoint for this key only")
+async def set_options(body: Annotated[dict[str, Any], Body()], request: Request) -> None:
+    """Other keys are accepted and have no effect (DAN has no global options)."""
+    await asyncio.to_thread(choose_options, request, body)
+
+
+def current_checkpoint(request: Request) -> InstalledModel | None:
+    """The checkpoint the caller's requests use when they name none: its own choice while it
+    is still available, else the server's default (None when nothing is installed)."""
+    who = identify(request)
+    services = context(request).services
+    if who.checkpoint is not None:
+        try:
+            return services.models.resolve(ModelKind.CHECKPOINT, who.checkpoint)
+        except ModelNotFound:
+            pass
+    try:
+        return services.models.default_checkpoint(services.settings.default_model)
+    except ModelNotFound:
+        return None
+
+
+def choose_options(request: Request, body: dict[str, Any]) -> None:
+    who = identify(request)
+    services = context(request).services
+    try:
+        check_override_settings(body)
+    except DanError as exc:  # named as an option here, not as an override
+        raise type(exc)(exc.message.replace("override_settings.", "")) from exc
+    title = body.get("sd_model_checkpoint")
+    if title is None:
+        return
+    try:
+        model = services.models.resolve(ModelKind.CHECKPOINT, checkpoint_reference(title))
+    except ModelNotFound as exc:
+        raise invalid("sd_model_checkpoint", f"{exc.message}") from exc
+    services.client_options.choose_checkpoint(who.owner, model.sha256)
