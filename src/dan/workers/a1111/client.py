@@ -6,7 +6,8 @@ Errors are sorted once, here, by what they mean for the task:
   node's credentials: :class:`A1111Unreachable`, a FatalEngineError, so the worker loop stops,
   the node hands its task back to the server (one try of the task) and waits for the instance;
 - any other refusal or error answer (a 404 "Model not found", a 422, a 500 out of memory):
-  an EngineError with the instance's own message, which fails that task alone.
+  :class:`A1111Refused`, an EngineError with the instance's own message, which fails that
+  task alone.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 QUICK_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 GENERATION_TIMEOUT = httpx.Timeout(None, connect=10.0, write=60.0)
 _DOWN_STATUSES = frozenset({401, 403, 502})
+
+
+class A1111Refused(EngineError):
+    """The AUTOMATIC1111 instance refused the request, or answered it with an error."""
 
 
 class A1111Unreachable(FatalEngineError):
@@ -78,7 +83,7 @@ class A1111Client:
         if response.status_code in _DOWN_STATUSES:
             raise A1111Unreachable(_down_message(self.url, path, response))
         if response.status_code >= 400:
-            raise EngineError(
+            raise A1111Refused(
                 f"the AUTOMATIC1111 instance refused {method} {path}: "
                 f"HTTP {response.status_code}: {_detail(response)}"
             )

@@ -42,7 +42,7 @@ from dan.errors import EngineError, ModelNotFound
 from dan.models.catalog import Catalog, load_catalog
 from dan.models.hashing import HashCache
 from dan.models.registry import EXTENSIONS
-from dan.workers.a1111.client import A1111Client
+from dan.workers.a1111.client import A1111Client, A1111Refused
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class A1111Inventory:
         ident = Identifier(self._hashes)
         try:
             listed = _items(self._client.get("/sdapi/v1/sd-models"), "sd-models")
-        except EngineError as exc:  # not A1111Unreachable
+        except A1111Refused as exc:
             raise EngineError(
                 f"{exc.message}; is {self._client.url} an AUTOMATIC1111 or Forge instance "
                 "started with --api?"
@@ -172,7 +172,7 @@ class A1111Inventory:
         """A listing the instance may lack (its Lora extension can be turned off)."""
         try:
             return _items(self._client.get(path), path)
-        except EngineError as exc:  # A1111Unreachable is not one of these
+        except A1111Refused as exc:
             log.warning("reading %s of the instance failed, so none is served: %s", path, exc)
             return []
 
@@ -180,7 +180,7 @@ class A1111Inventory:
         """The ControlNet extension's models; None if the instance has no such extension."""
         try:
             answer = self._client.get("/controlnet/model_list")
-        except EngineError as exc:
+        except A1111Refused as exc:
             log.info("no ControlNet on the instance (%s)", exc.message)
             return None
         names = answer.get("model_list") if isinstance(answer, dict) else None
@@ -213,8 +213,8 @@ class Identifier:
     def _hash(
         self, kind: ModelKind, call_name: str, file: Path | None, *, quiet: bool
     ) -> str | None:
-        try:
-            if file is not None and file.is_file():
+        try:  # a bare file name would be looked up in this process's folder: not the file
+            if file is not None and file.is_absolute() and file.is_file():
                 return self._hashes.sha256(file)
         except OSError as exc:
             log.warning("%s %r left out: reading %s failed: %s", kind.value, call_name, file, exc)
