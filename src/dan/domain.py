@@ -191,9 +191,15 @@ class HiresFix:
     scale: float
     denoising_strength: float
     upscaler: UpscalerChoice
+    steps: int = 0  # steps of the second pass (A1111's "hires steps"); 0: the first pass's
+
+    def second_pass_steps(self, first_pass_steps: int) -> int:
+        """How many steps the second pass runs."""
+        return self.steps or first_pass_steps
 
 
-CONTROLNET_PREPROCESSORS: tuple[str, ...] = ("canny", "openpose")
+# "none": the control image is used as it is (already an edge map or a drawn pose).
+CONTROLNET_PREPROCESSORS: tuple[str, ...] = ("canny", "openpose", "none")
 CONTROLNET_MODELS: tuple[str, ...] = ("sd15_canny", "sd15_openpose")
 
 

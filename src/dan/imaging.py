@@ -35,6 +35,8 @@ def infotext(request: GenerationRequest, seed: int, extra: Mapping[str, object] 
         fields["Denoising strength"] = f"{request.hires.denoising_strength:g}"
         fields["Hires upscale"] = f"{request.hires.scale:g}"
         fields["Hires upscaler"] = request.hires.upscaler.name
+        if request.hires.steps:
+            fields["Hires steps"] = request.hires.steps
     if request.loras:
         hashes = ", ".join(f"{lora.model.name}: {lora.model.short_hash}" for lora in request.loras)
         fields["Lora hashes"] = f'"{hashes}"'

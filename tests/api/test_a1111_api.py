@@ -32,6 +32,7 @@ from tests.fixtures.server import free_port
 from tests.store.conftest import POSTGRES_URL
 
 SMALL: dict[str, Any] = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64}
+MAX_BODY_BYTES = 1024 * 1024
 STEP_S = 0.01
 SLOW_STEPS = 150  # 1.5 s at STEP_S: long enough to watch it run and to interrupt it
 MODEL_FILES = (
@@ -120,7 +121,9 @@ def database(request: pytest.FixtureRequest) -> Iterator[str | None]:
 @pytest.fixture
 def facade(tmp_path: Path, database: str | None) -> Iterator[Facade]:
     install_models(tmp_path / "models")
-    settings = make_settings(tmp_path, auth="required", database_url=database)
+    settings = make_settings(
+        tmp_path, auth="required", database_url=database, max_body_bytes=MAX_BODY_BYTES
+    )
     services = build_services(settings)
     port = free_port()
     try:
@@ -196,11 +199,17 @@ def test_send_images_false_answers_no_images(facade: Facade) -> None:
 def test_hires_fix_makes_the_larger_image(facade: Facade) -> None:
     api = facade.api(facade.key("alice"))
     result = api.txt2img(
-        **SMALL, enable_hr=True, hr_scale=2, hr_upscaler="Latent", denoising_strength=0.5
+        **SMALL,
+        enable_hr=True,
+        hr_scale=2,
+        hr_upscaler="Latent",
+        denoising_strength=0.5,
+        hr_second_pass_steps=3,
     )
     assert result.image.size == (128, 128)
     assert result.info["denoising_strength"] == 0.5
-    assert "Hires upscale: 2, Hires upscaler: Latent" in result.info["infotexts"][0]
+    infotext = result.info["infotexts"][0]
+    assert "Hires upscale: 2, Hires upscaler: Latent, Hires steps: 3" in infotext
 
 
 # -- img2img and inpainting -------------------------------------------------------------------
@@ -210,7 +219,7 @@ def test_img2img_starts_from_the_init_image(facade: Facade) -> None:
     key = facade.key("alice")
     result = facade.api(key).img2img(images=[picture()], **SMALL, denoising_strength=0.6)
     assert result.image.size == (64, 64)
-    assert "init_images" not in result.parameters  # as A1111: not echoed unless asked
+    assert result.parameters["init_images"] is None  # as A1111: not echoed unless asked
     [task] = facade.tasks_of(key)
     assert task.params["denoising_strength"] == 0.6 and task.params["inpaint"] is None
 
@@ -313,9 +322,9 @@ def test_controlnet_extension_endpoints(facade: Facade) -> None:
     ]
     assert all(len(t.split(" [")[1].rstrip("]")) == 8 for t in titles)
     assert {"canny", "openpose"} <= set(api.controlnet_module_list())
-    detected = api.controlnet_detect([picture((48, 32))], module="canny")
-    [image] = detected.images
-    assert image.size == (48, 32) and detected.info == "Success"
+    detected = api.controlnet_detect([picture((48, 32)), picture((16, 24))], module="canny")
+    assert [image.size for image in detected.images] == [(48, 32), (16, 24)]
+    assert detected.info == "Success"
 
 
 # -- upscale, interrogate, png-info -----------------------------------------------------------
@@ -384,6 +393,14 @@ def test_each_key_has_its_own_checkpoint(facade: Facade) -> None:
     once = first.txt2img(**SMALL, override_settings={"sd_model_checkpoint": "beta"})
     assert once.info["sd_model_hash"] == beta.sha256[:10]
     assert first.txt2img(**SMALL).info["sd_model_hash"] == alpha.sha256[:10]
+    # ... unless the client asks to keep it (as A1111 keeps it loaded), for this key only.
+    first.txt2img(
+        **SMALL,
+        override_settings={"sd_model_checkpoint": "beta"},
+        override_settings_restore_afterwards=False,
+    )
+    assert first.get_options()["sd_checkpoint_hash"] == beta.sha256
+    assert first.txt2img(**SMALL).info["sd_model_hash"] == beta.sha256[:10]
 
 
 def test_an_unknown_checkpoint_is_refused_in_a1111_shape(facade: Facade) -> None:
@@ -482,3 +499,6 @@ def test_errors_take_a1111s_shape_and_name_the_field(facade: Facade) -> None:
     assert scheduler.status_code == 400 and "Karras" in scheduler.json()["detail"]
     unknown = facade.http.get("/sdapi/v1/no-such-endpoint", auth=basic(key))
     assert unknown.status_code == 404 and "error" in unknown.json()
+    huge = {**SMALL, "prompt": "x" * MAX_BODY_BYTES}
+    too_large = facade.http.post("/sdapi/v1/txt2img", json=huge, auth=basic(key))
+    assert too_large.status_code == 413 and "larger than" in too_large.json()["detail"]

@@ -89,6 +89,12 @@ def test_preprocess_dispatches_canny_with_defaults_and_params() -> None:
         preprocess("canny", image, 200, 100)
 
 
+def test_preprocess_none_passes_a_ready_control_image_through() -> None:
+    edges = canny(rectangle_image())
+    assert preprocess("none", edges).tobytes() == edges.convert("RGB").tobytes()
+    assert preprocess("none", edges).mode == "RGB"
+
+
 def test_preprocess_rejects_unknown_names() -> None:
     with pytest.raises(EngineError, match="unknown preprocess 'depth'"):
         preprocess("depth", rectangle_image())

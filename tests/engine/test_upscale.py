@@ -239,9 +239,11 @@ def run_hires(
     )
 
 
-def hires(upscaler: str | UpscalerChoice, scale: float = 2, strength: float = 0.5) -> HiresFix:
+def hires(
+    upscaler: str | UpscalerChoice, scale: float = 2, strength: float = 0.5, steps: int = 0
+) -> HiresFix:
     choice = upscaler if isinstance(upscaler, UpscalerChoice) else UpscalerChoice(upscaler)
-    return HiresFix(scale=scale, denoising_strength=strength, upscaler=choice)
+    return HiresFix(scale=scale, denoising_strength=strength, upscaler=choice, steps=steps)
 
 
 @pytest.mark.slow
@@ -325,6 +327,17 @@ def test_progress_spans_both_passes(
     # once per step: 2 + 2.
     if sampler == "Euler a":
         assert total == 4 and set(done) == {1, 2, 3, 4}
+
+
+@pytest.mark.slow
+def test_hires_steps_set_the_second_passs_steps(
+    engine: DiffusersEngine, checkpoint: InstalledModel
+) -> None:
+    """A1111's "hires steps": the second pass runs that many steps, the first its own."""
+    seen: list[tuple[int, int]] = []
+    request = generation(hires("Latent", 2, strength=0.5, steps=3))
+    run_hires(engine, checkpoint, request, progress=record_into(seen))
+    assert seen[-1] == (2 + 3, 2 + 3)  # Euler a calls back once per step
 
 
 @pytest.mark.slow

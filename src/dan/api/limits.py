@@ -7,6 +7,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dan.api.a1111 import is_facade_path
+
 
 class BodyTooLarge(Exception):
     pass
@@ -44,8 +46,12 @@ class BodySizeLimit:
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
         text = f"the request body is larger than {self.max_bytes} bytes"
-        v0 = str(scope.get("path", "")).startswith("/v0/")
-        payload: dict[str, Any] = {"msg": text} if v0 else {"code": 3000, "message": text}
+        path = str(scope.get("path", ""))
+        payload: dict[str, Any] = {"code": 3000, "message": text}
+        if path.startswith("/v0/"):
+            payload = {"msg": text}
+        elif is_facade_path(path):  # AUTOMATIC1111's shape (see dan.api.a1111.errors)
+            payload = {"error": "BodyTooLarge", "detail": text, "body": "", "errors": text}
         body = json.dumps(payload).encode()
         headers = [
             (b"content-type", b"application/json"),

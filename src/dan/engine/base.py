@@ -70,7 +70,7 @@ class Engine(Protocol):
     def detect(
         self, request: DetectRequest, image: Image, files: ModelFiles, progress: ProgressCallback
     ) -> Image:
-        """The control image a ControlNet preprocessor (canny, openpose) makes of ``image``;
+        """The control image a ControlNet preprocessor (canny, openpose, none) makes of ``image``;
         ``files`` holds the OpenPose body model when the request names one."""
         ...
 

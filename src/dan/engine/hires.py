@@ -8,7 +8,8 @@ As in AUTOMATIC1111:
    (4-channel input skips the VAE encode); an image upscaler (Lanczos, Nearest, a model)
    enlarges the decoded image, which img2img encodes;
 4. the second pass denoises over the last ``denoising_strength`` of a stretched schedule, so it
-   runs ``steps`` steps like the first (A1111's "hires steps" 0), with noise from the same seed.
+   runs ``hires.steps`` steps (A1111's "hires steps"), by default (0) as many as the first, with
+   noise from the same seed.
 
 ``denoising_strength`` 0 returns the upscaled first pass without a second pass. With a
 ControlNet unit, both passes are conditioned on its control image, fitted to each pass's size
@@ -119,7 +120,8 @@ def hires_fix(
     # 1. Sizes, step counts and the progress total, all fixed before anything runs.
     target = hires_size(request.width, request.height, hires.scale)
     limit = int(base.scheduler.config.num_train_timesteps) - 1
-    second_steps = second_pass_steps(request.steps, hires.denoising_strength, limit=limit)
+    steps = hires.second_pass_steps(request.steps)
+    second_steps = second_pass_steps(steps, hires.denoising_strength, limit=limit)
     plan = plan_progress(new_scheduler, request.steps, second_steps, hires.denoising_strength)
     latent = is_latent_upscaler(hires.upscaler.name)
     with torch.inference_mode():

@@ -29,7 +29,8 @@ from PIL.Image import Image
 
 from dan.errors import EngineError
 
-PREPROCESSORS: tuple[str, ...] = ("canny", "openpose")
+# "none": the image already is a control image (an edge map, a pose drawn elsewhere).
+PREPROCESSORS: tuple[str, ...] = ("canny", "openpose", "none")
 # The reference misspells "openpose" once; requests using that spelling must keep working.
 PREPROCESSOR_ALIASES: dict[str, str] = {"openopse": "openpose"}
 CANNY_LOW = 100
@@ -283,7 +284,8 @@ def preprocess(
 
     ``name`` is ``canny`` (``param1``/``param2`` are its low/high thresholds, default 100/200)
     or ``openpose`` (also spelt ``openopse``, as the reference does once; params are ignored;
-    ``pose`` finds the keypoints, mediapipe when it is ``None``).
+    ``pose`` finds the keypoints, mediapipe when it is ``None``), or ``none`` (the image is
+    the control image already: it is only made RGB).
     Raises ``EngineError`` for an unknown name, bad thresholds, or a failed pose estimate.
     """
     canonical = PREPROCESSOR_ALIASES.get(name, name)
@@ -293,4 +295,6 @@ def preprocess(
         return canny(image, low, high)
     if canonical == "openpose":
         return openpose(image, pose)
+    if canonical == "none":
+        return image.convert("RGB")
     raise EngineError(f"unknown preprocess {name!r}; choose one of {', '.join(PREPROCESSORS)}")

@@ -44,7 +44,8 @@ def generation_needs(
         if request.hires.upscaler.model:
             files.append(request.hires.upscaler.model.sha256)
         scaled = request.width * request.height * request.hires.scale**2
-        cost += request.steps * request.hires.denoising_strength * scaled
+        second = request.hires.second_pass_steps(request.steps)
+        cost += second * request.hires.denoising_strength * scaled
     if request.control_net is not None:
         files.append(request.control_net.model.sha256)
         if request.control_net.pose_model:

@@ -94,6 +94,7 @@ class HiresOrder:
     scale: float
     denoising_strength: float
     upscaler: str
+    steps: int = 0  # of the second pass; 0: as many as the first
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ class RequestBuilder:
         if order.hires is not None:
             hires = order.hires
             upscaler = self._upscaler(hires.upscaler, "upscale.upscaler", latent=True)
-            hires_fix = HiresFix(hires.scale, hires.denoising_strength, upscaler)
+            hires_fix = HiresFix(hires.scale, hires.denoising_strength, upscaler, hires.steps)
             request = replace(request, hires=hires_fix)
         return Prepared(request.to_params(), inputs, generation_needs(request))
 

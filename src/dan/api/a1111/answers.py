@@ -244,6 +244,7 @@ def module_detail() -> dict[str, Any]:
         return {"name": name, "value": value, "min": 0, "max": 255, "step": 1}
 
     return {
+        "none": {"model_free": False, "sliders": []},
         "canny": {
             "model_free": False,
             "sliders": [slider("Canny Low Threshold", 100), slider("Canny High Threshold", 200)],

@@ -1,9 +1,10 @@
 """ControlNet units of A1111 requests (``alwayson_scripts.ControlNet.args``, as the ControlNet
 extension and webuiapi's ControlNetUnit write them) and ``/controlnet/detect`` -> DAN's orders.
 
-DAN runs one unit per request, with the canny or openpose preprocessor and the ControlNet file
-that serves it; a model title of /controlnet/model_list (or any model name saying canny or
-openpose) picks that ControlNet, "None" the module's own. ``control_mode`` "Balanced" is DAN's
+DAN runs one unit per request, with the canny or openpose preprocessor (or none, for an image
+that already is a control image) and a canny or openpose ControlNet: a model title of
+/controlnet/model_list (or any model name saying canny or openpose) picks the file serving that
+ControlNet, "None" the module's own. ``control_mode`` "Balanced" is DAN's
 ordinary conditioning, "ControlNet is more important" its guess mode (control on the prompt's
 half of classifier-free guidance only).
 """
@@ -23,7 +24,7 @@ from dan.tasks.orders import ControlNetOrder, DetectOrder
 
 CONTROLNET_SCRIPT = "controlnet"
 CONTROLNET_ARGS = "alwayson_scripts.ControlNet.args"
-CONTROLNET_MODULES = ("canny", "openpose")
+CONTROLNET_MODULES = ("none", "canny", "openpose")  # none: the image is the control image
 CONTROLNET_MODELS = {"canny": "sd15_canny", "openpose": "sd15_openpose"}
 CONTROLNET_RESIZE_MODES = {
     "just resize": 0,
@@ -143,14 +144,15 @@ def controlnet_model(title: str, module: str, field: str) -> str:
     module's."""
     match = TITLE.match(title.strip())
     folded = (match["name"] if match else title.strip()).casefold()
-    if folded in ("", "none"):
+    if folded in ("", "none") and module in CONTROLNET_MODELS:
         return CONTROLNET_MODELS[module]
     for kind, model in CONTROLNET_MODELS.items():
         if kind in folded:
             return model
     raise invalid(
         field,
-        f"DAN serves canny and openpose ControlNets (see /controlnet/model_list); got {title!r}",
+        f"DAN serves canny and openpose ControlNets (see /controlnet/model_list); got {title!r}"
+        + (" with module none, which needs one named" if module == "none" else ""),
     )
 
 

@@ -10,6 +10,7 @@ no timeout of their own), and answer in A1111's shape (dan.api.a1111.answers).
 from __future__ import annotations
 
 import asyncio
+import html
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -24,6 +25,7 @@ from dan.api.a1111.pnginfo import png_info
 from dan.api.a1111.schemas import (
     DetectRequest,
     ExtrasSingleImageRequest,
+    GenerationRequest,
     Img2ImgRequest,
     InterrogateRequest,
     PngInfoRequest,
@@ -32,6 +34,7 @@ from dan.api.a1111.schemas import (
 from dan.api.a1111.translate import (
     a1111_field_names,
     check_override_settings,
+    checkpoint_named,
     checkpoint_reference,
     img2img_order,
     interrogate_order,
@@ -67,15 +70,37 @@ def identify(request: Request) -> Caller:
 
 
 async def run(ctx: ApiContext, account: Account, queue: Queue) -> TaskRecord:
-    """Submit (refusals name A1111's fields) and wait for the task to succeed."""
+    """Submit and wait for the task to succeed."""
+    return await finish(ctx, await submit(ctx, account, queue))
+
+
+async def submit(ctx: ApiContext, account: Account, queue: Queue) -> TaskRecord:
+    """Queue the task; refusals name A1111's fields."""
     try:
-        record = await asyncio.to_thread(queue, ctx.services.tasks, account.id)
+        return await asyncio.to_thread(queue, ctx.services.tasks, account.id)
     except DanError as exc:
         renamed = a1111_field_names(exc)
         if renamed is exc:
             raise
         raise renamed from exc
+
+
+async def finish(ctx: ApiContext, record: TaskRecord) -> TaskRecord:
+    """The task once it succeeded (A1111 clients wait as long as it takes, up to
+    ``a1111_timeout_s``)."""
     return await wait_for_record(ctx, record, ctx.services.settings.a1111_timeout_s)
+
+
+async def keep_override(
+    ctx: ApiContext, who: Caller, body: GenerationRequest, record: TaskRecord
+) -> None:
+    """With ``override_settings_restore_afterwards`` false, the checkpoint the request named
+    becomes the caller's for later requests (A1111 keeps it loaded for everyone)."""
+    if body.override_settings_restore_afterwards or not checkpoint_named(body):
+        return
+    generation = record.params.get("generation", record.params)
+    sha256 = generation["model"]["sha256"]
+    await asyncio.to_thread(ctx.services.client_options.choose_checkpoint, who.owner, sha256)
 
 
 async def generated(ctx: ApiContext, record: TaskRecord) -> list[bytes]:
@@ -89,7 +114,9 @@ async def generated(ctx: ApiContext, record: TaskRecord) -> list[bytes]:
 async def txt2img(body: Txt2ImgRequest, request: Request) -> dict[str, Any]:
     ctx, who = context(request), await asyncio.to_thread(identify, request)
     order = txt2img_order(body, who.checkpoint)
-    record = await run(ctx, who.account, lambda tasks, a: tasks.submit_txt2img(a, order))
+    record = await submit(ctx, who.account, lambda tasks, a: tasks.submit_txt2img(a, order))
+    await keep_override(ctx, who, body, record)
+    record = await finish(ctx, record)
     pngs = await generated(ctx, record)
     return answers.generation_answer(record, pngs, body.model_dump(), body.send_images)
 
@@ -98,30 +125,33 @@ async def txt2img(body: Txt2ImgRequest, request: Request) -> dict[str, Any]:
 async def img2img(body: Img2ImgRequest, request: Request) -> dict[str, Any]:
     ctx, who = context(request), await asyncio.to_thread(identify, request)
     order = img2img_order(body, who.checkpoint)
-    record = await run(ctx, who.account, lambda tasks, a: tasks.submit_img2img(a, order))
+    record = await submit(ctx, who.account, lambda tasks, a: tasks.submit_img2img(a, order))
+    await keep_override(ctx, who, body, record)
+    record = await finish(ctx, record)
     pngs = await generated(ctx, record)
-    # As A1111: the input images are not sent back unless asked for.
-    exclude = set() if body.include_init_images else {"init_images", "mask"}
-    parameters = body.model_dump(exclude=exclude)
+    parameters = body.model_dump()
+    if not body.include_init_images:  # as A1111: the input images are not sent back
+        parameters.update(init_images=None, mask=None)
     return answers.generation_answer(record, pngs, parameters, body.send_images)
 
 
 @router.post("/extra-single-image", summary="A1111 extras: DAN's upscale of one image")
 async def extra_single_image(body: ExtrasSingleImageRequest, request: Request) -> dict[str, Any]:
-    ctx, who = context(request), await asyncio.to_thread(identify, request)
+    ctx, account = context(request), await asyncio.to_thread(caller, request)
     order = upscale_order(body)
-    record = await run(ctx, who.account, lambda tasks, a: tasks.submit_upscale(a, order))
+    record = await run(ctx, account, lambda tasks, a: tasks.submit_upscale(a, order))
     [png] = await generated(ctx, record)
     second = f", {order.upscaler2} ({order.upscaler2_factor:g})" if order.upscaler2_factor else ""
-    info = f"<p>Upscale: {order.rate:g}, upscaler: {order.upscaler}{second}</p>"
-    return {"html_info": info, "image": answers.b64(png) if body.show_extras_results else None}
+    info = html.escape(f"Upscale: {order.rate:g}, upscaler: {order.upscaler}{second}")
+    image = answers.b64(png) if body.show_extras_results else None
+    return {"html_info": f"<p>{info}</p>", "image": image}
 
 
 @router.post("/interrogate", summary="A1111 interrogate: a caption (clip) or tags (deepdanbooru)")
 async def interrogate(body: InterrogateRequest, request: Request) -> dict[str, Any]:
-    ctx, who = context(request), await asyncio.to_thread(identify, request)
+    ctx, account = context(request), await asyncio.to_thread(caller, request)
     order = interrogate_order(body)
-    record = await run(ctx, who.account, lambda tasks, a: tasks.submit_interrogate(a, order))
+    record = await run(ctx, account, lambda tasks, a: tasks.submit_interrogate(a, order))
     return {"caption": record.result.caption}
 
 
@@ -133,11 +163,10 @@ async def pnginfo(body: PngInfoRequest, request: Request) -> dict[str, Any]:
 
 @controlnet_router.post("/detect", summary="ControlNet extension: the preprocessor's output")
 async def detect(body: DetectRequest, request: Request) -> dict[str, Any]:
-    ctx, who = context(request), await asyncio.to_thread(identify, request)
-    images: list[str] = []
-    for order in detect_orders(body):
-        record = await run(ctx, who.account, detect_queue(order))
-        images.extend(answers.b64(png) for png in await generated(ctx, record))
+    ctx, account = context(request), await asyncio.to_thread(caller, request)
+    queued = [await submit(ctx, account, detect_queue(o)) for o in detect_orders(body)]
+    done = await asyncio.gather(*(finish(ctx, record) for record in queued))
+    images = [answers.b64(png) for record in done for png in await generated(ctx, record)]
     return {"images": images, "info": "Success"}
 
 

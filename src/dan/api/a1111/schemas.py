@@ -59,6 +59,8 @@ class GenerationRequest(A1111Body):
     tiling: bool = False
     disable_extra_networks: bool = False
     override_settings: dict[str, Any] = Field(default_factory=dict)
+    # False: the overridden checkpoint stays the caller's (its options), as A1111 keeps it.
+    override_settings_restore_afterwards: bool = True
     refiner_checkpoint: str | None = None
     script_name: str | None = None
     script_args: list[Any] = Field(default_factory=list)

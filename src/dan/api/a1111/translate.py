@@ -103,6 +103,11 @@ def check_override_settings(settings: dict[str, Any]) -> None:
         )
 
 
+def checkpoint_named(body: GenerationRequest) -> bool:
+    """Whether the request names its checkpoint (``override_settings``)."""
+    return bool(body.override_settings.get("sd_model_checkpoint"))
+
+
 def checkpoint_of(body: GenerationRequest, chosen: str | None) -> str | None:
     """The checkpoint a request names (``override_settings.sd_model_checkpoint``), else the
     caller's choice from ``POST /options`` (``chosen``, a sha256), else None (the default)."""
@@ -176,13 +181,9 @@ def hires_order(body: Txt2ImgRequest) -> HiresOrder:
             f"DAN's hires fix enlarges by more than 1 and at most {MAX_HIRES_SCALE:g}, "
             f"got {scale:g}",
         )
-    if body.hr_second_pass_steps not in (0, body.steps):
-        raise invalid(
-            "hr_second_pass_steps",
-            f"DAN's second pass runs as many steps as the first ({body.steps}); use 0",
-        )
     check_same_hires_pass(body)
-    return HiresOrder(scale, body.denoising_strength, body.hr_upscaler or "Latent")
+    upscaler = body.hr_upscaler or "Latent"
+    return HiresOrder(scale, body.denoising_strength, upscaler, body.hr_second_pass_steps)
 
 
 def hires_scale(body: Txt2ImgRequest) -> float:
