@@ -273,6 +273,8 @@ def test_a_cancel_on_the_network_interrupts_the_instance(net: Network) -> None:
         "the instance's progress relayed to the network",
         lambda: (s := net.status(task_id))["status"] == TaskStatus.PROCESSING and s["progress"] > 0,
     )
+    preview = net.wait("a step preview relayed", lambda: net.record(task_id).preview)
+    assert Image.open(io.BytesIO(preview)).format == "PNG"
     net.call("POST", "/api/sd/task/cancel", json={"taskId": task_id})
     net.wait("the network task to end", lambda: net.status(task_id)["status"] >= 2)
     record = net.record(task_id)
