@@ -88,12 +88,15 @@ def test_loras_by_a_sha256_key_or_their_path(tmp_path: Path, ident: Identifier) 
             # kohya's hash of the tensors, not of the file: it must not be taken for one
             "metadata": {"sshs_model_hash": "f" * 64},
         },
-        {"name": "given", "alias": "given", "path": "/nowhere/given.pt", "sha256": "9" * 64},
+        # a sha256 key (DAN's facade could give one; it writes the bare file name as path)
+        {"name": "given", "alias": "given", "path": "given.safetensors", "sha256": "9" * 64},
         {"name": "missing", "alias": "missing", "path": "/nowhere/missing.safetensors"},
     ]
     found = {f.model.sha256: f for f in loras(items, ident)}
     assert set(found) == {ink, "9" * 64}
     assert found[ink].call_name == "ink_v2" and found[ink].model.kind == ModelKind.LORA
+    given = found["9" * 64].model
+    assert (given.name, given.path.name, given.size) == ("given", "given.safetensors", 0)
 
 
 def test_upscalers_only_with_a_file_here(tmp_path: Path, ident: Identifier) -> None:

@@ -318,8 +318,9 @@ def _sha256(value: Any) -> str | None:
 
 
 def _size(file: Path | None) -> int:
+    """The file's size if it is here (0 if not: the protocol takes any size)."""
     try:
-        return file.stat().st_size if file is not None else 0
+        return file.stat().st_size if file is not None and file.is_absolute() else 0
     except OSError:
         return 0
 
