@@ -33,6 +33,7 @@ from dan.api.app import create_app
 from dan.domain import TaskRecord, TaskStatus
 from dan.imaging import read_parameters
 from dan.services import Services, build_services
+from dan.workers.a1111.client import A1111Client, A1111Unreachable
 from tests.api.conftest import install_dummy_checkpoint, make_settings
 from tests.fixtures.fake_instance import Instance, instance_settings
 from tests.fixtures.live import serving
@@ -153,7 +154,9 @@ def start_gateway(root: Path, server: str, donor_key: str, instance: Instance, k
         "DAN_DATA_DIR": str(root / "gateway"),
         "DAN_MODELS_DIR": str(root / "gateway" / "models"),  # stays empty
         "DAN_API_KEY": donor_key,
-        "DAN_A1111_API_KEY": key,
+        # HTTP Basic, as A1111's --api-auth wants it (DAN's facade reads the key there too).
+        "DAN_A1111_USER": "gateway",
+        "DAN_A1111_PASSWORD": key,
     }
     arguments = ["node", "--backend", "a1111", "--a1111-url", instance.url]
     arguments += ["--server", server, "--name", "gateway"]
@@ -308,6 +311,17 @@ def test_a_dead_instance_loses_no_task_and_the_gateway_waits_for_it(net: Network
     assert done["status"] == TaskStatus.SUCCESS, done
     assert image_of(done).convert("RGB").getpixel((5, 5)) == fake_colour(4321)
     assert net.record(task_id).attempts == 2
+
+
+def test_credentials_go_to_the_instance_and_a_refusal_is_not_a_task_failure(
+    net: Network,
+) -> None:
+    with A1111Client(net.instance.url, api_key=net.instance_key) as by_key:
+        [model] = by_key.get("/sdapi/v1/sd-models")
+    assert model["sha256"] == net.instance_checkpoint
+    wrong = A1111Client(net.instance.url, user="gateway", password="sk-wrong")
+    with wrong, pytest.raises(A1111Unreachable, match="--a1111-user and --a1111-password"):
+        wrong.get("/sdapi/v1/sd-models")
 
 
 def test_the_gateway_never_imported_torch(net: Network) -> None:

@@ -64,6 +64,12 @@ class A1111Client:
         if self._own_http:
             self._http.close()
 
+    def __enter__(self) -> A1111Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
         """The JSON answer to ``GET path``; raises as the module docstring says."""
         return self._send("GET", path, params=params)
