@@ -204,6 +204,7 @@ def test_the_gateway_reports_the_instances_checkpoint(net: Network) -> None:
     [node] = net.call("GET", "/api/nodes/mine", key=net.donor_key)
     assert node["name"] == "gateway" and node["capabilities"]["backend"] == "a1111"
     assert net.instance_checkpoint in node["installed"]
+    assert node["loaded"] == [net.instance_checkpoint]  # the instance's, from its options
 
 
 def test_a_txt2img_runs_on_the_instance_and_comes_back(net: Network) -> None:
