@@ -137,6 +137,12 @@ def picture(size: tuple[int, int] = (64, 64), colour: tuple[int, int, int] = (20
     return Image.new("RGB", size, colour)
 
 
+def fresh() -> dict[str, Any]:
+    """A new ``alwayson_scripts`` for a call with ControlNet units: webuiapi adds them to the
+    dict it is given, by default one shared by every later call of the process."""
+    return {}
+
+
 def basic(key: str) -> tuple[str, str]:
     return ("anyone", key)
 
@@ -283,7 +289,7 @@ def test_a_controlnet_unit_conditions_the_generation(facade: Facade) -> None:
     unit = webuiapi.ControlNetUnit(
         image=picture(), module="canny", model=canny_title, threshold_a=50, threshold_b=150
     )
-    result = api.txt2img(**SMALL, controlnet_units=[unit])
+    result = api.txt2img(**SMALL, controlnet_units=[unit], alwayson_scripts=fresh())
     assert result.image.size == (64, 64)
     [task] = facade.tasks_of(key)
     control = task.params["control_net"]
@@ -307,7 +313,9 @@ def test_an_empty_controlnet_args_list_is_no_unit(facade: Facade) -> None:
 def test_an_img2img_unit_without_image_uses_the_init_image(facade: Facade) -> None:
     key = facade.key("alice")
     unit = webuiapi.ControlNetUnit(module="openpose", model="None")
-    facade.api(key).img2img(images=[picture()], **SMALL, controlnet_units=[unit])
+    facade.api(key).img2img(
+        images=[picture()], **SMALL, controlnet_units=[unit], alwayson_scripts=fresh()
+    )
     control = facade.tasks_of(key)[0].params["generation"]["control_net"]
     assert control["preprocess"] == "openpose"
 

@@ -55,18 +55,20 @@ Queue = Callable[[TaskService, str], TaskRecord]
 
 
 @dataclass(frozen=True)
-class Caller:
+class Client:
+    """An A1111 client: the caller's account, and the options it set."""
+
     account: Account
     owner: str  # whose client options (see dan.accounts.options)
     checkpoint: str | None  # the sha256 it chose with POST /options, if any
 
 
-def identify(request: Request) -> Caller:
+def identify(request: Request) -> Client:
     """The caller, its options' owner and its checkpoint (blocking: run it in a thread)."""
     account = caller(request)
     services = context(request).services
     owner = options_owner(account.id, services.accounts.key_id(api_key(request)))
-    return Caller(account, owner, services.client_options.checkpoint(owner))
+    return Client(account, owner, services.client_options.checkpoint(owner))
 
 
 async def run(ctx: ApiContext, account: Account, queue: Queue) -> TaskRecord:
@@ -92,7 +94,7 @@ async def finish(ctx: ApiContext, record: TaskRecord) -> TaskRecord:
 
 
 async def keep_override(
-    ctx: ApiContext, who: Caller, body: GenerationRequest, record: TaskRecord
+    ctx: ApiContext, who: Client, body: GenerationRequest, record: TaskRecord
 ) -> None:
     """With ``override_settings_restore_afterwards`` false, the checkpoint the request named
     becomes the caller's for later requests (A1111 keeps it loaded for everyone)."""
