@@ -29,6 +29,16 @@ COMMON_OPTIONS: list[tuple[str, str, str]] = [
     ("--device", "device", "torch device: auto, cpu, cuda, cuda:1, ..."),
     ("--dtype", "dtype", "auto, float32, float16 or bfloat16"),
 ]
+A1111_OPTIONS: list[tuple[str, str, str]] = [
+    ("--a1111-url", "a1111_url", "with --backend a1111: the instance's URL"),
+    ("--a1111-user", "a1111_user", "with --backend a1111: the user of its --api-auth"),
+    (
+        "--a1111-password",
+        "a1111_password",
+        "with --backend a1111: the password of its --api-auth (better in the environment)",
+    ),
+    ("--a1111-api-key", "a1111_api_key", "with --backend a1111: a key, if it is a DAN server"),
+]
 SERVE_OPTIONS: list[tuple[str, str, str]] = [
     ("--host", "host", "address to listen on"),
     ("--port", "port", "port to listen on"),
@@ -117,11 +127,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from dan.workers.node import run_node
-
     if not args.api_key:
         raise DanError("a node needs its owner's API key: --api-key KEY (or env DAN_API_KEY)")
-    run_node(_settings(args), args.server, args.api_key, args.name)
+    settings = _settings(args)
+    if settings.node_backend == "a1111":  # imports no torch
+        from dan.workers.a1111.node import run_a1111_node
+
+        run_a1111_node(settings, args.server, args.api_key, args.name)
+    else:
+        from dan.workers.node import run_node
+
+        run_node(settings, args.server, args.api_key, args.name)
     return 0
 
 
@@ -315,6 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--name", default=socket.gethostname()[:64], help="this node's name [default: host name]"
     )
+    node.add_argument(
+        "--backend",
+        dest="node_backend",
+        choices=["diffusers", "a1111"],
+        default=None,
+        help="diffusers: run tasks on this machine; a1111: on an AUTOMATIC1111 or Forge "
+        "instance, with its models [env DAN_NODE_BACKEND; default diffusers]",
+    )
+    _add_options(node, A1111_OPTIONS)
     node.set_defaults(func=cmd_node)
 
     models = sub.add_parser("models", help="list and download models").add_subparsers(

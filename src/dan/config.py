@@ -12,6 +12,7 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 AuthMode = Literal["auto", "required", "optional"]
 UnservedModelPolicy = Literal["reject", "accept"]
 BlobStoreKind = Literal["auto", "files", "database"]
+NodeBackend = Literal["diffusers", "a1111"]
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 GITHUB = "github"  # the sign-in providers' ids, as in /auth/login/{id}
 OIDC = "oidc"
@@ -335,6 +336,30 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+    # A node serving through an AUTOMATIC1111 or Forge instance (`dan node --backend a1111`)
+    node_backend: NodeBackend = Field(
+        "diffusers",
+        description="what runs a node's tasks: diffusers (this machine's GPU, with the models "
+        "folder) or a1111 (an AUTOMATIC1111/Forge instance's API, with its models)",
+    )
+    a1111_url: str = Field(
+        "http://127.0.0.1:7860",
+        description="the AUTOMATIC1111/Forge instance an a1111 node runs its tasks on (started "
+        "with --api)",
+    )
+    a1111_user: str | None = Field(None, description="user of the instance's --api-auth")
+    a1111_password: str | None = Field(None, description="password of the instance's --api-auth")
+    a1111_api_key: str | None = Field(
+        None, description="an API key of the instance, when it is a DAN server that needs one"
+    )
+
+    @model_validator(mode="after")
+    def _check_a1111(self) -> Settings:
+        _check_url("DAN_A1111_URL", self.a1111_url)
+        if self.a1111_password and not self.a1111_user:
+            raise ValueError("DAN_A1111_PASSWORD needs DAN_A1111_USER (HTTP Basic, as --api-auth)")
+        return self
 
 
 def _check_together(**settings: str | None) -> None:

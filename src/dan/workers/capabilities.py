@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
-from dan.domain import ModelKind, TaskKind
+from dan.domain import InstalledModel, ModelKind, TaskKind
 from dan.engine.base import Engine
-from dan.models.registry import ModelRegistry
 from dan.nodes.protocol import MAX_FILES
 from dan.nodes.store import NodeFile
 
@@ -23,7 +23,13 @@ class _LoadedCheckpoints(Protocol):
     def loaded(self) -> list[str]: ...
 
 
-def installed_files(registry: ModelRegistry, *, limit: int = MAX_FILES) -> tuple[NodeFile, ...]:
+class InstalledModels(Protocol):
+    """What is installed, by kind: a ModelRegistry, or what an AUTOMATIC1111 instance has."""
+
+    def list(self, kind: ModelKind) -> list[InstalledModel]: ...
+
+
+def installed_files(registry: InstalledModels, *, limit: int = MAX_FILES) -> tuple[NodeFile, ...]:
     """Every usable installed model file, described (kind, name, file name, size): checkpoints
     first, then LoRAs, ControlNets, upscalers and the rest, each kind by name; blocked
     pickles are left out (the worker would refuse to load them). At most ``limit`` (what the
@@ -49,20 +55,23 @@ def installed_files(registry: ModelRegistry, *, limit: int = MAX_FILES) -> tuple
 
 def loaded_checkpoints(engine: Engine) -> frozenset[str]:
     """The sha256 of the checkpoints the engine keeps loaded; empty for engines that do not
-    say (the diffusers engine does, through its pipeline cache)."""
+    say (the diffusers engine does, through its pipeline cache; the AUTOMATIC1111 one itself)."""
+    if isinstance(engine, _LoadedCheckpoints):
+        return frozenset(engine.loaded())
     pipelines = getattr(engine, "pipelines", None)
     if isinstance(pipelines, _LoadedCheckpoints):
         return frozenset(pipelines.loaded())
     return frozenset()
 
 
-def capabilities(engine: Engine) -> dict[str, Any]:
-    """Device and versions (the engine's own description), memory, limits and task kinds."""
+def capabilities(engine: Engine, features: Iterable[TaskKind] = tuple(TaskKind)) -> dict[str, Any]:
+    """Device and versions (the engine's own description), memory, limits and the task kinds
+    it runs."""
     return {
         **engine.describe(),
         "memory_bytes": _host_memory(),
         "max_pixels": MAX_PIXELS,
-        "features": [kind.value for kind in TaskKind],
+        "features": [kind.value for kind in features],
     }
 
 

@@ -16,12 +16,13 @@ import logging
 import queue
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import FrameType
 
 import httpx
 
 from dan.config import Settings
+from dan.domain import TaskKind
 from dan.engine.base import Engine, load_engine
 from dan.errors import DanError
 from dan.models.download import pull
@@ -29,6 +30,7 @@ from dan.models.registry import ModelRegistry
 from dan.models.sources import DownloadSources
 from dan.nodes.service import NodeDescription
 from dan.services import model_registry
+from dan.tasks.orders import ModelLookup
 from dan.workers.capabilities import capabilities, installed_files, loaded_checkpoints
 from dan.workers.loop import Worker
 from dan.workers.remote import NodeClient, RemoteFiles, RemoteQueue
@@ -84,7 +86,11 @@ class Puller:
 
 
 class Node:
-    """One node: its registry, engine, connection and worker loop (see the module docstring)."""
+    """One node: its models, engine, connection and worker loop (see the module docstring).
+
+    Its models are the settings' models folder, which admins may ask it to pull into, unless
+    ``models`` says what it has some other way (an AUTOMATIC1111 instance's models), when it
+    pulls nothing; ``features`` are the task kinds its engine runs."""
 
     def __init__(
         self,
@@ -95,18 +101,25 @@ class Node:
         *,
         stop: threading.Event,
         idle_sleep_s: float = 0.05,
+        models: ModelLookup | None = None,
+        features: Callable[[], Iterable[TaskKind]] = lambda: tuple(TaskKind),
     ) -> None:
         self._name, self._engine, self._client, self._stop = name, engine, client, stop
-        self._registry = model_registry(settings)
-        self._registry.scan()
-        sources = DownloadSources.from_settings(settings)
-        self._puller = Puller(self._registry, lambda: self.queue.refresh(), sources)
+        self._features = features
+        on_pull: Callable[[tuple[str, ...]], None] = _cannot_pull
+        if models is None:
+            registry = model_registry(settings)
+            registry.scan()
+            sources = DownloadSources.from_settings(settings)
+            puller = Puller(registry, lambda: self.queue.refresh(), sources)
+            models, on_pull = registry, puller.request
+        self._models = models
         self.queue = RemoteQueue(
             client,
             self.describe,
             stop=stop,
             loaded=lambda: loaded_checkpoints(engine),
-            on_pull=self._puller.request,
+            on_pull=on_pull,
         )
         self._idle_sleep_s = idle_sleep_s
 
@@ -114,8 +127,8 @@ class Node:
         """What the node registers: read afresh each time (models may have been pulled)."""
         return NodeDescription(
             self._name,
-            capabilities(self._engine),
-            installed_files(self._registry),
+            capabilities(self._engine, self._features()),
+            installed_files(self._models),
             loaded_checkpoints(self._engine),
         )
 
@@ -126,7 +139,7 @@ class Node:
         worker = Worker(
             self.queue,
             self._engine,
-            self._registry,
+            self._models,
             RemoteFiles(self._client, lambda: self.queue.session),
             worker_id=session.worker_id,
             lease_s=session.lease_s,
@@ -151,8 +164,17 @@ class Node:
         log.info("node stopped%s", f"; {released} task(s) handed back" if released else "")
 
 
-def run_node(settings: Settings, server: str, api_key: str, name: str) -> None:
-    """Serve ``server`` as the node ``name`` of the key's account until SIGTERM/SIGINT."""
+def _cannot_pull(names: tuple[str, ...]) -> None:
+    log.warning(
+        "the server asks this node to download %s; a node serving an AUTOMATIC1111 instance "
+        "downloads nothing: put the file in the instance's models folder",
+        ", ".join(names),
+    )
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGTERM or SIGINT sets (the node stops after its current task); the
+    second signal stops the process at once."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -163,6 +185,12 @@ def run_node(settings: Settings, server: str, api_key: str, name: str) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat
+    return stop
+
+
+def run_node(settings: Settings, server: str, api_key: str, name: str) -> None:
+    """Serve ``server`` as the node ``name`` of the key's account until SIGTERM/SIGINT."""
+    stop = stop_on_signals()
     engine = load_engine(settings)
     log.info("engine: %s", engine.describe())
     client = NodeClient(server, api_key, stop=stop)
