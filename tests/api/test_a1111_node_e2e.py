@@ -255,11 +255,6 @@ def test_hires_inpainting_upscale_and_detect_go_through_too(net: Network) -> Non
     assert kinds == ["detect", "upscale", "img2img", "txt2img"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the facade's GET /sdapi/v1/loras gives no sha256 and only a file name as path, so "
-    "the gateway cannot identify the instance's LoRAs",
-)
 def test_a_lora_goes_to_the_instance_by_its_name_there(net: Network) -> None:
     info = net.call("GET", "/api/sd/supportedModelInfo")
     assert [lora["name"] for lora in info["LoRAs"]] == ["ink"]

@@ -136,15 +136,18 @@ def test_controlnet_models_are_found_next_to_the_checkpoints(
     )
     roots = models_roots(found_checkpoints)
     assert roots == [models]
+    given = "ab" * 32
     names = [
-        "control_sd15_canny [fef5e48e]",
-        "control_sd15_openpose [cab727d4]",
-        "control_v11p_sd15_lineart [43d4be0d]",  # listed, but its file is not here
+        ("control_sd15_canny [fef5e48e]", None),
+        ("control_sd15_openpose [cab727d4]", None),
+        ("control_v11p_sd15_lineart [43d4be0d]", None),  # listed, but its file is not here
+        ("control_sd15_depth [abababab]", given),  # a DAN instance gives the sha256
     ]
     found = {f.call_name: f.model.sha256 for f in controlnets(names, roots, ident)}
     assert found == {
         "control_sd15_canny [fef5e48e]": canny,
         "control_sd15_openpose [cab727d4]": pose,
+        "control_sd15_depth [abababab]": given,
     }
 
 

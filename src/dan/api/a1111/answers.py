@@ -111,8 +111,16 @@ def sd_model(model: InstalledModel) -> dict[str, Any]:
     }
 
 
+# Listings carry each file's sha256 beside A1111's own keys (its clients ignore keys they do not
+# know): a DAN node whose backend is this server identifies its models by them.
 def lora(model: InstalledModel) -> dict[str, Any]:
-    return {"name": model.name, "alias": model.name, "path": model.path.name, "metadata": {}}
+    return {
+        "name": model.name,
+        "alias": model.name,
+        "path": model.path.name,
+        "metadata": {},
+        "sha256": model.sha256,
+    }
 
 
 def controlnet_title(model: InstalledModel) -> str:
@@ -122,17 +130,20 @@ def controlnet_title(model: InstalledModel) -> str:
 
 def upscalers(models: list[InstalledModel]) -> list[dict[str, Any]]:
     builtin = [_upscaler(name, None) for name in IMAGE_UPSCALERS]
-    return builtin + [_upscaler(m.name, m.path.name) for m in models]
+    return builtin + [_upscaler(m.name, m) for m in models]
 
 
-def _upscaler(name: str, path: str | None) -> dict[str, Any]:
-    return {
+def _upscaler(name: str, model: InstalledModel | None) -> dict[str, Any]:
+    answer: dict[str, Any] = {
         "name": name,
-        "model_name": name if path else None,
-        "model_path": path,
+        "model_name": name if model else None,
+        "model_path": model.path.name if model else None,
         "model_url": None,
         "scale": 4,
     }
+    if model is not None:
+        answer["sha256"] = model.sha256
+    return answer
 
 
 def latent_upscale_modes() -> list[dict[str, str]]:

@@ -130,9 +130,11 @@ async def controlnet_version(request: Request) -> dict[str, int]:
 
 
 @controlnet_router.get("/model_list", summary="ControlNet files: 'name [hash8]'")
-async def controlnet_models(request: Request) -> dict[str, list[str]]:
+async def controlnet_models(request: Request) -> dict[str, Any]:
+    """``model_list`` as the extension answers, and ``sha256`` of each entry (DAN's own key)."""
     models = await installed(request, ModelKind.CONTROLNET)
-    return {"model_list": [answers.controlnet_title(m) for m in models]}
+    titles = {answers.controlnet_title(m): m.sha256 for m in models}
+    return {"model_list": list(titles), "sha256": titles}
 
 
 @controlnet_router.get("/module_list", summary="The preprocessors DAN runs")

@@ -176,15 +176,20 @@ class A1111Inventory:
             log.warning("reading %s of the instance failed, so none is served: %s", path, exc)
             return []
 
-    def _controlnet_list(self) -> builtins.list[str] | None:
-        """The ControlNet extension's models; None if the instance has no such extension."""
+    def _controlnet_list(self) -> builtins.list[tuple[str, Any]] | None:
+        """The ControlNet extension's models, each with the sha256 the instance gives (a DAN
+        server does, in ``sha256``; the extension does not); None if it has no such extension."""
         try:
             answer = self._client.get("/controlnet/model_list")
         except A1111Refused as exc:
             log.info("no ControlNet on the instance (%s)", exc.message)
             return None
         names = answer.get("model_list") if isinstance(answer, dict) else None
-        return [str(n) for n in names if n and n != "None"] if isinstance(names, list) else []
+        given = answer.get("sha256") if isinstance(answer, dict) else None
+        hashes = given if isinstance(given, dict) else {}
+        if not isinstance(names, list):
+            return []
+        return [(str(n), hashes.get(n)) for n in names if n and n != "None"]
 
 
 class Identifier:
@@ -262,12 +267,18 @@ def upscalers(items: builtins.list[dict[str, Any]], ident: Identifier) -> Iterat
 
 
 def controlnets(
-    names: builtins.list[str], roots: builtins.list[Path], ident: Identifier
+    names: builtins.list[tuple[str, Any]], roots: builtins.list[Path], ident: Identifier
 ) -> Iterator[Found]:
     """The ControlNet models of ``GET /controlnet/model_list`` (``name [short hash]``) whose
-    file is found in the ControlNet folders under ``roots``, called by their list entry."""
+    sha256 the instance gives or whose file is found in the ControlNet folders under
+    ``roots``, called by their list entry."""
     folders = controlnet_folders(roots)
-    for entry in names:
+    for entry, sha256 in names:
+        if sha256 is not None:
+            given = ident.identify(ModelKind.CONTROLNET, entry, entry, sha256)
+            if given is not None:
+                yield given
+                continue
         path = _find_file(entry.rsplit(" [", 1)[0], folders)
         if path is None:
             log.warning(
