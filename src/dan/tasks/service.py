@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from dan.config import Settings
 from dan.domain import TaskKind, TaskRecord
-from dan.errors import ResourceUnavailable, TaskNotFound, TooManyPendingTasks
+from dan.errors import InvalidArgument, ResourceUnavailable, TaskNotFound, TooManyPendingTasks
 from dan.storage import BlobStore
 from dan.tasks.needs import Needs
 from dan.tasks.orders import (
@@ -23,7 +23,7 @@ from dan.tasks.orders import (
     Txt2ImgOrder,
     UpscaleOrder,
 )
-from dan.tasks.store import NewTask, Statistics, TaskStore
+from dan.tasks.store import NewTask, Statistics, TaskStore, pending_message
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +73,20 @@ class TaskService:
 
     def _submit(self, account: str, kind: TaskKind, build: Callable[[str], Prepared]) -> TaskRecord:
         """Refuse at once an account at its pending limit (before any image is decoded),
-        build and check the request, store its inputs, and queue it."""
+        build and check the request, store its inputs, and queue it. The limit counts images:
+        a task of more images than it is refused as invalid, since it could never be queued."""
         limit = self._settings.max_pending_per_account
         pending = self._store.pending_count(account)
         if pending >= limit:
-            raise TooManyPendingTasks(
-                f"this account already has {pending} pending tasks (the limit is {limit}); "
-                "wait for some to finish"
-            )
+            raise TooManyPendingTasks(pending_message(pending, limit))
         task_id = str(uuid.uuid4())
         prepared = build(task_id)
         needs = prepared.needs
+        if needs.images > limit:
+            raise InvalidArgument(
+                f"Invalid batch_size x n_iter: this task makes {needs.images} images, more "
+                f"than the {limit} an account may have pending on this server; ask for fewer"
+            )
         warning = self._check_served(needs)
         for key, data in prepared.inputs.items():
             self._blobs.put(key, data)
@@ -98,6 +101,7 @@ class TaskService:
                 checkpoint=needs.checkpoint,
                 requires=needs.requires,
                 expects=needs.expects,
+                images=needs.images,
             )
             record = self._store.submit(new, max_pending=limit)
         except BaseException:
