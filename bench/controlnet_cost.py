@@ -104,7 +104,7 @@ def run_bench(checkpoint: Path, args: argparse.Namespace, root: Path) -> dict[st
             "scheduler": make_scheduler("Euler a", base.scheduler.config, seed=0),
             "prompt_embeds": embeds,
             "negative_prompt_embeds": negative,
-            "generator": torch.Generator("cpu").manual_seed(0),
+            "generator": [torch.Generator("cpu").manual_seed(0)],
             "callback_on_step_end": clock,
         }
 

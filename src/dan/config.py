@@ -65,7 +65,12 @@ class Settings(BaseSettings):
     )
 
     # Queue
-    max_pending_per_account: int = Field(10, ge=1, description="pending tasks per account")
+    max_pending_per_account: int = Field(
+        16,
+        ge=1,
+        description="pending images per account (a task of batch_size x n_iter images counts "
+        "that many); 16 lets one request of the most images a request may ask for wait",
+    )
     result_ttl_s: float = Field(24 * 3600.0, gt=0, description="how long results are kept")
     lease_s: float = Field(30.0, gt=0, description="a worker's claim lasts this long unrenewed")
     max_attempts: int = Field(3, ge=1, description="tries before a task whose worker died fails")

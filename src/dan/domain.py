@@ -20,6 +20,12 @@ SAMPLERS: tuple[str, ...] = ("DPM++ SDE Karras", "Euler a", "Euler", "DPM++ SDE"
 
 SEED_MAX = 2**32 - 1
 
+# Several images per request (A1111's batch_size x n_iter). A batch goes through the UNet at
+# once, so it may hold at most the pixels of the largest single image (MAX_BATCH_PIXELS); the
+# images of one request are capped so that one request cannot fill the queue.
+MAX_BATCH_SIZE, MAX_N_ITER, MAX_IMAGES = 8, 16, 16
+MAX_BATCH_PIXELS = 2048 * 2048
+
 # Upscalers that need no model file (AUTOMATIC1111 names). Latent modes only make sense inside
 # hires fix, where the image is still a latent; model upscalers are files in models/upscalers.
 LATENT_UPSCALERS: tuple[str, ...] = (
@@ -253,6 +259,16 @@ class GenerationRequest:
     @property
     def images(self) -> int:
         return self.batch_size * self.n_iter
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """The seed of every image, in order: A1111's ``seed + i``."""
+        return tuple(self.seed + i for i in range(self.images))
+
+    def batch_seeds(self, iteration: int) -> tuple[int, ...]:
+        """The seeds of batch ``iteration`` (0-based): ``seed + iteration * batch_size + j``."""
+        first = self.seed + iteration * self.batch_size
+        return tuple(range(first, first + self.batch_size))
 
     def to_params(self) -> dict[str, Any]:
         return _to_params(self)

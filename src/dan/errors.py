@@ -81,7 +81,7 @@ class SyncTimeout(ResourceUnavailable):
 
 
 class TooManyPendingTasks(DanError):
-    """Too many pending tasks for this account; wait for some to finish."""
+    """Too many pending images for this account; wait for some to finish."""
 
     code = 3002
     http_status = 429

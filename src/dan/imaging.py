@@ -16,8 +16,17 @@ from dan.domain import GenerationRequest
 from dan.errors import InvalidArgument
 
 
-def infotext(request: GenerationRequest, seed: int, extra: Mapping[str, object] = {}) -> str:
-    """The generation parameters in A1111's infotext format, which its clients parse back."""
+def infotext(
+    request: GenerationRequest,
+    seed: int,
+    extra: Mapping[str, object] = {},
+    *,
+    batch_pos: int = 0,
+) -> str:
+    """The generation parameters in A1111's infotext format, which its clients parse back.
+
+    ``seed`` is the image's own (``request.seed + i``); an image of a batch of several also
+    gets A1111's ``Batch size`` and ``Batch pos`` (its place in its batch)."""
     lines = [request.prompt]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
@@ -29,8 +38,11 @@ def infotext(request: GenerationRequest, seed: int, extra: Mapping[str, object] 
         "Size": f"{request.width}x{request.height}",
         "Model hash": request.model.short_hash,
         "Model": request.model.name,
-        **extra,
     }
+    if request.batch_size > 1:
+        fields["Batch size"] = request.batch_size
+        fields["Batch pos"] = batch_pos
+    fields.update(extra)
     if request.hires is not None:
         fields["Denoising strength"] = f"{request.hires.denoising_strength:g}"
         fields["Hires upscale"] = f"{request.hires.scale:g}"

@@ -170,6 +170,31 @@ def test_a_real_result_is_accepted_and_held_for_a_new_nodes_honor(start: Start) 
     assert net.honor_rows("donor") == (0, 1)  # in escrow until the node has a record
 
 
+def test_a_batch_is_delivered_whole_or_refused(start: Start) -> None:
+    """A task of batch_size x n_iter images expects every one: a node returning an image too
+    many, or fewer (the cheap first image only), is refused; all of them, each with its seed,
+    succeed."""
+    net = start(max_attempts=3)
+    donor, user = net.key("donor", can_run_nodes=True), net.key("user")
+    node = net.node(donor, "gpu")
+    task_id = net.submit(user, seed=10, batch_size=3)
+    assert node.take()["attempt"] == 1  # type: ignore[index]
+    extra = node.upload(task_id, node.key_of(task_id, 3), png())
+    assert (extra.status, extra.reason) == (400, "result_refused")
+    assert node.take()["attempt"] == 2  # type: ignore[index]
+    assert node.upload(task_id, node.key_of(task_id, 0), png()).status == 200
+    short = node.complete(task_id, [node.key_of(task_id, 0)], seeds=[10])
+    assert (short.status, short.reason) == (400, "result_refused")
+    assert node.take()["attempt"] == 3  # type: ignore[index]
+    keys = [node.key_of(task_id, i) for i in range(3)]
+    for i, key in enumerate(keys):
+        assert node.upload(task_id, key, png(colour=(i, i, i))).status == 200
+    assert node.complete(task_id, keys, seeds=[10, 11, 12]).status == 200
+    record = net.record(task_id)
+    assert record.status == TaskStatus.SUCCESS and record.result.seeds == (10, 11, 12)
+    assert len(record.result.image_keys) == 3
+
+
 # -- 4. farming honor ----------------------------------------------------------------------------
 def test_no_honor_for_ones_own_tasks(start: Start) -> None:
     """Before: a node completing its own account's tiny tasks in a loop was paid for each."""

@@ -26,12 +26,12 @@ from tests.fixtures.network import Net, Start
 from tests.fixtures.scripted_node import ScriptedNode, png
 
 
-def picture(task: dict[str, Any], *, seed_offset: int = 0) -> bytes:
-    """The picture the (fake) engine makes for ``task``; with an offset, another seed's: a
-    plausible result that is not the one asked for."""
+def picture(task: dict[str, Any], *, seed_offset: int = 0, index: int = 0) -> bytes:
+    """The picture the (fake) engine makes for ``task`` (its image ``index``); with an offset,
+    another seed's: a plausible result that is not the one asked for."""
     request = GenerationRequest.from_params(task["params"])
     request = replace(request, seed=request.seed + seed_offset)
-    [image] = FakeEngine().txt2img(request, {}, lambda done, total: None)
+    image = FakeEngine().txt2img(request, {}, lambda done, total: None)[index]
     return encode_png(image, "made by a scripted node")
 
 
@@ -120,6 +120,27 @@ def test_a_new_node_returning_another_seeds_picture_is_caught_on_its_first_task(
     assert net.call("POST", path, user)["_http"] == 403
     assert net.call("POST", path, admin)["_http"] == 200
     assert liar.claim().status == 200
+
+
+def test_a_batch_with_one_forged_image_is_caught(start: Start) -> None:
+    """Every image of a batch is compared, not only the first: a node may compute the first
+    honestly and fill the rest with cheaper pictures."""
+    net = start(probation_checks=3)
+    liar, user = net.node(net.key("liar", can_run_nodes=True), "gpu"), net.key("user")
+    with local_verifier(net) as go:
+        task_id = net.submit(user, seed=41, batch_size=2)
+        task = liar.take()
+        assert task is not None
+        honest, forged = picture(task), picture(task, seed_offset=5, index=1)
+        keys = [liar.key_of(task_id, i) for i in range(2)]
+        for key, image in zip(keys, (honest, forged), strict=True):
+            assert liar.upload(task_id, key, image).status == 200
+        assert liar.complete(task_id, keys, seeds=[41, 42]).status == 200
+        go.set()
+        record = settle(net, task_id)
+    right = [pixels(png) for png in net.services.tasks.images(record)]
+    assert right == [pixels(picture(task, index=i)) for i in range(2)]  # the verifier's
+    assert liar.claim().reason == "node_suspect"
 
 
 def test_an_honest_new_node_passes_its_probation_and_is_paid(start: Start) -> None:

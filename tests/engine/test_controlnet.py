@@ -211,7 +211,7 @@ def run_args(base: StableDiffusionPipeline, request: GenerationRequest) -> dict[
         "scheduler": make_scheduler(request.sampler_name, base.scheduler.config, seed=request.seed),
         "prompt_embeds": embeds,
         "negative_prompt_embeds": negative,
-        "generator": torch.Generator("cpu").manual_seed(request.seed),
+        "generator": [torch.Generator("cpu").manual_seed(request.seed)],
         "callback_on_step_end": None,
     }
 
@@ -356,14 +356,14 @@ def hires_image(
     """Hires fix (x1.5, strength 0.5) wired as DiffusersEngine wires it, with ``unit``."""
     request = replace(generation(), hires=HiresFix(1.5, 0.5, UpscalerChoice(upscaler)))
     args = run_args(base, request)
-    image = hires_fix(
+    [image] = hires_fix(
         base,
         request,
         PromptEmbeds(args["prompt_embeds"], args["negative_prompt_embeds"]),
         new_scheduler=lambda: make_scheduler(
             request.sampler_name, base.scheduler.config, seed=request.seed
         ),
-        new_generator=lambda: torch.Generator("cpu").manual_seed(request.seed),
+        new_generators=lambda: [torch.Generator("cpu").manual_seed(request.seed)],
         files={},
         upscalers=UpscalerModels(CPU, torch.float32),
         progress=lambda done, total: None,

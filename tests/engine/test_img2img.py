@@ -287,7 +287,7 @@ def generate(
         ),
         prompt_embeds=embeds,
         negative_prompt_embeds=negative,
-        generator=torch.Generator("cpu").manual_seed(generation.seed),
+        generator=[torch.Generator("cpu").manual_seed(generation.seed)],
         callback_on_step_end=on_step_end,
     )
     return image

@@ -225,18 +225,19 @@ def run_hires(
     files = {checkpoint.sha256: checkpoint}
     if upscaler_file is not None:
         files[upscaler_file.sha256] = upscaler_file
-    return hires_fix(
+    [image] = hires_fix(
         base,
         request,
         PromptEmbeds(prompt_embeds, negative_embeds),
         new_scheduler=lambda: make_scheduler(
             request.sampler_name, base.scheduler.config, seed=request.seed
         ),
-        new_generator=lambda: torch.Generator("cpu").manual_seed(request.seed),
+        new_generators=lambda: [torch.Generator("cpu").manual_seed(request.seed)],
         files=files,
         upscalers=UpscalerModels(engine.device, engine.dtype, tile_size=32),
         progress=progress,
     )
+    return image
 
 
 def hires(
@@ -304,7 +305,7 @@ def test_denoising_zero_in_latent_mode_decodes_the_interpolated_latents(
         generator=torch.Generator("cpu").manual_seed(request.seed),
         output_type="latent",
     ).images
-    expected = decode_latents(base, upscale_latents(latents, 128, 128, "Latent (nearest)"))
+    [expected] = decode_latents(base, upscale_latents(latents, 128, 128, "Latent (nearest)"))
     assert image.size == (128, 128) and image.tobytes() == expected.tobytes()
 
 

@@ -105,6 +105,23 @@ def test_pending_limit_per_account(store: SqlTaskStore) -> None:
     submit(store, "a", max_pending=3)  # a running task no longer counts as pending
 
 
+def test_the_pending_limit_counts_images(store: SqlTaskStore) -> None:
+    def batch(images: int) -> NewTask:
+        return NewTask(str(uuid.uuid4()), "a", TaskKind.TXT2IMG, {"prompt": "a"}, images=images)
+
+    store.submit(batch(3), max_pending=4)
+    store.submit(batch(1), max_pending=4)
+    assert store.pending_count("a") == 4
+    with pytest.raises(TooManyPendingTasks) as refused:
+        store.submit(batch(1), max_pending=4)
+    assert "4 images pending (the limit is 4 pending images" in refused.value.message
+    store.claim("w", lease_s=LEASE)  # the batch of 3 runs: its images no longer count
+    assert store.pending_count("a") == 1
+    with pytest.raises(TooManyPendingTasks, match="1 image pending and this task makes 4"):
+        store.submit(batch(4), max_pending=4)
+    store.submit(batch(3), max_pending=4)
+
+
 def test_claim_is_exclusive_under_concurrency(store: SqlTaskStore) -> None:
     ids = {submit(store, f"acct{i % 3}") for i in range(30)}
     claimed: list[str] = []

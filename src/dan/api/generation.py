@@ -64,6 +64,8 @@ def generation_order(body: GenerationBody) -> GenerationOrder:
         model=body.model,
         loras=body.loras,
         control_net=controlnet_order(body.control_unit),
+        batch_size=body.batch_size,
+        n_iter=body.n_iter,
     )
 
 
@@ -220,6 +222,8 @@ def history_entry(record: TaskRecord) -> dict[str, Any]:
         "steps": generation.get("steps"),
         "sampler": generation.get("sampler_name"),
         "model": model.get("name") if isinstance(model, dict) else None,
+        "batchSize": generation.get("batch_size", 1),
+        "nIter": generation.get("n_iter", 1),
         "expired": record.expired,
     }
 

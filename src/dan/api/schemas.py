@@ -24,6 +24,9 @@ from dan.domain import (
     CONTROLNET_MODELS,
     CONTROLNET_PREPROCESSORS,
     INTERROGATOR_PARTS,
+    MAX_BATCH_SIZE,
+    MAX_IMAGES,
+    MAX_N_ITER,
     SAMPLERS,
     SEED_MAX,
 )
@@ -268,6 +271,18 @@ class GenerationBody(Submission):
     model: ModelName = None
     loras: Loras = ()
     control_net: Annotated[list[ControlNetBody] | None, BeforeValidator(_units)] = None
+    # A1111's batches: batch_size images at once, n_iter batches one after another.
+    batch_size: integer(1, MAX_BATCH_SIZE) = 1  # type: ignore[valid-type]
+    n_iter: integer(1, MAX_N_ITER) = 1  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _images(self) -> GenerationBody:
+        if self.batch_size * self.n_iter > MAX_IMAGES:
+            raise _fail(
+                f"batch_size x n_iter: at most {MAX_IMAGES} images per request, got "
+                f"{self.batch_size} x {self.n_iter} = {self.batch_size * self.n_iter}"
+            )
+        return self
 
     @property
     def control_unit(self) -> ControlNetBody | None:

@@ -42,8 +42,10 @@ class Engine(Protocol):
         *,
         preview: PreviewSink | None = None,
     ) -> list[Image]:
-        """Images for ``request`` (with its LoRAs, hires fix and ControlNet, whose input image
-        is ``control_image``); step previews are offered to ``preview``."""
+        """The ``request.images`` images of ``request`` (with its LoRAs, hires fix and
+        ControlNet, whose input image is ``control_image``), in seed order: image i has the
+        seed ``request.seed + i`` and is the image a single request with that seed gives; step
+        previews (of the batch's first image) are offered to ``preview``."""
         ...
 
     def img2img(
@@ -57,8 +59,9 @@ class Engine(Protocol):
         *,
         preview: PreviewSink | None = None,
     ) -> list[Image]:
-        """Images made from ``init_image``; with ``mask``, only the masked part is redrawn;
-        step previews are offered to ``preview``."""
+        """The ``request.generation.images`` images made from ``init_image``, in seed order as
+        txt2img's; with ``mask``, only the masked part is redrawn; step previews are offered
+        to ``preview``."""
         ...
 
     def upscale(

@@ -9,8 +9,9 @@ test ControlNets load through the same code as real ones. Pickles load with
 ``weights_only=True`` only: a ControlNet file is data, never code.
 
 Running: :func:`controlled_txt2img` and :func:`controlled_img2img` (img2img and inpaint) mirror
-:func:`dan.engine.img2img.run_img2img`; the engine passes the request's scheduler, prompt
-embeddings, generator and step callback, and a :class:`ControlUnit`.
+:func:`dan.engine.img2img.run_img2img`; the engine passes the batch's scheduler, prompt
+embeddings, generators (one per image) and step callback, and a :class:`ControlUnit`. The
+control image is given once; diffusers repeats it for every image of the batch.
 """
 
 from __future__ import annotations
@@ -208,6 +209,11 @@ class _Run:
     denoise: dict[str, Any]  # scheduler-independent pipeline arguments shared by every call
     scheduler: Any
 
+    def copies(self, image: Image.Image) -> list[Image.Image]:
+        """``image`` once per image of the batch (see dan.engine.img2img: each image's input
+        is encoded with its own generator)."""
+        return [image] * int(self.denoise["num_images_per_prompt"])
+
 
 def controlled_txt2img(
     base: Any,
@@ -217,10 +223,10 @@ def controlled_txt2img(
     scheduler: Any,
     prompt_embeds: torch.Tensor,
     negative_prompt_embeds: torch.Tensor,
-    generator: torch.Generator,
+    generator: list[torch.Generator],
     callback_on_step_end: Any,
 ) -> list[Image.Image]:
-    """The images (one) of a txt2img request conditioned on ``unit``.
+    """The images of one batch of a txt2img request conditioned on ``unit``, one per generator.
 
     With ``unit.weight == 0`` the result equals plain txt2img's for the same scheduler, seed and
     embeddings, pixel for pixel. ``base`` is only read. Raises EngineError for an invalid unit,
@@ -234,7 +240,7 @@ def controlled_txt2img(
     run.denoise.update(num_inference_steps=request.steps, guidance_scale=request.cfg_scale)
     run.denoise["callback_on_step_end"] = callback_on_step_end
     with torch.inference_mode():
-        return [_txt2img(run, request.width, request.height)]
+        return _txt2img(run, request.width, request.height)
 
 
 def controlled_img2img(
@@ -247,7 +253,7 @@ def controlled_img2img(
     scheduler: Any,
     prompt_embeds: torch.Tensor,
     negative_prompt_embeds: torch.Tensor,
-    generator: torch.Generator,
+    generator: list[torch.Generator],
     callback_on_step_end: Any,
 ) -> list[Image.Image]:
     """:func:`~dan.engine.img2img.run_img2img` with ``unit`` conditioning every denoising call.
@@ -269,7 +275,7 @@ def controlled_img2img(
     with torch.inference_mode():
         if request.inpaint is None or mask is None:
             image = fit_image(source, width, height, request.resize_mode)
-            return [_img2img(run, image, unit.fitted(width, height))]
+            return _img2img(run, image, unit.fitted(width, height))
         if request.inpaint.inpaint_area == InpaintArea.WHOLE_PICTURE:
             original = fit_image(source, width, height, request.resize_mode)
             spec = request.inpaint
@@ -277,8 +283,8 @@ def controlled_img2img(
                 mask, width, height, request.resize_mode, spec.mask_blur, spec.mask_mode
             )
             regenerated = _masked(run, original, prepared, unit.fitted(width, height))
-            return [paste_back(original, regenerated, prepared)]
-        return [_only_masked(run, source, mask, request, width, height)]
+            return [paste_back(original, image, prepared) for image in regenerated]
+        return _only_masked(run, source, mask, request, width, height)
 
 
 def _run(
@@ -287,18 +293,19 @@ def _run(
     scheduler: Any,
     prompt_embeds: torch.Tensor,
     negative_prompt_embeds: torch.Tensor,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
 ) -> _Run:
     denoise = {
         "prompt_embeds": prompt_embeds,
         "negative_prompt_embeds": negative_prompt_embeds,
-        "generator": generator,
+        "generator": generators,
+        "num_images_per_prompt": len(generators),
         **unit.call_kwargs(),
     }
     return _Run(base, unit, denoise, scheduler)
 
 
-def _txt2img(run: _Run, width: int, height: int) -> Image.Image:
+def _txt2img(run: _Run, width: int, height: int) -> list[Image.Image]:
     from diffusers import StableDiffusionControlNetPipeline
 
     inputs = {k: v for k, v in run.denoise.items() if k != "strength"}
@@ -308,12 +315,12 @@ def _txt2img(run: _Run, width: int, height: int) -> Image.Image:
     )
 
 
-def _img2img(run: _Run, image: Image.Image, control: Image.Image) -> Image.Image:
+def _img2img(run: _Run, image: Image.Image, control: Image.Image) -> list[Image.Image]:
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
 
     strength = run.denoise["strength"]
     if strength == 0:
-        return through_vae(run.base, image)
+        return run.copies(through_vae(run.base, image))
     if is_inpainting_unet(run.base):
         # As run_img2img: an inpainting model's img2img is inpainting of the whole picture.
         return _masked(run, image, Image.new("L", image.size, 255), control)
@@ -321,19 +328,21 @@ def _img2img(run: _Run, image: Image.Image, control: Image.Image) -> Image.Image
         return _txt2img(run, *image.size)
     size = {"width": image.width, "height": image.height}
     pipeline = StableDiffusionControlNetImg2ImgPipeline
-    return _call(pipeline, run, run.denoise, image=image, control_image=control, **size)
+    init = run.copies(image)
+    return _call(pipeline, run, run.denoise, image=init, control_image=control, **size)
 
 
-def _masked(run: _Run, image: Image.Image, mask: Image.Image, control: Image.Image) -> Image.Image:
+def _masked(
+    run: _Run, image: Image.Image, mask: Image.Image, control: Image.Image
+) -> list[Image.Image]:
     from diffusers import StableDiffusionControlNetInpaintPipeline
 
     if run.denoise["strength"] == 0:
-        return through_vae(run.base, image)
+        return run.copies(through_vae(run.base, image))
     size = {"width": image.width, "height": image.height}
     pipeline = StableDiffusionControlNetInpaintPipeline
-    return _call(
-        pipeline, run, run.denoise, image=image, mask_image=mask, control_image=control, **size
-    )
+    inputs = {"image": run.copies(image), "mask_image": run.copies(mask)}
+    return _call(pipeline, run, run.denoise, **inputs, control_image=control, **size)
 
 
 def _only_masked(
@@ -343,7 +352,7 @@ def _only_masked(
     request: Img2ImgRequest,
     width: int,
     height: int,
-) -> Image.Image:
+) -> list[Image.Image]:
     """Regenerate the crop around the mask at width x height and paste it back (A1111's way)."""
     spec, just = request.inpaint, ResizeMode.JUST_RESIZE
     assert spec is not None
@@ -352,11 +361,15 @@ def _only_masked(
     crop = fit_image(source.crop(box), width, height, just)
     crop_mask = fit_image(mask.crop(box), width, height, just)
     control = fit_image(run.unit.fitted(*source.size).crop(box), width, height, just)
-    return paste_back(source, _masked(run, crop, crop_mask, control), mask, box)
+    regenerated = _masked(run, crop, crop_mask, control)
+    return [paste_back(source, image, mask, box) for image in regenerated]
 
 
-def _call(pipeline_class: Any, run: _Run, inputs: dict[str, Any], **images: Any) -> Image.Image:
-    """One image from ``pipeline_class`` sharing the base's weights, the run's scheduler."""
+def _call(
+    pipeline_class: Any, run: _Run, inputs: dict[str, Any], **images: Any
+) -> list[Image.Image]:
+    """The batch's images from ``pipeline_class`` sharing the base's weights, the run's
+    scheduler."""
     components = {**run.base.components, "scheduler": run.scheduler, "controlnet": run.unit.model}
     pipeline = pipeline_class(**components, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
@@ -364,5 +377,4 @@ def _call(pipeline_class: Any, run: _Run, inputs: dict[str, Any], **images: Any)
         output = pipeline(**inputs, **images)
     except ValueError as exc:  # diffusers' check_inputs and shape checks
         raise EngineError(f"ControlNet generation failed: {exc}") from exc
-    image: Image.Image = output.images[0]
-    return image
+    return list(output.images)

@@ -1,8 +1,9 @@
 """FakeEngine: the Engine contract without torch, for testing the layers above the seam.
 
-It draws a flat image whose colour comes from the seed, reports every step, and can be told
-to be slow or to fail, so tests of the worker loop and the API can exercise progress,
-cancellation and failure isolation quickly. The real engine has its own tests.
+It draws flat images whose colours come from their seeds (``batch_size`` x ``n_iter`` of them,
+image i from ``seed + i``), reports every step, and can be told to be slow or to fail, so tests
+of the worker loop and the API can exercise progress, cancellation and failure isolation
+quickly. The real engine has its own tests.
 """
 
 from __future__ import annotations
@@ -54,12 +55,12 @@ class FakeEngine:
         self.calls.append(request)
         if request.prompt == self.FATAL_PROMPT:
             raise FatalEngineError("the fake device died")
-        colour = tuple(random.Random(request.seed).randrange(256) for _ in range(3))
+        colours = [_colour(seed) for seed in request.seeds]
         for step in range(request.steps):
             time.sleep(self.step_s)
             progress(step + 1, request.steps)
-            if preview is not None:  # the picture so far: its colour, fading in
-                preview(_fading(colour, (step + 1) / request.steps, request))
+            if preview is not None:  # the first picture so far: its colour, fading in
+                preview(_fading(colours[0], (step + 1) / request.steps, request))
         if request.prompt == self.FAIL_PROMPT:
             raise EngineError("the fake engine was told to fail")
         if request.prompt == self.OOM_PROMPT:
@@ -67,7 +68,7 @@ class FakeEngine:
         size = (request.width, request.height)
         if request.hires is not None:
             size = hires_size(request.width, request.height, request.hires.scale)
-        return [PILImage.new("RGB", size, colour)]
+        return [PILImage.new("RGB", size, colour) for colour in colours]
 
     def img2img(
         self,
@@ -80,16 +81,10 @@ class FakeEngine:
         *,
         preview: PreviewSink | None = None,
     ) -> list[Image]:
-        """The txt2img image, pasted over ``init_image`` where ``mask`` is white (at the init
-        image's size when only the masked area is redrawn, as the real engine does)."""
-        [generated] = self.txt2img(request.generation, files, progress, preview=preview)
-        inpaint = request.inpaint
-        if inpaint is not None and inpaint.inpaint_area == InpaintArea.ONLY_MASKED:
-            generated = generated.resize(init_image.size)
-        base = init_image.convert("RGB").resize(generated.size)
-        if mask is None:
-            return [generated]
-        return [PILImage.composite(generated, base, mask.convert("L").resize(generated.size))]
+        """The txt2img images, each pasted over ``init_image`` where ``mask`` is white (at the
+        init image's size when only the masked area is redrawn, as the real engine does)."""
+        generated = self.txt2img(request.generation, files, progress, preview=preview)
+        return [_pasted(image, init_image, mask, request) for image in generated]
 
     def upscale(
         self, request: UpscaleRequest, image: Image, files: ModelFiles, progress: ProgressCallback
@@ -113,6 +108,22 @@ class FakeEngine:
         """``"<model> caption of a WxH image"``."""
         progress(1, 1)
         return f"{request.model} caption of a {image.width}x{image.height} image"
+
+
+def _colour(seed: int) -> tuple[int, ...]:
+    return tuple(random.Random(seed).randrange(256) for _ in range(3))
+
+
+def _pasted(
+    generated: Image, init_image: Image, mask: Image | None, request: Img2ImgRequest
+) -> Image:
+    inpaint = request.inpaint
+    if inpaint is not None and inpaint.inpaint_area == InpaintArea.ONLY_MASKED:
+        generated = generated.resize(init_image.size)
+    if mask is None:
+        return generated
+    base = init_image.convert("RGB").resize(generated.size)
+    return PILImage.composite(generated, base, mask.convert("L").resize(generated.size))
 
 
 def _fading(

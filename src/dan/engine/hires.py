@@ -11,6 +11,8 @@ As in AUTOMATIC1111:
    runs ``hires.steps`` steps (A1111's "hires steps"), by default (0) as many as the first, with
    noise from the same seed.
 
+A batch goes through both passes together, each image with noise from its own seed (one
+generator per image), so it is the image a batch of one with that seed gives.
 ``denoising_strength`` 0 returns the upscaled first pass without a second pass. With a
 ControlNet unit, both passes are conditioned on its control image, fitted to each pass's size
 (as A1111's ControlNet extension does by default).
@@ -38,9 +40,10 @@ from dan.engine.upscale import is_latent_upscaler, model_file_of, resize_image, 
 from dan.engine.upscale_models import UpscalerModels
 from dan.errors import EngineError
 
-# A fresh scheduler (its own state) and a freshly seeded generator, for each pass.
+# A fresh scheduler (its own state) and freshly seeded generators (one per image of the
+# batch), for each pass.
 SchedulerFactory = Callable[[], Any]
-GeneratorFactory = Callable[[], torch.Generator]
+GeneratorFactory = Callable[[], list[torch.Generator]]
 
 
 @dataclass(frozen=True)
@@ -98,21 +101,23 @@ def hires_fix(
     embeds: PromptEmbeds,
     *,
     new_scheduler: SchedulerFactory,
-    new_generator: GeneratorFactory,
+    new_generators: GeneratorFactory,
     files: ModelFiles,
     upscalers: UpscalerModels,
     progress: ProgressCallback,
     unit: ControlUnit | None = None,
     on_latents: LatentsSink | None = None,
-) -> Image:
-    """The hires-fixed image for ``request`` (which must have ``hires``), of :func:`hires_size`,
-    conditioned on ``unit`` in both passes when given.
+) -> list[Image]:
+    """The hires-fixed images of one batch of ``request`` (which must have ``hires``), of
+    :func:`hires_size`, conditioned on ``unit`` in both passes when given.
 
     ``base`` lends its components (never its scheduler); each pass gets ``new_scheduler()`` and
-    ``new_generator()``. ``progress(done, total)`` counts the denoising calls of both passes (the
-    total is fixed from the start), is also called between the passes and after every upscaler
-    tile (to let cancellation in), and ends at ``(total, total)``. Raises EngineError for an
-    upscaler that cannot run or an invalid unit; TaskCancelled from ``progress`` propagates.
+    ``new_generators()``, one generator per image: the batch has as many images as generators,
+    and each pass draws image i's noise from generator i. ``progress(done, total)`` counts the
+    denoising calls of both passes (the total is fixed from the start), is also called between
+    the passes and after every upscaler tile (to let cancellation in), and ends at
+    ``(total, total)``. Raises EngineError for an upscaler that cannot run or an invalid unit;
+    TaskCancelled from ``progress`` propagates.
     """
     hires = _hires_of(request)
     if unit is not None:
@@ -128,7 +133,7 @@ def hires_fix(
         # 2. First pass at the requested size: latents for latent modes, else the image.
         pipeline = _txt2img_pipeline(base, new_scheduler(), unit)
         first = pipeline(
-            **_common_arguments(request, embeds, new_generator()),
+            **_common_arguments(request, embeds, new_generators()),
             **_conditioning(unit, (request.width, request.height), "image"),
             width=request.width,
             height=request.height,
@@ -144,7 +149,7 @@ def hires_fix(
             return decode_latents(pipeline, init) if isinstance(init, torch.Tensor) else init
         # 4. Second pass: img2img of the upscaled latents or image, noise from the same seed.
         images = _img2img_pipeline(base, new_scheduler(), unit)(
-            **_common_arguments(request, embeds, new_generator()),
+            **_common_arguments(request, embeds, new_generators()),
             **_conditioning(unit, target, "control_image"),
             image=init,
             strength=hires.denoising_strength,
@@ -154,8 +159,7 @@ def hires_fix(
             ),
         ).images
     progress(plan.total, plan.total)
-    image: Image = images[0]
-    return image
+    return list(images)
 
 
 def plan_progress(
@@ -175,16 +179,18 @@ def _upscale_first_pass(
     files: ModelFiles,
     upscalers: UpscalerModels,
     hold: ProgressCallback,
-) -> torch.Tensor | Image:
-    """The first pass's latents or image (``first``: the pipeline's ``images``) at ``target``."""
+) -> torch.Tensor | list[Image]:
+    """The first pass's latents or images (``first``: the pipeline's ``images``) at
+    ``target``."""
     if is_latent_upscaler(hires.upscaler.name):
         latents: torch.Tensor = first
         return upscale_latents(latents, *target, hires.upscaler.name)
     # A model upscaler's tiles may take minutes on a CPU: ``hold`` lets cancellation in.
     model_file = model_file_of(hires.upscaler, files)
-    return resize_image(
-        first[0], target, hires.upscaler, model_file, models=upscalers, progress=hold
-    )
+    return [
+        resize_image(image, target, hires.upscaler, model_file, models=upscalers, progress=hold)
+        for image in first
+    ]
 
 
 def _hires_of(request: GenerationRequest) -> HiresFix:
@@ -232,24 +238,24 @@ def _conditioning(unit: ControlUnit | None, size: tuple[int, int], key: str) -> 
 
 
 def _common_arguments(
-    request: GenerationRequest, embeds: PromptEmbeds, generator: torch.Generator
+    request: GenerationRequest, embeds: PromptEmbeds, generators: list[torch.Generator]
 ) -> dict[str, Any]:
     return {
         "prompt_embeds": embeds.prompt_embeds,
         "negative_prompt_embeds": embeds.negative_prompt_embeds,
         "guidance_scale": request.cfg_scale,
-        "generator": generator,
+        "generator": generators,
+        "num_images_per_prompt": len(generators),
     }
 
 
-def decode_latents(pipeline: StableDiffusionPipeline, latents: torch.Tensor) -> Image:
-    """The image of SD ``latents`` (1, 4, h, w), decoded by ``pipeline``'s VAE."""
+def decode_latents(pipeline: StableDiffusionPipeline, latents: torch.Tensor) -> list[Image]:
+    """The images of SD ``latents`` (n, 4, h, w), decoded by ``pipeline``'s VAE."""
     vae = pipeline.vae
     with torch.inference_mode():
         decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
-        images = pipeline.image_processor.postprocess(decoded[0], output_type="pil")
-    image: Image = images[0]
-    return image
+        images: list[Image] = pipeline.image_processor.postprocess(decoded[0], output_type="pil")
+    return images
 
 
 def _holding(progress: ProgressCallback, done: int, total: int) -> ProgressCallback:

@@ -13,6 +13,10 @@ Sizes of the result:
 
 Inpainting guarantee: where the prepared mask (thresholded, inverted for mask_mode 1, blurred)
 is 0, result pixels are byte-identical to the (fitted) init image flattened to RGB.
+
+Batches: one generator per image, and every image input (init image, mask) is handed to the
+pipeline once per image, so diffusers encodes image i with generator i exactly as it does for a
+batch of one: each image is the one a single request with its seed gives.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class _Run:
     scheduler: Any
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor
-    generator: torch.Generator
+    generators: list[torch.Generator]  # one per image of the batch
     callback_on_step_end: Any
     steps: int
     cfg_scale: float
@@ -55,9 +59,15 @@ class _Run:
             "negative_prompt_embeds": self.negative_prompt_embeds,
             "num_inference_steps": self.steps,
             "guidance_scale": self.cfg_scale,
-            "generator": self.generator,
+            "generator": self.generators,
+            "num_images_per_prompt": len(self.generators),
             "callback_on_step_end": self.callback_on_step_end,
         }
+
+    def copies(self, image: Image.Image) -> list[Image.Image]:
+        """``image`` once per image of the batch: diffusers' inpainting encodes only the
+        images it is given, and each must be encoded with its own image's generator."""
+        return [image] * len(self.generators)
 
     def size_kwargs(self) -> dict[str, int]:
         # Only txt2img and inpaint take a size; img2img takes its image's (and ignores extras).
@@ -106,10 +116,11 @@ def run_img2img(
     scheduler: Any,
     prompt_embeds: torch.Tensor,
     negative_prompt_embeds: torch.Tensor,
-    generator: torch.Generator,
+    generator: list[torch.Generator],
     callback_on_step_end: Any,
 ) -> list[Image.Image]:
-    """The images (one) of an img2img or inpaint request, made from ``init_image``.
+    """The images of one batch of an img2img or inpaint request, made from ``init_image``: one
+    per generator, image i with noise from generator i.
 
     ``base`` is the cached pipeline; it is only read (its components are shared, ``scheduler``
     is this request's own). 9-channel inpainting checkpoints are recognised from the UNet.
@@ -127,7 +138,7 @@ def run_img2img(
         scheduler=scheduler,
         prompt_embeds=prompt_embeds,
         negative_prompt_embeds=negative_prompt_embeds,
-        generator=generator,
+        generators=generator,
         callback_on_step_end=callback_on_step_end,
         steps=generation.steps,
         cfg_scale=generation.cfg_scale,
@@ -139,13 +150,13 @@ def run_img2img(
     with torch.inference_mode():
         if request.inpaint is None or mask is None:
             fitted = fit_image(source, run.width, run.height, request.resize_mode)
-            return [_img2img(run, fitted)]
-        return [_inpaint(run, source, mask, request.resize_mode, request.inpaint)]
+            return _img2img(run, fitted)
+        return _inpaint(run, source, mask, request.resize_mode, request.inpaint)
 
 
-def _img2img(run: _Run, image: Image.Image) -> Image.Image:
+def _img2img(run: _Run, image: Image.Image) -> list[Image.Image]:
     if run.strength == 0:
-        return through_vae(run.base, image)
+        return run.copies(through_vae(run.base, image))
     if is_inpainting_unet(run.base):
         # A1111 runs an inpainting model's img2img as inpainting of the whole picture.
         return _denoise_masked(run, image, Image.new("L", image.size, 255))
@@ -153,7 +164,8 @@ def _img2img(run: _Run, image: Image.Image) -> Image.Image:
         # diffusers' img2img still adds the init latents to the first noise at strength 1;
         # "ignores the input" means starting from pure noise, which is txt2img.
         return _call(StableDiffusionPipeline, run, **run.size_kwargs())
-    return _call(StableDiffusionImg2ImgPipeline, run, image=image, strength=run.strength)
+    image_input = run.copies(image)
+    return _call(StableDiffusionImg2ImgPipeline, run, image=image_input, strength=run.strength)
 
 
 def _inpaint(
@@ -162,7 +174,7 @@ def _inpaint(
     mask_image: Image.Image,
     resize_mode: ResizeMode,
     spec: InpaintSpec,
-) -> Image.Image:
+) -> list[Image.Image]:
     """Regenerate the masked part and paste it back over the untouched original."""
     if spec.inpaint_area == InpaintArea.ONLY_MASKED:
         # Mask at the original's size; only the crop around it is brought to width x height.
@@ -174,36 +186,38 @@ def _inpaint(
         # round trip crop -> generate -> paste aligned even where clipping bent the ratio.
         crop = fit_image(source.crop(box), run.width, run.height, ResizeMode.JUST_RESIZE)
         crop_mask = fit_image(mask.crop(box), run.width, run.height, ResizeMode.JUST_RESIZE)
-        return paste_back(source, _regenerate(run, crop, crop_mask), mask, box)
+        regenerated = _regenerate(run, crop, crop_mask)
+        return [paste_back(source, image, mask, box) for image in regenerated]
     original = fit_image(source, run.width, run.height, resize_mode)
     mask = prepare_mask(
         mask_image, run.width, run.height, resize_mode, spec.mask_blur, spec.mask_mode
     )
-    return paste_back(original, _regenerate(run, original, mask), mask)
+    return [paste_back(original, image, mask) for image in _regenerate(run, original, mask)]
 
 
-def _regenerate(run: _Run, image: Image.Image, mask: Image.Image) -> Image.Image:
+def _regenerate(run: _Run, image: Image.Image, mask: Image.Image) -> list[Image.Image]:
     if run.strength == 0:
-        return through_vae(run.base, image)
+        return run.copies(through_vae(run.base, image))
     return _denoise_masked(run, image, mask)
 
 
-def _denoise_masked(run: _Run, image: Image.Image, mask: Image.Image) -> Image.Image:
+def _denoise_masked(run: _Run, image: Image.Image, mask: Image.Image) -> list[Image.Image]:
     # diffusers binarises the mask at 0.5 for the latents, as A1111 rounds its latent mask; the
     # blur only shapes the final paste-back. On a 4-channel UNet the pipeline re-imposes the
     # noised original latents outside the mask after every step (A1111's approach).
     return _call(
         StableDiffusionInpaintPipeline,
         run,
-        image=image,
-        mask_image=mask,
+        image=run.copies(image),
+        mask_image=run.copies(mask),
         strength=run.strength,
         **run.size_kwargs(),
     )
 
 
-def _call(pipeline_class: Any, run: _Run, **inputs: Any) -> Image.Image:
-    """One image from a ``pipeline_class`` sharing the base's weights, with the run's scheduler."""
+def _call(pipeline_class: Any, run: _Run, **inputs: Any) -> list[Image.Image]:
+    """The batch's images from a ``pipeline_class`` sharing the base's weights, with the run's
+    scheduler."""
     components = {**run.base.components, "scheduler": run.scheduler}
     pipeline = pipeline_class(**components, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
@@ -211,8 +225,7 @@ def _call(pipeline_class: Any, run: _Run, **inputs: Any) -> Image.Image:
         output = pipeline(**run.call_kwargs(), **inputs)
     except ValueError as exc:  # diffusers' check_inputs and shape checks
         raise EngineError(f"img2img failed: {exc}") from exc
-    image: Image.Image = output.images[0]
-    return image
+    return list(output.images)
 
 
 def is_inpainting_unet(pipeline: StableDiffusionPipeline) -> bool:

@@ -11,7 +11,7 @@ a checkpoint shipped with, say, Karras sigmas or another timestep spacing must n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -81,20 +81,24 @@ def noise_schedule(base_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def make_scheduler(
-    sampler_name: str, base_config: Mapping[str, Any], *, seed: int
+    sampler_name: str, base_config: Mapping[str, Any], *, seed: int | Sequence[int]
 ) -> SchedulerMixin:
     """A new scheduler for the A1111 sampler ``sampler_name`` (one of ``dan.domain.SAMPLERS``).
 
     ``base_config`` is the checkpoint's scheduler config; only its noise schedule is used.
     ``seed`` seeds the Brownian noise of the DPM++ SDE samplers, which is what makes them
-    reproducible; the other samplers draw their noise from the pipeline's generator. Every call
-    returns a distinct instance. Raises ``ValueError`` for an unknown name.
+    reproducible; the other samplers draw their noise from the pipeline's generators. For a
+    batch, ``seed`` is one seed per image (in batch order): each image then gets the Brownian
+    noise of its own seed, the noise a batch of one with that seed gets (a one-seed list and the
+    bare int give the same noise). Every call returns a distinct instance. Raises
+    ``ValueError`` for an unknown name.
     """
     sampler = _SAMPLERS.get(sampler_name)
     if sampler is None:
         raise ValueError(f"unknown sampler {sampler_name!r}; expected one of {sorted(_SAMPLERS)}")
     config = {**noise_schedule(base_config), **sampler.options}
     if sampler.seeded:
-        config["noise_sampler_seed"] = seed
+        # diffusers' BatchedBrownianTree takes a list: one tree per batch item, seeded apart.
+        config["noise_sampler_seed"] = seed if isinstance(seed, int) else list(seed)
     # The class itself rather than from_config: same result, and typed.
     return sampler.scheduler_class(**config)

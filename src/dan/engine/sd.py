@@ -12,7 +12,7 @@ import logging
 import platform
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import diffusers
@@ -62,23 +62,36 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What every denoising pass of one request shares."""
+    """What every denoising pass of one batch shares (see :meth:`batches`)."""
 
     base: StableDiffusionPipeline
     embeds: PromptEmbeds
     request: GenerationRequest
     progress: ProgressCallback
+    seeds: tuple[int, ...]  # the batch's seeds, one per image
     on_latents: LatentsSink | None = None  # step previews, when someone wants them
+
+    def batches(self) -> Iterator[Conditioning]:
+        """The request's ``n_iter`` batches, in order: batch k has the seeds
+        ``seed + k * batch_size + j`` and reports its steps as its share of the whole run.
+        Call it on the request's conditioning (the one ``_conditioned`` yields)."""
+        count = self.request.n_iter
+        for k in range(count):
+            yield replace(
+                self,
+                seeds=self.request.batch_seeds(k),
+                progress=_share(self.progress, k, count),
+            )
 
     def scheduler(self) -> Any:
         """A new scheduler for one pass: passes never share sampler state."""
-        return make_scheduler(
-            self.request.sampler_name, self.base.scheduler.config, seed=self.request.seed
-        )
+        config = self.base.scheduler.config
+        return make_scheduler(self.request.sampler_name, config, seed=self.seeds)
 
-    def generator(self) -> torch.Generator:
-        # Noise from a CPU generator: the same seed gives the same image on any device.
-        return torch.Generator("cpu").manual_seed(self.request.seed)
+    def generators(self) -> list[torch.Generator]:
+        """One CPU generator per image, seeded with its seed: each image's noise is the noise
+        a single request with that seed gets, on any device."""
+        return [torch.Generator("cpu").manual_seed(seed) for seed in self.seeds]
 
 
 class DiffusersEngine:
@@ -125,25 +138,30 @@ class DiffusersEngine:
     ) -> list[Image]:
         with self._conditioned(request, files, progress, preview) as c:
             unit = self._control_unit(request, files, control_image)
-            if request.hires is not None:
-                return [self._hires(c, files, unit)]
-            if unit is not None:
-                return controlled_txt2img(c.base, request, unit, **_denoising(c))
-            pipeline = StableDiffusionPipeline(
-                **{**c.base.components, "scheduler": c.scheduler()}, requires_safety_checker=False
-            )
-            pipeline.set_progress_bar_config(disable=True)
-            output = pipeline(
-                prompt_embeds=c.embeds.prompt_embeds,
-                negative_prompt_embeds=c.embeds.negative_prompt_embeds,
-                width=request.width,
-                height=request.height,
-                num_inference_steps=request.steps,
-                guidance_scale=request.cfg_scale,
-                generator=c.generator(),
-                callback_on_step_end=step_callback(progress, on_latents=c.on_latents),
-            )
-            return list(output.images)
+            batches = c.batches()
+            return [image for batch in batches for image in self._txt2img(batch, files, unit)]
+
+    def _txt2img(self, c: Conditioning, files: ModelFiles, unit: ControlUnit | None) -> list[Image]:
+        """The images of one batch."""
+        if c.request.hires is not None:
+            return self._hires(c, files, unit)
+        if unit is not None:
+            return controlled_txt2img(c.base, c.request, unit, **_denoising(c))
+        denoising = _denoising(c)
+        pipeline = StableDiffusionPipeline(
+            **{**c.base.components, "scheduler": denoising.pop("scheduler")},
+            requires_safety_checker=False,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        output = pipeline(
+            width=c.request.width,
+            height=c.request.height,
+            num_inference_steps=c.request.steps,
+            guidance_scale=c.request.cfg_scale,
+            num_images_per_prompt=len(c.seeds),
+            **denoising,
+        )
+        return list(output.images)
 
     def img2img(
         self,
@@ -157,14 +175,17 @@ class DiffusersEngine:
         preview: PreviewSink | None = None,
     ) -> list[Image]:
         validate_img2img(request, init_image, mask)
+        images: list[Image] = []
         with self._conditioned(request.generation, files, progress, preview) as c:
             unit = self._control_unit(request.generation, files, control_image)
-            if unit is not None:
-                images = controlled_img2img(
-                    c.base, request, init_image, mask, unit, **_denoising(c)
-                )
-            else:
-                images = run_img2img(c.base, request, init_image, mask, **_denoising(c))
+            for batch in c.batches():
+                denoising = _denoising(batch)
+                if unit is not None:
+                    images += controlled_img2img(
+                        batch.base, request, init_image, mask, unit, **denoising
+                    )
+                else:
+                    images += run_img2img(batch.base, request, init_image, mask, **denoising)
         progress(1, 1)  # strength 0 runs no step
         return images
 
@@ -218,13 +239,13 @@ class DiffusersEngine:
         )
         return ControlUnit.from_spec(spec, self.controlnets.get(files[spec.model.sha256]), image)
 
-    def _hires(self, c: Conditioning, files: ModelFiles, unit: ControlUnit | None) -> Image:
+    def _hires(self, c: Conditioning, files: ModelFiles, unit: ControlUnit | None) -> list[Image]:
         return hires_fix(
             c.base,
             c.request,
             c.embeds,
             new_scheduler=c.scheduler,
-            new_generator=c.generator,
+            new_generators=c.generators,
             files=files,
             upscalers=self.upscalers,
             progress=c.progress,
@@ -259,7 +280,8 @@ class DiffusersEngine:
                 dtype=self.dtype,
             )
             embedded = PromptEmbeds(embeds, negative)
-            yield Conditioning(base, embedded, request, progress, on_latents)
+            first = request.batch_seeds(0)
+            yield Conditioning(base, embedded, request, progress, first, on_latents)
 
     def _loras(
         self, base: StableDiffusionPipeline, request: GenerationRequest, files: ModelFiles
@@ -277,19 +299,30 @@ class DiffusersEngine:
             device=self.device,
             allow_ckpt=self._settings.allow_ckpt,
         )
+        # A batch's images are decoded (and encoded) one at a time: the VAE's memory is then
+        # that of one image whatever the batch, and each image decodes as it does alone.
+        pipeline.vae.enable_slicing()
         previewer = LatentPreviewer(pipeline.vae)
         return LoadedCheckpoint(pipeline, architecture, pipeline_bytes(pipeline), previewer)
 
 
 def _denoising(c: Conditioning) -> dict[str, Any]:
-    """The per-pass arguments every denoising run of a request takes."""
+    """The per-pass arguments every denoising run of a batch takes (one generator per image:
+    the batch has as many images as generators)."""
     return {
         "scheduler": c.scheduler(),
         "prompt_embeds": c.embeds.prompt_embeds,
         "negative_prompt_embeds": c.embeds.negative_prompt_embeds,
-        "generator": c.generator(),
+        "generator": c.generators(),
         "callback_on_step_end": step_callback(c.progress, on_latents=c.on_latents),
     }
+
+
+def _share(progress: ProgressCallback, index: int, count: int) -> ProgressCallback:
+    """Progress of the ``index``-th of ``count`` equal runs, reported as part of all of them."""
+    if count == 1:
+        return progress
+    return lambda done, total: progress(index * total + done, count * total)
 
 
 def _previews(previewer: LatentPreviewer, sink: PreviewSink) -> LatentsSink:

@@ -187,12 +187,18 @@ class ResultChecks:
                 log.warning("node %s is now suspect: %s", outcome.node_id, reason)
 
     def _distance(self, first: Outcome, second: Outcome) -> float | None:
-        try:
-            a = self._blobs.get(first.result.image_keys[0])
-            b = self._blobs.get(second.result.image_keys[0])
-        except (IndexError, KeyError):
+        """The largest distance between the runs' images, pair by pair (every image of a
+        batch is checked: any of them could be the forged one); None if one is missing."""
+        ours, theirs = first.result.image_keys, second.result.image_keys
+        if not ours or len(ours) != len(theirs):
             return None
-        return picture_distance(a, b)
+        try:
+            pairs = [
+                (self._blobs.get(a), self._blobs.get(b)) for a, b in zip(ours, theirs, strict=True)
+            ]
+        except KeyError:
+            return None
+        return max(picture_distance(a, b) for a, b in pairs)
 
     def _copy_result(self, run: Outcome, task_id: str) -> TaskResult | None:
         """``run``'s images, copied into the task's own keys (they expire with the task)."""

@@ -27,6 +27,7 @@ __all__ = [
     "Reward",
     "Statistics",
     "TaskStore",
+    "pending_message",
 ]
 
 
@@ -53,6 +54,19 @@ class Expected:
         return cls(int(data["images"]), int(data["width"]), int(data["height"]))
 
 
+def pending_message(pending: int, limit: int, images: int = 1) -> str:
+    """Why a task is refused at the account's pending limit, which counts images."""
+    adding = f" and this task makes {images}" if images > 1 else ""
+    return (
+        f"this account already has {pending} {_images(pending)} pending{adding} (the limit is "
+        f"{limit} pending images per account); wait for some to finish"
+    )
+
+
+def _images(count: int) -> str:
+    return "image" if count == 1 else "images"
+
+
 @dataclass(frozen=True)
 class NewTask:
     id: str
@@ -65,6 +79,7 @@ class NewTask:
     requires: tuple[str, ...] = ()  # sha256 of every model file a node needs to run it
     expects: Expected | None = None
     callback_url: str | None = None  # where its webhook goes when it ends (dan.webhooks)
+    images: int = 1  # images it makes (batch_size x n_iter): what pending limits count
 
 
 @dataclass(frozen=True)
@@ -143,11 +158,13 @@ class TaskStore(Protocol):
 
     def submit(self, task: NewTask, *, max_pending: int) -> TaskRecord:
         """Insert a pending task (and its webhook, if it has a callback URL); raise
-        TooManyPendingTasks if the account has max_pending."""
+        TooManyPendingTasks if the images of the account's pending tasks and this task's would
+        be more than ``max_pending``."""
         ...
 
     def pending_count(self, account: str) -> int:
-        """How many pending tasks ``account`` has (a cheap check before decoding inputs)."""
+        """How many images ``account``'s pending tasks make (a cheap check before decoding
+        inputs)."""
         ...
 
     def history(self, account: str, *, limit: int, before: int | None = None) -> list[TaskRecord]:

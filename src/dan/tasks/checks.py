@@ -265,6 +265,7 @@ def _run_row(original: Any, run_id: str, now: float) -> dict[str, Any]:
         "cost": original["cost"],
         "model_sha256": original["model_sha256"],
         "expects": original["expects"],
+        "images": original["images"],
         "created_at": now,
         "progress": 0.0,
         "attempts": 0,

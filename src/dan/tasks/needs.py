@@ -28,6 +28,12 @@ class Needs:
     cost: float = 1.0
     expects: Expected | None = None
 
+    @property
+    def images(self) -> int:
+        """What the account's pending limit counts for it: the images it makes (at least 1:
+        a caption counts as one)."""
+        return max(1, self.expects.images if self.expects else 0)
+
 
 def generation_needs(
     request: GenerationRequest,
@@ -35,8 +41,9 @@ def generation_needs(
     output_size: tuple[int, int] | None = None,
 ) -> Needs:
     """The checkpoint, every file, the cost (steps actually run x megapixels, hires pass
-    included) and the result (one image of ``output_size``, by default the request's size,
-    hires-fixed) of a txt2img or img2img request."""
+    included, for each of its images) and the result (``request.images`` images of
+    ``output_size``, by default the request's size, hires-fixed) of a txt2img or img2img
+    request."""
     files = [request.model.sha256, *(lora.model.sha256 for lora in request.loras)]
     steps = request.steps * denoising_strength
     cost = steps * request.width * request.height
@@ -50,7 +57,7 @@ def generation_needs(
         files.append(request.control_net.model.sha256)
         if request.control_net.pose_model:
             files.append(request.control_net.pose_model.sha256)
-    normalised = cost / (BASE_STEPS * BASE_PIXELS)
+    normalised = cost * request.images / (BASE_STEPS * BASE_PIXELS)
     if output_size is None and request.hires is not None:
         output_size = hires_size(request.width, request.height, request.hires.scale)
     width, height = output_size or (request.width, request.height)
@@ -58,5 +65,5 @@ def generation_needs(
         request.model.sha256,
         tuple(dict.fromkeys(files)),
         max(MIN_COST, normalised),
-        Expected(1, width, height),
+        Expected(request.images, width, height),
     )

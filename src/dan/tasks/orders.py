@@ -20,7 +20,12 @@ from dan.domain import (
     IMAGE_UPSCALERS,
     INTERROGATOR_PARTS,
     LATENT_UPSCALERS,
+    MAX_BATCH_PIXELS,
+    MAX_BATCH_SIZE,
+    MAX_IMAGES,
+    MAX_N_ITER,
     OPENPOSE_BODY_MODEL,
+    SEED_MAX,
     ControlNetSpec,
     DetectRequest,
     GenerationRequest,
@@ -37,6 +42,7 @@ from dan.domain import (
     ResizeMode,
     UpscalerChoice,
     UpscaleRequest,
+    hires_size,
     scaled_size,
 )
 from dan.errors import InvalidArgument, ModelNotFound, ResourceUnavailable
@@ -174,6 +180,8 @@ class RequestBuilder:
             upscaler = self._upscaler(hires.upscaler, "upscale.upscaler", latent=True)
             hires_fix = HiresFix(hires.scale, hires.denoising_strength, upscaler, hires.steps)
             request = replace(request, hires=hires_fix)
+            second = hires_size(request.width, request.height, hires.scale)
+            _check_batch_pixels(request.batch_size, *second, " in hires fix's second pass")
         return Prepared(request.to_params(), inputs, generation_needs(request))
 
     def img2img(self, order: Img2ImgOrder, task_id: str) -> Prepared:
@@ -276,11 +284,13 @@ class RequestBuilder:
         """The request; a control image is added to ``inputs``."""
         self._check_prompt("prompt", order.prompt)
         self._check_prompt("negative_prompt", order.negative_prompt)
+        _check_batch(order)
+        _check_seeds(order)
         return GenerationRequest(
             prompt=order.prompt,
             negative_prompt=order.negative_prompt,
-            # Resolved now, so a task that is re-run after a crash makes the same image.
-            seed=order.seed if order.seed >= 0 else self._random_seed(),
+            # Resolved now, so a task that is re-run after a crash makes the same images.
+            seed=self._seed(order),
             sampler_name=order.sampler_name,
             steps=order.steps,
             cfg_scale=order.cfg_scale,
@@ -289,7 +299,16 @@ class RequestBuilder:
             model=self._checkpoint(order.model).ref,
             loras=self._loras(order.loras) + self._prompt_loras(order.prompt),
             control_net=self._control_net(order.control_net, task_id, inputs),
+            batch_size=order.batch_size,
+            n_iter=order.n_iter,
         )
+
+    def _seed(self, order: GenerationOrder) -> int:
+        """The order's seed, or a random one whose images' seeds (``seed + i``) all stay
+        within SEED_MAX, so each can be asked for again."""
+        if order.seed >= 0:
+            return order.seed
+        return self._random_seed() % (SEED_MAX + 2 - order.batch_size * order.n_iter)
 
     def _control_net(
         self, order: ControlNetOrder | None, task_id: str, inputs: dict[str, bytes]
@@ -435,6 +454,53 @@ def _mask_image(data: str, init: Image, mode: MaskMode) -> Image:
         )
     # Keep the alpha channel if there is one: the engine reads an alpha mask from it.
     return mask if mask.mode in ("L", "LA", "RGBA", "RGB") else mask.convert("RGBA")
+
+
+def _check_batch(order: GenerationOrder) -> None:
+    """Refuse a batch out of range, too many images, or too many pixels in one batch."""
+    size, count = order.batch_size, order.n_iter
+    if not 1 <= size <= MAX_BATCH_SIZE:
+        raise InvalidArgument(
+            f"Invalid batch_size: must be an integer between 1 and {MAX_BATCH_SIZE}, got {size}"
+        )
+    if not 1 <= count <= MAX_N_ITER:
+        raise InvalidArgument(
+            f"Invalid n_iter: must be an integer between 1 and {MAX_N_ITER}, got {count}"
+        )
+    if size * count > MAX_IMAGES:
+        raise InvalidArgument(
+            f"Invalid batch_size x n_iter: at most {MAX_IMAGES} images per request, got "
+            f"{size} x {count} = {size * count}"
+        )
+    _check_batch_pixels(size, order.width, order.height)
+
+
+def _check_seeds(order: GenerationOrder) -> None:
+    """Refuse a seed whose images' seeds (``seed + i``) pass SEED_MAX: each must be one a
+    client can send back."""
+    images = order.batch_size * order.n_iter
+    last = order.seed + images - 1
+    if order.seed >= 0 and last > SEED_MAX:
+        raise InvalidArgument(
+            f"Invalid seed: the {images} images would have the seeds {order.seed} to {last}, "
+            f"past the largest seed {SEED_MAX}; use a seed of at most {SEED_MAX + 1 - images}, "
+            "or -1"
+        )
+
+
+def _check_batch_pixels(batch_size: int, width: int, height: int, what: str = "") -> None:
+    """Refuse more than one image in a batch of more than MAX_BATCH_PIXELS pixels (``what``
+    names the pass when it is not the first)."""
+    # A batch goes through the UNet and the VAE at once: its memory grows with its pixels. A
+    # batch of one is bounded by the size limits; more images may hold as many pixels as the
+    # largest single image (2048x2048), e.g. 4 of 1024x1024 or 8 of 704x704.
+    pixels = batch_size * width * height
+    if batch_size > 1 and pixels > MAX_BATCH_PIXELS:
+        raise InvalidArgument(
+            f"Invalid batch_size: {batch_size} images of {width}x{height}{what} are {pixels} "
+            f"pixels in one batch, and a batch holds at most {MAX_BATCH_PIXELS} (one 2048x2048 "
+            "image); lower batch_size (n_iter runs batches one after another) or the size"
+        )
 
 
 def _check_denoising_steps(steps: int, strength: float) -> None:

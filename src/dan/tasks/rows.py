@@ -94,6 +94,7 @@ def new_row(task: NewTask, now: float) -> dict[str, Any]:
         "cost": task.cost,
         "model_sha256": task.checkpoint,
         "expects": task.expects.to_json() if task.expects else None,
+        "images": task.images,
         "created_at": now,
         "progress": 0.0,
         "attempts": 0,

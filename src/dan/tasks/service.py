@@ -24,7 +24,7 @@ from dan.tasks.orders import (
     Txt2ImgOrder,
     UpscaleOrder,
 )
-from dan.tasks.store import NewTask, Statistics, TaskStore
+from dan.tasks.store import NewTask, Statistics, TaskStore, pending_message
 from dan.webhooks import WebhookService
 
 log = logging.getLogger(__name__)
@@ -99,19 +99,23 @@ class TaskService:
         callback_url: str | None = None,
     ) -> TaskRecord:
         """Refuse at once an account at its pending limit (before any image is decoded),
-        check the callback URL, build and check the request, store its inputs, and queue it."""
+        check the callback URL, build and check the request, store its inputs, and queue it.
+        The limit counts images: a task of more images than it is refused as invalid, since it
+        could never be queued."""
         limit = self._settings.max_pending_per_account
         pending = self._store.pending_count(account)
         if pending >= limit:
-            raise TooManyPendingTasks(
-                f"this account already has {pending} pending tasks (the limit is {limit}); "
-                "wait for some to finish"
-            )
+            raise TooManyPendingTasks(pending_message(pending, limit))
         if callback_url is not None:
             self._check_callback(account, callback_url)
         task_id = str(uuid.uuid4())
         prepared = build(task_id)
         needs = prepared.needs
+        if needs.images > limit:
+            raise InvalidArgument(
+                f"Invalid batch_size x n_iter: this task makes {needs.images} images, more "
+                f"than the {limit} an account may have pending on this server; ask for fewer"
+            )
         warning = self._check_served(needs)
         for key, data in prepared.inputs.items():
             self._blobs.put(key, data)
@@ -127,6 +131,7 @@ class TaskService:
                 requires=needs.requires,
                 expects=needs.expects,
                 callback_url=callback_url,
+                images=needs.images,
             )
             record = self._store.submit(new, max_pending=limit)
         except BaseException:

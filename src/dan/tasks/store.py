@@ -3,8 +3,9 @@
 Every state change is one short transaction. Claims are atomic in SQL, never guarded by a
 Python lock: on SQLite writes run inside ``BEGIN IMMEDIATE`` (one writer at a time), on
 PostgreSQL the candidate rows are locked with ``FOR UPDATE SKIP LOCKED`` and a submit holds a
-transaction-scoped advisory lock on its account, so the pending limit and the account's tag
-are never raced. Times are the database's (see dan.db.clock).
+transaction-scoped advisory lock on its account, so the pending limit (which counts the images
+of the account's pending tasks, ``tasks.images``) and the account's tag are never raced. Times
+are the database's (see dan.db.clock).
 
 Queue order is weighted fair queuing: at submission a task gets a virtual-time ``tag``: the
 larger of the queue's virtual time (the highest tag ever claimed) and its account's last tag,
@@ -73,6 +74,7 @@ from dan.tasks.base import (
     Reward,
     Statistics,
     TaskStore,
+    pending_message,
 )
 from dan.tasks.rows import (
     PENDING,
@@ -103,6 +105,7 @@ __all__ = [
     "SqlTaskStore",
     "Statistics",
     "TaskStore",
+    "pending_message",
 ]
 
 
@@ -247,11 +250,8 @@ class SqlTaskStore:
                     {"account": task.account},
                 )
             pending = self._pending(conn, task.account)
-            if pending >= max_pending:
-                raise TooManyPendingTasks(
-                    f"this account already has {pending} pending tasks (the limit is "
-                    f"{max_pending}); wait for some to finish"
-                )
+            if pending + task.images > max_pending:
+                raise TooManyPendingTasks(pending_message(pending, max_pending, task.images))
             tag = self._next_tag(conn, task.account, task.cost / task.weight)
             now = self._time.now(conn)
             conn.execute(tasks.insert().values(**new_row(task, now), tag=tag))
@@ -417,7 +417,9 @@ class SqlTaskStore:
 
     @staticmethod
     def _pending(conn: Connection, account: str) -> int:
-        query = select(func.count()).where(tasks.c.account == account, tasks.c.status == PENDING)
+        """The images of the account's pending tasks (its pending limit counts images)."""
+        images = func.coalesce(func.sum(tasks.c.images), 0)
+        query = select(images).where(tasks.c.account == account, tasks.c.status == PENDING)
         return int(conn.execute(query).scalar_one())
 
     def _may_claim(self, conn: Connection, worker_id: str, offer: Offer) -> bool:

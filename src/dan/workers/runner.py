@@ -153,11 +153,15 @@ class TaskRunner:
         images: list[Image],
         extra: dict[str, str] | None = None,
     ) -> TaskResult:
-        seeds = tuple(request.seed + i for i in range(len(images)))
+        """Every image as a PNG with its own seed (A1111's ``seed + i``) in its parameters."""
+        seeds = request.seeds
+        if len(images) != len(seeds):
+            raise EngineError(f"the engine made {len(images)} images, not {len(seeds)}")
         keys = []
         for i, (image, seed) in enumerate(zip(images, seeds, strict=True)):
             key = result_key(task.id, task.attempt, i)
-            self._blobs.put(key, encode_png(image, infotext(request, seed, extra or {})))
+            text = infotext(request, seed, extra or {}, batch_pos=i % request.batch_size)
+            self._blobs.put(key, encode_png(image, text))
             keys.append(key)
         return TaskResult(image_keys=tuple(keys), seeds=seeds)
 

@@ -14,11 +14,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dan.api.schemas import MAX_SIZE, MAX_STEPS, MIN_SIZE, Text, integer, real
-from dan.domain import SEED_MAX
+from dan.domain import MAX_BATCH_SIZE, MAX_N_ITER, SEED_MAX
 
-# A1111's UI limits for a batch (images generated together) and the batch count.
-MAX_BATCH_SIZE = 8
-MAX_BATCH_COUNT = 100
 MAX_PADDING = 256  # A1111's "only masked padding" slider
 
 
@@ -50,7 +47,7 @@ class GenerationRequest(A1111Body):
     sampler_index: str = "Euler"  # A1111's older name of sampler_name, and its default
     scheduler: str | None = None
     batch_size: integer(1, MAX_BATCH_SIZE) = 1  # type: ignore[valid-type]
-    n_iter: integer(1, MAX_BATCH_COUNT) = 1  # type: ignore[valid-type]
+    n_iter: integer(1, MAX_N_ITER) = 1  # type: ignore[valid-type]
     steps: integer(1, MAX_STEPS) = 50  # type: ignore[valid-type]
     cfg_scale: real(1.0, 30.0) = 7.0  # type: ignore[valid-type]
     width: integer(MIN_SIZE, MAX_SIZE, multiple_of=8) = 512  # type: ignore[valid-type]

@@ -61,7 +61,7 @@ def txt2img(
             "hr_scale": request.hires.scale,
             "hr_upscaler": _upscaler(request.hires.upscaler, names),
             "denoising_strength": request.hires.denoising_strength,
-            "hr_second_pass_steps": 0,  # as many as the first pass
+            "hr_second_pass_steps": request.hires.steps,  # 0: as many as the first pass
         }
     return body | _controlnet(request.control_net, names, control_image)
 
