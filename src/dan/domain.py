@@ -178,6 +178,13 @@ class MaskMode(IntEnum):
     REGENERATE_UNMASKED = 1
 
 
+class MaskedContent(IntEnum):
+    """What the masked part starts from before it is denoised (A1111's ``inpainting_fill``)."""
+
+    FILL = 0  # the colours around the mask, spread into it
+    ORIGINAL = 1  # the picture as it is
+
+
 class InpaintArea(IntEnum):
     WHOLE_PICTURE = 0
     ONLY_MASKED = 1  # crop around the mask (with padding), regenerate the crop, paste it back
@@ -285,6 +292,7 @@ class InpaintSpec:
     mask_mode: MaskMode
     inpaint_area: InpaintArea
     padding: int = 32  # A1111's "only masked padding", pixels around the mask's box
+    fill: MaskedContent = MaskedContent.ORIGINAL  # what the masked part starts from
 
 
 @dataclass(frozen=True)

@@ -270,13 +270,19 @@ def test_only_masked_inpainting_carries_its_padding_and_inverted_masks(facade: F
     assert inpaint["mask_blur"] == 2
 
 
-def test_inpainting_fill_other_than_original_is_refused_by_name(facade: Facade) -> None:
-    api = facade.api(facade.key("alice"))
+def test_inpainting_fill_is_fill_or_original_and_latent_modes_are_refused_by_name(
+    facade: Facade,
+) -> None:
+    key = facade.key("alice")
+    api = facade.api(key)
     mask = Image.new("L", (64, 64), 255)
+    api.img2img(images=[picture()], mask_image=mask, **SMALL)  # webuiapi's default: 0, fill
+    [task] = facade.tasks_of(key)
+    assert task.params["inpaint"]["fill"] == 0
     with pytest.raises(RuntimeError) as refused:
-        api.img2img(images=[picture()], mask_image=mask, inpainting_fill=0, **SMALL)
+        api.img2img(images=[picture()], mask_image=mask, inpainting_fill=2, **SMALL)
     status, text = refused.value.args
-    assert status == 400 and "Invalid inpainting_fill" in text and "send 1" in text
+    assert status == 400 and "Invalid inpainting_fill" in text and "latent noise" in text
 
 
 # -- ControlNet -------------------------------------------------------------------------------

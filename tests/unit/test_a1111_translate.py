@@ -148,7 +148,8 @@ def test_img2img_and_inpainting_fields() -> None:
     assert inverted.inpaint.mask_mode == 1
     assert img2img(mask="m", inpainting_fill=1, mask_blur_x=6, mask_blur_y=6).inpaint.mask_blur == 6
     refused("mask_blur_x", img2img, mask="m", inpainting_fill=1, mask_blur_x=2, mask_blur_y=6)
-    for fill in (0, 2, 3):
+    assert img2img(mask="m", inpainting_fill=0).inpaint.fill == 0  # type: ignore[union-attr]
+    for fill in (2, 3):
         refused("inpainting_fill", img2img, mask="m", inpainting_fill=fill)
     assert img2img(inpainting_fill=0).inpaint is None  # no mask: inpainting_fill means nothing
     refused("init_images", img2img_order, Img2ImgRequest.model_validate({}), None)

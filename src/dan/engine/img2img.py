@@ -32,8 +32,15 @@ from diffusers import (
 )
 from PIL import Image
 
-from dan.domain import Img2ImgRequest, InpaintArea, InpaintSpec, ResizeMode
-from dan.engine.masks import crop_region, fit_image, paste_back, prepare_mask, to_rgb
+from dan.domain import Img2ImgRequest, InpaintArea, InpaintSpec, MaskedContent, ResizeMode
+from dan.engine.masks import (
+    crop_region,
+    fill_masked,
+    fit_image,
+    paste_back,
+    prepare_mask,
+    to_rgb,
+)
 from dan.errors import EngineError
 
 
@@ -186,16 +193,21 @@ def _inpaint(
         # round trip crop -> generate -> paste aligned even where clipping bent the ratio.
         crop = fit_image(source.crop(box), run.width, run.height, ResizeMode.JUST_RESIZE)
         crop_mask = fit_image(mask.crop(box), run.width, run.height, ResizeMode.JUST_RESIZE)
-        regenerated = _regenerate(run, crop, crop_mask)
+        regenerated = _regenerate(run, crop, crop_mask, spec.fill)
         return [paste_back(source, image, mask, box) for image in regenerated]
     original = fit_image(source, run.width, run.height, resize_mode)
     mask = prepare_mask(
         mask_image, run.width, run.height, resize_mode, spec.mask_blur, spec.mask_mode
     )
-    return [paste_back(original, image, mask) for image in _regenerate(run, original, mask)]
+    regenerated = _regenerate(run, original, mask, spec.fill)
+    return [paste_back(original, image, mask) for image in regenerated]
 
 
-def _regenerate(run: _Run, image: Image.Image, mask: Image.Image) -> list[Image.Image]:
+def _regenerate(
+    run: _Run, image: Image.Image, mask: Image.Image, fill: MaskedContent
+) -> list[Image.Image]:
+    if fill == MaskedContent.FILL:
+        image = fill_masked(image, mask)
     if run.strength == 0:
         return run.copies(through_vae(run.base, image))
     return _denoise_masked(run, image, mask)

@@ -36,6 +36,7 @@ from dan.domain import (
     InstalledModel,
     InterrogateRequest,
     LoraSpec,
+    MaskedContent,
     MaskMode,
     ModelKind,
     ModelRef,
@@ -116,6 +117,7 @@ class InpaintOrder:
     mask_mode: int
     inpaint_area: int
     padding: int = 32  # pixels around the mask's box, for inpaint_area ONLY_MASKED
+    fill: int = 1  # a MaskedContent: what the masked part starts from
 
 
 @dataclass(frozen=True)
@@ -431,6 +433,7 @@ def _inpaint(order: InpaintOrder, mask_key: str) -> InpaintSpec:
         mask_mode=MaskMode(order.mask_mode),
         inpaint_area=InpaintArea(order.inpaint_area),
         padding=order.padding,
+        fill=MaskedContent(order.fill),
     )
 
 

@@ -48,7 +48,7 @@ SCHEDULERS = (AUTOMATIC, KARRAS)
 # The only sampler DAN runs on the Karras schedule, and its name with it.
 KARRAS_SAMPLERS = {"DPM++ SDE": "DPM++ SDE Karras", "DPM++ SDE Karras": "DPM++ SDE Karras"}
 MAX_HIRES_SCALE = 2.0
-INPAINT_ORIGINAL = 1  # inpainting_fill: start from the original picture under the mask
+INPAINT_FILLS = (0, 1)  # inpainting_fill: fill (the colours around the mask), original
 SAME = ("", "use same checkpoint", "use same sampler", "use same scheduler")
 
 
@@ -256,12 +256,12 @@ def only_init_image(body: Img2ImgRequest) -> str:
 
 def inpaint_order(body: Img2ImgRequest) -> InpaintOrder:
     assert body.mask is not None
-    if body.inpainting_fill != INPAINT_ORIGINAL:
+    if body.inpainting_fill not in INPAINT_FILLS:
         raise invalid(
             "inpainting_fill",
-            "DAN inpaints starting from the original picture under the mask: send 1 "
-            f"(original); 0 (fill), 2 (latent noise) and 3 (latent nothing) are not supported, "
-            f"got {body.inpainting_fill}",
+            "DAN starts the masked part from the colours around it (0, fill) or from the "
+            "original picture (1, original); 2 (latent noise) and 3 (latent nothing) are not "
+            f"supported, got {body.inpainting_fill}",
         )
     if body.initial_noise_multiplier not in (None, 1.0):
         raise invalid("initial_noise_multiplier", "DAN does not scale the noise; use 1")
@@ -273,6 +273,7 @@ def inpaint_order(body: Img2ImgRequest) -> InpaintOrder:
         mask_mode=body.inpainting_mask_invert,
         inpaint_area=1 if body.inpaint_full_res else 0,
         padding=body.inpaint_full_res_padding,
+        fill=body.inpainting_fill,
     )
 
 

@@ -40,7 +40,6 @@ Names = Callable[[ModelKind, str], str]  # (kind, sha256) -> the instance's name
 _CONTROLNET_RESIZE = ("Just Resize", "Crop and Resize", "Resize and Fill")
 _GUESS_MODE = "ControlNet is more important"
 _BALANCED = "Balanced"
-INPAINT_FROM_ORIGINAL = 1  # A1111's inpainting_fill: start from the original picture's latents
 
 
 def b64_png(image: Image) -> str:
@@ -95,7 +94,7 @@ def img2img(
             "inpainting_mask_invert": int(request.inpaint.mask_mode),
             "inpaint_full_res": request.inpaint.inpaint_area == InpaintArea.ONLY_MASKED,
             "inpaint_full_res_padding": request.inpaint.padding,
-            "inpainting_fill": INPAINT_FROM_ORIGINAL,
+            "inpainting_fill": int(request.inpaint.fill),
         }
     return body | _controlnet(request.generation.control_net, names, control_image)
 
