@@ -45,9 +45,9 @@ from dan.engine.controlnet_detect import (
     to_diffusers_names,
 )
 from dan.engine.detect import base_configs
-from dan.engine.hires import PromptEmbeds, hires_fix, second_pass_steps
+from dan.engine.hires import hires_fix, second_pass_steps
 from dan.engine.masks import fit_image, prepare_mask
-from dan.engine.prompts import encode_prompts
+from dan.engine.prompts import PromptEmbeds, encode_prompts
 from dan.engine.samplers import make_scheduler
 from dan.engine.sd import DiffusersEngine
 from dan.engine.upscale_models import UpscalerModels

@@ -24,13 +24,12 @@ from dan.domain import (
     hires_size,
 )
 from dan.engine.hires import (
-    PromptEmbeds,
     decode_latents,
     denoising_calls,
     hires_fix,
     second_pass_steps,
 )
-from dan.engine.prompts import encode_prompts
+from dan.engine.prompts import PromptEmbeds, encode_prompts
 from dan.engine.samplers import make_scheduler
 from dan.engine.sd import DiffusersEngine
 from dan.engine.upscale import (

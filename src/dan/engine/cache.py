@@ -8,13 +8,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from diffusers import StableDiffusionPipeline
+import torch
 
 from dan.domain import InstalledModel
-from dan.engine.detect import Sd1Architecture
 from dan.engine.preview import LatentPreviewer
+
+if TYPE_CHECKING:
+    from dan.engine.families import Architecture, Family
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -22,10 +24,11 @@ T = TypeVar("T")
 
 @dataclass
 class LoadedCheckpoint:
-    pipeline: StableDiffusionPipeline
-    architecture: Sd1Architecture
+    pipeline: Any  # the family's txt2img pipeline, only read: tasks build their own around it
+    architecture: Architecture
     size_bytes: int
     previewer: LatentPreviewer  # step previews from its latents
+    family: Family
 
 
 class PipelineCache:
@@ -67,8 +70,9 @@ class PipelineCache:
         return sum(entry.size_bytes for entry in self._entries.values())
 
 
-def pipeline_bytes(pipeline: StableDiffusionPipeline) -> int:
-    modules = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
+def pipeline_bytes(pipeline: Any) -> int:
+    """The bytes of every model of ``pipeline`` (UNet, VAE, each text encoder)."""
+    modules = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
 

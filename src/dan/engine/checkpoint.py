@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dan.engine.detect import CONFIG_FILES, Sd1Architecture, clip_prefix, detect_architecture
-from dan.engine.tokenizer import ensure_tokenizer
+from dan.engine.tokenizer import EOS, ensure_tokenizer
 from dan.errors import EngineError, UnsupportedCheckpoint
 
 if TYPE_CHECKING:
@@ -118,18 +118,30 @@ def write_config_folder(architecture: Sd1Architecture, cache_dir: Path) -> Path:
     reused when present. ``StableDiffusionPipeline.from_single_file(..., config=folder)``
     accepts it too. Raises EngineError when it cannot be written.
     """
-    target = cache_dir / "configs" / architecture.digest
+    files = {CONFIG_FILES[name]: config for name, config in architecture.config_files().items()}
+    return write_configs(architecture.digest, files, {"tokenizer": EOS}, cache_dir)
+
+
+def write_configs(
+    digest: str, files: Mapping[str, dict[str, Any]], tokenizers: Mapping[str, str], cache_dir: Path
+) -> Path:
+    """The config folder ``cache_dir/configs/<digest>/``: ``files`` (relative path -> config)
+    written as JSON, and one CLIP tokenizer folder per entry of ``tokenizers`` (folder name ->
+    padding token). Written atomically and reused when present; raises EngineError when it
+    cannot be written."""
+    target = cache_dir / "configs" / digest
     if target.is_dir():
         return target
-    tokenizer = ensure_tokenizer(cache_dir)
+    sources = {name: ensure_tokenizer(cache_dir, pad) for name, pad in tokenizers.items()}
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
-        for name, config in architecture.config_files().items():
-            file = staging / CONFIG_FILES[name]
+        for relative, config in files.items():
+            file = staging / relative
             file.parent.mkdir(exist_ok=True)
             file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
-        shutil.copytree(tokenizer, staging / "tokenizer")
+        for name, source in sources.items():
+            shutil.copytree(source, staging / name)
         os.replace(staging, target)
     except OSError as exc:
         if not target.is_dir():  # else another process wrote the same folder first
@@ -158,17 +170,22 @@ def load_sd_pipeline(
     UnsupportedCheckpoint for anything wrong with the file, EngineError when the config folder
     cannot be written.
     """
+    state_dict = read_state_dict(path, allow_ckpt=allow_ckpt)
+    try:
+        return sd_pipeline_of(state_dict, cache_dir=cache_dir, dtype=dtype, device=device)
+    except UnsupportedCheckpoint as exc:
+        raise UnsupportedCheckpoint(f"{path.name}: {exc.message}") from exc
+
+
+def sd_pipeline_of(
+    state_dict: StateDict, *, cache_dir: Path, dtype: torch.dtype, device: torch.device | str
+) -> tuple[StableDiffusionPipeline, Sd1Architecture]:
+    """:func:`load_sd_pipeline` on a state dict already read (errors do not name the file)."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    state_dict = read_state_dict(path, allow_ckpt=allow_ckpt)
-    try:
-        architecture = detect_architecture(state_dict)
-        unet, vae, text_encoder = _load_models(
-            state_dict, architecture, dtype, torch.device(device)
-        )
-    except UnsupportedCheckpoint as exc:
-        raise UnsupportedCheckpoint(f"{path.name}: {exc.message}") from exc
+    architecture = detect_architecture(state_dict)
+    unet, vae, text_encoder = _load_models(state_dict, architecture, dtype, torch.device(device))
     folder = write_config_folder(architecture, cache_dir)
     pipeline: Any = StableDiffusionPipeline(  # type: ignore[no-untyped-call]
         vae=vae,

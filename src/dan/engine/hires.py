@@ -25,17 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import (
-    StableDiffusionControlNetImg2ImgPipeline,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-)
 from PIL.Image import Image
 
 from dan.domain import GenerationRequest, HiresFix, ModelFiles, ProgressCallback, hires_size
 from dan.engine.controlnet import ControlUnit
+from dan.engine.families import family_of_pipeline
 from dan.engine.preview import LatentsSink, step_callback
+from dan.engine.prompts import PromptEmbeds
 from dan.engine.upscale import is_latent_upscaler, model_file_of, resize_image, upscale_latents
 from dan.engine.upscale_models import UpscalerModels
 from dan.errors import EngineError
@@ -44,14 +40,6 @@ from dan.errors import EngineError
 # batch), for each pass.
 SchedulerFactory = Callable[[], Any]
 GeneratorFactory = Callable[[], list[torch.Generator]]
-
-
-@dataclass(frozen=True)
-class PromptEmbeds:
-    """The encoded prompts both passes use (see :func:`dan.engine.prompts.encode_prompts`)."""
-
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -96,7 +84,7 @@ def denoising_calls(scheduler: Any, num_inference_steps: int, strength: float = 
 
 
 def hires_fix(
-    base: StableDiffusionPipeline,
+    base: Any,
     request: GenerationRequest,
     embeds: PromptEmbeds,
     *,
@@ -111,12 +99,13 @@ def hires_fix(
     """The hires-fixed images of one batch of ``request`` (which must have ``hires``), of
     :func:`hires_size`, conditioned on ``unit`` in both passes when given.
 
-    ``base`` lends its components (never its scheduler); each pass gets ``new_scheduler()`` and
-    ``new_generators()``, one generator per image: the batch has as many images as generators,
-    and each pass draws image i's noise from generator i. ``progress(done, total)`` counts the
-    denoising calls of both passes (the total is fixed from the start), is also called between
-    the passes and after every upscaler tile (to let cancellation in), and ends at
-    ``(total, total)``. Raises EngineError for an upscaler that cannot run or an invalid unit;
+    ``base`` (a loaded pipeline of any family) lends its components (never its scheduler); each
+    pass gets ``new_scheduler()`` and ``new_generators()``, one generator per image: the batch
+    has as many images as generators, and each pass draws image i's noise from generator i.
+    ``progress(done, total)`` counts the denoising calls of both passes (the total is fixed from
+    the start), is also called between the passes and after every upscaler tile (to let
+    cancellation in), and ends at ``(total, total)``. Raises EngineError for an upscaler that
+    cannot run or an invalid unit;
     TaskCancelled from ``progress`` propagates.
     """
     hires = _hires_of(request)
@@ -199,34 +188,22 @@ def _hires_of(request: GenerationRequest) -> HiresFix:
     return request.hires
 
 
-def _txt2img_pipeline(
-    base: StableDiffusionPipeline, scheduler: Any, unit: ControlUnit | None = None
-) -> Any:
-    """A txt2img pipeline sharing ``base``'s weights, with its own ``scheduler`` (and ControlNet
-    when there is a ``unit``)."""
+def _txt2img_pipeline(base: Any, scheduler: Any, unit: ControlUnit | None = None) -> Any:
+    """A txt2img pipeline of ``base``'s family sharing its weights, with its own ``scheduler``
+    (and ControlNet when there is a ``unit``)."""
+    family = family_of_pipeline(base)
     if unit is None:
-        return _pipeline(StableDiffusionPipeline, base, scheduler)
-    return _pipeline(StableDiffusionControlNetPipeline, base, scheduler, controlnet=unit.model)
+        return family.pipeline("txt2img", base, scheduler)
+    return family.pipeline("controlnet_txt2img", base, scheduler, controlnet=unit.model)
 
 
-def _img2img_pipeline(
-    base: StableDiffusionPipeline, scheduler: Any, unit: ControlUnit | None = None
-) -> Any:
-    """An img2img pipeline sharing ``base``'s weights, with its own ``scheduler`` (and
-    ControlNet when there is a ``unit``)."""
+def _img2img_pipeline(base: Any, scheduler: Any, unit: ControlUnit | None = None) -> Any:
+    """An img2img pipeline of ``base``'s family sharing its weights, with its own
+    ``scheduler`` (and ControlNet when there is a ``unit``)."""
+    family = family_of_pipeline(base)
     if unit is None:
-        return _pipeline(StableDiffusionImg2ImgPipeline, base, scheduler)
-    pipeline_class = StableDiffusionControlNetImg2ImgPipeline
-    return _pipeline(pipeline_class, base, scheduler, controlnet=unit.model)
-
-
-def _pipeline(
-    pipeline_class: Any, base: StableDiffusionPipeline, scheduler: Any, **extra: Any
-) -> Any:
-    components = {**base.components, "scheduler": scheduler, **extra}
-    pipeline = pipeline_class(**components, requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+        return family.pipeline("img2img", base, scheduler)
+    return family.pipeline("controlnet_img2img", base, scheduler, controlnet=unit.model)
 
 
 def _conditioning(unit: ControlUnit | None, size: tuple[int, int], key: str) -> dict[str, Any]:
@@ -241,15 +218,14 @@ def _common_arguments(
     request: GenerationRequest, embeds: PromptEmbeds, generators: list[torch.Generator]
 ) -> dict[str, Any]:
     return {
-        "prompt_embeds": embeds.prompt_embeds,
-        "negative_prompt_embeds": embeds.negative_prompt_embeds,
+        **embeds.call_kwargs(),
         "guidance_scale": request.cfg_scale,
         "generator": generators,
         "num_images_per_prompt": len(generators),
     }
 
 
-def decode_latents(pipeline: StableDiffusionPipeline, latents: torch.Tensor) -> list[Image]:
+def decode_latents(pipeline: Any, latents: torch.Tensor) -> list[Image]:
     """The images of SD ``latents`` (n, 4, h, w), decoded by ``pipeline``'s VAE."""
     vae = pipeline.vae
     with torch.inference_mode():

@@ -1,4 +1,4 @@
-"""img2img and inpainting on a loaded Stable Diffusion 1.x pipeline, with A1111's semantics.
+"""img2img and inpainting on a loaded Stable Diffusion pipeline of any family, as A1111 does.
 
 The engine owns loading, prompt encoding, the scheduler and the generator; this module turns an
 :class:`~dan.domain.Img2ImgRequest` into images. Geometry (fitting, masks, crop boxes, pasting
@@ -25,14 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import (
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline,
-    StableDiffusionPipeline,
-)
 from PIL import Image
 
 from dan.domain import Img2ImgRequest, InpaintArea, InpaintSpec, MaskedContent, ResizeMode
+from dan.engine.families import PipelineTask, family_of_pipeline
 from dan.engine.masks import (
     crop_region,
     fill_masked,
@@ -41,6 +37,7 @@ from dan.engine.masks import (
     prepare_mask,
     to_rgb,
 )
+from dan.engine.prompts import PromptEmbeds
 from dan.errors import EngineError
 
 
@@ -48,10 +45,9 @@ from dan.errors import EngineError
 class _Run:
     """What every denoising call of one request shares."""
 
-    base: StableDiffusionPipeline
+    base: Any  # the loaded pipeline (any family), only read
     scheduler: Any
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor
+    embeds: PromptEmbeds
     generators: list[torch.Generator]  # one per image of the batch
     callback_on_step_end: Any
     steps: int
@@ -62,8 +58,7 @@ class _Run:
 
     def call_kwargs(self) -> dict[str, Any]:
         return {
-            "prompt_embeds": self.prompt_embeds,
-            "negative_prompt_embeds": self.negative_prompt_embeds,
+            **self.embeds.call_kwargs(),
             "num_inference_steps": self.steps,
             "guidance_scale": self.cfg_scale,
             "generator": self.generators,
@@ -115,7 +110,7 @@ def _min_steps(strength: float) -> int:
 
 
 def run_img2img(
-    base: StableDiffusionPipeline,
+    base: Any,
     request: Img2ImgRequest,
     init_image: Image.Image,
     mask: Image.Image | None,
@@ -123,13 +118,16 @@ def run_img2img(
     scheduler: Any,
     prompt_embeds: torch.Tensor,
     negative_prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
     generator: list[torch.Generator],
     callback_on_step_end: Any,
 ) -> list[Image.Image]:
     """The images of one batch of an img2img or inpaint request, made from ``init_image``: one
     per generator, image i with noise from generator i.
 
-    ``base`` is the cached pipeline; it is only read (its components are shared, ``scheduler``
+    ``base`` is the cached pipeline of any family (SDXL's takes the pooled embeddings too); it
+    is only read (its components are shared, ``scheduler``
     is this request's own). 9-channel inpainting checkpoints are recognised from the UNet.
     Strength 0 returns the fitted input passed through the VAE (encode to the latent mean,
     decode) without running the UNet; strength 1 ignores the input entirely for img2img on a
@@ -143,8 +141,12 @@ def run_img2img(
     run = _Run(
         base=base,
         scheduler=scheduler,
-        prompt_embeds=prompt_embeds,
-        negative_prompt_embeds=negative_prompt_embeds,
+        embeds=PromptEmbeds(
+            prompt_embeds,
+            negative_prompt_embeds,
+            pooled_prompt_embeds,
+            negative_pooled_prompt_embeds,
+        ),
         generators=generator,
         callback_on_step_end=callback_on_step_end,
         steps=generation.steps,
@@ -170,9 +172,9 @@ def _img2img(run: _Run, image: Image.Image) -> list[Image.Image]:
     if run.strength == 1:
         # diffusers' img2img still adds the init latents to the first noise at strength 1;
         # "ignores the input" means starting from pure noise, which is txt2img.
-        return _call(StableDiffusionPipeline, run, **run.size_kwargs())
+        return _call("txt2img", run, **run.size_kwargs())
     image_input = run.copies(image)
-    return _call(StableDiffusionImg2ImgPipeline, run, image=image_input, strength=run.strength)
+    return _call("img2img", run, image=image_input, strength=run.strength)
 
 
 def _inpaint(
@@ -218,7 +220,7 @@ def _denoise_masked(run: _Run, image: Image.Image, mask: Image.Image) -> list[Im
     # blur only shapes the final paste-back. On a 4-channel UNet the pipeline re-imposes the
     # noised original latents outside the mask after every step (A1111's approach).
     return _call(
-        StableDiffusionInpaintPipeline,
+        "inpaint",
         run,
         image=run.copies(image),
         mask_image=run.copies(mask),
@@ -227,12 +229,10 @@ def _denoise_masked(run: _Run, image: Image.Image, mask: Image.Image) -> list[Im
     )
 
 
-def _call(pipeline_class: Any, run: _Run, **inputs: Any) -> list[Image.Image]:
-    """The batch's images from a ``pipeline_class`` sharing the base's weights, with the run's
-    scheduler."""
-    components = {**run.base.components, "scheduler": run.scheduler}
-    pipeline = pipeline_class(**components, requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
+def _call(task: PipelineTask, run: _Run, **inputs: Any) -> list[Image.Image]:
+    """The batch's images from the base's family's ``task`` pipeline sharing the base's
+    weights, with the run's scheduler."""
+    pipeline = family_of_pipeline(run.base).pipeline(task, run.base, run.scheduler)
     try:
         output = pipeline(**run.call_kwargs(), **inputs)
     except ValueError as exc:  # diffusers' check_inputs and shape checks
@@ -240,12 +240,12 @@ def _call(pipeline_class: Any, run: _Run, **inputs: Any) -> list[Image.Image]:
     return list(output.images)
 
 
-def is_inpainting_unet(pipeline: StableDiffusionPipeline) -> bool:
+def is_inpainting_unet(pipeline: Any) -> bool:
     """True for a 9-channel UNet (latents + mask + masked-image latents)."""
     return int(pipeline.unet.config.in_channels) == 9
 
 
-def through_vae(pipeline: StableDiffusionPipeline, image: Image.Image) -> Image.Image:
+def through_vae(pipeline: Any, image: Image.Image) -> Image.Image:
     """``image`` encoded by the pipeline's VAE (the latent mean, no sampling) and decoded.
 
     This is what img2img at strength 0 returns: no noise, no UNet. Deterministic.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import ftfy
 import torch
@@ -61,6 +62,32 @@ class PromptChunk:
 
     input_ids: tuple[int, ...]
     weights: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class PromptEmbeds:
+    """A request's encoded prompts, as diffusers' pipelines take them.
+
+    SDXL adds the pooled text embeddings (the second text encoder's projection of its end
+    token), which its UNet takes with the size conditioning; SD1.x has none.
+    """
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+
+    def call_kwargs(self) -> dict[str, Any]:
+        """The pipeline arguments: the pooled embeddings only where there are some."""
+        kwargs = {
+            "prompt_embeds": self.prompt_embeds,
+            "negative_prompt_embeds": self.negative_prompt_embeds,
+        }
+        if self.pooled_prompt_embeds is not None:
+            kwargs["pooled_prompt_embeds"] = self.pooled_prompt_embeds
+        if self.negative_pooled_prompt_embeds is not None:
+            kwargs["negative_pooled_prompt_embeds"] = self.negative_pooled_prompt_embeds
+        return kwargs
 
 
 # --- Attention syntax -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""DiffusersEngine: Stable Diffusion 1.x on diffusers, with warm pipelines.
+"""DiffusersEngine: Stable Diffusion 1.x and SDXL on diffusers, with warm pipelines.
 
 Every request runs on pipelines of its own, built around the cached checkpoint's components
 with a fresh scheduler, so requests share weights but never sampler state. LoRAs are applied to
@@ -18,7 +18,6 @@ from typing import Any
 import diffusers
 import torch
 import transformers
-from diffusers import StableDiffusionPipeline
 from PIL.Image import Image
 
 from dan.config import Settings
@@ -35,7 +34,6 @@ from dan.domain import (
     UpscaleRequest,
 )
 from dan.engine.cache import LoadedCheckpoint, PipelineCache, WarmModel, pipeline_bytes
-from dan.engine.checkpoint import load_sd_pipeline
 from dan.engine.controlnet import (
     ControlNetCache,
     ControlUnit,
@@ -43,14 +41,15 @@ from dan.engine.controlnet import (
     controlled_txt2img,
 )
 from dan.engine.device import pick_device, pick_dtype
-from dan.engine.hires import PromptEmbeds, hires_fix
+from dan.engine.families import Family, load_checkpoint
+from dan.engine.hires import hires_fix
 from dan.engine.img2img import run_img2img, validate_img2img
 from dan.engine.interrogate import Interrogators
 from dan.engine.lora import LoraCache, LoraStack
 from dan.engine.openpose_body import OpenPoseBody
 from dan.engine.preprocess import PoseEstimator, preprocess
 from dan.engine.preview import LatentPreviewer, LatentsSink, step_callback
-from dan.engine.prompts import encode_prompts
+from dan.engine.prompts import PromptEmbeds
 from dan.engine.samplers import make_scheduler
 from dan.engine.upscale import upscale
 from dan.engine.upscale_models import UpscalerModels
@@ -64,7 +63,8 @@ log = logging.getLogger(__name__)
 class Conditioning:
     """What every denoising pass of one batch shares (see :meth:`batches`)."""
 
-    base: StableDiffusionPipeline
+    base: Any  # the loaded checkpoint's pipeline, only read
+    family: Family
     embeds: PromptEmbeds
     request: GenerationRequest
     progress: ProgressCallback
@@ -137,7 +137,7 @@ class DiffusersEngine:
         preview: PreviewSink | None = None,
     ) -> list[Image]:
         with self._conditioned(request, files, progress, preview) as c:
-            unit = self._control_unit(request, files, control_image)
+            unit = self._control_unit(c.family, request, files, control_image)
             batches = c.batches()
             return [image for batch in batches for image in self._txt2img(batch, files, unit)]
 
@@ -148,11 +148,7 @@ class DiffusersEngine:
         if unit is not None:
             return controlled_txt2img(c.base, c.request, unit, **_denoising(c))
         denoising = _denoising(c)
-        pipeline = StableDiffusionPipeline(
-            **{**c.base.components, "scheduler": denoising.pop("scheduler")},
-            requires_safety_checker=False,
-        )
-        pipeline.set_progress_bar_config(disable=True)
+        pipeline = c.family.pipeline("txt2img", c.base, denoising.pop("scheduler"))
         output = pipeline(
             width=c.request.width,
             height=c.request.height,
@@ -177,7 +173,7 @@ class DiffusersEngine:
         validate_img2img(request, init_image, mask)
         images: list[Image] = []
         with self._conditioned(request.generation, files, progress, preview) as c:
-            unit = self._control_unit(request.generation, files, control_image)
+            unit = self._control_unit(c.family, request.generation, files, control_image)
             for batch in c.batches():
                 denoising = _denoising(batch)
                 if unit is not None:
@@ -225,12 +221,21 @@ class DiffusersEngine:
         return self.pose_models.get(files[ref.sha256]).estimate
 
     def _control_unit(
-        self, request: GenerationRequest, files: ModelFiles, control_image: Image | None
+        self,
+        family: Family,
+        request: GenerationRequest,
+        files: ModelFiles,
+        control_image: Image | None,
     ) -> ControlUnit | None:
         """The request's ControlNet with its preprocessed control image, if it has one."""
         spec = request.control_net
         if spec is None:
             return None
+        if not family.supports_controlnet:
+            raise EngineError(
+                f"ControlNet does not run on {family.name.value} checkpoints in DAN yet; "
+                "send the request without control_net or use an SD 1.x checkpoint"
+            )
         if control_image is None:
             raise EngineError("control_net needs a control image")
         pose = self._pose(spec.pose_model, files)
@@ -271,20 +276,14 @@ class DiffusersEngine:
             torch.inference_mode(),
         ):
             prompt, _ = extract_lora_tags(request.prompt)  # the service resolved them already
-            embeds, negative = encode_prompts(
-                base.tokenizer,
-                base.text_encoder,
-                prompt,
-                request.negative_prompt,
-                device=self.device,
-                dtype=self.dtype,
+            embeds = loaded.family.encode_prompts(
+                base, prompt, request.negative_prompt, device=self.device, dtype=self.dtype
             )
-            embedded = PromptEmbeds(embeds, negative)
             first = request.batch_seeds(0)
-            yield Conditioning(base, embedded, request, progress, first, on_latents)
+            yield Conditioning(base, loaded.family, embeds, request, progress, first, on_latents)
 
     def _loras(
-        self, base: StableDiffusionPipeline, request: GenerationRequest, files: ModelFiles
+        self, base: Any, request: GenerationRequest, files: ModelFiles
     ) -> contextlib.AbstractContextManager[object]:
         """Exactly the request's LoRAs switched on, all of them off again afterwards."""
         loras = [(files[spec.model.sha256], spec.weight) for spec in request.loras]
@@ -292,7 +291,7 @@ class DiffusersEngine:
 
     def _load(self, model: InstalledModel) -> LoadedCheckpoint:
         log.info("loading checkpoint %s (%s) on %s", model.name, model.sha256[:10], self.device)
-        pipeline, architecture = load_sd_pipeline(
+        pipeline, architecture, family = load_checkpoint(
             model.path,
             cache_dir=self._settings.cache_dir,
             dtype=self.dtype,
@@ -303,7 +302,8 @@ class DiffusersEngine:
         # that of one image whatever the batch, and each image decodes as it does alone.
         pipeline.vae.enable_slicing()
         previewer = LatentPreviewer(pipeline.vae)
-        return LoadedCheckpoint(pipeline, architecture, pipeline_bytes(pipeline), previewer)
+        size = pipeline_bytes(pipeline)
+        return LoadedCheckpoint(pipeline, architecture, size, previewer, family)
 
 
 def _denoising(c: Conditioning) -> dict[str, Any]:
@@ -311,8 +311,7 @@ def _denoising(c: Conditioning) -> dict[str, Any]:
     the batch has as many images as generators)."""
     return {
         "scheduler": c.scheduler(),
-        "prompt_embeds": c.embeds.prompt_embeds,
-        "negative_prompt_embeds": c.embeds.negative_prompt_embeds,
+        **c.embeds.call_kwargs(),
         "generator": c.generators(),
         "callback_on_step_end": step_callback(c.progress, on_latents=c.on_latents),
     }

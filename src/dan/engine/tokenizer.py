@@ -70,15 +70,18 @@ def build_vocabulary(bpe_file: Path) -> tuple[dict[str, int], list[str]]:
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def write_tokenizer(directory: Path) -> Path:
-    """Write a CLIPTokenizer folder into ``directory`` (atomically) and return it."""
+def write_tokenizer(directory: Path, pad_token: str = EOS) -> Path:
+    """Write a CLIPTokenizer folder into ``directory`` (atomically) and return it.
+
+    ``pad_token`` is OpenAI CLIP's end token by default; OpenCLIP's tokenizer (SDXL's second)
+    pads with "!" instead."""
     vocab, merges = build_vocabulary(find_bpe_vocabulary())
     config = {
         "model_max_length": MODEL_MAX_LENGTH,
         "bos_token": BOS,
         "eos_token": EOS,
         "unk_token": EOS,
-        "pad_token": EOS,
+        "pad_token": pad_token,
         "do_lower_case": True,
         "tokenizer_class": "CLIPTokenizer",
     }
@@ -98,9 +101,11 @@ def write_tokenizer(directory: Path) -> Path:
     return directory
 
 
-def ensure_tokenizer(cache_dir: Path) -> Path:
-    """The tokenizer folder under ``cache_dir``, written on first use."""
-    directory = cache_dir / "clip-tokenizer"
+def ensure_tokenizer(cache_dir: Path, pad_token: str = EOS) -> Path:
+    """The tokenizer folder under ``cache_dir`` padding with ``pad_token``, written on first
+    use."""
+    suffix = "" if pad_token == EOS else f"-pad{ord(pad_token[0])}"
+    directory = cache_dir / f"clip-tokenizer{suffix}"
     if not (directory / "vocab.json").is_file():
-        write_tokenizer(directory)
+        write_tokenizer(directory, pad_token)
     return directory
