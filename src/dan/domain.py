@@ -134,6 +134,11 @@ class ModelFamily(StrEnum):
     SD15 = "sd15"  # Stable Diffusion 1.x
     SDXL = "sdxl"  # Stable Diffusion XL
 
+    @property
+    def native_size(self) -> int:
+        """The side of the square images the family was trained on: the default size."""
+        return 1024 if self is ModelFamily.SDXL else 512
+
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -159,6 +164,9 @@ class InstalledModel:
     sha256: str
     path: Path
     size: int
+    # Checkpoints, LoRAs and ControlNets: the family they work with (see dan.models.families);
+    # None for other kinds, and where it is not known (taken as SD 1.x).
+    family: ModelFamily | None = None
 
     @property
     def ref(self) -> ModelRef:

@@ -266,8 +266,9 @@ class GenerationBody(Submission):
     sampler_name: SamplerName = "Euler a"
     steps: integer(1, MAX_STEPS) = 20  # type: ignore[valid-type]
     cfg_scale: real(MIN_CFG, MAX_CFG) = 7.0  # type: ignore[valid-type]
-    width: integer(MIN_SIZE, MAX_SIZE, multiple_of=8) = 512  # type: ignore[valid-type]
-    height: integer(MIN_SIZE, MAX_SIZE, multiple_of=8) = 512  # type: ignore[valid-type]
+    # Left out: the checkpoint family's native size (512 for SD 1.x, 1024 for SDXL).
+    width: integer(MIN_SIZE, MAX_SIZE, multiple_of=8) | None = None  # type: ignore[valid-type]
+    height: integer(MIN_SIZE, MAX_SIZE, multiple_of=8) | None = None  # type: ignore[valid-type]
     model: ModelName = None
     loras: Loras = ()
     control_net: Annotated[list[ControlNetBody] | None, BeforeValidator(_units)] = None

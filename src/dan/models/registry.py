@@ -37,9 +37,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from dan.domain import InstalledModel, ModelKind
+from dan.domain import InstalledModel, ModelFamily, ModelKind
 from dan.errors import ModelNotFound
 from dan.models.catalog import Catalog, CatalogEntry, load_catalog
+from dan.models.families import family_of_file
 from dan.models.hashing import HashCache
 
 log = logging.getLogger(__name__)
@@ -191,10 +192,18 @@ class ModelRegistry:
         try:
             digest = self.hashes.sha256(path)
             size = path.stat().st_size
+            family = self._family(kind, digest, path)
         except OSError as exc:
             log.warning("skipping %s: %s", path, exc)
             return None
-        return InstalledModel(kind=kind, name=path.stem, sha256=digest, path=path, size=size)
+        return InstalledModel(kind, path.stem, digest, path, size, family)
+
+    def _family(self, kind: ModelKind, sha256: str, path: Path) -> ModelFamily | None:
+        """The catalog's family for a catalog file, else the one its tensor names show."""
+        entry = self.catalog.get(sha256, kind)
+        if entry is not None and entry.family is not None:
+            return entry.family
+        return family_of_file(kind, path)
 
     def _may_rescan(self, kind: ModelKind) -> bool:
         """Whether an on-demand rescan of ``kind`` is due; if so, records that it happens now."""

@@ -1,20 +1,26 @@
 """What a queued task needs to run: which node can take it, and what it costs in the queue.
 
-Cost is relative to a 512x512, 20-step txt2img (cost 1): the steps actually run times the
-pixels they run on. The queue advances an account's lane by cost / weight, so a big task
-waits longer than a small one, and an honoured account gets more turns (see dan.tasks.store).
+Cost is relative to a 512x512, 20-step SD 1.x txt2img (cost 1): the steps actually run times the
+pixels they run on, times what a step costs per pixel in the checkpoint's family (SDXL's UNet is
+larger: see :data:`PIXEL_STEP_COST` and ``bench/sdxl_step_cost.py``). The queue advances an
+account's lane by cost / weight, so a big task waits longer than a small one, and an honoured
+account gets more turns (see dan.tasks.store).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dan.domain import GenerationRequest, hires_size
+from dan.domain import GenerationRequest, ModelFamily, hires_size
 from dan.tasks.base import Expected
 
 BASE_PIXELS, BASE_STEPS = 512 * 512, 20  # a task of cost 1
 MIN_COST = 0.05  # nothing is free: a flood of tiny tasks still advances its account's lane
 INTERROGATE_COST = 0.5
+# What one UNet step costs per pixel, relative to SD 1.x. bench/sdxl_step_cost.py measures an
+# SDXL step at 1024x1024 against an SD1.5 step at 512x512 (4x the pixels); the ratio per pixel
+# is this figure.
+PIXEL_STEP_COST: dict[ModelFamily, float] = {ModelFamily.SD15: 1.0, ModelFamily.SDXL: 1.5}
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,12 @@ def generation_needs(
     request: GenerationRequest,
     denoising_strength: float = 1.0,
     output_size: tuple[int, int] | None = None,
+    family: ModelFamily = ModelFamily.SD15,
 ) -> Needs:
     """The checkpoint, every file, the cost (steps actually run x megapixels, hires pass
     included, for each of its images) and the result (``request.images`` images of
     ``output_size``, by default the request's size, hires-fixed) of a txt2img or img2img
-    request."""
+    request on a checkpoint of ``family``."""
     files = [request.model.sha256, *(lora.model.sha256 for lora in request.loras)]
     steps = request.steps * denoising_strength
     cost = steps * request.width * request.height
@@ -57,7 +64,7 @@ def generation_needs(
         files.append(request.control_net.model.sha256)
         if request.control_net.pose_model:
             files.append(request.control_net.pose_model.sha256)
-    normalised = cost * request.images / (BASE_STEPS * BASE_PIXELS)
+    normalised = cost * PIXEL_STEP_COST[family] * request.images / (BASE_STEPS * BASE_PIXELS)
     if output_size is None and request.hires is not None:
         output_size = hires_size(request.width, request.height, request.hires.scale)
     width, height = output_size or (request.width, request.height)

@@ -38,6 +38,7 @@ from dan.domain import (
     LoraSpec,
     MaskedContent,
     MaskMode,
+    ModelFamily,
     ModelKind,
     ModelRef,
     ResizeMode,
@@ -87,8 +88,8 @@ class GenerationOrder:
     sampler_name: str
     steps: int
     cfg_scale: float
-    width: int
-    height: int
+    width: int | None  # None: the checkpoint family's native size (512 SD 1.x, 1024 SDXL)
+    height: int | None
     model: str | None
     loras: tuple[tuple[str, float], ...] = ()
     control_net: ControlNetOrder | None = None
@@ -184,7 +185,8 @@ class RequestBuilder:
             request = replace(request, hires=hires_fix)
             second = hires_size(request.width, request.height, hires.scale)
             _check_batch_pixels(request.batch_size, *second, " in hires fix's second pass")
-        return Prepared(request.to_params(), inputs, generation_needs(request))
+        needs = generation_needs(request, family=self._family(request))
+        return Prepared(request.to_params(), inputs, needs)
 
     def img2img(self, order: Img2ImgOrder, task_id: str) -> Prepared:
         inputs: dict[str, bytes] = {}
@@ -207,7 +209,8 @@ class RequestBuilder:
         # Only-masked inpainting pastes its crop back into the picture at its own size.
         only_masked = inpaint is not None and inpaint.inpaint_area == InpaintArea.ONLY_MASKED
         size = init.size if only_masked else None
-        needs = generation_needs(generation, order.denoising_strength, size)
+        family = self._family(generation)
+        needs = generation_needs(generation, order.denoising_strength, size, family)
         return Prepared(request.to_params(), inputs, needs)
 
     def upscale(self, order: UpscaleOrder, task_id: str) -> Prepared:
@@ -286,8 +289,13 @@ class RequestBuilder:
         """The request; a control image is added to ``inputs``."""
         self._check_prompt("prompt", order.prompt)
         self._check_prompt("negative_prompt", order.negative_prompt)
-        _check_batch(order)
+        checkpoint = self._checkpoint(order.model)
+        native = (checkpoint.family or ModelFamily.SD15).native_size
+        width, height = order.width or native, order.height or native
+        _check_batch(order, width, height)
         _check_seeds(order)
+        loras = self._loras(order.loras) + self._prompt_loras(order.prompt)
+        _check_families(checkpoint, loras, order.control_net)
         return GenerationRequest(
             prompt=order.prompt,
             negative_prompt=order.negative_prompt,
@@ -296,14 +304,19 @@ class RequestBuilder:
             sampler_name=order.sampler_name,
             steps=order.steps,
             cfg_scale=order.cfg_scale,
-            width=order.width,
-            height=order.height,
-            model=self._checkpoint(order.model).ref,
-            loras=self._loras(order.loras) + self._prompt_loras(order.prompt),
+            width=width,
+            height=height,
+            model=checkpoint.ref,
+            loras=tuple(LoraSpec(lora.ref, weight) for lora, weight in loras),
             control_net=self._control_net(order.control_net, task_id, inputs),
             batch_size=order.batch_size,
             n_iter=order.n_iter,
         )
+
+    def _family(self, request: GenerationRequest) -> ModelFamily:
+        """The family of the request's checkpoint (resolved already: a lookup by sha256)."""
+        checkpoint = self._models.resolve(ModelKind.CHECKPOINT, request.model.sha256)
+        return checkpoint.family or ModelFamily.SD15
 
     def _seed(self, order: GenerationOrder) -> int:
         """The order's seed, or a random one whose images' seeds (``seed + i``) all stay
@@ -380,17 +393,17 @@ class RequestBuilder:
             )
         return model
 
-    def _loras(self, pairs: tuple[tuple[str, float], ...]) -> tuple[LoraSpec, ...]:
+    def _loras(self, pairs: tuple[tuple[str, float], ...]) -> tuple[Lora, ...]:
         specs = []
         for index, (ref, weight) in enumerate(pairs):
             try:
                 model = self._models.resolve(ModelKind.LORA, ref)
             except ModelNotFound as exc:
                 raise ModelNotFound(f"Invalid loras: entry {index}: {exc.message}") from exc
-            specs.append(LoraSpec(model.ref, weight))
+            specs.append((model, weight))
         return tuple(specs)
 
-    def _prompt_loras(self, prompt: str) -> tuple[LoraSpec, ...]:
+    def _prompt_loras(self, prompt: str) -> tuple[Lora, ...]:
         try:
             _, tags = extract_lora_tags(prompt)
         except InvalidArgument as exc:
@@ -401,7 +414,7 @@ class RequestBuilder:
                 model = self._models.resolve(ModelKind.LORA, name)
             except ModelNotFound as exc:
                 raise ModelNotFound(f"Invalid prompt: <lora:{name}>: {exc.message}") from exc
-            specs.append(LoraSpec(model.ref, weight))
+            specs.append((model, weight))
         return tuple(specs)
 
     def _upscaler(self, name: str, field: str, *, latent: bool) -> UpscalerChoice:
@@ -459,8 +472,32 @@ def _mask_image(data: str, init: Image, mode: MaskMode) -> Image:
     return mask if mask.mode in ("L", "LA", "RGBA", "RGB") else mask.convert("RGBA")
 
 
-def _check_batch(order: GenerationOrder) -> None:
-    """Refuse a batch out of range, too many images, or too many pixels in one batch."""
+Lora = tuple[InstalledModel, float]  # a LoRA file and its weight
+
+
+def _check_families(
+    checkpoint: InstalledModel, loras: tuple[Lora, ...], control_net: ControlNetOrder | None
+) -> None:
+    """Refuse LoRAs made for another family than the checkpoint's, and ControlNet on SDXL."""
+    family = checkpoint.family or ModelFamily.SD15
+    for lora, _ in loras:
+        other = lora.family or ModelFamily.SD15
+        if other != family:
+            raise InvalidArgument(
+                f"Invalid loras: {lora.name} is an {other.value} LoRA and {checkpoint.name} an "
+                f"{family.value} checkpoint; a LoRA only works with checkpoints of its family"
+            )
+    if control_net is not None and family != ModelFamily.SD15:
+        raise InvalidArgument(
+            f"Invalid control_net: {checkpoint.name} is an {family.value} checkpoint and DAN "
+            "runs ControlNet on SD 1.x (sd15) checkpoints only; leave control_net out or "
+            "choose an sd15 model (see /api/sd/supportedModelInfo)"
+        )
+
+
+def _check_batch(order: GenerationOrder, width: int, height: int) -> None:
+    """Refuse a batch out of range, too many images, or too many pixels in one batch of
+    ``width`` x ``height`` images."""
     size, count = order.batch_size, order.n_iter
     if not 1 <= size <= MAX_BATCH_SIZE:
         raise InvalidArgument(
@@ -475,7 +512,7 @@ def _check_batch(order: GenerationOrder) -> None:
             f"Invalid batch_size x n_iter: at most {MAX_IMAGES} images per request, got "
             f"{size} x {count} = {size * count}"
         )
-    _check_batch_pixels(size, order.width, order.height)
+    _check_batch_pixels(size, width, height)
 
 
 def _check_seeds(order: GenerationOrder) -> None:

@@ -1,0 +1,134 @@
+"""Model families below the API: what a file's tensor names say, and what a request on a
+checkpoint of each family gets (default size, cost, LoRA and ControlNet checks)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from dan.config import Settings
+from dan.domain import ModelFamily, ModelKind
+from dan.errors import InvalidArgument
+from dan.models.families import family_of_file
+from dan.models.registry import ModelRegistry
+from dan.tasks.orders import ControlNetOrder, GenerationOrder, RequestBuilder, Txt2ImgOrder
+
+SDXL_CHECKPOINT = (
+    "model.diffusion_model.label_emb.0.0.weight",
+    "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+    "conditioner.embedders.1.model.text_projection",
+)
+SD15_CHECKPOINT = (
+    "model.diffusion_model.input_blocks.0.0.weight",
+    "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+)
+SDXL_LORA = ("lora_unet_input_blocks_4_1_proj_in.lora_down.weight", "lora_te2_x.alpha")
+SD15_LORA = ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "lora_te_x.alpha")
+
+
+def write_header(path: Path, names: tuple[str, ...]) -> Path:
+    """A .safetensors file holding one-element float32 tensors named ``names``."""
+    header = {
+        name: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
+        for i, name in enumerate(names)
+    }
+    raw = json.dumps(header).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4 * len(names)))
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, names, family",
+    [
+        (ModelKind.CHECKPOINT, SDXL_CHECKPOINT, ModelFamily.SDXL),
+        (ModelKind.CHECKPOINT, SD15_CHECKPOINT, ModelFamily.SD15),
+        (ModelKind.LORA, SDXL_LORA, ModelFamily.SDXL),
+        (ModelKind.LORA, SD15_LORA, ModelFamily.SD15),
+        (ModelKind.CONTROLNET, ("add_embedding.linear_1.weight",), ModelFamily.SDXL),
+        (ModelKind.UPSCALER, SDXL_CHECKPOINT, None),
+    ],
+)
+def test_family_is_read_from_the_tensor_names(
+    tmp_path: Path, kind: ModelKind, names: tuple[str, ...], family: ModelFamily | None
+) -> None:
+    assert family_of_file(kind, write_header(tmp_path / "m.safetensors", names)) == family
+
+
+def test_unreadable_and_pickled_files_count_as_sd15(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    pickled = tmp_path / "old.ckpt"
+    pickled.write_bytes(b"not read")
+    assert family_of_file(ModelKind.CHECKPOINT, garbage) == ModelFamily.SD15
+    assert family_of_file(ModelKind.CHECKPOINT, pickled) == ModelFamily.SD15
+
+
+@pytest.fixture
+def builder(tmp_path: Path) -> RequestBuilder:
+    models = tmp_path / "models"
+    write_header(models / "checkpoints" / "xl.safetensors", SDXL_CHECKPOINT)
+    write_header(models / "checkpoints" / "one.safetensors", SD15_CHECKPOINT)
+    write_header(models / "loras" / "xl_style.safetensors", SDXL_LORA)
+    write_header(models / "loras" / "sd_style.safetensors", SD15_LORA)
+    write_header(models / "controlnet" / "control_sd15_canny.safetensors", ("control_model.x",))
+    registry = ModelRegistry(models, tmp_path / "cache", allow_ckpt=False)
+    registry.scan()
+    settings = Settings(data_dir=tmp_path / "data")  # type: ignore[call-arg]
+    return RequestBuilder(registry, settings, random_seed=lambda: 1)
+
+
+def order(**fields: object) -> Txt2ImgOrder:
+    values: dict[str, object] = {
+        "prompt": "a fox",
+        "negative_prompt": "",
+        "seed": 7,
+        "sampler_name": "Euler a",
+        "steps": 20,
+        "cfg_scale": 7.0,
+        "width": None,
+        "height": None,
+        "model": "xl",
+    }
+    values.update(fields)
+    return Txt2ImgOrder(GenerationOrder(**values))  # type: ignore[arg-type]
+
+
+def test_the_registry_knows_each_files_family(builder: RequestBuilder, tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "models", tmp_path / "cache", allow_ckpt=False)
+    families = {m.name: m.family for m in registry.list(ModelKind.CHECKPOINT)}
+    assert families == {"one": ModelFamily.SD15, "xl": ModelFamily.SDXL}
+    assert registry.resolve(ModelKind.LORA, "xl_style").family == ModelFamily.SDXL
+
+
+def test_sizes_default_to_the_familys_native_size(builder: RequestBuilder) -> None:
+    xl = builder.txt2img(order(), "t1").params
+    one = builder.txt2img(order(model="one"), "t2").params
+    given = builder.txt2img(order(width=832, height=1216), "t3").params
+    assert (xl["width"], xl["height"]) == (1024, 1024)
+    assert (one["width"], one["height"]) == (512, 512)
+    assert (given["width"], given["height"]) == (832, 1216)
+
+
+def test_an_sdxl_step_costs_more_per_pixel(builder: RequestBuilder) -> None:
+    xl = builder.txt2img(order(width=512, height=512), "t1").needs
+    one = builder.txt2img(order(model="one", width=512, height=512), "t2").needs
+    assert one.cost == pytest.approx(1.0)
+    assert xl.cost > one.cost
+
+
+def test_loras_of_another_family_are_refused_by_name(builder: RequestBuilder) -> None:
+    builder.txt2img(order(loras=(("xl_style", 0.8),)), "t1")
+    with pytest.raises(InvalidArgument, match="sd_style is an sd15 LoRA and xl an sdxl"):
+        builder.txt2img(order(loras=(("sd_style", 0.8),)), "t2")
+    with pytest.raises(InvalidArgument, match="xl_style is an sdxl LoRA and one an sd15"):
+        builder.txt2img(order(model="one", prompt="a fox <lora:xl_style:1>"), "t3")
+
+
+def test_controlnet_on_sdxl_is_refused_with_what_to_do(builder: RequestBuilder) -> None:
+    unit = ControlNetOrder(image="", preprocess="canny", model="sd15_canny")
+    with pytest.raises(InvalidArgument, match="Invalid control_net: xl is an sdxl checkpoint"):
+        builder.txt2img(order(control_net=unit), "t1")
