@@ -173,6 +173,11 @@ class InstalledModel:
         return ModelRef(sha256=self.sha256, name=self.name)
 
 
+def family_of(model: InstalledModel) -> ModelFamily:
+    """The family a checkpoint, LoRA or ControlNet works with; SD 1.x where it is not known."""
+    return model.family or ModelFamily.SD15
+
+
 class ResizeMode(IntEnum):
     """How an input image is fitted to the requested size (AUTOMATIC1111's modes)."""
 

@@ -381,6 +381,7 @@ def test_models_are_listed_as_a1111_lists_them(facade: Facade) -> None:
         "sha256": alpha.sha256,
         "filename": "alpha.safetensors",
         "config": None,
+        "family": "sd15",
     }
     assert [lora["name"] for lora in api.get_loras()] == ["detail"]
     assert {s["name"] for s in api.get_samplers()} >= {"Euler a", "DPM++ SDE Karras", "DDIM"}

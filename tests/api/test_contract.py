@@ -230,7 +230,7 @@ def test_model_by_full_hash_short_hash_and_name(api: Api) -> None:
 
 def test_supported_model_info_lists_what_is_installed(api: Api) -> None:
     data = api.client.get("/api/sd/supportedModelInfo").json()["data"]
-    assert data["Models"] == [{"name": "dummy", "hash": api.checkpoint_sha256}]
+    assert data["Models"] == [{"name": "dummy", "hash": api.checkpoint_sha256, "family": "sd15"}]
     assert data["LoRAs"] == []
     assert data["Samplers"] == ["DPM++ SDE Karras", "Euler a", "Euler", "DPM++ SDE", "LMS", "DDIM"]
 

@@ -57,8 +57,8 @@ def test_a_checkpoint_only_a_node_has_is_accepted_and_listed(empty: Api) -> None
     user = key_for(empty, "user")
     node = register_reporting(empty, donor)
     info = call(empty, "GET", "/api/sd/supportedModelInfo", user)["data"]
-    assert info["Models"] == [{"name": "remote_mix", "hash": REMOTE_SHA}]
-    assert info["LoRAs"] == [{"name": "style", "hash": STYLE_SHA}]
+    assert info["Models"] == [{"name": "remote_mix", "hash": REMOTE_SHA, "family": "sd15"}]
+    assert info["LoRAs"] == [{"name": "style", "hash": STYLE_SHA, "family": "sd15"}]
     task_ids = []
     for ref in ("remote_mix", REMOTE_SHA[:10]):
         body = {**SMALL, "prompt": "a fox <lora:style:0.5>", "model": ref}
@@ -123,4 +123,4 @@ def test_a_real_node_reports_its_files_and_runs_what_names_them(empty: Api, tmp_
     (mine,) = call(empty, "GET", "/api/nodes/mine", donor)["data"]
     (installed,) = mine["installed"]
     listed = call(empty, "GET", "/api/sd/supportedModelInfo", user)["data"]["Models"]
-    assert listed == [{"name": "node_mix", "hash": installed}]
+    assert listed == [{"name": "node_mix", "hash": installed, "family": "sd15"}]

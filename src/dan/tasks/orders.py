@@ -44,6 +44,7 @@ from dan.domain import (
     ResizeMode,
     UpscalerChoice,
     UpscaleRequest,
+    family_of,
     hires_size,
     scaled_size,
 )
@@ -290,7 +291,7 @@ class RequestBuilder:
         self._check_prompt("prompt", order.prompt)
         self._check_prompt("negative_prompt", order.negative_prompt)
         checkpoint = self._checkpoint(order.model)
-        native = (checkpoint.family or ModelFamily.SD15).native_size
+        native = family_of(checkpoint).native_size
         width, height = order.width or native, order.height or native
         _check_batch(order, width, height)
         _check_seeds(order)
@@ -316,7 +317,7 @@ class RequestBuilder:
     def _family(self, request: GenerationRequest) -> ModelFamily:
         """The family of the request's checkpoint (resolved already: a lookup by sha256)."""
         checkpoint = self._models.resolve(ModelKind.CHECKPOINT, request.model.sha256)
-        return checkpoint.family or ModelFamily.SD15
+        return family_of(checkpoint)
 
     def _seed(self, order: GenerationOrder) -> int:
         """The order's seed, or a random one whose images' seeds (``seed + i``) all stay
@@ -479,9 +480,9 @@ def _check_families(
     checkpoint: InstalledModel, loras: tuple[Lora, ...], control_net: ControlNetOrder | None
 ) -> None:
     """Refuse LoRAs made for another family than the checkpoint's, and ControlNet on SDXL."""
-    family = checkpoint.family or ModelFamily.SD15
+    family = family_of(checkpoint)
     for lora, _ in loras:
-        other = lora.family or ModelFamily.SD15
+        other = family_of(lora)
         if other != family:
             raise InvalidArgument(
                 f"Invalid loras: {lora.name} is an {other.value} LoRA and {checkpoint.name} an "

@@ -18,6 +18,7 @@ from dan.domain import (
     InstalledModel,
     TaskRecord,
     TaskStatus,
+    family_of,
 )
 from dan.imaging import read_parameters
 
@@ -108,6 +109,7 @@ def sd_model(model: InstalledModel) -> dict[str, Any]:
         "sha256": model.sha256,
         "filename": model.path.name,
         "config": None,
+        "family": family_of(model).value,  # DAN's own key: sd15 or sdxl
     }
 
 
@@ -120,6 +122,7 @@ def lora(model: InstalledModel) -> dict[str, Any]:
         "path": model.path.name,
         "metadata": {},
         "sha256": model.sha256,
+        "family": family_of(model).value,
     }
 
 

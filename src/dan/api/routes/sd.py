@@ -32,7 +32,14 @@ from dan.api.schemas import (
     Txt2ImgBody,
     UpscaleBody,
 )
-from dan.domain import IMAGE_UPSCALERS, LATENT_UPSCALERS, SAMPLERS, ModelKind, TaskRecord
+from dan.domain import (
+    IMAGE_UPSCALERS,
+    LATENT_UPSCALERS,
+    SAMPLERS,
+    ModelKind,
+    TaskRecord,
+    family_of,
+)
 from dan.errors import InvalidArgument
 
 router = APIRouter(prefix="/api/sd", tags=["generation"])
@@ -187,7 +194,10 @@ async def supported_model_info(request: Request) -> dict[str, Any]:
     listed = await asyncio.to_thread(lambda: {kind: models.list(kind) for kind in kinds})
 
     def listing(kind: ModelKind) -> list[dict[str, str]]:
-        return [{"name": m.name, "hash": m.sha256} for m in listed[kind]]
+        # family: which checkpoints a LoRA works with (sd15 where a file does not show it).
+        return [
+            {"name": m.name, "hash": m.sha256, "family": family_of(m).value} for m in listed[kind]
+        ]
 
     upscalers = [m.name for m in listed[ModelKind.UPSCALER]]
     return ok(

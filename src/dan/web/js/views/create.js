@@ -123,7 +123,10 @@ export function setupCreate(app) {
       const models = info.Models || [];
       fillSelect(
         $("#model"),
-        models.map((m) => [m.hash, `${m.name} [${m.hash.slice(0, SHORT_HASH)}]`]),
+        models.map((m) => [
+          m.hash,
+          `${m.name} [${m.hash.slice(0, SHORT_HASH)}]${m.family ? ` · ${m.family}` : ""}`,
+        ]),
       );
       if (!models.length) fillSelect($("#model"), [["", "No checkpoint installed"]]);
       fillSelect(
