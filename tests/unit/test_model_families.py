@@ -121,11 +121,18 @@ def test_an_sdxl_step_costs_more_per_pixel(builder: RequestBuilder) -> None:
 
 
 def test_loras_of_another_family_are_refused_by_name(builder: RequestBuilder) -> None:
-    builder.txt2img(order(loras=(("xl_style", 0.8),)), "t1")
+    builder.txt2img(order(model="one", loras=(("sd_style", 0.8),)), "t1")
     with pytest.raises(InvalidArgument, match="sd_style is an sd15 LoRA and xl an sdxl"):
         builder.txt2img(order(loras=(("sd_style", 0.8),)), "t2")
     with pytest.raises(InvalidArgument, match="xl_style is an sdxl LoRA and one an sd15"):
         builder.txt2img(order(model="one", prompt="a fox <lora:xl_style:1>"), "t3")
+
+
+def test_loras_on_sdxl_are_refused_until_the_engine_applies_them(
+    builder: RequestBuilder,
+) -> None:
+    with pytest.raises(InvalidArgument, match=r"applies LoRAs to SD 1\.x"):
+        builder.txt2img(order(loras=(("xl_style", 0.8),)), "t1")
 
 
 def test_controlnet_on_sdxl_is_refused_with_what_to_do(builder: RequestBuilder) -> None:

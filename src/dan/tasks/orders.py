@@ -479,7 +479,8 @@ Lora = tuple[InstalledModel, float]  # a LoRA file and its weight
 def _check_families(
     checkpoint: InstalledModel, loras: tuple[Lora, ...], control_net: ControlNetOrder | None
 ) -> None:
-    """Refuse LoRAs made for another family than the checkpoint's, and ControlNet on SDXL."""
+    """Refuse LoRAs made for another family than the checkpoint's, and LoRAs and ControlNet
+    on SDXL (the engine runs neither there yet)."""
     family = family_of(checkpoint)
     for lora, _ in loras:
         other = family_of(lora)
@@ -488,6 +489,11 @@ def _check_families(
                 f"Invalid loras: {lora.name} is an {other.value} LoRA and {checkpoint.name} an "
                 f"{family.value} checkpoint; a LoRA only works with checkpoints of its family"
             )
+    if loras and family != ModelFamily.SD15:
+        raise InvalidArgument(
+            f"Invalid loras: {checkpoint.name} is an {family.value} checkpoint and DAN applies "
+            "LoRAs to SD 1.x (sd15) checkpoints only so far; leave the LoRAs out"
+        )
     if control_net is not None and family != ModelFamily.SD15:
         raise InvalidArgument(
             f"Invalid control_net: {checkpoint.name} is an {family.value} checkpoint and DAN "
