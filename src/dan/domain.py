@@ -235,7 +235,9 @@ class HiresFix:
 
 # "none": the control image is used as it is (already an edge map or a drawn pose).
 CONTROLNET_PREPROCESSORS: tuple[str, ...] = ("canny", "openpose", "none")
-CONTROLNET_MODELS: tuple[str, ...] = ("sd15_canny", "sd15_openpose")
+# Each names a kind of control; the checkpoint's family picks the ControlNet file (sd15_canny
+# on an SDXL checkpoint is SDXL's canny ControlNet), see dan.tasks.orders.
+CONTROLNET_MODELS: tuple[str, ...] = ("sd15_canny", "sd15_openpose", "sdxl_canny", "sdxl_openpose")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -290,3 +291,34 @@ def test_openpose_records_the_body_model_when_it_is_installed(api: Api) -> None:
     assert params["pose_model"]["sha256"] == hashlib.sha256(b"weights").hexdigest()
     canny = api.post("/api/sd/controlnet/detect/async", {"image": png(), "preprocess": "canny"})
     assert api.services.tasks.get(canny["data"]["taskId"]).params["pose_model"] is None
+
+
+def safetensors_header(path: Path, *names: str) -> None:
+    """A .safetensors file whose header names ``names`` (what the registry reads a family from)."""
+    header = {
+        name: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
+        for i, name in enumerate(names)
+    }
+    raw = json.dumps(header).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4 * len(names)))
+
+
+def test_control_net_on_sdxl_needs_an_sdxl_controlnet(api: Api) -> None:
+    models = api.services.settings.models_dir
+    safetensors_header(models / "checkpoints" / "xl.safetensors", "conditioner.embedders.0.x")
+    safetensors_header(models / "controlnet" / "control_sd15_canny.safetensors", "control_model.x")
+    api.services.registry.scan()
+    body = {"prompt": "a cat", "model": "xl", "control_net": [unit()]}
+    refused = api.post("/api/sd/txt2img/async", body)
+    assert (refused["_http"], refused["code"]) == (400, 3000), refused
+    assert "`dan models pull sdxl_canny`" in refused["message"]
+    safetensors_header(
+        models / "controlnet" / "control_sdxl_canny.safetensors", "add_embedding.linear_1.weight"
+    )
+    api.services.registry.scan()
+    for name in ("sd15_canny", "sdxl_canny"):
+        reply = api.post("/api/sd/txt2img/async", {**body, "control_net": [unit(model=name)]})
+        assert reply["_http"] == 200, reply
+        spec = api.services.tasks.get(reply["data"]["taskId"]).params["control_net"]
+        assert spec["model"]["name"] == "control_sdxl_canny"

@@ -21,7 +21,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from dan.config import Settings
 from dan.domain import (
-    ControlNetSpec,
     GenerationRequest,
     HiresFix,
     Img2ImgRequest,
@@ -39,7 +38,7 @@ from dan.engine.families import family_of_state_dict, load_checkpoint
 from dan.engine.families.sdxl import encode_sdxl_prompts
 from dan.engine.families.sdxl_detect import base_configs, detect_sdxl_architecture
 from dan.engine.sd import DiffusersEngine
-from dan.errors import EngineError, UnsupportedCheckpoint
+from dan.errors import UnsupportedCheckpoint
 from tests.fixtures.tiny_sd import write_checkpoint
 from tests.fixtures.tiny_sdxl import (
     TinySdxl,
@@ -306,12 +305,3 @@ def test_nine_channel_sdxl_inpainting_checkpoints_inpaint(
     assert (pixels(painted)[outside] == pixels(init)[outside]).all()
     loaded = engine.pipelines.get(files(path, "e" * 64)[SHA])
     assert loaded.pipeline.unet.config.in_channels == 9
-
-
-def test_controlnet_on_sdxl_fails_with_a_clear_message(
-    engine: DiffusersEngine, sdxl_file: Path
-) -> None:
-    spec = ControlNetSpec("ring", "canny", ModelRef("d" * 64, "control"))
-    control = PILImage.new("RGB", (64, 64))
-    with pytest.raises(EngineError, match="ControlNet does not run on sdxl checkpoints"):
-        engine.txt2img(request(control_net=spec), files(sdxl_file), no_progress, control)

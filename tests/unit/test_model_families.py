@@ -3,14 +3,17 @@ checkpoint of each family gets (default size, cost, LoRA and ControlNet checks).
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import struct
 from pathlib import Path
 
 import pytest
+from PIL import Image as PILImage
 
 from dan.config import Settings
-from dan.domain import ModelFamily, ModelKind
+from dan.domain import GenerationRequest, ModelFamily, ModelKind
 from dan.errors import InvalidArgument
 from dan.models.families import family_of_file
 from dan.models.registry import ModelRegistry
@@ -26,6 +29,7 @@ SD15_CHECKPOINT = (
     "cond_stage_model.transformer.text_model.final_layer_norm.weight",
 )
 SDXL_LORA = ("lora_unet_input_blocks_4_1_proj_in.lora_down.weight", "lora_te2_x.alpha")
+SDXL_CN = ("add_embedding.linear_1.weight", "controlnet_cond_embedding.conv_in.weight")
 SD15_LORA = ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "lora_te_x.alpha")
 
 
@@ -135,7 +139,51 @@ def test_loras_on_sdxl_are_refused_until_the_engine_applies_them(
         builder.txt2img(order(loras=(("xl_style", 0.8),)), "t1")
 
 
-def test_controlnet_on_sdxl_is_refused_with_what_to_do(builder: RequestBuilder) -> None:
-    unit = ControlNetOrder(image="", preprocess="canny", model="sd15_canny")
-    with pytest.raises(InvalidArgument, match="Invalid control_net: xl is an sdxl checkpoint"):
-        builder.txt2img(order(control_net=unit), "t1")
+def control(model: str, preprocess: str = "canny") -> ControlNetOrder:
+    image = io.BytesIO()
+    PILImage.new("RGB", (8, 8)).save(image, format="PNG")
+    return ControlNetOrder(base64.b64encode(image.getvalue()).decode(), preprocess, model)
+
+
+def controlnet_of(builder: RequestBuilder, **fields: object) -> str:
+    """The name of the ControlNet file a txt2img order with ``fields`` resolves to."""
+    params = builder.txt2img(order(**fields), "t1").params
+    spec = GenerationRequest.from_params(params).control_net
+    assert spec is not None
+    return spec.model.name
+
+
+def test_controlnet_on_sdxl_without_an_sdxl_controlnet_says_what_to_pull(
+    builder: RequestBuilder,
+) -> None:
+    with pytest.raises(InvalidArgument, match=r"needs the sdxl_canny .*dan models pull sdxl_canny"):
+        builder.txt2img(order(control_net=control("sd15_canny")), "t1")
+
+
+def test_the_checkpoints_family_picks_the_controlnet_of_the_named_kind(
+    builder: RequestBuilder, tmp_path: Path
+) -> None:
+    write_header(tmp_path / "models" / "controlnet" / "control_sdxl_canny.safetensors", SDXL_CN)
+    for name in ("sd15_canny", "sdxl_canny"):
+        assert controlnet_of(builder, control_net=control(name)) == "control_sdxl_canny"
+        sd15 = controlnet_of(builder, model="one", control_net=control(name))
+        assert sd15 == "control_sd15_canny"
+
+
+def test_a_controlnet_of_the_other_family_is_refused_naming_both_files(
+    builder: RequestBuilder, tmp_path: Path
+) -> None:
+    folder = tmp_path / "models" / "controlnet"
+    write_header(folder / "control_sdxl_openpose.safetensors", ("control_model.x",))
+    write_header(folder / "control_sd15_openpose.safetensors", SDXL_CN)
+    with pytest.raises(
+        InvalidArgument,
+        match=r"control_sdxl_openpose\.safetensors is an sd15 ControlNet and xl\.safetensors an "
+        r"sdxl checkpoint.*`dan models pull sdxl_openpose`",
+    ):
+        builder.txt2img(order(control_net=control("sdxl_openpose", "openpose")), "t1")
+    with pytest.raises(
+        InvalidArgument,
+        match=r"control_sd15_openpose\.safetensors is an sdxl ControlNet and one\.safetensors",
+    ):
+        builder.txt2img(order(model="one", control_net=control("sd15_openpose", "none")), "t1")

@@ -1,15 +1,18 @@
-"""ControlNets for Stable Diffusion 1.x: loaded offline, kept warm, run with one control unit.
+"""ControlNets for Stable Diffusion 1.x and SDXL: loaded offline, kept warm, run with one unit.
 
 Files: the original lllyasviel layout (``control_model.*``, as ``control_sd15_canny.pth``, a
 pickled ``{"state_dict": ...}`` or plain dict, or ``.safetensors``; the v1.0 files also carry a
 whole SD checkpoint, which is ignored) and diffusers' layout (``controlnet_cond_embedding.*``,
 ``down_blocks.*``, ``controlnet_down_blocks.*``). Names and architecture come from
 :mod:`dan.engine.controlnet_detect` (tensor shapes over the shipped SD1.5 config), so the tiny
-test ControlNets load through the same code as real ones. Pickles load with
-``weights_only=True`` only: a ControlNet file is data, never code.
+test ControlNets load through the same code as real ones. SDXL ControlNets (``add_embedding``,
+2048-wide cross-attention) are loaded for the UNet they run with (see
+:func:`load_controlnet`); a ControlNet of another family than the checkpoint's is refused,
+naming both. Pickles load with ``weights_only=True`` only: a ControlNet file is data, never code.
 
 Running: :func:`controlled_txt2img` and :func:`controlled_img2img` (img2img and inpaint) mirror
-:func:`dan.engine.img2img.run_img2img`; the engine passes the batch's scheduler, prompt
+:func:`dan.engine.img2img.run_img2img` on the base's family's ControlNet pipelines (SD1.x's or
+SDXL's, see :mod:`dan.engine.families`); the engine passes the batch's scheduler, prompt
 embeddings, generators (one per image) and step callback, and a :class:`ControlUnit`. The
 control image is given once; diffusers repeats it for every image of the batch.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +42,13 @@ from dan.engine.controlnet_detect import (
     ControlNetError,
     StateDict,
     detect_controlnet_config,
+    is_sdxl_controlnet,
     to_diffusers_names,
 )
+from dan.engine.families import PipelineTask, family_of_pipeline
 from dan.engine.img2img import is_inpainting_unet, through_vae, validate_img2img
 from dan.engine.masks import crop_region, fit_image, paste_back, prepare_mask, to_rgb
+from dan.engine.prompts import PromptEmbeds
 from dan.errors import EngineError
 
 __all__ = [
@@ -100,19 +107,30 @@ def _tensors_of(raw: object, path: Path) -> StateDict:
 # --- loading -----------------------------------------------------------------------------------
 
 
-def load_controlnet(path: Path, *, dtype: torch.dtype, device: torch.device | str) -> Any:
+def load_controlnet(
+    path: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    unet: Mapping[str, Any] | None = None,
+) -> Any:
     """A ``ControlNetModel`` holding the weights of ``path``, on ``device`` in ``dtype``, in eval
     mode without gradients. Every tensor of the architecture must be in the file and nothing
-    else (strict). Nothing is downloaded. Raises ControlNetError naming the file.
+    else (strict). Nothing is downloaded. ``unet`` is the config of the checkpoint's UNet it is
+    for: the ControlNet must fit it (same family, widths and cross-attention), and an SDXL
+    ControlNet takes from it what its tensors cannot tell. Raises ControlNetError naming the
+    file, and for a ControlNet that does not fit ``unet`` both families.
     """
     from accelerate import init_empty_weights
     from diffusers import ControlNetModel
 
     tensors = read_controlnet_state_dict(path)
     try:
-        config = detect_controlnet_config(tensors)
+        config = detect_controlnet_config(tensors, unet)
     except (KeyError, IndexError) as exc:
         raise ControlNetError(f"{path.name}: incomplete ControlNet, no tensor {exc}") from exc
+    if unet is not None:
+        check_fits(path.name, config, unet)
     with init_empty_weights():
         model = ControlNetModel.from_config(config)
     return fill_module(
@@ -120,35 +138,69 @@ def load_controlnet(path: Path, *, dtype: torch.dtype, device: torch.device | st
     )
 
 
+def check_fits(name: str, config: Mapping[str, Any], unet: Mapping[str, Any]) -> None:
+    """Raise ControlNetError unless the ControlNet ``config`` (of file ``name``) mirrors the
+    encoder of the UNet ``unet``: same family, level widths and cross-attention width."""
+    ours, theirs = _family(config), _family(unet)
+    widths = list(config["block_out_channels"]), list(unet["block_out_channels"])
+    context = config["cross_attention_dim"], unet["cross_attention_dim"]
+    if ours != theirs or widths[0] != widths[1] or context[0] != context[1]:
+        raise ControlNetError(
+            f"{name} is an {ours} ControlNet (widths {widths[0]}, cross-attention {context[0]}) "
+            f"and the checkpoint an {theirs} one (widths {widths[1]}, cross-attention "
+            f"{context[1]}); use a ControlNet made for {theirs} checkpoints"
+        )
+
+
+def _family(config: Mapping[str, Any]) -> str:
+    return "sdxl" if is_sdxl_controlnet(config) or config.get("addition_embed_type") else "sd15"
+
+
 class ControlNetCache:
-    """Loaded ControlNets by sha256, kept warm next to the checkpoints; the least recently used
-    beyond ``max_models`` is dropped. Thread-safe; a load happens once per sha256 while cached.
+    """Loaded ControlNets by sha256 (and the UNet settings an SDXL one borrows), kept warm next
+    to the checkpoints; the least recently used beyond ``max_models`` is dropped. Thread-safe; a
+    load happens once per key while cached.
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, max_models: int = 2) -> None:
         if max_models < 1:
             raise ValueError(f"max_models must be at least 1, got {max_models}")
         self._device, self._dtype, self._max = device, dtype, max_models
-        self._models: OrderedDict[str, Any] = OrderedDict()
+        self._models: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0
 
-    def get(self, model: InstalledModel) -> Any:
-        """The ControlNetModel of ``model``; raises ControlNetError for an unusable file."""
+    def get(self, model: InstalledModel, unet: Mapping[str, Any] | None = None) -> Any:
+        """The ControlNetModel of ``model`` for the UNet of config ``unet`` (see
+        :func:`load_controlnet`); raises ControlNetError for an unusable file or one that does
+        not fit the UNet."""
+        key = (model.sha256, _borrowed(unet))
         with self._lock:
-            loaded = self._models.get(model.sha256)
+            loaded = self._models.get(key)
             if loaded is None:
-                loaded = load_controlnet(model.path, dtype=self._dtype, device=self._device)
+                loaded = load_controlnet(
+                    model.path, dtype=self._dtype, device=self._device, unet=unet
+                )
                 self.loads += 1
-                self._models[model.sha256] = loaded
-            self._models.move_to_end(model.sha256)
+                self._models[key] = loaded
+            elif unet is not None:  # a cached model fits the UNets it was checked against
+                check_fits(model.path.name, loaded.config, unet)
+            self._models.move_to_end(key)
             while len(self._models) > self._max:
                 self._models.popitem(last=False)
             return loaded
 
     def loaded(self) -> list[str]:
+        """The sha256 of each cached ControlNet, least recently used first."""
         with self._lock:
-            return list(self._models)
+            return [sha256 for sha256, _ in self._models]
+
+
+def _borrowed(unet: Mapping[str, Any] | None) -> str:
+    """What an SDXL ControlNet takes from ``unet``: part of the cache key."""
+    if unet is None:
+        return ""
+    return repr((unet.get("attention_head_dim"), unet.get("addition_time_embed_dim")))
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -204,7 +256,7 @@ class ControlUnit:
 
 @dataclass(frozen=True)
 class _Run:
-    base: Any  # the cached StableDiffusionPipeline, only read
+    base: Any  # the cached pipeline (any family), only read
     unit: ControlUnit
     denoise: dict[str, Any]  # scheduler-independent pipeline arguments shared by every call
     scheduler: Any
@@ -223,20 +275,26 @@ def controlled_txt2img(
     scheduler: Any,
     prompt_embeds: torch.Tensor,
     negative_prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
     generator: list[torch.Generator],
     callback_on_step_end: Any,
 ) -> list[Image.Image]:
     """The images of one batch of a txt2img request conditioned on ``unit``, one per generator.
 
     With ``unit.weight == 0`` the result equals plain txt2img's for the same scheduler, seed and
-    embeddings, pixel for pixel. ``base`` is only read. Raises EngineError for an invalid unit,
+    embeddings, pixel for pixel. ``base`` (any family; SDXL's takes the pooled embeddings too)
+    is only read. Raises EngineError for an invalid unit,
     for a request with hires fix (hires_fix runs those, with the unit) and when diffusers rejects
     the inputs; TaskCancelled raised by the callback propagates.
     """
     unit.validate()
     if request.hires is not None:
         raise EngineError("a request with hires fix runs through dan.engine.hires.hires_fix")
-    run = _run(base, unit, scheduler, prompt_embeds, negative_prompt_embeds, generator)
+    embeds = PromptEmbeds(
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
+    )
+    run = _run(base, unit, scheduler, embeds, generator)
     run.denoise.update(num_inference_steps=request.steps, guidance_scale=request.cfg_scale)
     run.denoise["callback_on_step_end"] = callback_on_step_end
     with torch.inference_mode():
@@ -253,6 +311,8 @@ def controlled_img2img(
     scheduler: Any,
     prompt_embeds: torch.Tensor,
     negative_prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
     generator: list[torch.Generator],
     callback_on_step_end: Any,
 ) -> list[Image.Image]:
@@ -266,7 +326,10 @@ def controlled_img2img(
     validate_img2img(request, init_image, mask)
     unit.validate()
     generation = request.generation
-    run = _run(base, unit, scheduler, prompt_embeds, negative_prompt_embeds, generator)
+    embeds = PromptEmbeds(
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
+    )
+    run = _run(base, unit, scheduler, embeds, generator)
     run.denoise.update(num_inference_steps=generation.steps, guidance_scale=generation.cfg_scale)
     run.denoise.update(
         callback_on_step_end=callback_on_step_end, strength=request.denoising_strength
@@ -291,13 +354,11 @@ def _run(
     base: Any,
     unit: ControlUnit,
     scheduler: Any,
-    prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor,
+    embeds: PromptEmbeds,
     generators: list[torch.Generator],
 ) -> _Run:
     denoise = {
-        "prompt_embeds": prompt_embeds,
-        "negative_prompt_embeds": negative_prompt_embeds,
+        **embeds.call_kwargs(),
         "generator": generators,
         "num_images_per_prompt": len(generators),
         **unit.call_kwargs(),
@@ -306,18 +367,12 @@ def _run(
 
 
 def _txt2img(run: _Run, width: int, height: int) -> list[Image.Image]:
-    from diffusers import StableDiffusionControlNetPipeline
-
     inputs = {k: v for k, v in run.denoise.items() if k != "strength"}
     image = run.unit.fitted(width, height)
-    return _call(
-        StableDiffusionControlNetPipeline, run, inputs, image=image, width=width, height=height
-    )
+    return _call("controlnet_txt2img", run, inputs, image=image, width=width, height=height)
 
 
 def _img2img(run: _Run, image: Image.Image, control: Image.Image) -> list[Image.Image]:
-    from diffusers import StableDiffusionControlNetImg2ImgPipeline
-
     strength = run.denoise["strength"]
     if strength == 0:
         return run.copies(through_vae(run.base, image))
@@ -327,22 +382,18 @@ def _img2img(run: _Run, image: Image.Image, control: Image.Image) -> list[Image.
     if strength == 1:  # as run_img2img: starting from pure noise is txt2img
         return _txt2img(run, *image.size)
     size = {"width": image.width, "height": image.height}
-    pipeline = StableDiffusionControlNetImg2ImgPipeline
     init = run.copies(image)
-    return _call(pipeline, run, run.denoise, image=init, control_image=control, **size)
+    return _call("controlnet_img2img", run, run.denoise, image=init, control_image=control, **size)
 
 
 def _masked(
     run: _Run, image: Image.Image, mask: Image.Image, control: Image.Image
 ) -> list[Image.Image]:
-    from diffusers import StableDiffusionControlNetInpaintPipeline
-
     if run.denoise["strength"] == 0:
         return run.copies(through_vae(run.base, image))
     size = {"width": image.width, "height": image.height}
-    pipeline = StableDiffusionControlNetInpaintPipeline
     inputs = {"image": run.copies(image), "mask_image": run.copies(mask)}
-    return _call(pipeline, run, run.denoise, **inputs, control_image=control, **size)
+    return _call("controlnet_inpaint", run, run.denoise, **inputs, control_image=control, **size)
 
 
 def _only_masked(
@@ -366,13 +417,12 @@ def _only_masked(
 
 
 def _call(
-    pipeline_class: Any, run: _Run, inputs: dict[str, Any], **images: Any
+    task: PipelineTask, run: _Run, inputs: dict[str, Any], **images: Any
 ) -> list[Image.Image]:
-    """The batch's images from ``pipeline_class`` sharing the base's weights, the run's
-    scheduler."""
-    components = {**run.base.components, "scheduler": run.scheduler, "controlnet": run.unit.model}
-    pipeline = pipeline_class(**components, requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
+    """The batch's images from the base's family's ``task`` pipeline sharing the base's
+    weights, with the run's scheduler and the unit's ControlNet."""
+    family = family_of_pipeline(run.base)
+    pipeline = family.pipeline(task, run.base, run.scheduler, controlnet=run.unit.model)
     try:
         output = pipeline(**inputs, **images)
     except ValueError as exc:  # diffusers' check_inputs and shape checks

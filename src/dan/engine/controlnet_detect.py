@@ -5,7 +5,13 @@ A ControlNet mirrors its UNet's encoder, so its config is read from tensor shape
 the res blocks' ``conv2``, attention where a level has ``attentions``, the cross-attention width
 from the middle block's ``attn2.to_k``, the hint embedding's widths from its convolutions. What
 shapes cannot tell (head count, norm groups, ...) comes from the shipped SD1.5 config
-``configs/controlnet_sd15/config.json`` (lllyasviel/sd-controlnet-canny's values). Original
+``configs/controlnet_sd15/config.json`` (lllyasviel/sd-controlnet-canny's values).
+
+SDXL ControlNets (diffusers' layout, as ``diffusers_xl_canny_full`` and xinsir's openpose ship)
+carry the UNet's size/pooled embedding (``add_embedding``) and 2048-wide cross-attention. Their
+head counts and the width of each size number's sinusoidal embedding (which has no weights) are
+not in any shape: they come from the UNet the ControlNet runs with, as diffusers'
+``ControlNetModel.from_unet`` takes them, else SDXL's own (64-wide heads, 256). Original
 names are renamed by rule, so any depth of hint embedding and any number of levels convert (the
 tiny test ControlNets as well as the real ones). Only names and shapes are read: meta tensors work.
 """
@@ -20,6 +26,7 @@ from typing import Any
 
 import torch
 
+from dan.engine.families.sdxl_detect import heads
 from dan.errors import EngineError
 
 StateDict = dict[str, torch.Tensor]
@@ -33,6 +40,8 @@ RESNET_NAMES = {  # diffusers -> original, inside a res block
     "conv_shortcut.": "skip_connection.",
 }
 SD_SIGNS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+SDXL_SIGN = "add_embedding.linear_1.weight"  # the size/pooled embedding only SDXL has
+SDXL_TIME_EMBED_DIM = 256  # SDXL's addition_time_embed_dim
 
 
 class ControlNetError(EngineError):
@@ -86,6 +95,8 @@ def _diffusers_name(key: str, per_level: int, last_hint: int) -> str:
     simple = {
         "time_embed.0.": "time_embedding.linear_1.",
         "time_embed.2.": "time_embedding.linear_2.",
+        "label_emb.0.0.": "add_embedding.linear_1.",  # SDXL's size/pooled embedding
+        "label_emb.0.2.": "add_embedding.linear_2.",
         "input_blocks.0.0.": "conv_in.",
         "middle_block.1.": "mid_block.attentions.0.",
         "middle_block_out.0.": "controlnet_mid_block.",
@@ -133,8 +144,17 @@ def base_controlnet_config() -> dict[str, Any]:
     return config
 
 
-def detect_controlnet_config(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """The ControlNetModel config of diffusers-named ``tensors``: SD1.5's, with shapes' values.
+def is_sdxl_controlnet(tensors: Mapping[str, Any]) -> bool:
+    """Whether diffusers-named ControlNet tensors (or a config's keys) are an SDXL ControlNet's."""
+    return SDXL_SIGN in tensors
+
+
+def detect_controlnet_config(
+    tensors: Mapping[str, torch.Tensor], unet: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ControlNetModel config of diffusers-named ``tensors``: SD1.5's, with shapes' values;
+    for an SDXL ControlNet also its size embedding, with what shapes cannot tell taken from
+    ``unet`` (the config of the UNet it runs with) when given.
 
     Raises KeyError for a missing tensor (the caller names the file).
     """
@@ -159,7 +179,31 @@ def detect_controlnet_config(tensors: Mapping[str, torch.Tensor]) -> dict[str, A
         "cross_attention_dim": tensors[mid + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
         "use_linear_projection": tensors[mid + "proj_in.weight"].ndim == 2,
     }
-    depth = len({k.split(".")[4] for k in tensors if k.startswith(mid + "transformer_blocks.")})
+    if is_sdxl_controlnet(tensors):
+        return {**config, **_sdxl_config(tensors, config["block_out_channels"], unet or {})}
+    depth = _depth(tensors, mid)
     if depth != 1:
         config["transformer_layers_per_block"] = depth
     return config
+
+
+def _sdxl_config(
+    tensors: Mapping[str, torch.Tensor], widths: list[int], unet: Mapping[str, Any]
+) -> dict[str, Any]:
+    """An SDXL ControlNet's own settings: per-level transformer depths from the shapes, head
+    counts and the size numbers' embedding width from ``unet`` (else SDXL's)."""
+    # diffusers wants a depth for attention-less levels too; SDXL's config says 1.
+    depths = [max(_depth(tensors, f"down_blocks.{i}.attentions.0."), 1) for i in range(len(widths))]
+    return {
+        "addition_embed_type": "text_time",
+        "projection_class_embeddings_input_dim": tensors[SDXL_SIGN].shape[1],
+        "transformer_layers_per_block": depths,
+        "attention_head_dim": unet.get("attention_head_dim", [heads(w) for w in widths]),
+        "addition_time_embed_dim": unet.get("addition_time_embed_dim", SDXL_TIME_EMBED_DIM),
+    }
+
+
+def _depth(tensors: Mapping[str, torch.Tensor], attention: str) -> int:
+    """How many transformer blocks the attention at ``attention`` (a name prefix) has."""
+    prefix = attention + "transformer_blocks."
+    return len({k[len(prefix) :].split(".")[0] for k in tensors if k.startswith(prefix)})

@@ -137,7 +137,7 @@ class DiffusersEngine:
         preview: PreviewSink | None = None,
     ) -> list[Image]:
         with self._conditioned(request, files, progress, preview) as c:
-            unit = self._control_unit(c.family, request, files, control_image)
+            unit = self._control_unit(c, request, files, control_image)
             batches = c.batches()
             return [image for batch in batches for image in self._txt2img(batch, files, unit)]
 
@@ -173,7 +173,7 @@ class DiffusersEngine:
         validate_img2img(request, init_image, mask)
         images: list[Image] = []
         with self._conditioned(request.generation, files, progress, preview) as c:
-            unit = self._control_unit(c.family, request.generation, files, control_image)
+            unit = self._control_unit(c, request.generation, files, control_image)
             for batch in c.batches():
                 denoising = _denoising(batch)
                 if unit is not None:
@@ -222,15 +222,17 @@ class DiffusersEngine:
 
     def _control_unit(
         self,
-        family: Family,
+        c: Conditioning,
         request: GenerationRequest,
         files: ModelFiles,
         control_image: Image | None,
     ) -> ControlUnit | None:
-        """The request's ControlNet with its preprocessed control image, if it has one."""
+        """The request's ControlNet, loaded for the checkpoint's UNet (a ControlNet of another
+        family raises EngineError naming both), with its preprocessed control image."""
         spec = request.control_net
         if spec is None:
             return None
+        family = c.family
         if not family.supports_controlnet:
             raise EngineError(
                 f"ControlNet does not run on {family.name.value} checkpoints in DAN yet; "
@@ -242,7 +244,8 @@ class DiffusersEngine:
         image = preprocess(
             spec.preprocess, control_image, spec.low_threshold, spec.high_threshold, pose=pose
         )
-        return ControlUnit.from_spec(spec, self.controlnets.get(files[spec.model.sha256]), image)
+        model = self.controlnets.get(files[spec.model.sha256], c.base.unet.config)
+        return ControlUnit.from_spec(spec, model, image)
 
     def _hires(self, c: Conditioning, files: ModelFiles, unit: ControlUnit | None) -> list[Image]:
         return hires_fix(

@@ -71,7 +71,9 @@ class ModelLookup(Protocol):
 class ControlNetOrder:
     image: str  # base64
     preprocess: str
-    model: str  # an API name, e.g. sd15_canny
+    # An API name (CONTROLNET_MODELS): it says the kind of control, canny or openpose; the
+    # checkpoint's family says which ControlNet (sd15_canny on an SDXL checkpoint: SDXL's canny).
+    model: str
     weight: float = 1.0
     resize_mode: int = 0
     guidance_start: float = 0.0
@@ -296,7 +298,7 @@ class RequestBuilder:
         _check_batch(order, width, height)
         _check_seeds(order)
         loras = self._loras(order.loras) + self._prompt_loras(order.prompt)
-        _check_families(checkpoint, loras, order.control_net)
+        _check_families(checkpoint, loras)
         return GenerationRequest(
             prompt=order.prompt,
             negative_prompt=order.negative_prompt,
@@ -309,7 +311,7 @@ class RequestBuilder:
             height=height,
             model=checkpoint.ref,
             loras=tuple(LoraSpec(lora.ref, weight) for lora, weight in loras),
-            control_net=self._control_net(order.control_net, task_id, inputs),
+            control_net=self._control_net(order.control_net, checkpoint, task_id, inputs),
             batch_size=order.batch_size,
             n_iter=order.n_iter,
         )
@@ -327,7 +329,11 @@ class RequestBuilder:
         return self._random_seed() % (SEED_MAX + 2 - order.batch_size * order.n_iter)
 
     def _control_net(
-        self, order: ControlNetOrder | None, task_id: str, inputs: dict[str, bytes]
+        self,
+        order: ControlNetOrder | None,
+        checkpoint: InstalledModel,
+        task_id: str,
+        inputs: dict[str, bytes],
     ) -> ControlNetSpec | None:
         if order is None:
             return None
@@ -339,7 +345,7 @@ class RequestBuilder:
                 "Invalid control_net.0.preprocess_param1: the low canny threshold "
                 f"({order.low_threshold}) must not exceed the high one ({order.high_threshold})"
             )
-        model = self._controlnet_file(order.model)
+        model = self._controlnet_file(order.model, checkpoint)
         return ControlNetSpec(
             image_key=key,
             preprocess=order.preprocess,
@@ -364,18 +370,26 @@ class RequestBuilder:
         except ModelNotFound:
             return None
 
-    def _controlnet_file(self, name: str) -> InstalledModel:
-        """The file serving an API ControlNet name: the catalog's file (by sha256), else a file
-        named ``control_<name>.*`` (fine-tuned or converted files)."""
-        for ref in (name, f"control_{name}"):
+    def _controlnet_file(self, name: str, checkpoint: InstalledModel) -> InstalledModel:
+        """The file serving the API ControlNet ``name`` on ``checkpoint``: the ControlNet of
+        ``name``'s kind (canny, openpose) for the checkpoint's family, the catalog's file (alias
+        ``<family>_<kind>``) else a file named ``control_<family>_<kind>.*`` (fine-tuned or
+        converted files). Raises ModelNotFound when none is installed, InvalidArgument when the
+        file found is of another family than the checkpoint's."""
+        family = family_of(checkpoint)
+        wanted = f"{family.value}_{name.partition('_')[2]}"  # sd15_canny, sdxl_canny, ...
+        for ref in (wanted, f"control_{wanted}"):
             try:
-                return self._models.resolve(ModelKind.CONTROLNET, ref)
+                model = self._models.resolve(ModelKind.CONTROLNET, ref)
             except ModelNotFound:
                 continue
+            _check_controlnet_family(model, checkpoint, wanted)
+            return model
         raise ModelNotFound(
-            f"Invalid control_net.0.model: no ControlNet file serves {name}; put "
-            f"control_{name}.pth (or .safetensors) into models/controlnet, or run "
-            f"`dan models pull control_{name}`"
+            f"Invalid control_net.0.model: no ControlNet file serves {name} on {checkpoint.name}"
+            f", an {family.value} checkpoint; it needs the {wanted} ControlNet: put "
+            f"control_{wanted}.safetensors into models/controlnet, or run "
+            f"`dan models pull {_pull_name(wanted)}`"
         )
 
     def _checkpoint(self, ref: str | None) -> InstalledModel:
@@ -476,11 +490,9 @@ def _mask_image(data: str, init: Image, mode: MaskMode) -> Image:
 Lora = tuple[InstalledModel, float]  # a LoRA file and its weight
 
 
-def _check_families(
-    checkpoint: InstalledModel, loras: tuple[Lora, ...], control_net: ControlNetOrder | None
-) -> None:
-    """Refuse LoRAs made for another family than the checkpoint's, and LoRAs and ControlNet
-    on SDXL (the engine runs neither there yet)."""
+def _check_families(checkpoint: InstalledModel, loras: tuple[Lora, ...]) -> None:
+    """Refuse LoRAs made for another family than the checkpoint's, and LoRAs on SDXL (the
+    engine does not apply them there yet)."""
     family = family_of(checkpoint)
     for lora, _ in loras:
         other = family_of(lora)
@@ -494,12 +506,26 @@ def _check_families(
             f"Invalid loras: {checkpoint.name} is an {family.value} checkpoint and DAN applies "
             "LoRAs to SD 1.x (sd15) checkpoints only so far; leave the LoRAs out"
         )
-    if control_net is not None and family != ModelFamily.SD15:
+
+
+def _check_controlnet_family(
+    controlnet: InstalledModel, checkpoint: InstalledModel, wanted: str
+) -> None:
+    """Refuse a ControlNet file of another family than the checkpoint's, naming both files."""
+    ours, theirs = family_of(controlnet), family_of(checkpoint)
+    if ours != theirs:
         raise InvalidArgument(
-            f"Invalid control_net: {checkpoint.name} is an {family.value} checkpoint and DAN "
-            "runs ControlNet on SD 1.x (sd15) checkpoints only; leave control_net out or "
-            "choose an sd15 model (see /api/sd/supportedModelInfo)"
+            f"Invalid control_net.0.model: {controlnet.path.name} is an {ours.value} ControlNet "
+            f"and {checkpoint.path.name} an {theirs.value} checkpoint; a ControlNet only works "
+            f"with checkpoints of its family: install the {wanted} ControlNet with "
+            f"`dan models pull {_pull_name(wanted)}`"
         )
+
+
+def _pull_name(wanted: str) -> str:
+    """The catalog name ``dan models pull`` takes for a ControlNet: its alias, but SD 1.x's
+    files were always pulled by their names (control_sd15_canny)."""
+    return wanted if wanted.startswith("sdxl_") else f"control_{wanted}"
 
 
 def _check_batch(order: GenerationOrder, width: int, height: int) -> None:

@@ -57,7 +57,7 @@ class Sdxl:
     """The SDXL family (see :class:`dan.engine.families.Family`)."""
 
     name = ModelFamily.SDXL
-    supports_controlnet = False
+    supports_controlnet = True
 
     def load(
         self,
