@@ -5,9 +5,9 @@ DAN runs one unit per request, with the canny or openpose preprocessor (or none,
 that already is a control image) and a canny or openpose ControlNet: a model title of
 /controlnet/model_list (or any model name saying canny or openpose) picks the file serving that
 ControlNet, "None" the module's own; the checkpoint's family picks which file (an SDXL
-checkpoint gets the SDXL canny or openpose ControlNet, whichever title names it). ``control_mode`` "Balanced" is DAN's
-ordinary conditioning, "ControlNet is more important" its guess mode (control on the prompt's
-half of classifier-free guidance only).
+checkpoint gets the SDXL canny or openpose ControlNet, whichever title names it).
+``control_mode`` "Balanced" is DAN's ordinary conditioning, "ControlNet is more important" its
+guess mode (control on the prompt's half of classifier-free guidance only).
 """
 
 from __future__ import annotations
