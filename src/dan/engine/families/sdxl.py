@@ -95,7 +95,10 @@ class Sdxl:
         *,
         device: torch.device | str,
         dtype: torch.dtype,
+        clip_skip: int = 1,
     ) -> PromptEmbeds:
+        # A1111 ignores clip skip on SDXL (unless its "sdxl_clip_l_skip" option is set, off by
+        # default): both encoders always give their penultimate layer. So does DAN.
         return encode_sdxl_prompts(pipeline, prompt, negative_prompt, device=device, dtype=dtype)
 
     def pipeline(self, task: PipelineTask, base: Any, scheduler: Any, **extra: Any) -> Any:
