@@ -20,7 +20,12 @@ from dan.engine.detect import VAE
 from dan.engine.prompts import encode_prompts
 from dan.engine.sd import DiffusersEngine
 from dan.errors import EngineError
-from tests.fixtures.tiny_options import tiny_vae_state_dict
+from tests.fixtures.tiny_options import (
+    embedding_vectors,
+    tiny_vae_state_dict,
+    write_sd15_embedding,
+    write_sdxl_embedding,
+)
 from tests.fixtures.tiny_sd import write_checkpoint
 from tests.fixtures.tiny_sdxl import build_tiny_sdxl
 
@@ -172,3 +177,73 @@ def test_a_vae_file_of_another_architecture_fails_the_task_naming_it(
     with pytest.raises(EngineError, match=r"wrong\.safetensors"):
         txt2img(engine, [sd15, wrong], vae=wrong.ref)
     assert engine.pipelines.get(sd15).pipeline.vae is not None
+
+
+# --- embeddings ------------------------------------------------------------------------------
+
+
+def token_vectors(pipeline: Any, encoder: str, words: str) -> torch.Tensor:
+    """The token embeddings of ``words`` in ``encoder``'s table: an embedding made of them
+    must encode exactly as the words do."""
+    ids = pipeline.tokenizer(words, add_special_tokens=False)["input_ids"]
+    table = getattr(pipeline, encoder).get_input_embeddings().weight
+    return table[ids].detach().clone()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_an_sd15_embedding_encodes_as_the_words_it_was_made_of(
+    engine: DiffusersEngine, sd15: InstalledModel, tmp_path: Path, suffix: str
+) -> None:
+    base = engine.pipelines.get(sd15).pipeline
+    path = write_sd15_embedding(
+        tmp_path / f"foxlike{suffix}", token_vectors(base, "text_encoder", "red fox")
+    )
+    foxlike = installed(path, "4" * 64, ModelKind.EMBEDDING)
+    words = txt2img(engine, [sd15], prompt="a (red fox:1.2), night")
+    used = txt2img(
+        engine, [sd15, foxlike], prompt="a (FoxLike:1.2), night", embeddings=(foxlike.ref,)
+    )
+    assert np.array_equal(used, words)
+    ignored = txt2img(engine, [sd15], prompt="a (FoxLike:1.2), night")
+    assert np.abs(ignored - words).mean() > 1  # without it the name is just letters
+    assert np.array_equal(txt2img(engine, [sd15], prompt="a (FoxLike:1.2), night"), ignored)
+
+
+def test_an_sdxl_embedding_feeds_both_encoders(
+    engine: DiffusersEngine, sdxl: InstalledModel, tmp_path: Path
+) -> None:
+    base = engine.pipelines.get(sdxl).pipeline
+    clip_l = token_vectors(base, "text_encoder", "red fox")
+    clip_g = token_vectors(base, "text_encoder_2", "red fox")
+    path = write_sdxl_embedding(tmp_path / "foxlike.safetensors", clip_l, clip_g)
+    foxlike = installed(path, "5" * 64, ModelKind.EMBEDDING)
+    words = txt2img(engine, [sdxl], prompt="a red fox", negative_prompt="blurry")
+    used = txt2img(
+        engine,
+        [sdxl, foxlike],
+        prompt="a foxlike",
+        negative_prompt="blurry",
+        embeddings=(foxlike.ref,),
+    )
+    assert np.array_equal(used, words)
+    # Only the clip_g half changed: the second encoder reads it too.
+    half = write_sdxl_embedding(tmp_path / "half.safetensors", clip_l, torch.zeros_like(clip_g))
+    halfway = installed(half, "6" * 64, ModelKind.EMBEDDING)
+    other = txt2img(
+        engine,
+        [sdxl, halfway],
+        prompt="a half",
+        negative_prompt="blurry",
+        embeddings=(halfway.ref,),
+    )
+    assert not np.array_equal(other, words)
+    assert len(base.tokenizer) == len(engine.pipelines.get(sdxl).pipeline.tokenizer)
+
+
+def test_an_embedding_of_another_family_fails_the_task_naming_it(
+    engine: DiffusersEngine, sdxl: InstalledModel, tmp_path: Path
+) -> None:
+    path = write_sd15_embedding(tmp_path / "sd1only.safetensors", embedding_vectors(1, 32, seed=1))
+    sd1only = installed(path, "7" * 64, ModelKind.EMBEDDING)
+    with pytest.raises(EngineError, match=r"sd1only\.safetensors has no clip_g"):
+        txt2img(engine, [sdxl, sd1only], prompt="sd1only", embeddings=(sd1only.ref,))

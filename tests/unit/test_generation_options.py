@@ -74,7 +74,7 @@ def test_clip_skip_out_of_range_is_refused_naming_the_field(value: object) -> No
 
 
 def test_clip_skip_is_checked_below_the_api_too(build: RequestBuilder) -> None:
-    with pytest.raises(InvalidArgument, match="Invalid clip_skip: .* between 1 and 12, got 0"):
+    with pytest.raises(InvalidArgument, match=r"Invalid clip_skip: .* between 1 and 12, got 0"):
         build.txt2img(order(clip_skip=0), "t")
     assert submitted(build, clip_skip=12).clip_skip == 12
 

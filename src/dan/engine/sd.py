@@ -41,6 +41,7 @@ from dan.engine.controlnet import (
     controlled_txt2img,
 )
 from dan.engine.device import pick_device, pick_dtype
+from dan.engine.embeddings import embeddings_applied
 from dan.engine.families import Family, load_checkpoint
 from dan.engine.hires import hires_fix
 from dan.engine.img2img import run_img2img, validate_img2img
@@ -268,7 +269,8 @@ class DiffusersEngine:
         progress: ProgressCallback,
         preview: PreviewSink | None = None,
     ) -> Iterator[Conditioning]:
-        """The loaded checkpoint with the request's LoRAs applied and its prompts encoded."""
+        """The loaded checkpoint with the request's LoRAs, VAE and embeddings applied and its
+        prompts encoded."""
         loaded = self.pipelines.get(files[request.model.sha256])
         base = loaded.pipeline
         on_latents = _previews(loaded.previewer, preview) if preview is not None else None
@@ -276,13 +278,14 @@ class DiffusersEngine:
             _engine_errors(f"{request.width}x{request.height}"),
             self._loras(base, request, files),
             swapped_vae(base, self._vae(base, request, files)),
+            embeddings_applied(base, [files[e.sha256] for e in request.embeddings]) as words,
             torch.inference_mode(),
         ):
             prompt, _ = extract_lora_tags(request.prompt)  # the service resolved them already
             embeds = loaded.family.encode_prompts(
                 base,
-                prompt,
-                request.negative_prompt,
+                words(prompt),
+                words(request.negative_prompt),
                 device=self.device,
                 dtype=self.dtype,
                 clip_skip=request.clip_skip,
