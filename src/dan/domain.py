@@ -25,6 +25,7 @@ SEED_MAX = 2**32 - 1
 # images of one request are capped so that one request cannot fill the queue.
 MAX_BATCH_SIZE, MAX_N_ITER, MAX_IMAGES = 8, 16, 16
 MAX_BATCH_PIXELS = 2048 * 2048
+MAX_CLIP_SKIP = 12  # A1111's "Clip skip" slider: 1 (the last layer) to 12
 
 # Upscalers that need no model file (AUTOMATIC1111 names). Latent modes only make sense inside
 # hires fix, where the image is still a latent; model upscalers are files in models/upscalers.
@@ -120,6 +121,7 @@ class ModelKind(StrEnum):
     INTERROGATOR = "interrogator"  # the CLIP, BLIP and DeepDanbooru weights of interrogate
     ANNOTATOR = "annotator"  # preprocessor weights, e.g. the OpenPose body model
     VAE = "vae"  # a separate VAE, e.g. SDXL's fp16-fix
+    EMBEDDING = "embedding"  # a textual-inversion embedding, used by its name in a prompt
 
     @property
     def folder(self) -> str:
@@ -277,6 +279,12 @@ class GenerationRequest:
     # run one after another; image i has the seed ``seed + i``.
     batch_size: int = 1
     n_iter: int = 1
+    # A1111's "Clip skip": SD 1.x prompts are encoded by the text encoder's layer -clip_skip
+    # (1: the last). SDXL records it but ignores it, as A1111 does by default.
+    clip_skip: int = 1
+    vae: ModelRef | None = None  # a VAE file used instead of the checkpoint's own
+    # The textual-inversion embeddings whose names the prompts use (resolved at submission).
+    embeddings: tuple[ModelRef, ...] = ()
 
     @property
     def images(self) -> int:

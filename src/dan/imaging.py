@@ -39,6 +39,7 @@ def infotext(
         "Model hash": request.model.short_hash,
         "Model": request.model.name,
     }
+    fields.update(_option_fields(request))
     if request.batch_size > 1:
         fields["Batch size"] = request.batch_size
         fields["Batch pos"] = batch_pos
@@ -57,6 +58,21 @@ def infotext(
         fields["Lora weights"] = f'"{weights}"'
     fields["Version"] = f"DAN {__version__}"
     return "\n".join([*lines, ", ".join(f"{key}: {value}" for key, value in fields.items())])
+
+
+def _option_fields(request: GenerationRequest) -> dict[str, object]:
+    """A1111's fields for the VAE, clip skip and embeddings, where they are not the defaults."""
+    fields: dict[str, object] = {}
+    if request.vae is not None:
+        fields["VAE hash"] = request.vae.short_hash
+        fields["VAE"] = f"{request.vae.name}.safetensors"  # A1111 names the file
+    if request.clip_skip > 1:
+        fields["Clip skip"] = request.clip_skip
+    if request.embeddings:
+        # A1111 gives embeddings 12 hex digits (its LoRA and VAE hashes have 10).
+        hashes = ", ".join(f"{ref.name}: {ref.sha256[:12]}" for ref in request.embeddings)
+        fields["TI hashes"] = f'"{hashes}"'
+    return fields
 
 
 def encode_png(image: Image.Image, parameters: str) -> bytes:

@@ -68,7 +68,11 @@ def decoded(data: str) -> Image.Image:
 def test_txt2img_names_models_as_the_instance_does_and_keeps_the_checkpoint_loaded() -> None:
     body = payloads.txt2img(generation(), names)
     assert body["prompt"] == "a fox  in snow <lora:ink_v2:0.5>"
-    assert body["override_settings"] == {"sd_model_checkpoint": "dreamy.safetensors [0123456789]"}
+    assert body["override_settings"] == {
+        "sd_model_checkpoint": "dreamy.safetensors [0123456789]",
+        "CLIP_stop_at_last_layers": 1,
+        "sd_vae": "None",  # the checkpoint's own
+    }
     assert body["override_settings_restore_afterwards"] is False
     assert (body["seed"], body["subseed_strength"]) == (42, 0)
     assert (body["sampler_name"], body["steps"], body["cfg_scale"]) == ("DPM++ SDE Karras", 12, 6.5)

@@ -99,9 +99,17 @@ def test_the_checkpoint_is_the_overrides_else_the_callers_choice() -> None:
         {"override_settings": {"sd_model_checkpoint": f"beta.safetensors [{SHA[:10]}]"}}
     )
     assert txt2img_order(named, "b" * 64).generation.model == SHA[:10]
-    clip = {"override_settings": {"CLIP_stop_at_last_layers": 2}}
+    clip = {"override_settings": {"CLIP_stop_at_last_layers": 13}}
     refused("override_settings.CLIP_stop_at_last_layers", txt2img, **clip)
     assert txt2img(override_settings={"CLIP_stop_at_last_layers": 1}).generation.model is None
+
+
+def test_clip_skip_and_the_vae_come_from_override_settings() -> None:
+    settings = {"CLIP_stop_at_last_layers": 2, "sd_vae": "kl-f8.safetensors"}
+    generation = txt2img(override_settings=settings).generation
+    assert (generation.clip_skip, generation.vae) == (2, "kl-f8.safetensors")
+    assert (txt2img().generation.clip_skip, txt2img().generation.vae) == (1, None)
+    refused("override_settings.sd_vae", txt2img, override_settings={"sd_vae": 3})
 
 
 def test_hires_fields() -> None:

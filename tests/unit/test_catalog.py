@@ -52,6 +52,7 @@ def test_counts_per_kind(catalog: Catalog) -> None:
         ModelKind.INTERROGATOR: 4,
         ModelKind.ANNOTATOR: 1,
         ModelKind.VAE: 1,
+        ModelKind.EMBEDDING: 0,  # embeddings are the user's own files
     }
 
 

@@ -66,6 +66,8 @@ def generation_order(body: GenerationBody) -> GenerationOrder:
         control_net=controlnet_order(body.control_unit),
         batch_size=body.batch_size,
         n_iter=body.n_iter,
+        clip_skip=body.clip_skip,
+        vae=body.vae,
     )
 
 

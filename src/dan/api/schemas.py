@@ -25,6 +25,7 @@ from dan.domain import (
     CONTROLNET_PREPROCESSORS,
     INTERROGATOR_PARTS,
     MAX_BATCH_SIZE,
+    MAX_CLIP_SKIP,
     MAX_IMAGES,
     MAX_N_ITER,
     SAMPLERS,
@@ -275,6 +276,10 @@ class GenerationBody(Submission):
     # A1111's batches: batch_size images at once, n_iter batches one after another.
     batch_size: integer(1, MAX_BATCH_SIZE) = 1  # type: ignore[valid-type]
     n_iter: integer(1, MAX_N_ITER) = 1  # type: ignore[valid-type]
+    # A1111's options: the text encoder layer prompts are read from, a VAE file instead of
+    # the checkpoint's own (a name or hash from models/vaes; left out: the checkpoint's).
+    clip_skip: integer(1, MAX_CLIP_SKIP) = 1  # type: ignore[valid-type]
+    vae: ModelName = None
 
     @model_validator(mode="after")
     def _images(self) -> GenerationBody:

@@ -21,6 +21,8 @@ import ftfy
 import torch
 from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
+from dan.errors import EngineError
+
 CHUNK_LENGTH = 75  # prompt tokens per chunk; with BOS and EOS a chunk is 77 ids
 COMMA_BACKTRACK = 20  # A1111's default "comma_padding_backtrack"
 ROUND_MULTIPLIER = 1.1
@@ -300,19 +302,38 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return weighted * scale
 
 
-def encode_chunks(text_encoder: CLIPTextModel, chunks: list[PromptChunk]) -> torch.Tensor:
+def encode_chunks(
+    text_encoder: CLIPTextModel, chunks: list[PromptChunk], clip_skip: int = 1
+) -> torch.Tensor:
     """Hidden states of ``chunks``, weighted: a float32 tensor (len(chunks), 77, width).
 
     All chunks go through the encoder in one batch; each is encoded on its own (CLIP's causal
-    attention does not look across the batch), like A1111's one call per chunk.
+    attention does not look across the batch), like A1111's one call per chunk. ``clip_skip``
+    k > 1 takes the output of the k-th layer from the end through the final layer norm, as
+    A1111's "Clip skip" does; EngineError if the encoder has fewer than k layers.
     """
     device = text_encoder.device
     input_ids = torch.tensor([chunk.input_ids for chunk in chunks], device=device)
     weights = torch.tensor([chunk.weights for chunk in chunks], device=device)
     with torch.no_grad():  # no_grad, not inference_mode: callers may update the result in place
-        hidden = text_encoder(input_ids=input_ids).last_hidden_state
+        hidden = _hidden_states(text_encoder, input_ids, clip_skip)
         # Weighting in float32: the chunk means of fp16 hidden states lose digits.
         return apply_emphasis(hidden.float(), weights.float())
+
+
+def _hidden_states(text_encoder: CLIPTextModel, input_ids: torch.Tensor, clip_skip: int) -> Any:
+    if clip_skip == 1:
+        return text_encoder(input_ids=input_ids).last_hidden_state
+    layers = text_encoder.config.num_hidden_layers
+    if clip_skip > layers:
+        raise EngineError(
+            f"clip_skip {clip_skip} is more than the {layers} layers of this checkpoint's text "
+            f"encoder; use at most {layers}"
+        )
+    output = text_encoder(input_ids=input_ids, output_hidden_states=True)
+    # transformers >= 5.6 dropped the ``text_model`` level of CLIPTextModel.
+    norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    return norm(output.hidden_states[-clip_skip])
 
 
 def _pad_chunks(chunks: list[PromptChunk], count: int, padding: PromptChunk) -> list[PromptChunk]:
@@ -327,21 +348,22 @@ def encode_prompts(
     *,
     device: torch.device | str,
     dtype: torch.dtype,
+    clip_skip: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(prompt_embeds, negative_prompt_embeds)`` for diffusers' Stable Diffusion pipelines.
 
     Both are (1, 77 * k, width) on ``device`` in ``dtype``, where k is the larger chunk count of
     the two prompts; the shorter one is padded with chunks of the empty prompt (A1111's
     "pad_cond_uncond"). The prompts use A1111 syntax (see :func:`parse_prompt_attention`); LoRA
-    tags must have been removed first (:func:`dan.prompt_tags.extract_lora_tags`). No gradients
-    are tracked.
+    tags must have been removed first (:func:`dan.prompt_tags.extract_lora_tags`). ``clip_skip``
+    as in :func:`encode_chunks`. No gradients are tracked.
     """
     positive = tokenize_prompt(tokenizer, prompt)
     negative = tokenize_prompt(tokenizer, negative_prompt)
     count = max(len(positive), len(negative))
     padding = empty_chunk(tokenizer)
     chunks = _pad_chunks(positive, count, padding) + _pad_chunks(negative, count, padding)
-    hidden = encode_chunks(text_encoder, chunks)
+    hidden = encode_chunks(text_encoder, chunks, clip_skip)
     # Chunk-major rows: the first `count` rows, laid end to end, are the prompt's sequence.
     embeds = hidden.reshape(2, count * hidden.shape[1], hidden.shape[2])
     embeds = embeds.to(device=device, dtype=dtype)

@@ -41,6 +41,7 @@ from dan.engine.controlnet import (
     controlled_txt2img,
 )
 from dan.engine.device import pick_device, pick_dtype
+from dan.engine.embeddings import embeddings_applied
 from dan.engine.families import Family, load_checkpoint
 from dan.engine.hires import hires_fix
 from dan.engine.img2img import run_img2img, validate_img2img
@@ -53,6 +54,7 @@ from dan.engine.prompts import PromptEmbeds
 from dan.engine.samplers import make_scheduler
 from dan.engine.upscale import upscale
 from dan.engine.upscale_models import UpscalerModels
+from dan.engine.vae import VaeFiles, swapped_vae
 from dan.errors import EngineError, FatalEngineError
 from dan.prompt_tags import extract_lora_tags
 
@@ -108,6 +110,7 @@ class DiffusersEngine:
         self.pipelines = PipelineCache(settings.pipeline_cache_bytes, self._load)
         self.upscalers = UpscalerModels(self.device, self.dtype)
         self.controlnets = ControlNetCache(self.device, self.dtype)
+        self.vaes = VaeFiles(self.device, self.dtype)
         self.loras = LoraStack(LoraCache(settings.lora_cache_bytes, allow_ckpt=settings.allow_ckpt))
         self.interrogators = Interrogators(self.device, self.dtype, settings.cache_dir)
         self.pose_models = WarmModel(lambda m: OpenPoseBody.load(m.path, self.device, self.dtype))
@@ -269,18 +272,26 @@ class DiffusersEngine:
         progress: ProgressCallback,
         preview: PreviewSink | None = None,
     ) -> Iterator[Conditioning]:
-        """The loaded checkpoint with the request's LoRAs applied and its prompts encoded."""
+        """The loaded checkpoint with the request's LoRAs, VAE and embeddings applied and its
+        prompts encoded."""
         loaded = self.pipelines.get(files[request.model.sha256])
         base = loaded.pipeline
         on_latents = _previews(loaded.previewer, preview) if preview is not None else None
         with (
             _engine_errors(f"{request.width}x{request.height}"),
             self._loras(base, request, files),
+            swapped_vae(base, self._vae(base, request, files)),
+            embeddings_applied(base, [files[e.sha256] for e in request.embeddings]) as words,
             torch.inference_mode(),
         ):
             prompt, _ = extract_lora_tags(request.prompt)  # the service resolved them already
             embeds = loaded.family.encode_prompts(
-                base, prompt, request.negative_prompt, device=self.device, dtype=self.dtype
+                base,
+                words(prompt),
+                words(request.negative_prompt),
+                device=self.device,
+                dtype=self.dtype,
+                clip_skip=request.clip_skip,
             )
             first = request.batch_seeds(0)
             yield Conditioning(base, loaded.family, embeds, request, progress, first, on_latents)
@@ -291,6 +302,12 @@ class DiffusersEngine:
         """Exactly the request's LoRAs switched on, all of them off again afterwards."""
         loras = [(files[spec.model.sha256], spec.weight) for spec in request.loras]
         return self.loras.applied(base, loras)
+
+    def _vae(self, base: Any, request: GenerationRequest, files: ModelFiles) -> Any | None:
+        """The request's VAE file loaded for ``base``'s VAE architecture; None: its own."""
+        if request.vae is None:
+            return None
+        return self.vaes.get(files[request.vae.sha256], dict(base.vae.config))
 
     def _load(self, model: InstalledModel) -> LoadedCheckpoint:
         log.info("loading checkpoint %s (%s) on %s", model.name, model.sha256[:10], self.device)

@@ -7,7 +7,8 @@ key names the engine's loaders go by (:mod:`dan.engine.families`):
 - checkpoints: SDXL's text encoders sit under ``conditioner.embedders.`` (the SGM layout);
 - LoRAs: kohya's SDXL files name two text encoders, ``lora_te1_`` and ``lora_te2_``;
 - ControlNets: SDXL's carry the size/pooled embedding (``add_embedding`` in diffusers' layout,
-  ``label_emb`` in the original one).
+  ``label_emb`` in the original one);
+- embeddings: SDXL's hold ``clip_l`` and ``clip_g`` vectors, SD 1.x's ``emb_params``.
 
 Anything else is SD 1.x. A pickled file (``.ckpt``/``.pt``/``.pth``) cannot be read without
 unpickling it, so it counts as SD 1.x: SDXL files are distributed as safetensors.
@@ -26,6 +27,7 @@ SDXL_SIGNS: dict[ModelKind, tuple[str, ...]] = {
     ModelKind.CHECKPOINT: ("conditioner.embedders.",),
     ModelKind.LORA: ("lora_te1_", "lora_te2_"),
     ModelKind.CONTROLNET: ("add_embedding.", "control_model.label_emb.", "label_emb."),
+    ModelKind.EMBEDDING: ("clip_g",),  # SDXL embeddings hold one tensor per text encoder
 }
 
 

@@ -9,6 +9,7 @@ Layout (created on the first scan)::
     models/interrogators/ *.safetensors, *.pth, *.pt, *.txt (CLIP, BLIP, DeepDanbooru)
     models/annotators/   *.safetensors, *.pth (the OpenPose body model)
     models/vaes/         *.safetensors (e.g. SDXL's fp16-fix VAE)
+    models/embeddings/   *.safetensors, *.pt (textual inversion, used by name in prompts)
 
 (folder names come from :attr:`dan.domain.ModelKind.folder`)
 
@@ -54,6 +55,8 @@ EXTENSIONS: dict[ModelKind, frozenset[str]] = {
     ModelKind.INTERROGATOR: frozenset({".safetensors", ".pth", ".pt", ".txt"}),
     ModelKind.ANNOTATOR: frozenset({".safetensors", ".pth"}),
     ModelKind.VAE: frozenset({".safetensors"}),
+    # A1111's formats; .pt ones are read with torch.load(weights_only=True), which runs no code.
+    ModelKind.EMBEDDING: frozenset({".safetensors", ".pt"}),
 }
 # Kinds whose pickled files need allow_ckpt, and which suffixes count as pickled for them.
 GATED_KINDS = frozenset({ModelKind.CHECKPOINT, ModelKind.LORA})

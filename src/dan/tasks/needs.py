@@ -52,6 +52,7 @@ def generation_needs(
     ``output_size``, by default the request's size, hires-fixed) of a txt2img or img2img
     request on a checkpoint of ``family``."""
     files = [request.model.sha256, *(lora.model.sha256 for lora in request.loras)]
+    files += [ref.sha256 for ref in (request.vae, *request.embeddings) if ref is not None]
     steps = request.steps * denoising_strength
     cost = steps * request.width * request.height
     if request.hires is not None:

@@ -8,6 +8,7 @@ reported at submission, naming the field, and never as a failed task.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,7 @@ from dan.domain import (
     LATENT_UPSCALERS,
     MAX_BATCH_PIXELS,
     MAX_BATCH_SIZE,
+    MAX_CLIP_SKIP,
     MAX_IMAGES,
     MAX_N_ITER,
     OPENPOSE_BODY_MODEL,
@@ -55,6 +57,7 @@ from dan.tasks.base import Expected
 from dan.tasks.needs import BASE_PIXELS, INTERROGATE_COST, MIN_COST, Needs, generation_needs
 
 MAX_UPSCALED_SIDE = 8192
+CHECKPOINT_VAE = ("", "automatic", "none")  # A1111's sd_vae values for the checkpoint's own
 
 
 class ModelLookup(Protocol):
@@ -98,6 +101,8 @@ class GenerationOrder:
     control_net: ControlNetOrder | None = None
     batch_size: int = 1
     n_iter: int = 1
+    clip_skip: int = 1
+    vae: str | None = None  # a VAE file's name or hash; None (or Automatic/None): the checkpoint's
 
 
 @dataclass(frozen=True)
@@ -299,6 +304,7 @@ class RequestBuilder:
         _check_seeds(order)
         loras = self._loras(order.loras) + self._prompt_loras(order.prompt)
         _check_families(checkpoint, loras)
+        _check_clip_skip(order.clip_skip)
         return GenerationRequest(
             prompt=order.prompt,
             negative_prompt=order.negative_prompt,
@@ -314,6 +320,32 @@ class RequestBuilder:
             control_net=self._control_net(order.control_net, checkpoint, task_id, inputs),
             batch_size=order.batch_size,
             n_iter=order.n_iter,
+            clip_skip=order.clip_skip,
+            vae=self._vae(order.vae),
+            embeddings=self._embeddings(order, family_of(checkpoint)),
+        )
+
+    def _vae(self, name: str | None) -> ModelRef | None:
+        """The VAE file ``name`` names; None for the checkpoint's own (A1111's "Automatic"
+        and "None" included)."""
+        if name is None or name.strip().lower() in CHECKPOINT_VAE:
+            return None
+        try:
+            return self._models.resolve(ModelKind.VAE, name).ref
+        except ModelNotFound as exc:
+            raise ModelNotFound(
+                f"Invalid vae: {exc.message}; put VAE .safetensors files into models/vaes, or "
+                "leave vae out for the checkpoint's own"
+            ) from exc
+
+    def _embeddings(self, order: GenerationOrder, family: ModelFamily) -> tuple[ModelRef, ...]:
+        """The installed embeddings of the checkpoint's family whose names either prompt uses
+        as a word (A1111 matches embedding names in the prompt; case does not matter)."""
+        text = f"{order.prompt}\n{order.negative_prompt}"
+        return tuple(
+            model.ref
+            for model in self._models.list(ModelKind.EMBEDDING)
+            if family_of(model) == family and uses_word(text, model.name)
         )
 
     def _family(self, request: GenerationRequest) -> ModelFamily:
@@ -582,6 +614,20 @@ def _check_denoising_steps(steps: int, strength: float) -> None:
         raise InvalidArgument(
             f"Invalid denoising_strength: {strength:g} x {steps} steps runs no denoising step; "
             f"use at least {1 / steps:.3g}, more steps, or 0 to keep the image"
+        )
+
+
+def uses_word(text: str, word: str) -> bool:
+    """Whether ``word`` stands in ``text`` as a word of its own (any case): not inside a
+    longer word, whatever punctuation or brackets surround it."""
+    pattern = rf"(?<![\w-]){re.escape(word)}(?![\w-])"
+    return re.search(pattern, text, re.IGNORECASE) is not None
+
+
+def _check_clip_skip(clip_skip: int) -> None:
+    if not 1 <= clip_skip <= MAX_CLIP_SKIP:
+        raise InvalidArgument(
+            f"Invalid clip_skip: must be an integer between 1 and {MAX_CLIP_SKIP}, got {clip_skip}"
         )
 
 

@@ -127,6 +127,9 @@ class TaskRunner:
         """The installed file of every model the request names, by sha256."""
         wanted = [(ModelKind.CHECKPOINT, request.model)]
         wanted += [(ModelKind.LORA, lora.model) for lora in request.loras]
+        wanted += [(ModelKind.EMBEDDING, ref) for ref in request.embeddings]
+        if request.vae:
+            wanted.append((ModelKind.VAE, request.vae))
         if request.hires and request.hires.upscaler.model:
             wanted.append((ModelKind.UPSCALER, request.hires.upscaler.model))
         if request.control_net:

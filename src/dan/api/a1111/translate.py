@@ -20,7 +20,7 @@ from dan.api.a1111.schemas import (
     InterrogateRequest,
     Txt2ImgRequest,
 )
-from dan.domain import SAMPLERS
+from dan.domain import MAX_CLIP_SKIP, SAMPLERS
 from dan.errors import DanError
 from dan.tasks.orders import (
     ControlNetOrder,
@@ -88,11 +88,21 @@ def sampler(name: str, scheduler: str | None, field: str = "sampler_name") -> st
 
 def check_override_settings(settings: dict[str, Any]) -> None:
     clip_skip = settings.get("CLIP_stop_at_last_layers", 1)
-    if clip_skip not in (None, 1):
+    if clip_skip is not None and (
+        isinstance(clip_skip, bool)
+        or not isinstance(clip_skip, int | float)
+        or clip_skip != int(clip_skip)
+        or not 1 <= clip_skip <= MAX_CLIP_SKIP
+    ):
         raise invalid(
             "override_settings.CLIP_stop_at_last_layers",
-            f"DAN uses the text encoder's last layer (1) and cannot skip layers yet; got "
-            f"{clip_skip!r}",
+            f"must be an integer between 1 and {MAX_CLIP_SKIP}; got {clip_skip!r}",
+        )
+    vae = settings.get("sd_vae")
+    if vae is not None and not isinstance(vae, str):
+        raise invalid(
+            "override_settings.sd_vae",
+            f"must be a VAE file's name (see /sdapi/v1/sd-vae), Automatic or None; got {vae!r}",
         )
     checkpoint = settings.get("sd_model_checkpoint")
     if checkpoint is not None and not isinstance(checkpoint, str):
@@ -159,6 +169,8 @@ def generation_order(
         control_net=control,
         batch_size=body.batch_size,
         n_iter=body.n_iter,
+        clip_skip=int(body.override_settings.get("CLIP_stop_at_last_layers") or 1),
+        vae=body.override_settings.get("sd_vae"),
     )
 
 
@@ -316,6 +328,8 @@ def interrogate_order(body: InterrogateRequest) -> InterrogateOrder:
 
 DAN_FIELDS = {
     "model": "override_settings.sd_model_checkpoint",
+    "vae": "override_settings.sd_vae",
+    "clip_skip": "override_settings.CLIP_stop_at_last_layers",
     "init_image": "init_images.0",
     "inpaint.mask": "mask",
     "upscale.upscaler": "hr_upscaler",

@@ -69,8 +69,10 @@ class Family(Protocol):
         *,
         device: torch.device | str,
         dtype: torch.dtype,
+        clip_skip: int = 1,
     ) -> PromptEmbeds:
-        """Both prompts encoded A1111's way (weights, BREAK, any length), LoRA tags removed."""
+        """Both prompts encoded A1111's way (weights, BREAK, any length, clip skip), LoRA tags
+        removed."""
         ...
 
     def pipeline(self, task: PipelineTask, base: Any, scheduler: Any, **extra: Any) -> Any:

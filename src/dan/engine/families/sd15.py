@@ -61,6 +61,7 @@ class Sd15:
         *,
         device: torch.device | str,
         dtype: torch.dtype,
+        clip_skip: int = 1,
     ) -> PromptEmbeds:
         embeds, negative = encode_prompts(
             pipeline.tokenizer,
@@ -69,6 +70,7 @@ class Sd15:
             negative_prompt,
             device=device,
             dtype=dtype,
+            clip_skip=clip_skip,
         )
         return PromptEmbeds(embeds, negative)
 

@@ -95,7 +95,10 @@ class Sdxl:
         *,
         device: torch.device | str,
         dtype: torch.dtype,
+        clip_skip: int = 1,
     ) -> PromptEmbeds:
+        # A1111 ignores clip skip on SDXL (unless its "sdxl_clip_l_skip" option is set, off by
+        # default): both encoders always give their penultimate layer. So does DAN.
         return encode_sdxl_prompts(pipeline, prompt, negative_prompt, device=device, dtype=dtype)
 
     def pipeline(self, task: PipelineTask, base: Any, scheduler: Any, **extra: Any) -> Any:
@@ -142,8 +145,9 @@ def _encode(pipeline: Any, chunks: list[PromptChunk], count: int) -> tuple[Any, 
     """Hidden states (prompts, 77 * count, 768 + 1280) and the pooled embedding of each prompt's
     first chunk (prompts, projection), float32; ``chunks`` holds ``count`` chunks per prompt."""
     pad = pipeline.tokenizer_2.pad_token_id
-    clip_l = _hidden(pipeline.text_encoder, chunks)
-    open_clip = _hidden(pipeline.text_encoder_2, [_pad_after_end(c, pad) for c in chunks])
+    end = pipeline.tokenizer.eos_token_id
+    clip_l = _hidden(pipeline.text_encoder, chunks, end)
+    open_clip = _hidden(pipeline.text_encoder_2, [_pad_after_end(c, pad) for c in chunks], end)
     hidden = torch.cat([clip_l[0], open_clip[0]], dim=-1)
     prompts = len(chunks) // count
     # Chunk-major rows: each prompt's `count` rows, laid end to end, are its sequence.
@@ -151,17 +155,27 @@ def _encode(pipeline: Any, chunks: list[PromptChunk], count: int) -> tuple[Any, 
     return joined, open_clip[1][::count]
 
 
-def _hidden(text_encoder: Any, chunks: list[PromptChunk]) -> tuple[Any, Any]:
-    """Weighted penultimate hidden states of ``chunks``, and the pooled projections (if the
-    encoder has a projection), float32."""
+def _hidden(text_encoder: Any, chunks: list[PromptChunk], end: int) -> tuple[Any, Any]:
+    """Weighted penultimate hidden states of ``chunks``, and the pooled projections at the
+    ``end`` token (if the encoder has a projection), float32."""
     device = text_encoder.device
     input_ids = torch.tensor([chunk.input_ids for chunk in chunks], device=device)
     weights = torch.tensor([chunk.weights for chunk in chunks], device=device)
     with torch.no_grad():
         output = text_encoder(input_ids=input_ids, output_hidden_states=True)
         hidden = apply_emphasis(output.hidden_states[PENULTIMATE].float(), weights.float())
-        pooled = getattr(output, "text_embeds", None)
-        return hidden, None if pooled is None else pooled.float()
+        if getattr(output, "text_embeds", None) is None:
+            return hidden, None
+        return hidden, _pooled(text_encoder, output.last_hidden_state, input_ids, end).float()
+
+
+def _pooled(text_encoder: Any, last_hidden: Any, input_ids: Any, end: int) -> Any:
+    """The projection of each chunk's first end token, as A1111 pools. transformers pools at
+    the largest id when a config says ``eos_token_id: 2`` (SDXL's do), which is no longer the
+    end token once an embedding's placeholder ids are added past it."""
+    first_end = (input_ids == end).int().argmax(dim=-1)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return text_encoder.text_projection(last_hidden[rows, first_end])
 
 
 def _pad_after_end(chunk: PromptChunk, pad: int) -> PromptChunk:

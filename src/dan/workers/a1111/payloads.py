@@ -163,7 +163,10 @@ def _generation(request: GenerationRequest, names: Names) -> dict[str, Any]:
         "batch_size": request.batch_size,
         "n_iter": request.n_iter,
         "override_settings": {
-            "sd_model_checkpoint": names(ModelKind.CHECKPOINT, request.model.sha256)
+            "sd_model_checkpoint": names(ModelKind.CHECKPOINT, request.model.sha256),
+            "CLIP_stop_at_last_layers": request.clip_skip,
+            # A1111 finds embeddings by name in the prompt itself; "None": the checkpoint's VAE.
+            "sd_vae": names(ModelKind.VAE, request.vae.sha256) if request.vae else "None",
         },
         "override_settings_restore_afterwards": False,
         "send_images": True,
