@@ -266,6 +266,7 @@ def _run_row(original: Any, run_id: str, now: float) -> dict[str, Any]:
         "model_sha256": original["model_sha256"],
         "expects": original["expects"],
         "images": original["images"],
+        "family": original["family"],
         "created_at": now,
         "progress": 0.0,
         "attempts": 0,
