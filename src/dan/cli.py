@@ -39,6 +39,9 @@ A1111_OPTIONS: list[tuple[str, str, str]] = [
     ),
     ("--a1111-api-key", "a1111_api_key", "with --backend a1111: a key, if it is a DAN server"),
 ]
+NODE_FAMILY_OPTIONS: list[tuple[str, str, str]] = [
+    ("--families", "node_families", "model families to serve, e.g. sd15 (empty: all it can)"),
+]
 SERVE_OPTIONS: list[tuple[str, str, str]] = [
     ("--host", "host", "address to listen on"),
     ("--port", "port", "port to listen on"),
@@ -340,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         "instance, with its models [env DAN_NODE_BACKEND; default diffusers]",
     )
     _add_options(node, A1111_OPTIONS)
+    _add_options(node, NODE_FAMILY_OPTIONS)
     node.set_defaults(func=cmd_node)
 
     models = sub.add_parser("models", help="list and download models").add_subparsers(

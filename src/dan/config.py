@@ -366,6 +366,33 @@ class Settings(BaseSettings):
             raise ValueError("DAN_A1111_PASSWORD needs DAN_A1111_USER (HTTP Basic, as --api-auth)")
         return self
 
+    # Model families a node serves (`dan node --families sd15`): by default every family its
+    # memory allows (dan.workers.capabilities); this narrows it, e.g. to keep a 12 GiB card on
+    # SD 1.x work only.
+    node_families: str = Field(
+        "",
+        description="comma-separated model families this node serves (sd15, sdxl); empty: "
+        "every family it has the memory for",
+    )
+
+    @model_validator(mode="after")
+    def _check_node_families(self) -> Settings:
+        unknown = sorted(set(self.node_family_names) - set(FAMILY_NAMES))
+        if unknown:
+            raise ValueError(
+                f"DAN_NODE_FAMILIES: model families are {', '.join(FAMILY_NAMES)}, got "
+                f"{', '.join(unknown)}"
+            )
+        return self
+
+    @property
+    def node_family_names(self) -> tuple[str, ...]:
+        """The families of ``node_families`` (empty: not narrowed)."""
+        return tuple(name.strip() for name in self.node_families.split(",") if name.strip())
+
+
+FAMILY_NAMES = ("sd15", "sdxl")  # dan.domain.ModelFamily's values (config imports no domain)
+
 
 def _check_together(**settings: str | None) -> None:
     """ValueError if some of ``settings`` are set and others not."""

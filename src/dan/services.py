@@ -15,11 +15,11 @@ from dan.accounts import AccountService, SignInService, SqlAccountStore, SqlIden
 from dan.accounts.options import ClientOptions, SqlClientOptionsStore
 from dan.config import Settings
 from dan.db import create_db_engine, migrate
-from dan.domain import ModelKind
+from dan.domain import LOCAL_ACCOUNT, LOCAL_NODE_NAME, ModelKind
 from dan.models.registry import ModelRegistry
 from dan.nodes import NetworkModels, NodeService, SqlNodeStore
 from dan.nodes.checks import ResultChecks
-from dan.nodes.store import NodeRules
+from dan.nodes.store import NodeRules, node_id_for
 from dan.storage import BlobStore, LocalBlobStore, SqlBlobStore
 from dan.tasks.checks import SqlCheckStore
 from dan.tasks.service import TaskService
@@ -129,6 +129,7 @@ def build_services(settings: Settings) -> Services:
         settings,
         weight_of=accounts.weight_of,
         local_files=lambda: installed_hashes(registry),
+        local_families=lambda: node_store.families(node_id_for(LOCAL_ACCOUNT, LOCAL_NODE_NAME)),
         webhooks=webhooks,
     )
     check_store = SqlCheckStore(db, online_window_s=settings.node_offline_after_s)

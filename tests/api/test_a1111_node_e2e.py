@@ -200,9 +200,12 @@ def image_of(data: dict[str, Any]) -> Image.Image:
 
 def test_the_gateway_reports_the_instances_checkpoint(net: Network) -> None:
     info = net.call("GET", "/api/sd/supportedModelInfo")
-    assert info["Models"] == [{"name": "instance-base", "hash": net.instance_checkpoint}]
+    # The node read the family from the checkpoint's header (its file is on this machine).
+    expected = {"name": "instance-base", "hash": net.instance_checkpoint, "family": "sd15"}
+    assert info["Models"] == [expected]
     [node] = net.call("GET", "/api/nodes/mine", key=net.donor_key)
     assert node["name"] == "gateway" and node["capabilities"]["backend"] == "a1111"
+    assert node["capabilities"]["families"] == ["sd15"]  # what its checkpoints are
     assert net.instance_checkpoint in node["installed"]
     assert node["loaded"] == [net.instance_checkpoint]  # the instance's, from its options
 

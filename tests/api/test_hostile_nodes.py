@@ -359,3 +359,55 @@ def test_every_node_endpoint_refuses_no_key_and_another_accounts_node(
         reply = ENDPOINTS[endpoint](intruder, task_id)
         assert (reply.status, reply.reason) == (403, "forbidden"), (key, reply)
     assert net.record(task_id).status == TaskStatus.PROCESSING  # nothing changed
+
+
+# -- model families ------------------------------------------------------------------------------
+def xl(sha: str) -> dict[str, Any]:
+    return {**named("checkpoint", "xl_mix", sha), "family": "sdxl"}
+
+
+def test_an_sdxl_task_goes_only_to_a_node_that_declared_sdxl(start: Start) -> None:
+    """Before: every node was offered every task, so an SD 1.x-only card took SDXL work it
+    could only fail; a node that declares no families (an old one) gets SD 1.x only."""
+    net = start(unserved_models="accept")
+    user = net.key("user")
+    sha = fake_sha("xl")
+    small = net.node(net.key("a", can_run_nodes=True), "small", [xl(sha)], families=["sd15"])
+    old = net.node(net.key("b", can_run_nodes=True), "old", [xl(sha), net.checkpoint])
+    listed = net.call("GET", "/api/sd/supportedModelInfo", user)["data"]["Models"]
+    assert {"name": "xl_mix", "hash": sha, "family": "sdxl"} in listed  # as the nodes read it
+    task_id = net.submit(user, model="xl_mix")
+    record = net.record(task_id)
+    assert record.params["model"]["sha256"] == sha
+    plain = net.submit(user)
+    assert small.take() is None  # it has the file, not the family
+    assert old.take()["id"] == plain  # type: ignore[index]
+    assert old.take() is None
+    big = net.node(net.key("c", can_run_nodes=True), "big", [xl(sha)], families=["sdxl"])
+    assert big.take()["id"] == task_id  # type: ignore[index]
+
+
+def test_a_node_cannot_claim_a_family_by_naming_it_elsewhere(start: Start) -> None:
+    """The server goes by what the node registered: capabilities or claim bodies that say
+    "sdxl" change nothing, and an unknown family is refused naming the field."""
+    net = start()
+    donor, user = net.key("donor", can_run_nodes=True), net.key("user")
+    sha = fake_sha("xl")
+    net.node(net.key("big", can_run_nodes=True), "big", [xl(sha)], families=["sdxl"])
+    sly = net.node(donor, "sly", [xl(sha)], capabilities={"families": ["sdxl"]})
+    task_id = net.submit(user, model="xl_mix")
+    assert sly.take(families=["sdxl"]) is None
+    bogus = ScriptedNode(net.api.client, donor, "bogus").register([xl(sha)], families=["sd3"])
+    assert (bogus.status, bogus.reason) == (400, "invalid") and "families" in bogus.message
+    assert net.record(task_id).status == TaskStatus.PENDING
+
+
+def test_an_sdxl_task_no_online_node_runs_is_refused_like_an_unserved_model(
+    start: Start,
+) -> None:
+    net = start(unserved_models="reject")
+    user = net.key("user")
+    sha = fake_sha("xl")
+    net.node(net.key("donor", can_run_nodes=True), "small", [xl(sha)], families=["sd15"])
+    reply = net.call("POST", "/api/sd/txt2img/async", user, json={**SMALL, "model": "xl_mix"})
+    assert reply["_http"] == 503 and "runs sdxl checkpoints" in reply["message"], reply

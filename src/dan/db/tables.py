@@ -67,6 +67,10 @@ tasks = Table(
     # Added by 0005: how many images the task makes (batch_size x n_iter); pending limits
     # count images, not requests.
     Column("images", Integer, nullable=False, default=1, server_default="1"),
+    # Added by 0006: the model family of its checkpoint (dan.domain.ModelFamily): only nodes
+    # that list the family in ``node_families`` are offered it. NULL: any node (a task on no
+    # checkpoint, or queued before 0006).
+    Column("family", String(8)),
     Index("ix_tasks_status_tag_seq", "status", "tag", "seq"),
     Index("ix_tasks_account_tag", "account", "tag"),
     Index("ix_tasks_account_status", "account", "status"),
@@ -194,8 +198,20 @@ node_files = Table(
     Column("size", BigInteger),
     Column("name_key", String(256)),
     Column("file_key", String(256)),
+    # Added by 0006: the family the node read from the file (checkpoints, LoRAs, ControlNets),
+    # so that the API knows it for a model only nodes have.
+    Column("family", String(8)),
     Index("ix_node_files_kind_name", "kind", "name_key"),
     Index("ix_node_files_kind_file", "kind", "file_key"),
+)
+
+# The model families each node runs and has the memory for (0006), replaced at each
+# registration; a node that reports none (older than 0006) gets ``sd15``.
+node_families = Table(
+    "node_families",
+    metadata,
+    Column("node_id", String(36), primary_key=True),
+    Column("family", String(8), primary_key=True),
 )
 
 # One running process of a node (0003): each registration opens a session; tasks are held by

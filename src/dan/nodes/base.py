@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from dan.domain import ModelKind
+from dan.domain import ModelFamily, ModelKind
 
 NODE_NAMESPACE = uuid.UUID("5b0f6f43-3c4e-4d0c-9a57-3f1e8f0c2d11")
 
@@ -32,13 +32,14 @@ class NodeRules:
 @dataclass(frozen=True)
 class NodeFile:
     """A file a node has installed: its sha256 and, when the node describes it, its kind,
-    model name and file name (which requests may name)."""
+    model name and file name (which requests may name), and the family it read from it."""
 
     sha256: str
     kind: ModelKind | None = None
     name: str | None = None
     file: str | None = None
     size: int | None = None
+    family: ModelFamily | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class NetworkFile:
     file: str
     size: int
     holders: int
+    family: ModelFamily | None = None  # as the nodes read it (None: none said)
 
 
 def node_id_for(account: str, name: str) -> str:
@@ -128,6 +130,7 @@ class NodeStore(Protocol):
         slots: int = 1,
         honor_per_interval: float = 0.0,
         session_id: str | None = None,
+        families: Iterable[ModelFamily] | None = None,
     ) -> Session: ...
 
     def session(self, session_id: str) -> Session | None: ...
@@ -152,6 +155,8 @@ class NodeStore(Protocol):
     def get(self, node_id: str) -> NodeRecord | None: ...
 
     def files(self, node_id: str) -> frozenset[str]: ...
+
+    def families(self, node_id: str) -> frozenset[ModelFamily]: ...
 
     def list_for(self, account: str) -> list[NodeRecord]: ...
 

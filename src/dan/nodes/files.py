@@ -3,13 +3,13 @@ name, hash or prefix for the API's resolution of model names (dan.nodes.models).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Select, delete, func, insert, select
 
-from dan.db.tables import node_files, nodes
-from dan.domain import ModelKind
+from dan.db.tables import node_families, node_files, nodes
+from dan.domain import ModelFamily, ModelKind
 from dan.nodes.base import NodeFile
 
 INSERT_BATCH = 2000
@@ -21,6 +21,18 @@ def replace_files(conn: Connection, node_id: str, files: Sequence[NodeFile]) -> 
     rows = [_row(node_id, f) for f in {f.sha256: f for f in files}.values()]
     for start in range(0, len(rows), INSERT_BATCH):
         conn.execute(insert(node_files), rows[start : start + INSERT_BATCH])
+
+
+def replace_families(
+    conn: Connection, node_id: str, families: Iterable[ModelFamily] | None
+) -> None:
+    """The node runs ``families`` from now; None (a node from before families, which does
+    not say) means SD 1.x only, what every node ran then."""
+    chosen = {ModelFamily.SD15} if families is None else set(families)
+    conn.execute(delete(node_families).where(node_families.c.node_id == node_id))
+    rows = [{"node_id": node_id, "family": family.value} for family in sorted(chosen)]
+    if rows:
+        conn.execute(insert(node_families), rows)
 
 
 def account_files(conn: Connection, account: str, *, besides: str) -> int:
@@ -48,7 +60,14 @@ def described_files(
     f = node_files
     holders = func.count(func.distinct(f.c.node_id)).label("holders")
     query = (
-        select(f.c.sha256, f.c.name, f.c.file, func.max(f.c.size).label("size"), holders)
+        select(
+            f.c.sha256,
+            f.c.name,
+            f.c.file,
+            func.max(f.c.size).label("size"),
+            func.max(f.c.family).label("family"),  # "sdxl" over "sd15" if nodes disagree
+            holders,
+        )
         .join(nodes, nodes.c.id == f.c.node_id)
         .where(
             f.c.kind == kind.value,
@@ -77,4 +96,5 @@ def _row(node_id: str, file: NodeFile) -> dict[str, Any]:
         "size": file.size,
         "name_key": file.name.casefold() if file.name else None,
         "file_key": file.file.casefold() if file.file else None,
+        "family": file.family.value if file.family else None,
     }

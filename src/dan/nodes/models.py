@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
-from dan.domain import InstalledModel, ModelKind
+from dan.domain import InstalledModel, ModelFamily, ModelKind
 from dan.errors import ModelNotFound
 from dan.models.catalog import Catalog, CatalogEntry
 from dan.models.registry import (
@@ -164,7 +164,7 @@ class NetworkModels:
         for digest in entry.hashes:
             found = self._nodes.find_files(kind, sha256=digest, limit=1)
             if found:
-                return _model(found[0], name=entry.name)
+                return _model(found[0], name=entry.name, family=entry.family)
         return None
 
     @staticmethod
@@ -232,11 +232,16 @@ def _first(files: Iterable[NetworkFile]) -> InstalledModel | None:
     return None
 
 
-def _model(file: NetworkFile, *, name: str | None = None) -> InstalledModel:
+def _model(
+    file: NetworkFile, *, name: str | None = None, family: ModelFamily | None = None
+) -> InstalledModel:
+    """The model a node's file describes; its family is the catalog's where given (the
+    catalog is the server's own word), else what the nodes read from the file."""
     return InstalledModel(
         kind=file.kind,
         name=name or file.name,
         sha256=file.sha256,
         path=NETWORK_FOLDER / file.file,
         size=file.size,
+        family=family or file.family,
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dan.domain import ModelKind
+from dan.domain import ModelFamily, ModelKind
 from dan.errors import (
     DanError,
     InvalidArgument,
@@ -33,7 +33,7 @@ from dan.errors import (
     TooManyNodes,
 )
 
-VERSION = 2
+VERSION = 3  # 3: nodes say which model families they run, and each file's family
 MAX_WAIT_S = 25.0  # longest claim long-poll; below common proxies' idle timeouts
 MAX_FILES = 20_000  # files one node may report
 MAX_LOADED = 64  # checkpoints one node may say it has loaded
@@ -93,10 +93,12 @@ class _Body(BaseModel):
 
 
 class FileBody(_Body):
-    """A file the node has installed; ``kind``, ``name`` and ``file`` when it describes it."""
+    """A file the node has installed; ``kind``, ``name`` and ``file`` when it describes it,
+    and the ``family`` it read from it (checkpoints, LoRAs, ControlNets)."""
 
     sha256: str = Field(pattern=SHA256.pattern)
     kind: ModelKind | None = None
+    family: ModelFamily | None = None
     name: str | None = Field(None, min_length=1, max_length=MAX_NAME_CHARS)
     file: str | None = Field(None, min_length=1, max_length=MAX_NAME_CHARS)
     size: int | None = Field(None, ge=0)
@@ -110,10 +112,13 @@ class FileBody(_Body):
 
 
 class RegisterBody(_Body):
-    """``POST /api/node/register``: what the node is and has."""
+    """``POST /api/node/register``: what the node is and has. ``families``: the model
+    families it runs and has the memory for; a node that leaves it out (older than protocol
+    version 3) is offered SD 1.x tasks only."""
 
     name: str = Field(pattern=NODE_NAME.pattern)
     capabilities: dict[str, Any] = Field(default_factory=dict)
+    families: list[ModelFamily] | None = Field(None, max_length=len(ModelFamily))
     files: list[FileBody] = Field(default_factory=list, max_length=MAX_FILES)
     loaded: list[str] = Field(default_factory=list, max_length=MAX_LOADED)
     slots: int = Field(1, ge=1, le=MAX_SLOTS)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from dan.config import Settings
-from dan.domain import LOCAL_ACCOUNT, Account, ClaimedTask, TaskResult, TaskStatus
+from dan.domain import LOCAL_ACCOUNT, Account, ClaimedTask, ModelFamily, TaskResult, TaskStatus
 from dan.errors import (
     InvalidArgument,
     NodeNotFound,
@@ -74,6 +74,9 @@ class NodeDescription:
     files: tuple[NodeFile, ...] = ()
     loaded: frozenset[str] = frozenset()
     slots: int = 1
+    # The model families it runs and has the memory for; None: it does not say (a node from
+    # before families), which the server takes as SD 1.x only.
+    families: frozenset[ModelFamily] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ class NodeService:
             description.loaded,
             slots=description.slots,
             honor_per_interval=self._online_rate(account.id),
+            families=description.families,
         )
         self._touched[session.id] = self._monotonic()
         return session

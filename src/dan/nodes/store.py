@@ -26,8 +26,8 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
 from dan.db.clock import DatabaseClock
-from dan.db.tables import accounts, honor_escrow, node_files, node_sessions, nodes
-from dan.domain import ModelKind
+from dan.db.tables import accounts, honor_escrow, node_families, node_files, node_sessions, nodes
+from dan.domain import ModelFamily, ModelKind
 from dan.errors import InvalidArgument, TooManyNodes
 from dan.nodes.base import (
     NetworkFile,
@@ -40,7 +40,7 @@ from dan.nodes.base import (
     node_id_for,
     session_worker_id,
 )
-from dan.nodes.files import account_files, described_files, replace_files
+from dan.nodes.files import account_files, described_files, replace_families, replace_files
 from dan.nodes.honor import earns, grant_online, release_escrow, settle
 
 # What callers import from here (the seam itself lives in dan.nodes.base).
@@ -87,9 +87,11 @@ class SqlNodeStore:
         slots: int = 1,
         honor_per_interval: float = 0.0,
         session_id: str | None = None,
+        families: Iterable[ModelFamily] | None = None,
     ) -> Session:
         """Create the node, or update the one ``account`` registered as ``name`` before (its
-        online time is settled as by :meth:`seen`), replace its files, and open a session.
+        online time is settled as by :meth:`seen`), replace its files and the model families
+        it runs (None: a node that does not say, taken as SD 1.x only), and open a session.
 
         Raises TooManyNodes when the account has ``max_nodes_per_account`` nodes (and this
         is a new name), the node ``max_sessions_per_node`` live sessions, or the account's
@@ -106,6 +108,7 @@ class SqlNodeStore:
                         conn.execute(nodes.insert().values(**row))
                     self._check_file_count(conn, account, node_id, len(files))
                     replace_files(conn, node_id, files)
+                    replace_families(conn, node_id, families)
                     session = self._open_session(conn, node_id, account, slots, session_id)
                     self._seen_in(conn, node_id, described, honor_per_interval)
                 return session
@@ -193,6 +196,12 @@ class SqlNodeStore:
         with self._read() as conn:
             return frozenset(conn.execute(query).scalars())
 
+    def families(self, node_id: str) -> frozenset[ModelFamily]:
+        """The model families the node runs (empty for an unknown node)."""
+        query = select(node_families.c.family).where(node_families.c.node_id == node_id)
+        with self._read() as conn:
+            return frozenset(ModelFamily(family) for family in conn.execute(query).scalars())
+
     def list_for(self, account: str) -> list[NodeRecord]:
         """The nodes of ``account``, by name."""
         query = select(nodes).where(nodes.c.account == account).order_by(nodes.c.name)
@@ -234,7 +243,10 @@ class SqlNodeStore:
             since = self._time.now(conn) - self._rules.offline_after_s
             query = described_files(kind, since, sha256=sha256, key=key, prefix=prefix)
             rows = conn.execute(query.limit(limit)).all()
-        return [NetworkFile(kind, r.sha256, r.name, r.file, r.size or 0, r.holders) for r in rows]
+        return [
+            NetworkFile(kind, r.sha256, r.name, r.file, r.size or 0, r.holders, _family(r.family))
+            for r in rows
+        ]
 
     # -- checks and suspects -----------------------------------------------------------------
     def on_probation(self, node_id: str) -> bool:
@@ -471,6 +483,14 @@ class SqlNodeStore:
             suspect_since=row["suspect_since"],
             suspect_reason=row["suspect_reason"],
         )
+
+
+def _family(value: str | None) -> ModelFamily | None:
+    """A stored family; None for none, or one this version does not know."""
+    try:
+        return None if value is None else ModelFamily(value)
+    except ValueError:
+        return None
 
 
 def _session(row: Any) -> Session:

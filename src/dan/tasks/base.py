@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from dan.db.clock import Clock
-from dan.domain import ClaimedTask, TaskKind, TaskRecord, TaskResult, TaskStatus
+from dan.domain import ClaimedTask, ModelFamily, TaskKind, TaskRecord, TaskResult, TaskStatus
 
 CANCELLED_MESSAGE = "cancelled by the user"
 
@@ -80,6 +80,7 @@ class NewTask:
     expects: Expected | None = None
     callback_url: str | None = None  # where its webhook goes when it ends (dan.webhooks)
     images: int = 1  # images it makes (batch_size x n_iter): what pending limits count
+    family: ModelFamily | None = None  # its checkpoint's: only nodes running it are offered it
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ class QueueRules:
 @dataclass(frozen=True)
 class Offer:
     """Who claims and what it can run: the node whose installed files (rows of node_files) a
-    task's files must be among (None: any task), its owner (never given a verification run of
+    task's files must be among and whose families (rows of node_families) its family must
+    be one of (None: any task), its owner (never given a verification run of
     its own result), the checkpoints it has loaded and how far it may look past the first task
     it can run for one of those, and how many tasks it may hold at once (None: no limit)."""
 
@@ -263,8 +265,13 @@ class TaskStore(Protocol):
         ...
 
     def runnable_somewhere(
-        self, requires: Sequence[str], *, exclude_account: str | None = None
+        self,
+        requires: Sequence[str],
+        *,
+        exclude_account: str | None = None,
+        family: ModelFamily | None = None,
     ) -> bool | None:
         """Whether one online node (not of ``exclude_account``, not suspect) has every file of
-        ``requires``; None when no node is online at all (nothing is known yet)."""
+        ``requires`` and runs ``family`` (if given); None when no node is online at all
+        (nothing is known yet)."""
         ...

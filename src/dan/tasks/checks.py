@@ -28,7 +28,15 @@ from sqlalchemy import Connection, Engine, and_, exists, func, insert, or_, sele
 
 from dan.db.clock import Clock, DatabaseClock
 from dan.db.notify import FINISHED, QUEUED, notify
-from dan.db.tables import accounts, node_files, nodes, task_exclusions, task_files, tasks
+from dan.db.tables import (
+    accounts,
+    node_families,
+    node_files,
+    nodes,
+    task_exclusions,
+    task_files,
+    tasks,
+)
 from dan.domain import TaskKind, TaskResult, TaskStatus
 from dan.tasks.rows import result_from_json, result_json
 
@@ -72,12 +80,17 @@ class SqlCheckStore:
 
     def can_verify(self, task_id: str, exclude: Sequence[str]) -> bool:
         """Whether an online, unsuspected node of none of the ``exclude`` accounts has every
-        file of ``task_id`` (so a verification run of it can be served)."""
+        file of ``task_id`` and runs its family (so a verification run of it can be served)."""
         lacks_one = exists().where(
             task_files.c.task_id == task_id,
             ~exists().where(
                 node_files.c.node_id == nodes.c.id, node_files.c.sha256 == task_files.c.sha256
             ),
+        )
+        family = select(tasks.c.family).where(tasks.c.id == task_id).scalar_subquery()
+        runs = or_(
+            family.is_(None),
+            exists().where(node_families.c.node_id == nodes.c.id, node_families.c.family == family),
         )
         with self._engine.connect().execution_options(dan_read_only=True) as conn:
             since = self._time.now(conn) - self._online_window_s
@@ -87,6 +100,7 @@ class SqlCheckStore:
                     nodes.c.suspect_since.is_(None),
                     nodes.c.account.not_in(list(exclude)),
                     ~lacks_one,
+                    runs,
                 )
             )
             return bool(conn.execute(query).scalar_one())
@@ -266,6 +280,7 @@ def _run_row(original: Any, run_id: str, now: float) -> dict[str, Any]:
         "model_sha256": original["model_sha256"],
         "expects": original["expects"],
         "images": original["images"],
+        "family": original["family"],
         "created_at": now,
         "progress": 0.0,
         "attempts": 0,

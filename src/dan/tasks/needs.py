@@ -27,12 +27,14 @@ PIXEL_STEP_COST: dict[ModelFamily, float] = {ModelFamily.SD15: 1.0, ModelFamily.
 class Needs:
     """What running a task takes: the checkpoint it runs on (for node affinity), every model
     file (sha256) a node must have installed, its cost relative to a 512x512, 20-step
-    txt2img (the queue's weighting), and what its result must be."""
+    txt2img (the queue's weighting), what its result must be, and the checkpoint's family
+    (only nodes that run it are offered the task; None: any node)."""
 
     checkpoint: str | None = None
     requires: tuple[str, ...] = ()
     cost: float = 1.0
     expects: Expected | None = None
+    family: ModelFamily | None = None
 
     @property
     def images(self) -> int:
@@ -74,4 +76,5 @@ def generation_needs(
         tuple(dict.fromkeys(files)),
         max(MIN_COST, normalised),
         Expected(request.images, width, height),
+        family,
     )

@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, exists, func
+from sqlalchemy import ColumnElement, Connection, exists, func, or_
 from sqlalchemy.engine import RowMapping
 
-from dan.db.tables import node_files, task_exclusions, task_files, tasks
+from dan.db.tables import node_families, node_files, task_exclusions, task_files, tasks
 from dan.domain import TaskKind, TaskRecord, TaskResult, TaskStatus
 from dan.tasks.base import NewTask, Offer, QueueRules
 
@@ -25,8 +25,8 @@ def runtime_limit(rules: QueueRules) -> Any:
 
 
 def runnable_for(offer: Offer) -> list[ColumnElement[bool]]:
-    """Conditions on a pending task for ``offer``: the node has all its files, and its
-    account is not excluded from it."""
+    """Conditions on a pending task for ``offer``: the node has all its files and runs its
+    family (a task of no family runs anywhere), and its account is not excluded from it."""
     conditions: list[ColumnElement[bool]] = []
     if offer.node_id is not None:
         has = exists().where(
@@ -34,6 +34,10 @@ def runnable_for(offer: Offer) -> list[ColumnElement[bool]]:
         )
         missing = exists().where(task_files.c.task_id == tasks.c.id, ~has)
         conditions.append(~missing)
+        runs = exists().where(
+            node_families.c.node_id == offer.node_id, node_families.c.family == tasks.c.family
+        )
+        conditions.append(or_(tasks.c.family.is_(None), runs))
     if offer.account is not None:
         excluded = exists().where(
             task_exclusions.c.task_id == tasks.c.id, task_exclusions.c.account == offer.account
@@ -95,6 +99,7 @@ def new_row(task: NewTask, now: float) -> dict[str, Any]:
         "model_sha256": task.checkpoint,
         "expects": task.expects.to_json() if task.expects else None,
         "images": task.images,
+        "family": task.family.value if task.family else None,
         "created_at": now,
         "progress": 0.0,
         "attempts": 0,

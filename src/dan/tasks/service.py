@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from dan.config import Settings
-from dan.domain import TaskKind, TaskRecord
+from dan.domain import ModelFamily, TaskKind, TaskRecord
 from dan.errors import InvalidArgument, ResourceUnavailable, TaskNotFound, TooManyPendingTasks
 from dan.storage import BlobStore
 from dan.tasks.needs import Needs
@@ -43,11 +43,13 @@ class TaskService:
         random_seed: Callable[[], int] = lambda: secrets.randbelow(2**32),
         weight_of: Callable[[str], float] = lambda account: 1.0,
         local_files: Callable[[], frozenset[str]] = frozenset,
+        local_families: Callable[[], frozenset[ModelFamily]] = frozenset,
         webhooks: WebhookService | None = None,
     ) -> None:
         self._webhooks = webhooks
         self._weight_of = weight_of
         self._local_files = local_files
+        self._local_families = local_families
         self._store = store
         self._blobs = blobs
         self._settings = settings
@@ -132,6 +134,7 @@ class TaskService:
                 expects=needs.expects,
                 callback_url=callback_url,
                 images=needs.images,
+                family=needs.family,
             )
             record = self._store.submit(new, max_pending=limit)
         except BaseException:
@@ -146,22 +149,36 @@ class TaskService:
 
     def _check_served(self, needs: Needs) -> str | None:
         """Refuse (or warn about, by setting) a task that no single online node can run: one
-        node must have every file it needs, or it would wait at the head of the queue forever.
+        node must have every file it needs and run its checkpoint's family, or it would wait
+        at the head of the queue forever.
 
         Nothing is refused while no node at all is online: the task waits for the first; nor
-        when this server runs a local worker that has every file itself."""
-        if self._settings.worker and set(needs.requires) <= self._local_files():
+        when this server runs a local worker that has every file itself and runs the family
+        (or has not said yet which it runs)."""
+        if self._settings.worker and self._runs_locally(needs):
             return None
-        if self._store.runnable_somewhere(needs.requires) is not False:
+        if self._store.runnable_somewhere(needs.requires, family=needs.family) is not False:
             return None
         files = ", ".join(sha[:10] for sha in needs.requires)
         text = (
             f"no online worker has all the model files this task needs ({files}) installed, "
             "so the task waits until one that has them all connects"
         )
+        if needs.family is not None and self._store.runnable_somewhere(needs.requires):
+            text = (
+                f"no online worker that has this task's model files ({files}) runs "
+                f"{needs.family.value} checkpoints (or has the memory for them), so the task "
+                f"waits until one that does connects"
+            )
         if self._settings.unserved_models == "reject":
             raise ResourceUnavailable(f"{text}; it was not queued")
         return text
+
+    def _runs_locally(self, needs: Needs) -> bool:
+        if not set(needs.requires) <= self._local_files():
+            return False
+        families = self._local_families()
+        return needs.family is None or not families or needs.family in families
 
     def get(self, task_id: str, account: str | None = None) -> TaskRecord:
         """The task; TaskNotFound if it does not exist or belongs to another account."""

@@ -17,8 +17,9 @@ of each busy account, not behind their backlog; since the virtual time only grow
 account's tags grow with every task, no task waits forever.
 
 A node claims with an :class:`Offer`: it is given only tasks whose every file (``task_files``)
-it has installed (``node_files``) and that are not verification runs of its own account's
-results, found by the query itself however deep in the queue they are; among the first
+it has installed (``node_files``), whose checkpoint's family it runs (``node_families``) and
+that are not verification runs of its own account's results, found by the query itself
+however deep in the queue they are; among the first
 ``lookahead`` of those it prefers one for a checkpoint it has loaded. It holds at most
 ``slots`` tasks at once. A run ends when its lease is not renewed, when its time limit (from
 its cost) passes, or, once cancelled, when the grace to stop has passed; every hand-back
@@ -53,6 +54,7 @@ from dan.db.notify import FINISHED, QUEUED, notify
 from dan.db.tables import (
     honor_escrow,
     honor_grants,
+    node_families,
     node_files,
     nodes,
     task_exclusions,
@@ -60,7 +62,7 @@ from dan.db.tables import (
     tasks,
     webhooks,
 )
-from dan.domain import ClaimedTask, TaskKind, TaskRecord, TaskResult, TaskStatus
+from dan.domain import ClaimedTask, ModelFamily, TaskKind, TaskRecord, TaskResult, TaskStatus
 from dan.errors import TooManyPendingTasks
 from dan.tasks.base import (
     CANCELLED_MESSAGE,
@@ -222,7 +224,11 @@ class SqlTaskStore:
             conn.execute(select(1))
 
     def runnable_somewhere(
-        self, requires: Sequence[str], *, exclude_account: str | None = None
+        self,
+        requires: Sequence[str],
+        *,
+        exclude_account: str | None = None,
+        family: ModelFamily | None = None,
     ) -> bool | None:
         with self._read() as conn:
             online = self._online_nodes(conn)
@@ -239,6 +245,11 @@ class SqlTaskStore:
                     .scalar_subquery()
                 )
                 candidates = candidates.where(held == len(wanted))
+            if family is not None:
+                runs = exists().where(
+                    node_families.c.node_id == nodes.c.id, node_families.c.family == family.value
+                )
+                candidates = candidates.where(runs)
             return bool(conn.execute(select(candidates.exists())).scalar_one())
 
     # -- submit and cancel -------------------------------------------------------------------

@@ -29,7 +29,12 @@ from dan.models.registry import ModelRegistry
 from dan.nodes.store import NodeStore, Session, node_id_for, session_worker_id
 from dan.services import open_stores
 from dan.tasks.base import Heartbeat, Offer, Reward, TaskStore
-from dan.workers.capabilities import capabilities, installed_files, loaded_checkpoints
+from dan.workers.capabilities import (
+    capabilities,
+    installed_files,
+    loaded_checkpoints,
+    runnable_families,
+)
 from dan.workers.loop import Worker
 
 log = logging.getLogger(__name__)
@@ -105,11 +110,14 @@ class LocalNodeQueue:
         session_id: str | None = None,
         refresh_s: float = REFRESH_S,
         monotonic: Callable[[], float] = time.monotonic,
+        families: Iterable[str] = (),
     ) -> None:
         self._store, self._nodes = store, nodes
         self._registry, self._engine = registry, engine
         self._lookahead, self._refresh_s = lookahead, refresh_s
         self._monotonic = monotonic
+        # The families its engine has the memory for (narrowed to ``families`` if given).
+        self._families = runnable_families(engine, families)
         self._refreshed = -float("inf")
         self.session_id = session_id or local_session_id()
         self.session: Session | None = None
@@ -129,10 +137,11 @@ class LocalNodeQueue:
         self.session = self._nodes.register(
             LOCAL_ACCOUNT,
             LOCAL_NODE_NAME,
-            capabilities(self._engine),
+            capabilities(self._engine, families=self._families),
             installed_files(self._registry, limit=sys.maxsize),
             loaded_checkpoints(self._engine),
             session_id=self.session_id,
+            families=self._families,
         )
         self._refreshed = self._monotonic()
         return self.session
@@ -206,6 +215,7 @@ def run_local_worker(
         engine,
         lookahead=settings.affinity_lookahead,
         session_id=session_id,
+        families=settings.node_family_names,
     )
     queue.register()
     worker = Worker(

@@ -22,7 +22,7 @@ from types import FrameType
 import httpx
 
 from dan.config import Settings
-from dan.domain import TaskKind
+from dan.domain import ModelFamily, TaskKind
 from dan.engine.base import Engine, load_engine
 from dan.errors import DanError
 from dan.models.download import pull
@@ -31,7 +31,12 @@ from dan.models.sources import DownloadSources
 from dan.nodes.service import NodeDescription
 from dan.services import model_registry
 from dan.tasks.orders import ModelLookup
-from dan.workers.capabilities import capabilities, installed_files, loaded_checkpoints
+from dan.workers.capabilities import (
+    capabilities,
+    installed_files,
+    loaded_checkpoints,
+    runnable_families,
+)
 from dan.workers.loop import Worker
 from dan.workers.remote import NodeClient, RemoteFiles, RemoteQueue
 
@@ -90,7 +95,8 @@ class Node:
 
     Its models are the settings' models folder, which admins may ask it to pull into, unless
     ``models`` says what it has some other way (an AUTOMATIC1111 instance's models), when it
-    pulls nothing; ``features`` are the task kinds its engine runs."""
+    pulls nothing; ``features`` are the task kinds its engine runs, ``families`` the model
+    families (by default those its device has the memory for, narrowed by the settings)."""
 
     def __init__(
         self,
@@ -103,9 +109,11 @@ class Node:
         idle_sleep_s: float = 0.05,
         models: ModelLookup | None = None,
         features: Callable[[], Iterable[TaskKind]] = lambda: tuple(TaskKind),
+        families: Callable[[], Iterable[ModelFamily]] | None = None,
     ) -> None:
         self._name, self._engine, self._client, self._stop = name, engine, client, stop
         self._features = features
+        self._families = families or (lambda: runnable_families(engine, settings.node_family_names))
         on_pull: Callable[[tuple[str, ...]], None] = _cannot_pull
         if models is None:
             registry = model_registry(settings)
@@ -125,11 +133,13 @@ class Node:
 
     def describe(self) -> NodeDescription:
         """What the node registers: read afresh each time (models may have been pulled)."""
+        families = frozenset(self._families())
         return NodeDescription(
             self._name,
-            capabilities(self._engine, self._features()),
+            capabilities(self._engine, self._features(), families),
             installed_files(self._models),
             loaded_checkpoints(self._engine),
+            families=families,
         )
 
     def run(self) -> None:

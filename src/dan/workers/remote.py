@@ -111,10 +111,16 @@ class NodeClient:
             capabilities=description.capabilities,
             files=[
                 protocol.FileBody(
-                    sha256=f.sha256, kind=f.kind, name=f.name, file=f.file, size=f.size
+                    sha256=f.sha256,
+                    kind=f.kind,
+                    name=f.name,
+                    file=f.file,
+                    size=f.size,
+                    family=f.family,
                 )
                 for f in description.files
             ],
+            families=None if description.families is None else sorted(description.families),
             loaded=sorted(description.loaded),
             slots=description.slots,
         )

@@ -104,12 +104,15 @@ def suspect_data(node: NodeRecord) -> dict[str, Any]:
 
 def description(body: RegisterBody) -> NodeDescription:
     files = tuple(
-        NodeFile(f.sha256, ModelKind(f.kind) if f.kind else None, f.name, f.file, f.size)
+        NodeFile(f.sha256, ModelKind(f.kind) if f.kind else None, f.name, f.file, f.size, f.family)
         for f in body.files
     )
     if any(f.kind is not None and f.name is None for f in files):
         raise InvalidArgument("Invalid files: a file with a kind needs a name")
-    return NodeDescription(body.name, body.capabilities, files, frozenset(body.loaded), body.slots)
+    families = None if body.families is None else frozenset(body.families)
+    return NodeDescription(
+        body.name, body.capabilities, files, frozenset(body.loaded), body.slots, families
+    )
 
 
 @router.post("/api/node/register", summary="Register a node (or refresh it); opens a session")

@@ -19,6 +19,9 @@ reported:
   model), found by their file names in the instance's folders, when their sha256 is the
   catalog's: DAN sends interrogate tasks only to nodes that have these files.
 
+Checkpoints, LoRAs and ControlNets whose file is readable here carry the family its header
+names (dan.models.families); the others count as SD 1.x.
+
 Each model keeps two names: ``name`` (the file's stem, as DAN names models) and the name the
 instance wants in a request (:meth:`A1111Inventory.call_name`: a checkpoint's title, a LoRA's
 name, an upscaler's name, a ControlNet model's list entry).
@@ -37,9 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dan.domain import InstalledModel, ModelKind
+from dan.domain import InstalledModel, ModelFamily, ModelKind
 from dan.errors import EngineError, ModelNotFound
 from dan.models.catalog import Catalog, load_catalog
+from dan.models.families import family_of_file
 from dan.models.hashing import HashCache
 from dan.models.registry import EXTENSIONS
 from dan.workers.a1111.client import A1111Client, A1111Refused
@@ -212,7 +216,8 @@ class Identifier:
             return None
         name = file.stem if file is not None else call_name
         where = file if file is not None else Path(call_name.replace("/", "_"))
-        model = InstalledModel(kind=kind, name=name, sha256=digest, path=where, size=_size(file))
+        family = _family(kind, file)
+        model = InstalledModel(kind, name, digest, where, _size(file), family)
         return Found(model, call_name)
 
     def _hash(
@@ -334,6 +339,15 @@ def _size(file: Path | None) -> int:
         return file.stat().st_size if file is not None and file.is_absolute() else 0
     except OSError:
         return 0
+
+
+def _family(kind: ModelKind, file: Path | None) -> ModelFamily | None:
+    """The family read from the file's header if it is here; None if not (taken as SD 1.x:
+    an SDXL checkpoint is only known as one when this node can read it)."""
+    try:
+        return family_of_file(kind, file) if file is not None and file.is_absolute() else None
+    except OSError:
+        return None
 
 
 def models_roots(found: list[Found]) -> list[Path]:

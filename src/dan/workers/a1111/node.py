@@ -15,12 +15,13 @@ import logging
 import threading
 
 from dan.config import Settings
-from dan.domain import ModelKind, TaskKind
+from dan.domain import ModelFamily, ModelKind, TaskKind
 from dan.errors import DanError
 from dan.models.hashing import HashCache
 from dan.workers.a1111.client import A1111Client, A1111Unreachable
 from dan.workers.a1111.engine import A1111Engine
 from dan.workers.a1111.inventory import A1111Inventory
+from dan.workers.capabilities import checkpoint_families
 from dan.workers.node import Node, stop_on_signals
 from dan.workers.remote import NodeClient
 
@@ -76,6 +77,7 @@ class A1111Node:
             idle_sleep_s=self._idle_sleep_s,
             models=self.inventory,
             features=self._features,
+            families=self._families,
         )
         try:
             self._node.run()
@@ -85,6 +87,13 @@ class A1111Node:
     def _features(self) -> tuple[TaskKind, ...]:
         """The task kinds the instance runs: detect needs its ControlNet extension."""
         return tuple(k for k in TaskKind if k != TaskKind.DETECT or self.inventory.has_controlnet)
+
+    def _families(self) -> frozenset[ModelFamily]:
+        """The families of the instance's checkpoints (it runs what it has; its memory is its
+        own business), narrowed by DAN_NODE_FAMILIES."""
+        only = {ModelFamily(name) for name in self._settings.node_family_names}
+        held = checkpoint_families(self.inventory)
+        return held & only if only else held
 
     def _wait_for_instance(self) -> bool:
         """Read the instance's models once it answers; False if the node stops first."""

@@ -1,0 +1,116 @@
+"""Model families in the queue: a node is offered only tasks of the families it registered
+(none registered: SD 1.x only), admission asks for a node that runs the family, and nodes'
+files carry their family; on SQLite and (when configured) PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import Engine
+
+from dan.domain import ModelFamily, ModelKind, TaskKind, TaskResult
+from dan.nodes.store import NodeFile, SqlNodeStore
+from dan.tasks.checks import SqlCheckStore
+from dan.tasks.store import NewTask, Offer, SqlTaskStore
+from tests.store.conftest import Clock
+
+LEASE = 30.0
+SD15, SDXL = ModelFamily.SD15, ModelFamily.SDXL
+CHECKPOINT = "c" * 64
+
+
+def submit(store: SqlTaskStore, prompt: str, family: ModelFamily | None) -> str:
+    task = NewTask(
+        str(uuid.uuid4()),
+        "user",
+        TaskKind.TXT2IMG,
+        {"prompt": prompt},
+        checkpoint=CHECKPOINT if family else None,
+        requires=(CHECKPOINT,) if family else (),
+        family=family,
+    )
+    return store.submit(task, max_pending=100).id
+
+
+def node(db: Engine, clock: Clock, name: str, families: set[ModelFamily] | None) -> str:
+    """A node of "donor" with the checkpoint, online now, running ``families``; its id."""
+    nodes = SqlNodeStore(db, clock=clock)
+    files = [NodeFile(CHECKPOINT)]
+    return nodes.register("donor", name, {}, files, [], families=families).node_id
+
+
+def prompts(store: SqlTaskStore, node_id: str) -> list[str]:
+    """What the node claims, in order, each completed at once."""
+    taken = []
+    while (task := store.claim(node_id, lease_s=LEASE, offer=Offer(node_id))) is not None:
+        taken.append(task.params["prompt"])
+        assert store.complete(task.id, node_id, TaskResult(("k",), (1,)))
+    return taken
+
+
+def test_a_node_is_offered_only_the_families_it_runs(
+    store: SqlTaskStore, db: Engine, clock: Clock
+) -> None:
+    submit(store, "xl", SDXL)
+    submit(store, "one-five", SD15)
+    submit(store, "upscale", None)  # a task on no checkpoint runs anywhere
+    small = node(db, clock, "small", {SD15})
+    assert prompts(store, small) == ["one-five", "upscale"]
+    big = node(db, clock, "big", {SD15, SDXL})
+    assert prompts(store, big) == ["xl"]
+
+
+def test_a_node_that_says_nothing_runs_sd15_only(
+    store: SqlTaskStore, db: Engine, clock: Clock
+) -> None:
+    submit(store, "xl", SDXL)
+    submit(store, "one-five", SD15)
+    old = node(db, clock, "old", None)
+    assert SqlNodeStore(db, clock=clock).families(old) == {SD15}
+    assert prompts(store, old) == ["one-five"]
+
+
+def test_an_sdxl_only_node_skips_sd15_work_and_registering_again_replaces_its_families(
+    store: SqlTaskStore, db: Engine, clock: Clock
+) -> None:
+    submit(store, "one-five", SD15)
+    xl_only = node(db, clock, "xl", {SDXL})
+    assert prompts(store, xl_only) == []
+    node(db, clock, "xl", {SD15})
+    assert prompts(store, xl_only) == ["one-five"]
+
+
+def test_admission_asks_for_a_node_that_runs_the_family(
+    store: SqlTaskStore, db: Engine, clock: Clock
+) -> None:
+    assert store.runnable_somewhere([CHECKPOINT], family=SDXL) is None  # nobody online
+    node(db, clock, "small", {SD15})
+    assert store.runnable_somewhere([CHECKPOINT], family=SD15) is True
+    assert store.runnable_somewhere([CHECKPOINT], family=SDXL) is False
+    assert store.runnable_somewhere([CHECKPOINT]) is True
+    node(db, clock, "big", {SDXL})
+    assert store.runnable_somewhere([CHECKPOINT], family=SDXL) is True
+
+
+def test_a_verification_run_keeps_the_family_of_its_task(
+    store: SqlTaskStore, db: Engine, clock: Clock
+) -> None:
+    task_id = submit(store, "xl", SDXL)
+    checks = SqlCheckStore(db, clock=clock)
+    small = node(db, clock, "small", {SD15})
+    assert not checks.can_verify(task_id, ["user"])  # the only node does not run SDXL
+    node(db, clock, "big", {SDXL})
+    assert checks.can_verify(task_id, ["user"])
+    assert checks.start(task_id, ["user"], state="checking") is not None
+    assert prompts(store, small) == []
+
+
+def test_files_carry_the_family_the_node_read(db: Engine, clock: Clock) -> None:
+    nodes = SqlNodeStore(db, clock=clock)
+    files = [
+        NodeFile("a" * 64, ModelKind.CHECKPOINT, "xl", "xl.safetensors", 1, SDXL),
+        NodeFile("b" * 64, ModelKind.CHECKPOINT, "old", "old.ckpt", 1),
+    ]
+    nodes.register("donor", "gpu", {}, files, [], families={SD15, SDXL})
+    found = {f.name: f.family for f in nodes.find_files(ModelKind.CHECKPOINT)}
+    assert found == {"xl": SDXL, "old": None}
