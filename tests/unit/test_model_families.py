@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -31,6 +32,20 @@ SD15_CHECKPOINT = (
 SDXL_LORA = ("lora_unet_input_blocks_4_1_proj_in.lora_down.weight", "lora_te2_x.alpha")
 SDXL_CN = ("add_embedding.linear_1.weight", "controlnet_cond_embedding.conv_in.weight")
 SD15_LORA = ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "lora_te_x.alpha")
+# A UNet-only SDXL LoRA: only the transformer depth (blocks 1 and deeper) tells SDXL apart.
+SDXL_UNET_LOHA = (
+    "lora_unet_input_blocks_7_1_transformer_blocks_3_attn1_to_q.hada_w1_a",
+    "lora_unet_input_blocks_7_1_transformer_blocks_3_attn1_to_q.alpha",
+)
+SD15_LOKR = ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lokr_w1",)
+DORA = (
+    "lora_unet_input_blocks_4_1_proj_in.lora_down.weight",
+    "lora_unet_input_blocks_4_1_proj_in.dora_scale",
+)
+TUCKER_LOHA = (
+    "lora_unet_input_blocks_4_1_proj_in.hada_w1_a",
+    "lora_unet_input_blocks_4_1_proj_in.hada_t1",
+)
 
 
 def write_header(path: Path, names: tuple[str, ...]) -> Path:
@@ -52,6 +67,8 @@ def write_header(path: Path, names: tuple[str, ...]) -> Path:
         (ModelKind.CHECKPOINT, SD15_CHECKPOINT, ModelFamily.SD15),
         (ModelKind.LORA, SDXL_LORA, ModelFamily.SDXL),
         (ModelKind.LORA, SD15_LORA, ModelFamily.SD15),
+        (ModelKind.LORA, SDXL_UNET_LOHA, ModelFamily.SDXL),
+        (ModelKind.LORA, SD15_LOKR, ModelFamily.SD15),
         (ModelKind.CONTROLNET, ("add_embedding.linear_1.weight",), ModelFamily.SDXL),
         (ModelKind.UPSCALER, SDXL_CHECKPOINT, None),
     ],
@@ -78,6 +95,10 @@ def builder(tmp_path: Path) -> RequestBuilder:
     write_header(models / "checkpoints" / "one.safetensors", SD15_CHECKPOINT)
     write_header(models / "loras" / "xl_style.safetensors", SDXL_LORA)
     write_header(models / "loras" / "sd_style.safetensors", SD15_LORA)
+    write_header(models / "loras" / "xl_loha.safetensors", SDXL_UNET_LOHA)
+    write_header(models / "loras" / "sd_lokr.safetensors", SD15_LOKR)
+    write_header(models / "loras" / "sd_dora.safetensors", DORA)
+    write_header(models / "loras" / "sd_tucker.safetensors", TUCKER_LOHA)
     write_header(models / "controlnet" / "control_sd15_canny.safetensors", ("control_model.x",))
     registry = ModelRegistry(models, tmp_path / "cache", allow_ckpt=False)
     registry.scan()
@@ -132,11 +153,26 @@ def test_loras_of_another_family_are_refused_by_name(builder: RequestBuilder) ->
         builder.txt2img(order(model="one", prompt="a fox <lora:xl_style:1>"), "t3")
 
 
-def test_loras_on_sdxl_are_refused_until_the_engine_applies_them(
+def test_sdxl_loras_and_lycoris_of_the_checkpoints_family_are_taken(
     builder: RequestBuilder,
 ) -> None:
-    with pytest.raises(InvalidArgument, match=r"applies LoRAs to SD 1\.x"):
-        builder.txt2img(order(loras=(("xl_style", 0.8),)), "t1")
+    xl = builder.txt2img(order(loras=(("xl_style", 0.8), ("xl_loha", 1.0))), "t1").params
+    one = builder.txt2img(order(model="one", prompt="a fox <lora:sd_lokr:0.5>"), "t2").params
+    assert [lora["weight"] for lora in xl["loras"]] == [0.8, 1.0]  # type: ignore[attr-defined]
+    assert len(one["loras"]) == 1  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "name, variant", [("sd_dora", "DoRA (dora_scale)"), ("sd_tucker", "LoHa with Tucker")]
+)
+def test_lora_variants_the_engine_cannot_apply_are_refused_by_file_and_variant(
+    builder: RequestBuilder, name: str, variant: str
+) -> None:
+    with pytest.raises(
+        InvalidArgument,
+        match=rf"Invalid loras: {name} \({name}\.safetensors\) holds {re.escape(variant)}",
+    ):
+        builder.txt2img(order(model="one", loras=((name, 1.0),)), "t1")
 
 
 def control(model: str, preprocess: str = "canny") -> ControlNetOrder:

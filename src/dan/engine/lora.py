@@ -1,10 +1,19 @@
-"""kohya-format LoRAs on an SD1.x pipeline: read from disk once, applied per task, never leaked.
+"""kohya-format LoRAs on SD 1.x and SDXL pipelines: read from disk once, applied per task,
+never leaked.
 
 A LoRA file is read once into :class:`LoraCache` (by sha256, least recently used evicted beyond
 a byte budget). :meth:`LoraStack.applied` applies any number of cached LoRAs, each with its
 weight, to the UNet and the text encoder for the duration of a ``with`` block, with kohya's
 scaling ``W + weight * alpha / rank * up @ down``; both key layouts of SD1 LoRAs work
-(``lora_unet_down_blocks_...`` and LDM-style ``lora_unet_input_blocks_...``).
+(``lora_unet_down_blocks_...`` and LDM-style ``lora_unet_input_blocks_...``), and kohya's SDXL
+files (LDM-style UNet names, text encoders ``lora_te1_`` and ``lora_te2_``). A LoRA of the other
+family than the checkpoint's is refused before anything changes.
+
+LyCORIS LoHa and LoKr layers (which neither diffusers nor PEFT load from kohya-format files) are
+applied as A1111's Lora extension applies them: their change (:func:`lycoris_delta`) is added
+to the weights for the duration of the block, and the weights saved on entry are copied back
+on every exit (bit-exact; costs a copy of each changed weight for the task). Plain LoRA layers
+(LoCon too) of the same file take the PEFT path below.
 
 Design: adapters stay loaded, disabled, between tasks. Each LoRA becomes a PEFT adapter named
 ``dan_<sha256[:16]>`` (equal lengths: no name is a substring of another, which PEFT's key
@@ -41,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
 from diffusers.utils import (
     convert_state_dict_to_diffusers,
     convert_state_dict_to_peft,
@@ -48,17 +58,34 @@ from diffusers.utils import (
 )
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from dan.domain import InstalledModel, LoraSpec
+from dan.domain import InstalledModel, LoraSpec, ModelFamily
 from dan.engine.checkpoint import read_state_dict
 from dan.errors import EngineError, UnsupportedCheckpoint
+from dan.models.families import (
+    LORA_VARIANTS,
+    lora_family,
+    unsupported_lora_variant,
+)
 
 log = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "dan_"
-COMPONENTS = {"lora_unet_": "unet", "lora_te_": "text_encoder"}  # kohya prefix -> module
-KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
-SDXL_PREFIXES = ("lora_te1_", "lora_te2_")
+# kohya prefix -> pipeline component (SD 1.x: lora_te_; SDXL: lora_te1_ and lora_te2_)
+COMPONENTS = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
+LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+LYCORIS_SUFFIXES = {*LORA_VARIANTS["LoHa"], *LORA_VARIANTS["LoKr"], "alpha"}
 StateDict = dict[str, torch.Tensor]
+SGM_BLOCKS = {
+    "input_blocks": "down_blocks",
+    "middle_block": "mid_block",
+    "output_blocks": "up_blocks",
+}
+Saved = dict[int, tuple[torch.Tensor, torch.Tensor]]  # id(weight) -> weight, its original
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
 
 
@@ -68,12 +95,29 @@ class LoraError(EngineError):
 
 
 @dataclass(frozen=True)
+class Lycoris:
+    """One LoHa or LoKr layer of a file: ``tensors`` by suffix (``hada_w1_a``, ``lokr_w1``,
+    ``alpha``...), for the module kohya names ``module`` in ``component``."""
+
+    variant: str  # "LoHa" / "LoKr"
+    component: str
+    module: str
+    tensors: Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
 class LoraFile:
-    """A kohya LoRA as read from disk. ``tensors`` are shared, never modified in place."""
+    """A kohya LoRA as read from disk. ``tensors`` are shared, never modified in place.
+
+    Plain LoRA (and LoCon) layers are in ``tensors`` and become a PEFT adapter; LoHa and LoKr
+    layers are in ``lycoris`` and are added to the weights they change for one task.
+    """
 
     model: InstalledModel
-    tensors: Mapping[str, torch.Tensor]
-    layers: Mapping[str, int]  # "unet" / "text_encoder" -> how many modules it changes
+    family: ModelFamily
+    tensors: Mapping[str, torch.Tensor]  # the plain LoRA layers only
+    layers: Mapping[str, int]  # component -> how many modules its plain LoRA layers change
+    lycoris: tuple[Lycoris, ...]
     nbytes: int
 
     @property
@@ -105,36 +149,84 @@ def read_lora(model: InstalledModel, *, allow_ckpt: bool = False) -> LoraFile:
             tensors = read_state_dict(model.path, allow_ckpt=allow_ckpt)
     except UnsupportedCheckpoint as exc:
         raise LoraError(f"{label}: {exc.message}") from exc
-    layers = _check_kohya(tensors, label)
+    plain, lycoris = _check_kohya(tensors, label)
+    layers = dict.fromkeys(COMPONENTS.values(), 0)
+    for key in plain:
+        if key.endswith(".lora_down.weight"):
+            _check_pair(plain, key.removesuffix(".lora_down.weight"), label)
+            layers[_component(key)] += 1
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return LoraFile(model=model, tensors=tensors, layers=layers, nbytes=nbytes)
+    family = lora_family(list(tensors))
+    return LoraFile(model, family, plain, layers, lycoris, nbytes)
 
 
-def _check_kohya(tensors: Mapping[str, torch.Tensor], label: str) -> dict[str, int]:
-    """Modules per component; raises LoraError unless ``tensors`` is a plain SD1 kohya LoRA."""
-    if any(key.startswith(SDXL_PREFIXES) for key in tensors):
-        raise LoraError(f"{label} is an SDXL LoRA (two text encoders); this checkpoint is SD1.x")
+def _component(key: str) -> str:
+    return next(c for p, c in COMPONENTS.items() if key.startswith(p))
+
+
+def _check_kohya(
+    tensors: Mapping[str, torch.Tensor], label: str
+) -> tuple[StateDict, tuple[Lycoris, ...]]:
+    """The plain LoRA tensors and the LyCORIS layers of a kohya-format file; raises LoraError
+    for anything else."""
     if any(key.startswith(CHECKPOINT_PREFIXES) for key in tensors):
         raise LoraError(f"{label} is a Stable Diffusion checkpoint, not a LoRA")
     foreign = next((k for k in tensors if not k.startswith(tuple(COMPONENTS))), None)
     if foreign is not None:
         raise LoraError(
-            f"{label} is not a kohya LoRA (keys lora_unet_* / lora_te_*): found {foreign!r}"
+            f"{label} is not a kohya LoRA (keys lora_unet_* / lora_te*_*): found {foreign!r}"
         )
-    odd = next((k for k in tensors if not k.endswith(KOHYA_SUFFIXES)), None)
-    if odd is not None:
+    unsupported = unsupported_lora_variant(list(tensors))
+    if unsupported is not None:
+        raise LoraError(f"{label} holds {unsupported} layers, which DAN does not apply")
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, _, suffix = key.partition(".")
+        if suffix not in LORA_SUFFIXES and suffix not in LYCORIS_SUFFIXES:
+            raise LoraError(
+                f"{label} holds {key!r}: only LoRA / LoCon (lora_down, lora_up), LoHa (hada_*) "
+                "and LoKr (lokr_*) layers are supported"
+            )
+        modules.setdefault(module, {})[suffix] = tensor
+    plain: StateDict = {}
+    lycoris = []
+    for module, parts in modules.items():
+        variant = _variant(parts, f"{label}: {module}")
+        if variant == "LoRA":
+            plain.update({f"{module}.{suffix}": t for suffix, t in parts.items()})
+        else:
+            lycoris.append(Lycoris(variant, _component(module), module, parts))
+    if not plain and not lycoris:
+        raise LoraError(f"{label} holds no LoRA layers (no *.lora_down.weight, hada_*, lokr_*)")
+    return plain, tuple(lycoris)
+
+
+def _variant(parts: Mapping[str, torch.Tensor], where: str) -> str:
+    """Which variant one module's tensors are, checking that they are complete."""
+    found = [name for name, own in LORA_VARIANTS.items() if set(parts) & set(own)]
+    if len(found) != 1:
         raise LoraError(
-            f"{label} holds {odd!r}: only plain LoRA layers (lora_down / lora_up / alpha) are "
-            "supported, not LyCORIS (LoHa, LoKr) or DoRA"
+            f"{where} has {' and '.join(found) or 'no'} layer tensors; expected one kind"
         )
-    counts = dict.fromkeys(COMPONENTS.values(), 0)
-    for key in tensors:
-        if key.endswith(".lora_down.weight"):
-            _check_pair(tensors, key.removesuffix(".lora_down.weight"), label)
-            counts[next(c for p, c in COMPONENTS.items() if key.startswith(p))] += 1
-    if not any(counts.values()):
-        raise LoraError(f"{label} holds no LoRA layers (no *.lora_down.weight)")
-    return counts
+    variant = found[0]
+    alpha = parts.get("alpha")
+    if alpha is not None and alpha.numel() != 1:
+        raise LoraError(f"{where}.alpha is not a single number")
+    if variant == "LoRA":
+        if "lora_down.weight" not in parts:
+            raise LoraError(f"{where} has lora_up but no lora_down")
+        return variant
+    if variant == "LoHa":
+        missing = [s for s in LORA_VARIANTS["LoHa"] if s not in parts]
+    else:
+        missing = [
+            f"lokr_w{i} or lokr_w{i}_a/_b"
+            for i in (1, 2)
+            if f"lokr_w{i}" not in parts and not {f"lokr_w{i}_a", f"lokr_w{i}_b"} <= set(parts)
+        ]
+    if missing:
+        raise LoraError(f"{where} is an incomplete {variant} layer: no {', '.join(missing)}")
+    return variant
 
 
 def _check_pair(tensors: Mapping[str, torch.Tensor], name: str, label: str) -> None:
@@ -193,10 +285,12 @@ class LoraCache:
 
 
 class LoraStack:
-    """Applies cached LoRAs to SD1 pipelines for one task at a time (see the module docstring).
+    """Applies cached LoRAs to SD 1.x / SDXL pipelines for one task at a time (see the module
+    docstring).
 
-    ``pipeline`` arguments are diffusers SD1 pipelines (txt2img, img2img, inpaint, ControlNet:
-    anything with ``unet``, ``text_encoder`` and diffusers' SD LoRA loader methods). Pipelines
+    ``pipeline`` arguments are diffusers SD 1.x or SDXL pipelines (txt2img, img2img, inpaint,
+    ControlNet: anything with ``unet``, ``text_encoder`` (and ``text_encoder_2``) and diffusers'
+    LoRA loader methods). Pipelines
     built from one checkpoint's components share its modules, so any of them may be passed.
     """
 
@@ -216,13 +310,20 @@ class LoraStack:
         one that does not fit this UNet / text encoder; the pipeline is left clean.
         """
         files = self._resolve(loras)
+        saved: Saved = {}  # the weights LoHa / LoKr layers changed, with their originals
         try:
-            self._drop_stale(pipeline, keep={file.adapter_name for file, _ in files})
             for file, _ in files:
+                _check_family(pipeline, file)
+            peft = [(file, w) for file, w in files if any(file.layers.values())]
+            self._drop_stale(pipeline, keep={file.adapter_name for file, _ in peft})
+            for file, _ in peft:
                 self._ensure_loaded(pipeline, file)
-            _activate(pipeline, {file.adapter_name: w for file, w in files if w != 0})
+            deltas = [(d, w) for file, w in files for d in _lycoris_deltas(pipeline, file)]
+            _activate(pipeline, {file.adapter_name: w for file, w in peft if w != 0})
+            _add_deltas(deltas, saved)
             yield tuple(LoraSpec(model=file.model.ref, weight=w) for file, w in files)
         finally:
+            _restore(saved)
             _activate(pipeline, {})
 
     def unload_all(self, pipeline: Any) -> None:
@@ -281,16 +382,20 @@ def _load_adapter(pipeline: Any, file: LoraFile) -> None:
             pipeline.load_lora_into_unet(
                 state, alphas, unet=pipeline.unet, adapter_name=name, low_cpu_mem_usage=True
             )
-        if file.layers["text_encoder"]:
-            pipeline.load_lora_into_text_encoder(
-                state,
-                alphas,
-                text_encoder=pipeline.text_encoder,
-                adapter_name=name,
-                low_cpu_mem_usage=True,
-            )
+        for component in ("text_encoder", "text_encoder_2"):
+            if file.layers[component]:
+                pipeline.load_lora_into_text_encoder(
+                    state,
+                    alphas,
+                    text_encoder=getattr(pipeline, component),
+                    prefix=component,
+                    adapter_name=name,
+                    low_cpu_mem_usage=True,
+                )
     _activate(pipeline, {})  # loading activates the new adapter; nothing runs until asked
     for component, expected in file.layers.items():  # in case a loader skipped keys silently
+        if not expected:
+            continue
         found = _count_layers(getattr(pipeline, component), name)
         if found != expected:
             raise LoraError(
@@ -302,20 +407,20 @@ def _load_adapter(pipeline: Any, file: LoraFile) -> None:
 def _peft_pairs(pipeline: Any, state: Mapping[str, torch.Tensor]) -> dict[str, StateDict]:
     """``state`` (diffusers' conversion of a kohya file) per component, as PEFT names them:
     ``<module path>.lora_A.weight`` / ``.lora_B.weight``, the way diffusers' loaders do."""
-    unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-    text = {
-        k.removeprefix("text_encoder."): v
-        for k, v in state.items()
-        if k.startswith("text_encoder.")
-    }
     pairs: dict[str, StateDict] = {}
-    if unet:
-        pairs["unet"] = convert_unet_state_dict_to_peft(unet)
-    if text:
-        text = convert_state_dict_to_peft(convert_state_dict_to_diffusers(text))
-        if not hasattr(pipeline.text_encoder, "text_model"):  # transformers >= 5.6 dropped it
-            text = {k.removeprefix("text_model."): v for k, v in text.items()}
-        pairs["text_encoder"] = text
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        prefix = component + "."
+        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if not own:
+            continue
+        if component == "unet":
+            pairs[component] = convert_unet_state_dict_to_peft(own)
+            continue
+        own = convert_state_dict_to_peft(convert_state_dict_to_diffusers(own))
+        module = getattr(pipeline, component)
+        if not hasattr(module, "text_model"):  # transformers >= 5.6 dropped it
+            own = {k.removeprefix("text_model."): v for k, v in own.items()}
+        pairs[component] = own
     return pairs
 
 
@@ -344,8 +449,147 @@ def _check_fits(module: torch.nn.Module, pairs: StateDict, label: str) -> None:
         )
 
 
+def _check_family(pipeline: Any, file: LoraFile) -> None:
+    """Raise LoraError for a LoRA made for the other family than the pipeline's."""
+    sdxl = getattr(pipeline, "text_encoder_2", None) is not None
+    family = ModelFamily.SDXL if sdxl else ModelFamily.SD15
+    if file.family != family:
+        raise LoraError(
+            f"{file.label} is an {file.family.value} LoRA and this checkpoint is "
+            f"{family.value}; a LoRA only works with checkpoints of its family"
+        )
+
+
+def _lycoris_deltas(pipeline: Any, file: LoraFile) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each LoHa / LoKr layer of ``file`` as (the weight it changes, its change at weight 1);
+    raises LoraError, changing nothing, unless every layer fits a weight of the pipeline."""
+    if not file.lycoris:
+        return []
+    targets = _kohya_targets(pipeline)
+    names = _diffusers_names([layer.module for layer in file.lycoris], pipeline.unet.config)
+    deltas, misfits = [], []
+    for layer in file.lycoris:
+        weight = targets.get(names.get(layer.module, ""))
+        if weight is None:
+            misfits.append(f"{layer.module} (no such layer)")
+            continue
+        delta = lycoris_delta(layer.variant, layer.tensors, device=weight.device)
+        if delta.numel() != weight.numel():
+            misfits.append(
+                f"{layer.module} ({layer.variant} {tuple(delta.shape)}, layer "
+                f"{tuple(weight.shape)})"
+            )
+            continue
+        deltas.append((weight, delta.reshape(weight.shape)))
+    if misfits:
+        raise LoraError(
+            f"{file.label} layers do not fit this checkpoint: {len(misfits)} of "
+            f"{len(file.lycoris)} differ, e.g. {misfits[0]}"
+        )
+    return deltas
+
+
+def lycoris_delta(
+    variant: str, tensors: Mapping[str, torch.Tensor], *, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The change one LoHa or LoKr layer makes to its weight at LoRA weight 1, computed as
+    A1111's Lora extension does (float32; flat or 4-d, the caller reshapes it):
+
+    - LoHa: ``(w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank`` (rank: ``w1_b``'s rows);
+    - LoKr: ``kron(w1, w2) * alpha / rank``, each factor full (``lokr_w1``) or a product
+      (``lokr_w1_a @ lokr_w1_b``); rank: ``w2_b``'s rows, else ``w1_b``'s; with neither
+      factor decomposed, or no alpha, the scale is 1.
+    """
+    t = {k: v.to(device=device, dtype=torch.float32) for k, v in tensors.items()}
+    alpha = float(t["alpha"]) if "alpha" in t else None
+    if variant == "LoHa":
+        w1 = t["hada_w1_a"] @ t["hada_w1_b"].flatten(1)
+        delta = w1 * (t["hada_w2_a"] @ t["hada_w2_b"].flatten(1))
+        rank: int | None = t["hada_w1_b"].shape[0]
+    else:
+        factors = [
+            t[f"lokr_w{i}"] if f"lokr_w{i}" in t else t[f"lokr_w{i}_a"] @ t[f"lokr_w{i}_b"]
+            for i in (1, 2)
+        ]
+        w1, w2 = factors
+        if w2.ndim == 4:  # a full convolution factor: kron over the kernel dims too
+            w1 = w1[:, :, None, None]
+        delta = torch.kron(w1, w2)
+        decomposed = [t[k] for k in ("lokr_w2_b", "lokr_w1_b") if k in t]
+        rank = decomposed[0].shape[0] if decomposed else None
+    scale = alpha / rank if alpha is not None and rank else 1.0
+    return delta * scale
+
+
+def _kohya_targets(pipeline: Any) -> dict[str, torch.Tensor]:
+    """The weights of the pipeline's linear and convolution layers by kohya name
+    (``lora_unet_down_blocks_0_...``, ``lora_te1_text_model_...``), under any PEFT wrapper."""
+    targets: dict[str, torch.Tensor] = {}
+    for prefix, component in COMPONENTS.items():
+        module = getattr(pipeline, component, None)
+        if module is None:
+            continue
+        text = component != "unet" and not hasattr(module, "text_model")
+        for path, layer in module.named_modules():
+            if ".base_layer" in path or ".lora_" in path:
+                continue  # PEFT's own parts of a wrapped layer
+            if isinstance(layer, BaseTunerLayer):
+                layer = layer.get_base_layer()
+            if isinstance(layer, torch.nn.Linear | torch.nn.Conv2d):
+                name = ("text_model." if text else "") + path
+                targets[prefix + name.replace(".", "_")] = layer.weight
+    return targets
+
+
+def _diffusers_names(modules: list[str], unet_config: Any) -> dict[str, str]:
+    """kohya module names -> the same in diffusers' UNet layout (LDM-style ``input_blocks``
+    names, as in SDXL files, are mapped the way diffusers maps them for plain LoRAs)."""
+    unet = {m: m for m in modules if m.startswith("lora_unet_")}
+    try:
+        mapped = _maybe_map_sgm_blocks_to_diffusers(dict(unet), unet_config)
+    except (ValueError, IndexError, KeyError):
+        mapped = unet  # unmappable names are reported as missing layers
+    names = {original: _renamed_blocks(new) for new, original in mapped.items()}
+    return {m: names.get(m, m) for m in modules}
+
+
+def _renamed_blocks(name: str) -> str:
+    """diffusers' block names for the ones its SGM mapping leaves (as its kohya conversion)."""
+    for sgm, diffusers in SGM_BLOCKS.items():
+        name = name.replace(sgm, diffusers)
+    return name
+
+
+def _add_deltas(
+    deltas: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], float]],
+    saved: Saved,
+) -> None:
+    """Add each delta times its LoRA weight to its weight, first keeping the original in
+    ``saved`` (each weight once), so that :func:`_restore` puts back exactly what was there."""
+    with torch.no_grad():
+        for (weight, delta), multiplier in deltas:
+            if multiplier == 0:
+                continue
+            if id(weight) not in saved:
+                saved[id(weight)] = (weight, weight.detach().clone())
+            weight.copy_((weight.float() + delta * multiplier).to(weight.dtype))
+
+
+def _restore(saved: Saved) -> None:
+    with torch.no_grad():
+        for weight, original in saved.values():
+            weight.copy_(original)
+    saved.clear()
+
+
+def _modules(pipeline: Any) -> list[torch.nn.Module]:
+    """The components a LoRA changes: the UNet and the one or two text encoders."""
+    names = ("unet", "text_encoder", "text_encoder_2")
+    return [m for name in names if (m := getattr(pipeline, name, None)) is not None]
+
+
 def _tuner_layers(pipeline: Any) -> Iterator[BaseTunerLayer]:
-    for module in (pipeline.unet, pipeline.text_encoder):
+    for module in _modules(pipeline):
         for layer in module.modules():
             if isinstance(layer, BaseTunerLayer):
                 yield layer
@@ -369,8 +613,11 @@ def _activate(pipeline: Any, weights: Mapping[str, float]) -> None:
 
 def _resident(pipeline: Any) -> set[str]:
     """Adapter names loaded into the pipeline's UNet or text encoder."""
-    modules = (pipeline.unet, pipeline.text_encoder)
-    return {name for module in modules for name in (getattr(module, "peft_config", None) or {})}
+    return {
+        name
+        for module in _modules(pipeline)
+        for name in (getattr(module, "peft_config", None) or {})
+    }
 
 
 def _count_layers(module: torch.nn.Module, name: str) -> int:

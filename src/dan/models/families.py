@@ -5,7 +5,9 @@ read (its first bytes: an 8-byte length, then the tensor names and shapes). The 
 key names the engine's loaders go by (:mod:`dan.engine.families`):
 
 - checkpoints: SDXL's text encoders sit under ``conditioner.embedders.`` (the SGM layout);
-- LoRAs: kohya's SDXL files name two text encoders, ``lora_te1_`` and ``lora_te2_``;
+- LoRAs: kohya's SDXL files name two text encoders, ``lora_te1_`` and ``lora_te2_``; a file
+  that trains the UNet only shows SDXL by its transformer depth (``transformer_blocks_1`` and
+  deeper: SD 1.x and 2.x UNets have one transformer block per attention);
 - ControlNets: SDXL's carry the size/pooled embedding (``add_embedding`` in diffusers' layout,
   ``label_emb`` in the original one);
 - embeddings: SDXL's hold ``clip_l`` and ``clip_g`` vectors, SD 1.x's ``emb_params``.
@@ -17,6 +19,7 @@ unpickling it, so it counts as SD 1.x: SDXL files are distributed as safetensors
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -29,6 +32,32 @@ SDXL_SIGNS: dict[ModelKind, tuple[str, ...]] = {
     ModelKind.CONTROLNET: ("add_embedding.", "control_model.label_emb.", "label_emb."),
     ModelKind.EMBEDDING: ("clip_g",),  # SDXL embeddings hold one tensor per text encoder
 }
+SDXL_LORA_UNET = re.compile(r"lora_unet_.*_transformer_blocks_(?:[1-9]|\d{2,})_")
+
+# Layers of a kohya-format LoRA file: ``<lora_unet_/lora_te*_ module>.<suffix>``. The engine
+# applies plain LoRA (and LoCon: the same tensors on convolutions), LoHa and LoKr layers.
+LORA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+LORA_VARIANTS: dict[str, tuple[str, ...]] = {
+    "LoRA": ("lora_down.weight", "lora_up.weight"),
+    "LoHa": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "LoKr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+}
+# The LyCORIS / kohya variants it does not apply, by a tensor suffix that only they have.
+UNSUPPORTED_LORA_VARIANTS: dict[str, str] = {
+    "hada_t1": "LoHa with Tucker decomposition (hada_t1)",
+    "hada_t2": "LoHa with Tucker decomposition (hada_t2)",
+    "lokr_t2": "LoKr with Tucker decomposition (lokr_t2)",
+    "lora_mid.weight": "LoCon with Tucker decomposition (lora_mid)",
+    "dora_scale": "DoRA (dora_scale)",
+    "diff": "full weight differences (diff)",
+    "diff_b": "full weight differences (diff_b)",
+    "on_input": "(IA)^3 (on_input)",
+    "oft_blocks": "OFT (oft_blocks)",
+    "oft_diag": "OFT (oft_diag)",
+    "a1.weight": "GLoRA (a1)",
+    "w_norm": "norm-layer LyCORIS (w_norm)",
+    "b_norm": "norm-layer LyCORIS (b_norm)",
+}
 
 
 def family_of_file(kind: ModelKind, path: Path) -> ModelFamily | None:
@@ -39,8 +68,35 @@ def family_of_file(kind: ModelKind, path: Path) -> ModelFamily | None:
     if signs is None:
         return None
     keys = tensor_names(path) if path.suffix.lower() == ".safetensors" else []
+    if kind == ModelKind.LORA:
+        return lora_family(keys)
     sdxl = any(key.startswith(signs) for key in keys)
     return ModelFamily.SDXL if sdxl else ModelFamily.SD15
+
+
+def lora_family(keys: list[str]) -> ModelFamily:
+    """The family of a kohya-format LoRA (any variant) with these tensor names."""
+    sdxl = any(
+        key.startswith(SDXL_SIGNS[ModelKind.LORA]) or SDXL_LORA_UNET.match(key) for key in keys
+    )
+    return ModelFamily.SDXL if sdxl else ModelFamily.SD15
+
+
+def lora_variants(keys: list[str]) -> set[str]:
+    """The variants (``LoRA``, ``LoHa``, ``LoKr``) of a kohya-format LoRA's layers."""
+    suffixes = {key.partition(".")[2] for key in keys if key.startswith(LORA_PREFIXES)}
+    return {name for name, own in LORA_VARIANTS.items() if suffixes & set(own)}
+
+
+def unsupported_lora_variant(keys: list[str]) -> str | None:
+    """The first LoRA variant among these tensor names that DAN cannot apply, described for a
+    message (e.g. ``DoRA (dora_scale)``); None when every layer is plain LoRA, LoHa or LoKr."""
+    for key in keys:
+        if key.startswith(LORA_PREFIXES):
+            variant = UNSUPPORTED_LORA_VARIANTS.get(key.partition(".")[2])
+            if variant is not None:
+                return variant
+    return None
 
 
 def tensor_names(path: Path) -> list[str]:

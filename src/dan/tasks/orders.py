@@ -52,6 +52,7 @@ from dan.domain import (
 )
 from dan.errors import InvalidArgument, ModelNotFound, ResourceUnavailable
 from dan.imaging import decode_image, encode_input_png, regenerated_area
+from dan.models.families import LORA_VARIANTS, tensor_names, unsupported_lora_variant
 from dan.prompt_tags import extract_lora_tags
 from dan.tasks.base import Expected
 from dan.tasks.needs import BASE_PIXELS, INTERROGATE_COST, MIN_COST, Needs, generation_needs
@@ -523,8 +524,8 @@ Lora = tuple[InstalledModel, float]  # a LoRA file and its weight
 
 
 def _check_families(checkpoint: InstalledModel, loras: tuple[Lora, ...]) -> None:
-    """Refuse LoRAs made for another family than the checkpoint's, and LoRAs on SDXL (the
-    engine does not apply them there yet)."""
+    """Refuse LoRAs made for another family than the checkpoint's, and LoRA variants the
+    engine cannot apply."""
     family = family_of(checkpoint)
     for lora, _ in loras:
         other = family_of(lora)
@@ -533,11 +534,7 @@ def _check_families(checkpoint: InstalledModel, loras: tuple[Lora, ...]) -> None
                 f"Invalid loras: {lora.name} is an {other.value} LoRA and {checkpoint.name} an "
                 f"{family.value} checkpoint; a LoRA only works with checkpoints of its family"
             )
-    if loras and family != ModelFamily.SD15:
-        raise InvalidArgument(
-            f"Invalid loras: {checkpoint.name} is an {family.value} checkpoint and DAN applies "
-            "LoRAs to SD 1.x (sd15) checkpoints only so far; leave the LoRAs out"
-        )
+        _check_lora_variant(lora)
 
 
 def _check_controlnet_family(
@@ -558,6 +555,21 @@ def _pull_name(wanted: str) -> str:
     """The catalog name ``dan models pull`` takes for a ControlNet: its alias, but SD 1.x's
     files were always pulled by their names (control_sd15_canny)."""
     return wanted if wanted.startswith("sdxl_") else f"control_{wanted}"
+
+
+def _check_lora_variant(lora: InstalledModel) -> None:
+    """Refuse a LoRA file with layers of a variant the engine does not apply (read from its
+    safetensors header; a file that cannot be read here is left to the engine to judge)."""
+    try:
+        keys = tensor_names(lora.path) if lora.path.suffix.lower() == ".safetensors" else []
+    except OSError:
+        return
+    variant = unsupported_lora_variant(keys)
+    if variant is not None:
+        raise InvalidArgument(
+            f"Invalid loras: {lora.name} ({lora.path.name}) holds {variant} layers, which DAN "
+            f"does not apply; supported: {', '.join(LORA_VARIANTS)} (LoCon included)"
+        )
 
 
 def _check_batch(order: GenerationOrder, width: int, height: int) -> None:
