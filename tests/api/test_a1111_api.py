@@ -42,6 +42,8 @@ MODEL_FILES = (
     "interrogators/model_base_caption_capfilt_large.pth",
     "interrogators/bert-base-uncased-vocab.txt",
     "interrogators/ViT-L-14.pt",
+    "vaes/clear.safetensors",
+    "embeddings/goodhands.safetensors",
 )
 BOTH_DATABASES = pytest.mark.parametrize(
     "database", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
@@ -388,7 +390,11 @@ def test_models_are_listed_as_a1111_lists_them(facade: Facade) -> None:
     assert [s["label"] for s in api.get_schedulers()] == ["Automatic", "Karras"]
     assert {u["name"] for u in api.get_upscalers()} >= {"Lanczos", "Nearest"}
     assert "Latent" in {m["name"] for m in api.get_latent_upscale_modes()}
-    assert api.get_embeddings() == {"loaded": {}, "skipped": {}}
+    embeddings = api.get_embeddings()
+    assert list(embeddings["loaded"]) == ["goodhands"] and embeddings["skipped"] == {}
+    assert [(v["model_name"], len(v["sha256"])) for v in api.get_sd_vae()] == [
+        ("clear.safetensors", 64)
+    ]
     assert api.get_hypernetworks() == api.get_face_restorers() == api.get_prompt_styles() == []
     assert api.get_scripts() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     assert api.refresh_checkpoints() is None
@@ -429,11 +435,12 @@ def test_an_unknown_checkpoint_is_refused_in_a1111_shape(facade: Facade) -> None
     assert body["detail"].startswith("Invalid sd_model_checkpoint:")
     clip_skip = facade.http.post(
         "/sdapi/v1/txt2img",
-        json={**SMALL, "override_settings": {"CLIP_stop_at_last_layers": 2}},
+        json={**SMALL, "override_settings": {"CLIP_stop_at_last_layers": 13}},
         auth=basic(key),
     )
     assert clip_skip.status_code == 400
     assert "CLIP_stop_at_last_layers" in clip_skip.json()["detail"]
+    assert "between 1 and 12" in clip_skip.json()["detail"]
 
 
 # -- progress and interrupt -------------------------------------------------------------------

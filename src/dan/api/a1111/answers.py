@@ -126,6 +126,23 @@ def lora(model: InstalledModel) -> dict[str, Any]:
     }
 
 
+def vae(model: InstalledModel) -> dict[str, Any]:
+    return {"model_name": model.path.name, "filename": model.path.name, "sha256": model.sha256}
+
+
+def embedding(model: InstalledModel) -> dict[str, Any]:
+    """A1111's embedding item; DAN does not read the training step or vector count."""
+    return {
+        "step": None,
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": None,
+        "shape": None,
+        "vectors": None,
+        "sha256": model.sha256,
+        "family": family_of(model).value,
+    }
+
+
 def controlnet_title(model: InstalledModel) -> str:
     """The ControlNet extension's title of a ControlNet file: its name and 8 hex digits."""
     return f"{model.name} [{model.sha256[:8]}]"

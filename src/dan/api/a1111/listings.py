@@ -77,7 +77,6 @@ async def refresh_loras(request: Request) -> None:
 
 # Harmless answers for what DAN does not have, so that clients that ask find nothing.
 EMPTY_LISTS = (
-    "sd-vae",
     "hypernetworks",
     "face-restorers",
     "prompt-styles",
@@ -96,10 +95,17 @@ for _name in EMPTY_LISTS:
     router.add_api_route(f"/{_name}", _empty, methods=["GET"], summary="None in DAN")
 
 
-@router.get("/embeddings", summary="None in DAN")
+@router.get("/sd-vae", summary="VAE files a request may choose (override_settings.sd_vae)")
+async def sd_vae(request: Request) -> list[dict[str, Any]]:
+    return [answers.vae(m) for m in await installed(request, ModelKind.VAE)]
+
+
+@router.get("/embeddings", summary="Textual-inversion embeddings, used by name in prompts")
 async def embeddings(request: Request) -> dict[str, Any]:
-    await known_caller(request)
-    return {"loaded": {}, "skipped": {}}
+    """Every installed embedding is ``loaded``: DAN loads the ones a prompt names, of the
+    checkpoint's family, for that request only."""
+    models = await installed(request, ModelKind.EMBEDDING)
+    return {"loaded": {m.name: answers.embedding(m) for m in models}, "skipped": {}}
 
 
 @router.get("/scripts", summary="The always-on scripts DAN understands: ControlNet")
