@@ -49,6 +49,7 @@ from dan.domain import (
 from dan.errors import InvalidArgument, ModelNotFound, ResourceUnavailable
 from dan.imaging import decode_image, encode_input_png, regenerated_area
 from dan.prompt_tags import extract_lora_tags
+from dan.samplers import AUTOMATIC, check_steps, choose
 from dan.tasks.base import Expected
 from dan.tasks.needs import BASE_PIXELS, INTERROGATE_COST, MIN_COST, Needs, generation_needs
 
@@ -94,6 +95,7 @@ class GenerationOrder:
     control_net: ControlNetOrder | None = None
     batch_size: int = 1
     n_iter: int = 1
+    scheduler: str = AUTOMATIC  # A1111 1.9+'s schedule type (dan.samplers)
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ class RequestBuilder:
             hires = order.hires
             upscaler = self._upscaler(hires.upscaler, "upscale.upscaler", latent=True)
             hires_fix = HiresFix(hires.scale, hires.denoising_strength, upscaler, hires.steps)
+            check_steps(request.sampler_name, hires.steps, "upscale.steps")
             request = replace(request, hires=hires_fix)
             second = hires_size(request.width, request.height, hires.scale)
             _check_batch_pixels(request.batch_size, *second, " in hires fix's second pass")
@@ -288,12 +291,16 @@ class RequestBuilder:
         self._check_prompt("negative_prompt", order.negative_prompt)
         _check_batch(order)
         _check_seeds(order)
+        # An old combined name ("DPM++ 2M Karras") is stored as its sampler and schedule type.
+        sampler, schedule = choose(order.sampler_name, order.scheduler)
+        check_steps(sampler, order.steps)
         return GenerationRequest(
             prompt=order.prompt,
             negative_prompt=order.negative_prompt,
             # Resolved now, so a task that is re-run after a crash makes the same images.
             seed=self._seed(order),
-            sampler_name=order.sampler_name,
+            sampler_name=sampler,
+            scheduler=schedule,
             steps=order.steps,
             cfg_scale=order.cfg_scale,
             width=order.width,
