@@ -8,7 +8,7 @@ a picture made with another seed comes.
 On a quiet 2-core CPU the first takes about 2 minutes, the second about 10 (full-size SD1.5 at
 256x256 costs 6-40 s a picture; every sampler with 6 seeds would take hours).
 
-Method. One prompt, ``--seeds`` seeds and every sampler of ``dan.domain.SAMPLERS`` (or
+Method. One prompt, ``--seeds`` seeds and every sampler of ``dan.samplers.SAMPLERS`` (or
 ``--samplers``) run through the real DiffusersEngine under every condition: each device of
 ``--devices`` x each dtype of ``--dtypes`` that torch can run there x each CPU thread count of
 ``--threads`` (torch.set_num_threads; on a GPU one count is enough). Every image is encoded with
@@ -59,10 +59,11 @@ from safetensors.torch import load_file, save_file
 
 from bench.overhead import make_checkpoint
 from dan.config import Settings
-from dan.domain import SAMPLERS, GenerationRequest, InstalledModel, ModelKind, ModelRef
+from dan.domain import GenerationRequest, InstalledModel, ModelKind, ModelRef
 from dan.engine.device import pick_dtype
 from dan.engine.sd import DiffusersEngine
 from dan.imaging import encode_png, infotext, picture_distance
+from dan.samplers import SAMPLERS
 from tests.fixtures.tiny_sd import CLIP
 
 PROMPT = "a lighthouse on a cliff at dawn, dramatic sky"

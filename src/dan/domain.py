@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import TypeAdapter
 
+from dan.samplers import AUTOMATIC, choose
+
 if TYPE_CHECKING:
     from PIL.Image import Image
-
-# The six sampler names of the reference, in its order (AUTOMATIC1111 names).
-SAMPLERS: tuple[str, ...] = ("DPM++ SDE Karras", "Euler a", "Euler", "DPM++ SDE", "LMS", "DDIM")
 
 SEED_MAX = 2**32 - 1
 
@@ -285,10 +284,19 @@ class GenerationRequest:
     vae: ModelRef | None = None  # a VAE file used instead of the checkpoint's own
     # The textual-inversion embeddings whose names the prompts use (resolved at submission).
     embeddings: tuple[ModelRef, ...] = ()
+    # A1111 1.9+'s schedule type (see dan.samplers). A request stored before it existed has
+    # none: Automatic, with the schedule in an old combined sampler name ("DPM++ SDE Karras").
+    scheduler: str = AUTOMATIC
 
     @property
     def images(self) -> int:
         return self.batch_size * self.n_iter
+
+    @property
+    def sampling(self) -> tuple[str, str]:
+        """The sampler and schedule type that run, in today's names (an old combined name is
+        split: "DPM++ SDE Karras" is DPM++ SDE on Karras)."""
+        return choose(self.sampler_name, self.scheduler)
 
     @property
     def seeds(self) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from dan import __version__
 from dan.domain import GenerationRequest
 from dan.errors import InvalidArgument
+from dan.samplers import a1111_schedule
 
 
 def infotext(
@@ -30,9 +31,12 @@ def infotext(
     lines = [request.prompt]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
+    sampler, schedule = request.sampling
     fields: dict[str, object] = {
         "Steps": request.steps,
-        "Sampler": request.sampler_name,
+        "Sampler": sampler,
+        # A1111 1.9+'s words for the schedule that ran (see dan.samplers.a1111_schedule).
+        "Schedule type": a1111_schedule(sampler, schedule),
         "CFG scale": f"{request.cfg_scale:g}",
         "Seed": seed,
         "Size": f"{request.width}x{request.height}",

@@ -182,8 +182,21 @@ def test_a_seed_reproduces_its_image(facade: Facade) -> None:
 
 def test_samplers_and_schedulers_by_a1111_names(facade: Facade) -> None:
     api = facade.api(facade.key("alice"))
-    karras = api.txt2img(**SMALL, sampler_name="DPM++ SDE", scheduler="Karras")
-    assert karras.info["sampler_name"] == "DPM++ SDE Karras"
+
+    def ran(sampler_name: str, scheduler: str) -> str:
+        result = api.txt2img(**SMALL, sampler_name=sampler_name, scheduler=scheduler)
+        assert result.info["sampler_name"] == "DPM++ 2M"
+        schedule = result.info["extra_generation_params"]["Schedule type"]
+        assert f"Sampler: DPM++ 2M, Schedule type: {schedule}," in result.info["infotexts"][0]
+        return str(schedule)
+
+    assert ran("DPM++ 2M", "Karras") == "Karras"
+    # As A1111 1.9+: Automatic is the sampler's default schedule (Karras for DPM++ 2M), and
+    # Uniform the plain one; an old combined name carries its schedule.
+    assert ran("DPM++ 2M", "Automatic") == "Karras"
+    assert ran("DPM++ 2M", "Uniform") == "Uniform"
+    assert ran("DPM++ 2M Karras", "Automatic") == "Karras"
+    assert ran("k_dpmpp_2m", "exponential") == "Exponential"
     older = facade.http.post(
         "/sdapi/v1/txt2img",
         json={**SMALL, "sampler_index": "k_lms"},
@@ -386,8 +399,18 @@ def test_models_are_listed_as_a1111_lists_them(facade: Facade) -> None:
         "family": "sd15",
     }
     assert [lora["name"] for lora in api.get_loras()] == ["detail"]
-    assert {s["name"] for s in api.get_samplers()} >= {"Euler a", "DPM++ SDE Karras", "DDIM"}
-    assert [s["label"] for s in api.get_schedulers()] == ["Automatic", "Karras"]
+    samplers = {s["name"]: s for s in api.get_samplers()}
+    assert set(samplers) >= {"Euler a", "DPM++ 2M", "DPM++ SDE", "DPM++ 3M SDE", "UniPC", "DDIM"}
+    assert samplers["DPM++ 2M"]["options"] == {"scheduler": "karras"}  # A1111's default
+    assert samplers["DPM++ 2M"]["aliases"] == ["k_dpmpp_2m"]
+    assert samplers["Euler"]["options"] == {}
+    assert [s["label"] for s in api.get_schedulers()] == [
+        "Automatic",
+        "Uniform",
+        "Karras",
+        "Exponential",
+        "SGM Uniform",
+    ]
     assert {u["name"] for u in api.get_upscalers()} >= {"Lanczos", "Nearest"}
     assert "Latent" in {m["name"] for m in api.get_latent_upscale_modes()}
     embeddings = api.get_embeddings()
@@ -516,9 +539,14 @@ def test_errors_take_a1111s_shape_and_name_the_field(facade: Facade) -> None:
         == "Invalid width: must be a multiple of 8 between 64 and 2048, got 500"
     )
     scheduler = facade.http.post(
-        "/sdapi/v1/txt2img", json={**SMALL, "scheduler": "Karras"}, auth=basic(key)
+        "/sdapi/v1/txt2img",
+        json={**SMALL, "sampler_name": "Euler a", "scheduler": "Karras"},
+        auth=basic(key),
     )
-    assert scheduler.status_code == 400 and "Karras" in scheduler.json()["detail"]
+    assert scheduler.status_code == 400
+    assert scheduler.json()["detail"] == (
+        "Invalid scheduler: DAN runs Euler a with Automatic or SGM Uniform; got Karras"
+    )
     unknown = facade.http.get("/sdapi/v1/no-such-endpoint", auth=basic(key))
     assert unknown.status_code == 404 and "error" in unknown.json()
     huge = {**SMALL, "prompt": "x" * MAX_BODY_BYTES}

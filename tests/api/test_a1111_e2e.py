@@ -80,4 +80,5 @@ def test_hires_steps_and_karras_through_the_engine(api: webuiapi.WebUIApi) -> No
     )
     assert result.image.size == (96, 96)
     infotext = result.info["infotexts"][0]
-    assert "Sampler: DPM++ SDE Karras" in infotext and "Hires steps: 2" in infotext
+    assert "Sampler: DPM++ SDE, Schedule type: Karras," in infotext
+    assert "Hires steps: 2" in infotext

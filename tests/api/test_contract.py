@@ -65,7 +65,8 @@ def test_sync_txt2img_returns_png_with_parameters(api: Api) -> None:
     parameters = read_parameters(png) or ""
     assert parameters.startswith(
         "a cat\nNegative prompt: dog\n"
-        "Steps: 2, Sampler: Euler a, CFG scale: 6.5, Seed: 1234, Size: 64x64"
+        "Steps: 2, Sampler: Euler a, Schedule type: Automatic, CFG scale: 6.5, Seed: 1234, "
+        "Size: 64x64"
     )
     assert f"Model hash: {api.checkpoint_sha256[:10]}, Model: dummy" in parameters
 
@@ -158,7 +159,22 @@ BAD_BODIES = [
     ({"cfg_scale": 31}, "Invalid cfg_scale: must be a number between 1 and 30"),
     ({"cfg_scale": "NaN"}, "Invalid cfg_scale"),
     ({"seed": -2}, "Invalid seed: must be -1 or an integer between 0 and 4294967295"),
-    ({"sampler_name": "Heun"}, "Invalid sampler_name: must be one of DPM++ SDE Karras, Euler a"),
+    ({"sampler_name": "PLMS"}, "Invalid sampler_name: must be one of DPM++ SDE Karras, Euler a"),
+    ({"sampler_name": 3}, "Invalid sampler_name: must be one of"),
+    (
+        {"scheduler": "Beta"},
+        "Invalid scheduler: must be one of Automatic, Karras, Exponential, SGM Uniform",
+    ),
+    (
+        {"sampler_name": "Euler a", "scheduler": "Karras"},
+        "Invalid scheduler: DAN runs Euler a with Automatic or SGM Uniform; got Karras",
+    ),
+    ({"sampler_name": "DDIM", "scheduler": "SGM Uniform"}, "Invalid scheduler: DAN runs DDIM"),
+    (
+        {"sampler_name": "DPM++ 2M Karras", "scheduler": "Exponential"},
+        "Invalid scheduler: sampler_name 'DPM++ 2M Karras' already says Karras",
+    ),
+    ({"sampler_name": "LCM", "steps": 51}, "Invalid steps: LCM runs at most 50 steps, got 51"),
     ({"prompt": 5}, "Invalid prompt: must be a string"),
     ({"model": "0123456789abcdef"}, "Invalid model"),
     ({"model": 12}, "Invalid model"),
@@ -232,7 +248,36 @@ def test_supported_model_info_lists_what_is_installed(api: Api) -> None:
     data = api.client.get("/api/sd/supportedModelInfo").json()["data"]
     assert data["Models"] == [{"name": "dummy", "hash": api.checkpoint_sha256, "family": "sd15"}]
     assert data["LoRAs"] == []
-    assert data["Samplers"] == ["DPM++ SDE Karras", "Euler a", "Euler", "DPM++ SDE", "LMS", "DDIM"]
+    reference = ["DPM++ SDE Karras", "Euler a", "Euler", "DPM++ SDE", "LMS", "DDIM"]
+    assert data["Samplers"][:6] == reference  # the reference's list, then DAN's others
+    assert set(data["Samplers"][6:]) == {
+        *("DPM++ 2M", "DPM++ 2M SDE", "DPM++ 3M SDE", "Heun", "DPM2", "DPM2 a"),
+        *("UniPC", "LCM", "DDPM"),
+    }
+    assert data["Schedulers"] == ["Automatic", "Karras", "Exponential", "SGM Uniform"]
+    schedules = data["SamplerSchedulers"]
+    assert schedules["DPM++ 2M"] == data["Schedulers"]
+    assert schedules["Euler a"] == ["Automatic", "SGM Uniform"]
+    assert schedules["DDIM"] == ["Automatic"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "stored"),
+    [
+        ({}, ("Euler a", "Automatic")),
+        ({"sampler_name": "DPM++ 2M", "scheduler": "karras"}, ("DPM++ 2M", "Karras")),
+        ({"sampler_name": "dpm++ sde karras"}, ("DPM++ SDE", "Karras")),  # the reference's
+        ({"sampler_name": "DPM2 a", "scheduler": "SGM Uniform"}, ("DPM2 a", "SGM Uniform")),
+    ],
+)
+def test_the_task_keeps_the_sampler_and_its_schedule_type(
+    api: Api, fields: dict[str, Any], stored: tuple[str, str]
+) -> None:
+    reply = api.post(f"{TXT2IMG}/async", small(**fields))
+    params = api.services.tasks.get(reply["data"]["taskId"]).params
+    assert (params["sampler_name"], params["scheduler"]) == stored
+    [task] = api.client.get("/api/sd/tasks?limit=1").json()["data"]["tasks"]
+    assert (task["sampler"], task["scheduler"]) == stored
 
 
 @pytest.mark.usefixtures("worker")

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from dan.domain import SAMPLERS
 from dan.imaging import read_parameters
+from dan.samplers import SAMPLERS
 from tests.fixtures.server import Server, start_server, wait_for_status
 
 pytestmark = pytest.mark.slow

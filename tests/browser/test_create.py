@@ -110,7 +110,8 @@ def test_use_these_settings_again_fills_the_form_from_the_png(
     settings = {
         "prompt": "(a lighthouse:1.2), dawn\nsecond line",
         "negative_prompt": "blurry, [lowres]",
-        "sampler": "DDIM",
+        "sampler": "DPM++ 2M",
+        "scheduler": "Karras",  # offered once DPM++ 2M is chosen
         "steps": "3",
         "cfg": "6.5",
         "width": "64",
@@ -125,6 +126,7 @@ def test_use_these_settings_again_fills_the_form_from_the_png(
         prompt="",
         negative_prompt="",
         sampler="Euler a",
+        scheduler="SGM Uniform",
         steps="20",
         cfg="7",
         width="512",

@@ -83,6 +83,30 @@ INFOTEXT = (
 
 
 @pytest.mark.parametrize(
+    ("sampler", "schedule", "settings"),
+    [
+        ("DPM++ 2M", "Karras", ["DPM++ 2M", "Karras"]),
+        ("DPM++ 2M", "Uniform", ["DPM++ 2M", "Automatic"]),  # A1111's name of DAN's Automatic
+        ("Euler a", "Automatic", ["Euler a", "Automatic"]),
+        ("DPM++ 2M SDE Exponential", None, ["DPM++ 2M SDE", "Exponential"]),
+        ("LMS", None, ["LMS", "Automatic"]),
+    ],
+)
+def test_sampler_and_schedule_type_are_read_in_dans_names(
+    tab: Tab, sampler: str, schedule: str | None, settings: list[str]
+) -> None:
+    tab.open()
+    read = tab.page.evaluate(
+        """async ([sampler, schedule]) => {
+        const { samplerOf } = await import('/js/png.js');
+        return samplerOf(sampler, schedule ?? undefined);
+    }""",
+        [sampler, schedule],
+    )
+    assert read == settings
+
+
+@pytest.mark.parametrize(
     "options", [{}, {"zip": False}, {"zip": True}], ids=["tEXt", "iTXt", "iTXt-zip"]
 )
 def test_settings_are_read_back_from_a_png(tab: Tab, options: dict[str, Any]) -> None:
@@ -100,7 +124,9 @@ def test_settings_are_read_back_from_a_png(tab: Tab, options: dict[str, Any]) ->
         "prompt": text.split("\nNegative")[0],
         "negativePrompt": "blurry,\nlowres",
         "steps": 12,
-        "sampler": "DPM++ SDE Karras",
+        # The old combined name, read as A1111 1.9+ writes it.
+        "sampler": "DPM++ SDE",
+        "scheduler": "Karras",
         "cfgScale": 6.5,
         "seed": 42,
         "width": 64,

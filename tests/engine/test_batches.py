@@ -123,12 +123,25 @@ def assert_batch_is_its_seeds(
 
 
 # -- txt2img ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("sampler", ["Euler a", "DDIM", "DPM++ SDE Karras"])
+# Every sampler that draws noise after the first step (the others only draw the initial
+# latents), and a deterministic one.
+STOCHASTIC = [
+    "Euler a",
+    "DPM++ SDE Karras",
+    "DPM++ 2M SDE",
+    "DPM++ 3M SDE",
+    "DPM2 a",
+    "DDPM",
+    "LCM",
+]
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", *STOCHASTIC])
 def test_a_batch_of_three_is_three_single_requests(
     engine: DiffusersEngine, files: ModelFiles, sampler: str
 ) -> None:
-    """Euler a draws noise at every step and DPM++ SDE from a Brownian tree: each image's must
-    come from its own seed, as its initial noise does."""
+    """Ancestral, SDE, DDPM and LCM samplers draw noise at every step (DPM++ SDE from a
+    Brownian tree): each image's must come from its own seed, as its initial noise does."""
 
     def run(one: GenerationRequest) -> list[Image.Image]:
         return engine.txt2img(one, files, no_progress)

@@ -13,7 +13,6 @@ from diffusers import EulerAncestralDiscreteScheduler
 
 from dan.config import Settings
 from dan.domain import (
-    SAMPLERS,
     GenerationRequest,
     InstalledModel,
     ModelKind,
@@ -24,6 +23,7 @@ from dan.engine.checkpoint import load_sd_pipeline
 from dan.engine.device import pick_dtype
 from dan.engine.sd import DiffusersEngine, _engine_errors
 from dan.errors import EngineError, FatalEngineError, TaskCancelled, UnsupportedCheckpoint
+from dan.samplers import SAMPLERS
 from tests.fixtures.tiny_sd import CLIP, TinySd, write_checkpoint, write_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -58,6 +58,14 @@ def engine(tmp_path: Path) -> DiffusersEngine:
 @pytest.fixture
 def checkpoint(tiny_checkpoint: Path) -> InstalledModel:
     return installed(tiny_checkpoint, "a" * 64)
+
+
+@pytest.fixture(scope="module")
+def warm_engine(tmp_path_factory: pytest.TempPathFactory) -> DiffusersEngine:
+    """One engine for the sampler tests: the checkpoint loads once, and every request after
+    the first runs where others ran before (no sampler state may carry over)."""
+    data = tmp_path_factory.mktemp("data")
+    return DiffusersEngine(Settings(data_dir=data, device="cpu", dtype="float32"))  # type: ignore[call-arg]
 
 
 def files(model: InstalledModel) -> dict[str, InstalledModel]:
@@ -148,11 +156,11 @@ def test_cancel_stops_at_the_next_step(engine: DiffusersEngine, checkpoint: Inst
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_sampler_is_deterministic_per_seed(
-    engine: DiffusersEngine, checkpoint: InstalledModel, sampler: str
+    warm_engine: DiffusersEngine, checkpoint: InstalledModel, sampler: str
 ) -> None:
     def generate(seed: int) -> bytes:
         one = request(sampler_name=sampler, seed=seed, width=96, height=64)
-        [image] = engine.txt2img(one, files(checkpoint), no_progress)
+        [image] = warm_engine.txt2img(one, files(checkpoint), no_progress)
         assert image.size == (96, 64)
         return image.tobytes()
 
@@ -160,6 +168,58 @@ def test_every_sampler_is_deterministic_per_seed(
     other = generate(8)  # in between: no sampler state may carry over to the next request
     assert generate(7) == first
     assert other != first
+
+
+@pytest.mark.parametrize(
+    ("sampler", "schedule"),
+    [
+        ("DPM++ 2M", "Karras"),
+        ("DPM++ 2M SDE", "Exponential"),
+        ("Heun", "SGM Uniform"),
+        ("Euler a", "SGM Uniform"),
+    ],
+)
+def test_the_schedule_type_changes_the_image(
+    warm_engine: DiffusersEngine, checkpoint: InstalledModel, sampler: str, schedule: str
+) -> None:
+    """The ``scheduler`` field is not ignored: the same seed on another schedule is another
+    image, and the same schedule again the same one."""
+
+    def generate(scheduler: str) -> bytes:
+        one = request(sampler_name=sampler, scheduler=scheduler, seed=7)
+        [image] = warm_engine.txt2img(one, files(checkpoint), no_progress)
+        return image.tobytes()
+
+    scheduled = generate(schedule)
+    assert generate("Automatic") != scheduled
+    assert generate(schedule) == scheduled
+
+
+def test_an_old_combined_name_is_its_sampler_on_its_schedule(
+    warm_engine: DiffusersEngine, checkpoint: InstalledModel
+) -> None:
+    """A task stored before the scheduler field ("DPM++ SDE Karras", Automatic) makes the image
+    it made then: the one DPM++ SDE on Karras makes."""
+
+    def generate(sampler: str, scheduler: str) -> bytes:
+        one = request(sampler_name=sampler, scheduler=scheduler, seed=3)
+        [image] = warm_engine.txt2img(one, files(checkpoint), no_progress)
+        return image.tobytes()
+
+    old = generate("DPM++ SDE Karras", "Automatic")
+    assert old == generate("DPM++ SDE", "Karras")
+    assert old != generate("DPM++ SDE", "Automatic")
+
+
+@pytest.mark.parametrize("sampler", ["Heun", "DPM2", "DPM2 a"])
+def test_second_order_samplers_report_every_unet_call_as_progress(
+    warm_engine: DiffusersEngine, checkpoint: InstalledModel, sampler: str
+) -> None:
+    seen: list[tuple[int, int]] = []
+    one = request(sampler_name=sampler, steps=3)
+    warm_engine.txt2img(one, files(checkpoint), lambda done, total: seen.append((done, total)))
+    # 3 steps of two UNet calls each, the last step to sigma 0 only one.
+    assert seen == [(done, 5) for done in range(1, 6)]
 
 
 def weighted_checkpoint(tiny_sd: TinySd, path: Path) -> InstalledModel:

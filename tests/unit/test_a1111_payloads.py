@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 
+import pytest
 from PIL import Image
 
 from dan.domain import (
@@ -75,10 +76,31 @@ def test_txt2img_names_models_as_the_instance_does_and_keeps_the_checkpoint_load
     }
     assert body["override_settings_restore_afterwards"] is False
     assert (body["seed"], body["subseed_strength"]) == (42, 0)
-    assert (body["sampler_name"], body["steps"], body["cfg_scale"]) == ("DPM++ SDE Karras", 12, 6.5)
+    assert (body["steps"], body["cfg_scale"]) == (12, 6.5)
+    # A task stored with the old combined name goes out as A1111 1.9+ takes it: apart.
+    assert (body["sampler_name"], body["scheduler"]) == ("DPM++ SDE", "Karras")
     assert (body["width"], body["height"], body["batch_size"], body["n_iter"]) == (96, 64, 2, 3)
     assert "enable_hr" not in body and "alwayson_scripts" not in body
     assert payloads.txt2img_size(generation()) == (96, 64)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "schedule", "sent"),
+    [
+        ("DPM++ 2M", "Exponential", ("DPM++ 2M", "Exponential")),
+        # DAN's Automatic is A1111's Uniform where A1111's Automatic would be Karras ...
+        ("DPM++ 2M", "Automatic", ("DPM++ 2M", "Uniform")),
+        ("DPM2 a", "Automatic", ("DPM2 a", "Uniform")),
+        # ... and Automatic where it is the same.
+        ("Euler a", "Automatic", ("Euler a", "Automatic")),
+        ("Euler a", "SGM Uniform", ("Euler a", "SGM Uniform")),
+    ],
+)
+def test_sampler_and_schedule_type_are_sent_as_a1111_runs_them(
+    sampler: str, schedule: str, sent: tuple[str, str]
+) -> None:
+    body = payloads.txt2img(generation(sampler_name=sampler, scheduler=schedule), names)
+    assert (body["sampler_name"], body["scheduler"]) == sent
 
 
 def test_hires_fix_by_its_scale_and_upscaler() -> None:

@@ -17,8 +17,8 @@ from dan.api.a1111.translate import (
     sampler,
     txt2img_order,
 )
-from dan.domain import SAMPLERS
 from dan.errors import InvalidArgument, ModelNotFound
+from dan.samplers import SAMPLERS
 
 SHA = "0123456789abcdef" * 4
 
@@ -41,28 +41,49 @@ def refused(field: str, call: Any, *args: Any, **kwargs: Any) -> str:
 @pytest.mark.parametrize(
     ("name", "scheduler", "dan"),
     [
-        ("Euler a", None, "Euler a"),
-        ("euler A", "automatic", "Euler a"),  # webuiapi sends "automatic"
-        ("k_euler_a", "Automatic", "Euler a"),
-        ("DPM++ SDE", "Karras", "DPM++ SDE Karras"),
-        ("DPM++ SDE Karras", None, "DPM++ SDE Karras"),
-        ("DPM++ SDE Karras", "karras", "DPM++ SDE Karras"),
-        ("k_lms", "", "LMS"),
-        ("DDIM", None, "DDIM"),
+        ("Euler a", None, ("Euler a", "Automatic")),
+        ("euler A", "automatic", ("Euler a", "Automatic")),  # webuiapi sends "automatic"
+        ("k_euler_a", "Automatic", ("Euler a", "Automatic")),
+        # A1111 1.9+: Automatic is the sampler's default schedule ...
+        ("DPM++ SDE", None, ("DPM++ SDE", "Karras")),
+        ("DPM++ 2M", "Automatic", ("DPM++ 2M", "Karras")),
+        ("DPM++ 2M SDE", None, ("DPM++ 2M SDE", "Exponential")),
+        ("DPM2 a", "automatic", ("DPM2 a", "Karras")),
+        # ... and Uniform the sampler's own (DAN's Automatic).
+        ("DPM++ SDE", "Uniform", ("DPM++ SDE", "Automatic")),
+        ("DPM++ 2M", "uniform", ("DPM++ 2M", "Automatic")),
+        ("DPM++ SDE Karras", None, ("DPM++ SDE", "Karras")),
+        ("DPM++ SDE Karras", "karras", ("DPM++ SDE", "Karras")),
+        ("DPM++ 2M Karras", "Uniform", ("DPM++ 2M", "Karras")),  # the name says Karras
+        ("Euler", "Exponential", ("Euler", "Exponential")),
+        ("LMS", "sgm_uniform", ("LMS", "SGM Uniform")),
+        ("k_lms", "", ("LMS", "Automatic")),
+        ("DDIM", None, ("DDIM", "Automatic")),
+        ("UniPC", "Uniform", ("UniPC", "Automatic")),
     ],
 )
 def test_samplers_and_schedulers_map_to_dans_samplers(
-    name: str, scheduler: str | None, dan: str
+    name: str, scheduler: str | None, dan: tuple[str, str]
 ) -> None:
     assert sampler(name, scheduler) == dan
 
 
 def test_what_dan_cannot_sample_is_refused_with_the_valid_values() -> None:
-    message = refused("sampler_name", sampler, "DPM++ 2M", None)
+    message = refused("sampler_name", sampler, "PLMS", None)
     assert all(name in message for name in SAMPLERS)
-    assert "Automatic, Karras" in refused("scheduler", sampler, "Euler a", "Exponential")
-    assert "only with DPM++ SDE" in refused("scheduler", sampler, "Euler a", "Karras")
-    refused("sampler_index", txt2img, sampler_index="Heun")
+    assert "Automatic, Karras, Exponential, SGM Uniform" in refused(
+        "scheduler", sampler, "Euler a", "Beta"
+    )
+    assert "Automatic or SGM Uniform" in refused("scheduler", sampler, "Euler a", "Karras")
+    assert "Automatic only" in refused("scheduler", sampler, "DDIM", "Karras")
+    refused("sampler_index", txt2img, sampler_index="DPM fast")
+
+
+def test_a_sampler_and_its_schedule_become_the_order() -> None:
+    generation = txt2img(sampler_name="DPM++ 2M", scheduler="Exponential").generation
+    assert (generation.sampler_name, generation.scheduler) == ("DPM++ 2M", "Exponential")
+    generation = txt2img(sampler_index="DPM++ 2M Karras").generation
+    assert (generation.sampler_name, generation.scheduler) == ("DPM++ 2M", "Karras")
 
 
 def test_a1111_defaults_become_an_order() -> None:

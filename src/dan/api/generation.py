@@ -22,6 +22,7 @@ from dan.api.schemas import (
 )
 from dan.domain import TaskRecord, TaskStatus
 from dan.errors import NodeError, SyncTimeout, TaskCancelled
+from dan.samplers import SamplerRefused, choose
 from dan.services import Services
 from dan.tasks.orders import (
     ControlNetOrder,
@@ -57,6 +58,7 @@ def generation_order(body: GenerationBody) -> GenerationOrder:
         negative_prompt=body.negative_prompt,
         seed=body.seed,
         sampler_name=body.sampler_name,
+        scheduler=body.scheduler,
         steps=body.steps,
         cfg_scale=body.cfg_scale,
         width=body.width,
@@ -209,6 +211,7 @@ def history_entry(record: TaskRecord) -> dict[str, Any]:
     params = record.params
     generation = params.get("generation", params)  # img2img nests its generation
     model = generation.get("model")
+    sampler, scheduler = _sampling(generation)
     return {
         "taskId": record.id,
         "kind": record.kind.value,
@@ -222,12 +225,25 @@ def history_entry(record: TaskRecord) -> dict[str, Any]:
         "width": generation.get("width"),
         "height": generation.get("height"),
         "steps": generation.get("steps"),
-        "sampler": generation.get("sampler_name"),
+        "sampler": sampler,
+        "scheduler": scheduler,
         "model": model.get("name") if isinstance(model, dict) else None,
         "batchSize": generation.get("batch_size", 1),
         "nIter": generation.get("n_iter", 1),
         "expired": record.expired,
     }
+
+
+def _sampling(generation: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The sampler and schedule type of a generation's params in today's names (a task stored
+    before the scheduler field may name "DPM++ SDE Karras"); None for other tasks."""
+    name = generation.get("sampler_name")
+    if name is None:
+        return None, None
+    try:
+        return choose(name, generation.get("scheduler"))
+    except SamplerRefused:
+        return name, generation.get("scheduler")
 
 
 async def task_status(ctx: ApiContext, task_id: str, account: str | None) -> dict[str, Any]:

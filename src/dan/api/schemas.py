@@ -28,16 +28,14 @@ from dan.domain import (
     MAX_CLIP_SKIP,
     MAX_IMAGES,
     MAX_N_ITER,
-    SAMPLERS,
     SEED_MAX,
 )
+from dan.samplers import AUTOMATIC, SamplerRefused, choose, schedule_type
 from dan.webhooks.addresses import parse_callback_url
 
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_STEPS = 150
 MIN_CFG, MAX_CFG = 1.0, 30.0
-
-_SAMPLER_BY_LOWER = {name.lower(): name for name in SAMPLERS}
 
 
 def _fail(message: str) -> PydanticCustomError:
@@ -106,15 +104,26 @@ def _optional_name(value: Any) -> str | None:
 
 
 def _sampler(value: Any) -> str:
-    name = _SAMPLER_BY_LOWER.get(value.strip().lower()) if isinstance(value, str) else None
-    if name is None:
-        raise _fail(f"must be one of {', '.join(SAMPLERS)}; got {value!r}")
-    return name
+    """A sampler DAN knows, or an old combined name ("DPM++ 2M Karras"); the service splits
+    it and checks it against ``scheduler``."""
+    try:
+        choose(value)
+    except SamplerRefused as exc:
+        raise _fail(exc.reason) from None
+    return str(value).strip()
+
+
+def _scheduler(value: Any) -> str:
+    try:
+        return schedule_type(value)
+    except SamplerRefused as exc:
+        raise _fail(exc.reason) from None
 
 
 Text = Annotated[str, BeforeValidator(_text)]
 ModelName = Annotated[str | None, BeforeValidator(_optional_name)]
 SamplerName = Annotated[str, BeforeValidator(_sampler)]
+SchedulerName = Annotated[str, BeforeValidator(_scheduler)]
 
 MAX_LORAS = 8
 LORA_WEIGHT = 4.0
@@ -265,6 +274,7 @@ class GenerationBody(Submission):
     negative_prompt: Text = ""
     seed: integer(0, SEED_MAX, also=-1) = -1  # type: ignore[valid-type]
     sampler_name: SamplerName = "Euler a"
+    scheduler: SchedulerName = AUTOMATIC  # A1111 1.9+'s schedule type
     steps: integer(1, MAX_STEPS) = 20  # type: ignore[valid-type]
     cfg_scale: real(MIN_CFG, MAX_CFG) = 7.0  # type: ignore[valid-type]
     # Left out: the checkpoint family's native size (512 for SD 1.x, 1024 for SDXL).

@@ -88,7 +88,10 @@ class Conditioning:
     def scheduler(self) -> Any:
         """A new scheduler for one pass: passes never share sampler state."""
         config = self.base.scheduler.config
-        return make_scheduler(self.request.sampler_name, config, seed=self.seeds)
+        request = self.request
+        return make_scheduler(
+            request.sampler_name, config, seed=self.seeds, schedule_type=request.scheduler
+        )
 
     def generators(self) -> list[torch.Generator]:
         """One CPU generator per image, seeded with its seed: each image's noise is the noise

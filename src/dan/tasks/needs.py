@@ -1,10 +1,12 @@
 """What a queued task needs to run: which node can take it, and what it costs in the queue.
 
-Cost is relative to a 512x512, 20-step SD 1.x txt2img (cost 1): the steps actually run times the
-pixels they run on, times what a step costs per pixel in the checkpoint's family (SDXL's UNet is
-larger: see :data:`PIXEL_STEP_COST` and ``bench/sdxl_step_cost.py``). The queue advances an
-account's lane by cost / weight, so a big task waits longer than a small one, and an honoured
-account gets more turns (see dan.tasks.store).
+Cost is relative to a 512x512, 20-step SD 1.x txt2img with a first-order sampler (cost 1):
+the UNet evaluations actually run (a second-order sampler such as Heun or DPM2 evaluates the UNet
+twice per step, so costs twice as much) times the pixels they run on, times what a step costs
+per pixel in the checkpoint's family (SDXL's UNet is larger: see :data:`PIXEL_STEP_COST` and
+``bench/sdxl_step_cost.py``). The queue advances an account's lane by cost / weight, so a big
+task waits longer than a small one, and an honoured account gets more turns (see
+dan.tasks.store).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dan.domain import GenerationRequest, ModelFamily, hires_size
+from dan.samplers import SAMPLER_INFO
 from dan.tasks.base import Expected
 
 BASE_PIXELS, BASE_STEPS = 512 * 512, 20  # a task of cost 1
@@ -49,12 +52,13 @@ def generation_needs(
     output_size: tuple[int, int] | None = None,
     family: ModelFamily = ModelFamily.SD15,
 ) -> Needs:
-    """The checkpoint, every file, the cost (steps actually run x megapixels, hires pass
-    included, for each of its images) and the result (``request.images`` images of
-    ``output_size``, by default the request's size, hires-fixed) of a txt2img or img2img
-    request on a checkpoint of ``family``."""
+    """The checkpoint, every file, the cost (steps actually run x UNet evaluations per step x
+    megapixels, hires pass included, for each of its images) and the result
+    (``request.images`` images of ``output_size``, by default the request's size,
+    hires-fixed) of a txt2img or img2img request on a checkpoint of ``family``."""
     files = [request.model.sha256, *(lora.model.sha256 for lora in request.loras)]
     files += [ref.sha256 for ref in (request.vae, *request.embeddings) if ref is not None]
+    calls = SAMPLER_INFO[request.sampling[0]].unet_calls
     steps = request.steps * denoising_strength
     cost = steps * request.width * request.height
     if request.hires is not None:
@@ -63,6 +67,7 @@ def generation_needs(
         scaled = request.width * request.height * request.hires.scale**2
         second = request.hires.second_pass_steps(request.steps)
         cost += second * request.hires.denoising_strength * scaled
+    cost *= calls
     if request.control_net is not None:
         files.append(request.control_net.model.sha256)
         if request.control_net.pose_model:

@@ -54,6 +54,7 @@ from dan.errors import InvalidArgument, ModelNotFound, ResourceUnavailable
 from dan.imaging import decode_image, encode_input_png, regenerated_area
 from dan.models.families import LORA_VARIANTS, tensor_names, unsupported_lora_variant
 from dan.prompt_tags import extract_lora_tags
+from dan.samplers import AUTOMATIC, check_steps, choose
 from dan.tasks.base import Expected
 from dan.tasks.needs import BASE_PIXELS, INTERROGATE_COST, MIN_COST, Needs, generation_needs
 
@@ -104,6 +105,7 @@ class GenerationOrder:
     n_iter: int = 1
     clip_skip: int = 1
     vae: str | None = None  # a VAE file's name or hash; None (or Automatic/None): the checkpoint's
+    scheduler: str = AUTOMATIC  # A1111 1.9+'s schedule type (dan.samplers)
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,7 @@ class RequestBuilder:
             hires = order.hires
             upscaler = self._upscaler(hires.upscaler, "upscale.upscaler", latent=True)
             hires_fix = HiresFix(hires.scale, hires.denoising_strength, upscaler, hires.steps)
+            check_steps(request.sampler_name, hires.steps, "upscale.steps")
             request = replace(request, hires=hires_fix)
             second = hires_size(request.width, request.height, hires.scale)
             _check_batch_pixels(request.batch_size, *second, " in hires fix's second pass")
@@ -306,12 +309,16 @@ class RequestBuilder:
         loras = self._loras(order.loras) + self._prompt_loras(order.prompt)
         _check_families(checkpoint, loras)
         _check_clip_skip(order.clip_skip)
+        # An old combined name ("DPM++ 2M Karras") is stored as its sampler and schedule type.
+        sampler, schedule = choose(order.sampler_name, order.scheduler)
+        check_steps(sampler, order.steps)
         return GenerationRequest(
             prompt=order.prompt,
             negative_prompt=order.negative_prompt,
             # Resolved now, so a task that is re-run after a crash makes the same images.
             seed=self._seed(order),
-            sampler_name=order.sampler_name,
+            sampler_name=sampler,
+            scheduler=schedule,
             steps=order.steps,
             cfg_scale=order.cfg_scale,
             width=width,

@@ -9,18 +9,27 @@ import time
 from typing import Any
 
 from dan import __version__
-from dan.api.a1111.translate import AUTOMATIC, KARRAS, SAMPLER_ALIASES
 from dan.api.events import eta_s
 from dan.domain import (
     IMAGE_UPSCALERS,
     LATENT_UPSCALERS,
-    SAMPLERS,
     InstalledModel,
     TaskRecord,
     TaskStatus,
     family_of,
 )
 from dan.imaging import read_parameters
+from dan.samplers import (
+    AUTOMATIC,
+    EXPONENTIAL,
+    KARRAS,
+    SAMPLER_TABLE,
+    SGM_UNIFORM,
+    UNIFORM,
+    Sampler,
+    a1111_schedule,
+    choose,
+)
 
 
 def b64(data: bytes) -> str:
@@ -57,6 +66,7 @@ def generation_info(record: TaskRecord, pngs: list[bytes]) -> dict[str, Any]:
     model = generation["model"]
     hires = generation.get("hires")
     strength = params.get("denoising_strength", hires["denoising_strength"] if hires else None)
+    sampler, schedule = choose(generation["sampler_name"], generation.get("scheduler"))
     return {
         "prompt": generation["prompt"],
         "all_prompts": [generation["prompt"]] * count,
@@ -69,7 +79,7 @@ def generation_info(record: TaskRecord, pngs: list[bytes]) -> dict[str, Any]:
         "subseed_strength": 0,
         "width": generation["width"],
         "height": generation["height"],
-        "sampler_name": generation["sampler_name"],
+        "sampler_name": sampler,
         "cfg_scale": generation["cfg_scale"],
         "steps": generation["steps"],
         "batch_size": generation.get("batch_size", 1),
@@ -82,7 +92,7 @@ def generation_info(record: TaskRecord, pngs: list[bytes]) -> dict[str, Any]:
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": strength,
-        "extra_generation_params": {},
+        "extra_generation_params": {"Schedule type": a1111_schedule(sampler, schedule)},
         "index_of_first_image": 0,
         "infotexts": [read_parameters(png) or "" for png in pngs],
         "styles": [],
@@ -171,36 +181,46 @@ def latent_upscale_modes() -> list[dict[str, str]]:
 
 
 def samplers() -> list[dict[str, Any]]:
-    aliases: dict[str, list[str]] = {name: [] for name in SAMPLERS}
-    for alias, name in SAMPLER_ALIASES.items():
-        if alias != name.casefold():
-            aliases[name].append(alias)
+    """A1111 1.9+'s listing: each sampler once, its default schedule type in ``options``."""
     return [
         {
-            "name": name,
-            "aliases": aliases[name],
-            "options": {"scheduler": "karras"} if name.endswith(KARRAS) else {},
+            "name": sampler.name,
+            "aliases": list(sampler.aliases),
+            "options": _sampler_options(sampler),
         }
-        for name in SAMPLERS
+        for sampler in SAMPLER_TABLE
     ]
+
+
+def _sampler_options(sampler: Sampler) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if sampler.a1111_default != AUTOMATIC:
+        options["scheduler"] = _SCHEDULER_NAMES[sampler.a1111_default]
+    if sampler.unet_calls == 2:
+        options["second_order"] = True
+    return options
+
+
+# A1111's names of the schedule types the facade takes ("Uniform" is DAN's Automatic).
+_SCHEDULER_NAMES = {
+    AUTOMATIC: "automatic",
+    UNIFORM: "uniform",
+    KARRAS: "karras",
+    EXPONENTIAL: "exponential",
+    SGM_UNIFORM: "sgm_uniform",
+}
 
 
 def schedulers() -> list[dict[str, Any]]:
     return [
         {
-            "name": AUTOMATIC.lower(),
-            "label": AUTOMATIC,
-            "aliases": None,
-            "default_rho": -1.0,
-            "need_inner_model": False,
-        },
-        {
-            "name": KARRAS.lower(),
-            "label": KARRAS,
-            "aliases": None,
-            "default_rho": 7.0,
-            "need_inner_model": False,
-        },
+            "name": name,
+            "label": label,
+            "aliases": ["SGMUniform"] if label == SGM_UNIFORM else None,
+            "default_rho": 7.0 if label == KARRAS else -1.0,
+            "need_inner_model": label in (UNIFORM, SGM_UNIFORM),
+        }
+        for label, name in _SCHEDULER_NAMES.items()
     ]
 
 

@@ -58,7 +58,10 @@ async def samplers(request: Request) -> list[dict[str, Any]]:
     return answers.samplers()
 
 
-@router.get("/schedulers", summary="Automatic, and Karras (with DPM++ SDE only)")
+@router.get(
+    "/schedulers",
+    summary="The schedule types: Automatic, Uniform, Karras, Exponential, SGM Uniform",
+)
 async def schedulers(request: Request) -> list[dict[str, Any]]:
     await known_caller(request)
     return answers.schedulers()

@@ -20,8 +20,9 @@ from dan.api.a1111.schemas import (
     InterrogateRequest,
     Txt2ImgRequest,
 )
-from dan.domain import MAX_CLIP_SKIP, SAMPLERS
+from dan.domain import MAX_CLIP_SKIP
 from dan.errors import DanError
+from dan.samplers import AUTOMATIC, SAMPLER_INFO, UNIFORM, choose
 from dan.tasks.orders import (
     ControlNetOrder,
     GenerationOrder,
@@ -33,20 +34,6 @@ from dan.tasks.orders import (
     UpscaleOrder,
 )
 
-# A1111's names and aliases of DAN's samplers (case-insensitive), each -> DAN's name.
-SAMPLER_ALIASES: dict[str, str] = {
-    **{name.casefold(): name for name in SAMPLERS},
-    "k_euler_a": "Euler a",
-    "k_euler_ancestral": "Euler a",
-    "k_euler": "Euler",
-    "k_lms": "LMS",
-    "k_dpmpp_sde": "DPM++ SDE",
-    "k_dpmpp_sde_ka": "DPM++ SDE Karras",
-}
-AUTOMATIC, KARRAS = "Automatic", "Karras"
-SCHEDULERS = (AUTOMATIC, KARRAS)
-# The only sampler DAN runs on the Karras schedule, and its name with it.
-KARRAS_SAMPLERS = {"DPM++ SDE": "DPM++ SDE Karras", "DPM++ SDE Karras": "DPM++ SDE Karras"}
 MAX_HIRES_SCALE = 2.0
 INPAINT_FILLS = (0, 1)  # inpainting_fill: fill (the colours around the mask), original
 SAME = ("", "use same checkpoint", "use same sampler", "use same scheduler")
@@ -66,24 +53,16 @@ def checkpoint_reference(title: str) -> str:
     return digest if len(digest) >= 10 else match["name"]
 
 
-def sampler(name: str, scheduler: str | None, field: str = "sampler_name") -> str:
-    """DAN's sampler for A1111's sampler ``name`` and ``scheduler`` (A1111 1.9+: a name may
-    also carry the schedule, as in "DPM++ SDE Karras")."""
-    chosen = SAMPLER_ALIASES.get(name.strip().casefold())
-    if chosen is None:
-        raise invalid(field, f"must be one of {', '.join(SAMPLERS)}; got {name!r}")
-    schedule = (scheduler or AUTOMATIC).strip().casefold()
-    if schedule == AUTOMATIC.casefold():
-        return chosen
-    if schedule != KARRAS.casefold():
-        raise invalid("scheduler", f"must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
-    if chosen not in KARRAS_SAMPLERS:
-        raise invalid(
-            "scheduler",
-            f"DAN runs the Karras schedule only with DPM++ SDE (as DPM++ SDE Karras), not with "
-            f"{chosen}; use Automatic, or sampler_name DPM++ SDE",
-        )
-    return KARRAS_SAMPLERS[chosen]
+def sampler(name: str, scheduler: str | None, field: str = "sampler_name") -> tuple[str, str]:
+    """DAN's sampler and schedule type for A1111's sampler ``name`` and ``scheduler``, read as
+    A1111 1.9+ reads them: Automatic (or none) is the sampler's default schedule (Karras for
+    DPM++ 2M, Exponential for DPM++ 2M SDE, ...), "Uniform" is DAN's Automatic, and a name may
+    carry its schedule ("DPM++ SDE Karras")."""
+    uniform = isinstance(scheduler, str) and scheduler.strip().casefold() == UNIFORM.casefold()
+    chosen, schedule = choose(name, AUTOMATIC if uniform else scheduler, field=field)
+    if schedule == AUTOMATIC and not uniform:
+        schedule = SAMPLER_INFO[chosen].a1111_default
+    return chosen, schedule
 
 
 def check_override_settings(settings: dict[str, Any]) -> None:
@@ -156,11 +135,13 @@ def generation_order(
 ) -> GenerationOrder:
     refuse_unsupported(body)
     field = "sampler_name" if body.sampler_name else "sampler_index"
+    name, schedule = sampler(body.sampler_name or body.sampler_index, body.scheduler, field)
     return GenerationOrder(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
         seed=body.seed,
-        sampler_name=sampler(body.sampler_name or body.sampler_index, body.scheduler, field),
+        sampler_name=name,
+        scheduler=schedule,
         steps=body.steps,
         cfg_scale=body.cfg_scale,
         width=body.width,
@@ -333,6 +314,7 @@ DAN_FIELDS = {
     "init_image": "init_images.0",
     "inpaint.mask": "mask",
     "upscale.upscaler": "hr_upscaler",
+    "upscale.steps": "hr_second_pass_steps",
     "upscaler": "upscaler_1",
     "upscaler2": "upscaler_2",
     "upscalingRate": "upscaling_resize",

@@ -35,12 +35,12 @@ from dan.api.schemas import (
 from dan.domain import (
     IMAGE_UPSCALERS,
     LATENT_UPSCALERS,
-    SAMPLERS,
     ModelKind,
     TaskRecord,
     family_of,
 )
 from dan.errors import InvalidArgument
+from dan.samplers import SAMPLER_TABLE, SAMPLERS, SCHEDULERS
 
 router = APIRouter(prefix="/api/sd", tags=["generation"])
 PING_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
@@ -186,7 +186,10 @@ async def cancel(body: TaskIdBody, request: Request) -> dict[str, Any]:
     return ok({"taskId": record.id, "status": record.status.wire, "cancelRequested": True})
 
 
-@router.get("/supportedModelInfo", summary="Installed checkpoints and LoRAs, and the samplers")
+@router.get(
+    "/supportedModelInfo",
+    summary="Installed checkpoints and LoRAs, the samplers and schedule types",
+)
 async def supported_model_info(request: Request) -> dict[str, Any]:
     """The models of this server and of the online nodes (read from the database)."""
     models = context(request).services.models
@@ -205,6 +208,9 @@ async def supported_model_info(request: Request) -> dict[str, Any]:
             "Models": listing(ModelKind.CHECKPOINT),
             "LoRAs": listing(ModelKind.LORA),
             "Samplers": list(SAMPLERS),
+            # A1111 1.9+'s schedule types, and those each sampler runs with.
+            "Schedulers": list(SCHEDULERS),
+            "SamplerSchedulers": {s.name: list(s.schedulers) for s in SAMPLER_TABLE},
             "Upscalers": [*IMAGE_UPSCALERS, *upscalers],
             "HiresUpscalers": [*LATENT_UPSCALERS, *IMAGE_UPSCALERS, *upscalers],
         }

@@ -111,6 +111,23 @@ export function parseLoras(hashes, weights) {
   });
 }
 
+// The schedule types an old combined sampler name may end with ("DPM++ SDE Karras").
+const SCHEDULES = ["Karras", "Exponential", "SGM Uniform"];
+
+/**
+ * ``[sampler, schedule type]`` in DAN's names from an infotext's "Sampler" and "Schedule
+ * type": A1111's "Uniform" (the sampler's plain schedule) is DAN's "Automatic", and an old
+ * combined name without a schedule type carries its own.
+ */
+export function samplerOf(sampler, scheduleType) {
+  const schedule = !scheduleType || scheduleType === "Uniform" ? "Automatic" : scheduleType;
+  const suffix = SCHEDULES.find((s) => sampler?.endsWith(` ${s}`));
+  if (suffix && schedule === "Automatic") {
+    return [sampler.slice(0, -suffix.length - 1), suffix];
+  }
+  return [sampler, schedule];
+}
+
 /** The generation settings of a PNG made by DAN (or A1111), or null if it carries none. */
 export async function settingsOfPng(bytes) {
   const text = (await pngText(bytes)).parameters;
@@ -118,11 +135,13 @@ export async function settingsOfPng(bytes) {
   const { prompt, negativePrompt, params } = parseInfotext(text);
   const [width, height] = (params.Size || "").split("x").map(Number);
   const number = (key) => (params[key] === undefined ? undefined : Number(params[key]));
+  const [sampler, scheduler] = samplerOf(params.Sampler, params["Schedule type"]);
   return {
     prompt,
     negativePrompt,
     steps: number("Steps"),
-    sampler: params.Sampler,
+    sampler,
+    scheduler,
     cfgScale: number("CFG scale"),
     seed: number("Seed"),
     width: Number.isFinite(width) ? width : undefined,

@@ -33,6 +33,7 @@ from dan.domain import (
 )
 from dan.imaging import regenerated_area
 from dan.prompt_tags import extract_lora_tags
+from dan.samplers import a1111_schedule
 
 Names = Callable[[ModelKind, str], str]  # (kind, sha256) -> the instance's name for it
 
@@ -149,13 +150,16 @@ def interrogate(request: InterrogateRequest, image: Image) -> dict[str, Any]:
 
 
 def _generation(request: GenerationRequest, names: Names) -> dict[str, Any]:
+    sampler, schedule = request.sampling
     return {
         "prompt": _prompt(request, names),
         "negative_prompt": request.negative_prompt,
         "seed": request.seed,
         "subseed": -1,
         "subseed_strength": 0,
-        "sampler_name": request.sampler_name,
+        # Apart, as A1111 1.9+ takes them; DAN's Automatic is "Uniform" where A1111's is not.
+        "sampler_name": sampler,
+        "scheduler": a1111_schedule(sampler, schedule),
         "steps": request.steps,
         "cfg_scale": request.cfg_scale,
         "width": request.width,

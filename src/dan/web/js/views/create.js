@@ -12,7 +12,7 @@ import {
   readDataUrl,
   say,
 } from "../dom.js";
-import { settingsOfPng } from "../png.js";
+import { samplerOf, settingsOfPng } from "../png.js";
 import { MaskEditor } from "../mask.js";
 import { TaskPanel } from "../task-panel.js";
 import { Status, watchTask } from "../watch.js";
@@ -25,7 +25,14 @@ const side = (pixels) => Math.min(2048, Math.max(64, Math.floor(pixels / 8) * 8)
 export function setupCreate(app) {
   const form = $("#create-form");
   const error = $("#create-error");
-  const state = { mode: "txt2img", image: null, control: null, lastSeed: null, loras: [] };
+  const state = {
+    mode: "txt2img",
+    image: null,
+    control: null,
+    lastSeed: null,
+    loras: [],
+    schedules: {}, // sampler -> the schedule types it runs with
+  };
   const editor = new MaskEditor($("#mask-canvas"));
   const panel = new TaskPanel(
     $("#create-task"),
@@ -129,10 +136,14 @@ export function setupCreate(app) {
         ]),
       );
       if (!models.length) fillSelect($("#model"), [["", "No checkpoint installed"]]);
+      // Each sampler once, with a schedule type beside it (servers that list none: the names).
+      state.schedules = info.SamplerSchedulers || {};
+      const samplers = Object.keys(state.schedules);
       fillSelect(
         $("#sampler"),
-        (info.Samplers || []).map((s) => [s, s]),
+        (samplers.length ? samplers : info.Samplers || []).map((s) => [s, s]),
       );
+      fillSchedules();
       fillSelect(
         $("#hires-upscaler"),
         (info.HiresUpscalers || []).map((u) => [u, u]),
@@ -143,6 +154,15 @@ export function setupCreate(app) {
     } catch (err) {
       app.notice(`Could not list the models: ${err.message}`);
     }
+  }
+
+  /** The schedule types of the chosen sampler (the one chosen before, where it has it). */
+  function fillSchedules() {
+    const types = state.schedules[$("#sampler").value] || ["Automatic"];
+    fillSelect(
+      $("#scheduler"),
+      types.map((t) => [t, t]),
+    );
   }
 
   // --- what is sent ------------------------------------------------------------------------
@@ -169,6 +189,7 @@ export function setupCreate(app) {
       negative_prompt: $("#negative-prompt").value,
       model: $("#model").value || undefined,
       sampler_name: $("#sampler").value,
+      scheduler: $("#scheduler").value,
       steps: numberOf($("#steps")),
       cfg_scale: numberOf($("#cfg")),
       width: numberOf($("#width")),
@@ -271,8 +292,13 @@ export function setupCreate(app) {
     setValue("#seed", settings.seed);
     setValue("#width", settings.width);
     setValue("#height", settings.height);
-    if ([...$("#sampler").options].some((o) => o.value === settings.sampler)) {
-      $("#sampler").value = settings.sampler;
+    const [sampler, scheduler] = samplerOf(settings.sampler, settings.scheduler);
+    if ([...$("#sampler").options].some((o) => o.value === sampler)) {
+      $("#sampler").value = sampler;
+      fillSchedules();
+    }
+    if ([...$("#scheduler").options].some((o) => o.value === scheduler)) {
+      $("#scheduler").value = scheduler;
     }
     selectModel(settings.modelHash, settings.modelName);
     const hires = settings.hiresScale !== undefined && !Number.isNaN(settings.hiresScale);
@@ -362,6 +388,7 @@ export function setupCreate(app) {
   }
   $("#mask-clear").addEventListener("click", () => editor.clear());
   $("#mask-invert").addEventListener("click", () => editor.invert());
+  $("#sampler").addEventListener("change", fillSchedules);
   $("#seed-random").addEventListener("click", () => ($("#seed").value = -1));
   $("#seed-reuse").addEventListener("click", () => {
     if (state.lastSeed !== null) $("#seed").value = state.lastSeed;

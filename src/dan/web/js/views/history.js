@@ -30,6 +30,7 @@ export function setupHistory(app) {
       negativePrompt: task.negativePrompt,
       steps: task.steps,
       sampler: task.sampler,
+      scheduler: task.scheduler,
       seed: task.seed,
       width: task.width,
       height: task.height,
