@@ -8,24 +8,16 @@ reported at submission, naming the field, and never as a failed task.
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
-
-from PIL.Image import Image
 
 from dan.config import Settings
 from dan.domain import (
     IMAGE_UPSCALERS,
     INTERROGATOR_PARTS,
     LATENT_UPSCALERS,
-    MAX_BATCH_PIXELS,
-    MAX_BATCH_SIZE,
-    MAX_CLIP_SKIP,
-    MAX_IMAGES,
-    MAX_N_ITER,
     OPENPOSE_BODY_MODEL,
     SEED_MAX,
     ControlNetSpec,
@@ -51,12 +43,25 @@ from dan.domain import (
     scaled_size,
 )
 from dan.errors import InvalidArgument, ModelNotFound, ResourceUnavailable
-from dan.imaging import decode_image, encode_input_png, regenerated_area
-from dan.models.families import LORA_VARIANTS, tensor_names, unsupported_lora_variant
+from dan.imaging import decode_image, encode_input_png
 from dan.prompt_tags import extract_lora_tags
 from dan.samplers import AUTOMATIC, check_steps, choose
 from dan.tasks.base import Expected
 from dan.tasks.needs import BASE_PIXELS, INTERROGATE_COST, MIN_COST, Needs, generation_needs
+from dan.tasks.order_checks import (
+    Lora,
+    check_batch,
+    check_batch_pixels,
+    check_clip_skip,
+    check_controlnet_family,
+    check_denoising_steps,
+    check_families,
+    check_seeds,
+    is_none,
+    mask_image,
+    pull_name,
+    uses_word,
+)
 
 MAX_UPSCALED_SIDE = 8192
 CHECKPOINT_VAE = ("", "automatic", "none")  # A1111's sd_vae values for the checkpoint's own
@@ -196,20 +201,20 @@ class RequestBuilder:
             check_steps(request.sampler_name, hires.steps, "upscale.steps")
             request = replace(request, hires=hires_fix)
             second = hires_size(request.width, request.height, hires.scale)
-            _check_batch_pixels(request.batch_size, *second, " in hires fix's second pass")
+            check_batch_pixels(request.batch_size, *second, " in hires fix's second pass")
         needs = generation_needs(request, family=self._family(request))
         return Prepared(request.to_params(), inputs, needs)
 
     def img2img(self, order: Img2ImgOrder, task_id: str) -> Prepared:
         inputs: dict[str, bytes] = {}
         generation = self._generation(order.generation, task_id, inputs)
-        _check_denoising_steps(generation.steps, order.denoising_strength)
+        check_denoising_steps(generation.steps, order.denoising_strength)
         init = decode_image(order.init_image, "init_image")
         inputs[f"{task_id}/init.png"] = encode_input_png(init.convert("RGB"))
         inpaint = None
         if order.inpaint is not None:
             inpaint = _inpaint(order.inpaint, f"{task_id}/mask.png")
-            mask = _mask_image(order.inpaint.mask, init, MaskMode(order.inpaint.mask_mode))
+            mask = mask_image(order.inpaint.mask, init, MaskMode(order.inpaint.mask_mode))
             inputs[inpaint.mask_key] = encode_input_png(mask)
         request = Img2ImgRequest(
             generation=generation,
@@ -239,7 +244,7 @@ class RequestBuilder:
             rate=order.rate,
             upscaler=self._upscaler(order.upscaler, "upscaler", latent=False),
             upscaler2=None
-            if second is None or _is_none(second)
+            if second is None or is_none(second)
             else self._upscaler(second, "upscaler2", latent=False),
             upscaler2_factor=order.upscaler2_factor,
         )
@@ -304,11 +309,11 @@ class RequestBuilder:
         checkpoint = self._checkpoint(order.model)
         native = family_of(checkpoint).native_size
         width, height = order.width or native, order.height or native
-        _check_batch(order, width, height)
-        _check_seeds(order)
+        check_batch(order, width, height)
+        check_seeds(order)
         loras = self._loras(order.loras) + self._prompt_loras(order.prompt)
-        _check_families(checkpoint, loras)
-        _check_clip_skip(order.clip_skip)
+        check_families(checkpoint, loras)
+        check_clip_skip(order.clip_skip)
         # An old combined name ("DPM++ 2M Karras") is stored as its sampler and schedule type.
         sampler, schedule = choose(order.sampler_name, order.scheduler)
         check_steps(sampler, order.steps)
@@ -423,13 +428,13 @@ class RequestBuilder:
                 model = self._models.resolve(ModelKind.CONTROLNET, ref)
             except ModelNotFound:
                 continue
-            _check_controlnet_family(model, checkpoint, wanted)
+            check_controlnet_family(model, checkpoint, wanted)
             return model
         raise ModelNotFound(
             f"Invalid control_net.0.model: no ControlNet file serves {name} on {checkpoint.name}"
             f", an {family.value} checkpoint; it needs the {wanted} ControlNet: put "
             f"control_{wanted}.safetensors into models/controlnet, or run "
-            f"`dan models pull {_pull_name(wanted)}`"
+            f"`dan models pull {pull_name(wanted)}`"
         )
 
     def _checkpoint(self, ref: str | None) -> InstalledModel:
@@ -503,153 +508,3 @@ def _inpaint(order: InpaintOrder, mask_key: str) -> InpaintSpec:
         padding=order.padding,
         fill=MaskedContent(order.fill),
     )
-
-
-def _mask_image(data: str, init: Image, mode: MaskMode) -> Image:
-    mask = decode_image(data, "inpaint.mask")
-    if mask.size != init.size:
-        raise InvalidArgument(
-            f"Invalid inpaint.mask: must be the same size as init_image "
-            f"({init.width}x{init.height}), got {mask.width}x{mask.height}"
-        )
-    area = regenerated_area(mask)
-    if mode == MaskMode.REGENERATE_MASKED and area.getbbox() is None:
-        raise InvalidArgument(
-            "Invalid inpaint.mask: it has no white (or opaque) pixel, so with mask_mode 0 "
-            "(regenerate the masked part) nothing would change; paint the part to redraw white"
-        )
-    if mode == MaskMode.REGENERATE_UNMASKED and area.getextrema() == (255, 255):
-        raise InvalidArgument(
-            "Invalid inpaint.mask: it is white (or opaque) everywhere, so with mask_mode 1 "
-            "(regenerate the unmasked part) nothing would change"
-        )
-    # Keep the alpha channel if there is one: the engine reads an alpha mask from it.
-    return mask if mask.mode in ("L", "LA", "RGBA", "RGB") else mask.convert("RGBA")
-
-
-Lora = tuple[InstalledModel, float]  # a LoRA file and its weight
-
-
-def _check_families(checkpoint: InstalledModel, loras: tuple[Lora, ...]) -> None:
-    """Refuse LoRAs made for another family than the checkpoint's, and LoRA variants the
-    engine cannot apply."""
-    family = family_of(checkpoint)
-    for lora, _ in loras:
-        other = family_of(lora)
-        if other != family:
-            raise InvalidArgument(
-                f"Invalid loras: {lora.name} is an {other.value} LoRA and {checkpoint.name} an "
-                f"{family.value} checkpoint; a LoRA only works with checkpoints of its family"
-            )
-        _check_lora_variant(lora)
-
-
-def _check_controlnet_family(
-    controlnet: InstalledModel, checkpoint: InstalledModel, wanted: str
-) -> None:
-    """Refuse a ControlNet file of another family than the checkpoint's, naming both files."""
-    ours, theirs = family_of(controlnet), family_of(checkpoint)
-    if ours != theirs:
-        raise InvalidArgument(
-            f"Invalid control_net.0.model: {controlnet.path.name} is an {ours.value} ControlNet "
-            f"and {checkpoint.path.name} an {theirs.value} checkpoint; a ControlNet only works "
-            f"with checkpoints of its family: install the {wanted} ControlNet with "
-            f"`dan models pull {_pull_name(wanted)}`"
-        )
-
-
-def _pull_name(wanted: str) -> str:
-    """The catalog name ``dan models pull`` takes for a ControlNet: its alias, but SD 1.x's
-    files were always pulled by their names (control_sd15_canny)."""
-    return wanted if wanted.startswith("sdxl_") else f"control_{wanted}"
-
-
-def _check_lora_variant(lora: InstalledModel) -> None:
-    """Refuse a LoRA file with layers of a variant the engine does not apply (read from its
-    safetensors header; a file that cannot be read here is left to the engine to judge)."""
-    try:
-        keys = tensor_names(lora.path) if lora.path.suffix.lower() == ".safetensors" else []
-    except OSError:
-        return
-    variant = unsupported_lora_variant(keys)
-    if variant is not None:
-        raise InvalidArgument(
-            f"Invalid loras: {lora.name} ({lora.path.name}) holds {variant} layers, which DAN "
-            f"does not apply; supported: {', '.join(LORA_VARIANTS)} (LoCon included)"
-        )
-
-
-def _check_batch(order: GenerationOrder, width: int, height: int) -> None:
-    """Refuse a batch out of range, too many images, or too many pixels in one batch of
-    ``width`` x ``height`` images."""
-    size, count = order.batch_size, order.n_iter
-    if not 1 <= size <= MAX_BATCH_SIZE:
-        raise InvalidArgument(
-            f"Invalid batch_size: must be an integer between 1 and {MAX_BATCH_SIZE}, got {size}"
-        )
-    if not 1 <= count <= MAX_N_ITER:
-        raise InvalidArgument(
-            f"Invalid n_iter: must be an integer between 1 and {MAX_N_ITER}, got {count}"
-        )
-    if size * count > MAX_IMAGES:
-        raise InvalidArgument(
-            f"Invalid batch_size x n_iter: at most {MAX_IMAGES} images per request, got "
-            f"{size} x {count} = {size * count}"
-        )
-    _check_batch_pixels(size, width, height)
-
-
-def _check_seeds(order: GenerationOrder) -> None:
-    """Refuse a seed whose images' seeds (``seed + i``) pass SEED_MAX: each must be one a
-    client can send back."""
-    images = order.batch_size * order.n_iter
-    last = order.seed + images - 1
-    if order.seed >= 0 and last > SEED_MAX:
-        raise InvalidArgument(
-            f"Invalid seed: the {images} images would have the seeds {order.seed} to {last}, "
-            f"past the largest seed {SEED_MAX}; use a seed of at most {SEED_MAX + 1 - images}, "
-            "or -1"
-        )
-
-
-def _check_batch_pixels(batch_size: int, width: int, height: int, what: str = "") -> None:
-    """Refuse more than one image in a batch of more than MAX_BATCH_PIXELS pixels (``what``
-    names the pass when it is not the first)."""
-    # A batch goes through the UNet and the VAE at once: its memory grows with its pixels. A
-    # batch of one is bounded by the size limits; more images may hold as many pixels as the
-    # largest single image (2048x2048), e.g. 4 of 1024x1024 or 8 of 704x704.
-    pixels = batch_size * width * height
-    if batch_size > 1 and pixels > MAX_BATCH_PIXELS:
-        raise InvalidArgument(
-            f"Invalid batch_size: {batch_size} images of {width}x{height}{what} are {pixels} "
-            f"pixels in one batch, and a batch holds at most {MAX_BATCH_PIXELS} (one 2048x2048 "
-            "image); lower batch_size (n_iter runs batches one after another) or the size"
-        )
-
-
-def _check_denoising_steps(steps: int, strength: float) -> None:
-    # img2img runs int(steps * strength) denoising steps; 0 would silently do nothing.
-    if strength > 0 and int(steps * strength) < 1:
-        raise InvalidArgument(
-            f"Invalid denoising_strength: {strength:g} x {steps} steps runs no denoising step; "
-            f"use at least {1 / steps:.3g}, more steps, or 0 to keep the image"
-        )
-
-
-def uses_word(text: str, word: str) -> bool:
-    """Whether ``word`` stands in ``text`` as a word of its own (any case): not inside a
-    longer word, whatever punctuation or brackets surround it."""
-    pattern = rf"(?<![\w-]){re.escape(word)}(?![\w-])"
-    return re.search(pattern, text, re.IGNORECASE) is not None
-
-
-def _check_clip_skip(clip_skip: int) -> None:
-    if not 1 <= clip_skip <= MAX_CLIP_SKIP:
-        raise InvalidArgument(
-            f"Invalid clip_skip: must be an integer between 1 and {MAX_CLIP_SKIP}, got {clip_skip}"
-        )
-
-
-def _is_none(name: str) -> bool:
-    """A1111 clients send "None" (or nothing) for "no second upscaler"."""
-    return name.strip().lower() in ("", "none")
