@@ -138,3 +138,19 @@ def test_settings_are_read_back_from_a_png(tab: Tab, options: dict[str, Any]) ->
         "hiresUpscaler": "Latent (bicubic)",
         "loras": [["one", "0123456789", 0.75], ["two", "9876543210", 1]],  # 1: not said
     }
+
+
+def test_sizes_follow_the_family_until_someone_sets_one(tab: Tab) -> None:
+    """Choosing an SDXL checkpoint turns the untouched 512 into 1024 and back; a size that
+    someone set stays; an unknown family changes nothing."""
+    tab.open()
+    sides = tab.page.evaluate(
+        """async () => {
+        const { sideFor } = await import('/js/sizes.js');
+        return [
+          sideFor(512, 'sdxl'), sideFor(1024, 'sd15'), sideFor(768, 'sdxl'),
+          sideFor(512, undefined), sideFor(undefined, 'sdxl'),
+        ];
+    }"""
+    )
+    assert sides == [1024, 512, 768, 512, None]

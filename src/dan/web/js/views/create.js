@@ -13,6 +13,7 @@ import {
   say,
 } from "../dom.js";
 import { samplerOf, settingsOfPng } from "../png.js";
+import { sideFor } from "../sizes.js";
 import { MaskEditor } from "../mask.js";
 import { TaskPanel } from "../task-panel.js";
 import { Status, watchTask } from "../watch.js";
@@ -136,6 +137,8 @@ export function setupCreate(app) {
         ]),
       );
       if (!models.length) fillSelect($("#model"), [["", "No checkpoint installed"]]);
+      state.families = Object.fromEntries(models.map((m) => [m.hash, m.family]));
+      followFamily();
       // Each sampler once, with a schedule type beside it (servers that list none: the names).
       state.schedules = info.SamplerSchedulers || {};
       const samplers = Object.keys(state.schedules);
@@ -269,6 +272,16 @@ export function setupCreate(app) {
     }
   };
 
+  /** Width and height follow the chosen checkpoint's family until someone sets a size. */
+  function followFamily() {
+    const family = state.families?.[$("#model").value];
+    for (const id of ["#width", "#height"]) {
+      const value = numberOf($(id));
+      const next = sideFor(value, family);
+      if (next !== value) $(id).value = next;
+    }
+  }
+
   // --- settings read back ------------------------------------------------------------------
 
   function selectModel(hash, name) {
@@ -389,6 +402,7 @@ export function setupCreate(app) {
   $("#mask-clear").addEventListener("click", () => editor.clear());
   $("#mask-invert").addEventListener("click", () => editor.invert());
   $("#sampler").addEventListener("change", fillSchedules);
+  $("#model").addEventListener("change", followFamily);
   $("#seed-random").addEventListener("click", () => ($("#seed").value = -1));
   $("#seed-reuse").addEventListener("click", () => {
     if (state.lastSeed !== null) $("#seed").value = state.lastSeed;
