@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from dan.config import Settings
-from dan.domain import ModelFamily, TaskKind, TaskRecord
+from dan.domain import ModelFamily, TaskKind, TaskRecord, TaskStatus
 from dan.errors import InvalidArgument, ResourceUnavailable, TaskNotFound, TooManyPendingTasks
 from dan.storage import BlobStore
 from dan.tasks.needs import Needs
@@ -198,6 +198,14 @@ class TaskService:
     def active(self, account: str) -> list[TaskRecord]:
         """The account's running tasks, then its pending ones in the order they will run."""
         return self._store.active(account)
+
+    def interrupt(self, account: str) -> None:
+        """Cancel the account's running tasks, or, when none runs yet, the one that runs
+        next (A1111's interrupt: whatever is current)."""
+        active = self.active(account)
+        running = [r for r in active if r.status == TaskStatus.PROCESSING] or active[:1]
+        for record in running:
+            self.cancel(record.id, account)
 
     def history(self, account: str, *, limit: int, before: int | None = None) -> list[TaskRecord]:
         """The account's tasks, newest first (a page of ``limit``, before seq ``before``)."""

@@ -43,7 +43,7 @@ from dan.api.a1111.translate import (
 )
 from dan.api.auth import api_key, caller
 from dan.api.generation import ApiContext, context, wait_for_record
-from dan.domain import Account, InstalledModel, ModelKind, TaskRecord, TaskStatus
+from dan.domain import Account, InstalledModel, ModelKind, TaskRecord
 from dan.errors import DanError, ModelNotFound
 from dan.tasks.orders import DetectOrder
 from dan.tasks.service import TaskService
@@ -201,12 +201,7 @@ async def skip(request: Request) -> None:
 
 def stop_current(request: Request) -> None:
     """Cancel the caller's running tasks, or, when none runs yet, the one that runs next."""
-    account = caller(request)
-    tasks = context(request).services.tasks
-    active = tasks.active(account.id)
-    running = [r for r in active if r.status == TaskStatus.PROCESSING] or active[:1]
-    for record in running:
-        tasks.cancel(record.id, account.id)
+    context(request).services.tasks.interrupt(caller(request).id)
 
 
 # -- options --------------------------------------------------------------------------------
