@@ -13,6 +13,7 @@ AuthMode = Literal["auto", "required", "optional"]
 UnservedModelPolicy = Literal["reject", "accept"]
 BlobStoreKind = Literal["auto", "files", "database"]
 NodeBackend = Literal["diffusers", "a1111"]
+FastPath = Literal["auto", "off", "compile"]
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 GITHUB = "github"  # the sign-in providers' ids, as in /auth/login/{id}
 OIDC = "oidc"
@@ -224,6 +225,19 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1, ...")
     dtype: DType = Field("auto", description="auto: fp16 on CUDA, bf16 on CPUs with native bf16")
     cpu_threads: int = Field(0, ge=0, description="torch threads on CPU (0: torch's default)")
+    fast_path: FastPath = Field(
+        "auto",
+        description="compile: run the UNet compiled by inductor with frozen weights for the "
+        "shapes plain requests use (compiled in the background, the plain path serving "
+        "meanwhile; about the UNet's size in memory per shape); auto: on CPUs computing in "
+        "bf16; off: plain diffusers",
+    )
+    compile_max_shapes: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="most input shapes (size x batch) compiled per checkpoint by the fast path",
+    )
     pipeline_cache_bytes: int = Field(
         12 * 1024**3, ge=0, description="memory budget for checkpoints kept loaded"
     )

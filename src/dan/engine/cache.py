@@ -29,6 +29,7 @@ class LoadedCheckpoint:
     size_bytes: int
     previewer: LatentPreviewer  # step previews from its latents
     family: Family
+    fast_unet: Any | None = None  # the UNet of plain requests, compiled per shape (or None)
 
 
 class PipelineCache:

@@ -34,6 +34,7 @@ from dan.domain import (
     UpscaleRequest,
 )
 from dan.engine.cache import LoadedCheckpoint, PipelineCache, WarmModel, pipeline_bytes
+from dan.engine.compiled import Compiler, FastUNet, use_inductor_cache
 from dan.engine.controlnet import (
     ControlNetCache,
     ControlUnit,
@@ -110,6 +111,11 @@ class DiffusersEngine:
             torch.set_num_threads(settings.cpu_threads)
         # torchsde warns on float rounding of Karras sigmas (t slightly below t0); harmless.
         warnings.filterwarnings("ignore", message="Should have ta>=t0", category=UserWarning)
+        self.fast_path = _fast_path_on(settings.fast_path, self.device, self.dtype)
+        if self.fast_path:
+            use_inductor_cache(settings.cache_dir)
+            # diffusers' upsampler calls an lru_cache'd version check that dynamo traces through.
+            warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools")
         self.pipelines = PipelineCache(settings.pipeline_cache_bytes, self._load)
         self.upscalers = UpscalerModels(self.device, self.dtype)
         self.controlnets = ControlNetCache(self.device, self.dtype)
@@ -131,6 +137,7 @@ class DiffusersEngine:
             "dtype": str(self.dtype).removeprefix("torch."),
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
+            "fast_path": "compile" if self.fast_path else "off",
         }
 
     def txt2img(
@@ -297,6 +304,10 @@ class DiffusersEngine:
                 clip_skip=request.clip_skip,
             )
             first = request.batch_seeds(0)
+            if loaded.fast_unet is not None and not request.loras and not request.control_net:
+                # A plain request: its pipelines take the UNet compiled for its shapes.
+                fast = loaded.fast_unet
+                base = loaded.family.pipeline("txt2img", base, base.scheduler, unet=fast)
             yield Conditioning(base, loaded.family, embeds, request, progress, first, on_latents)
 
     def _loras(
@@ -326,7 +337,19 @@ class DiffusersEngine:
         pipeline.vae.enable_slicing()
         previewer = LatentPreviewer(pipeline.vae)
         size = pipeline_bytes(pipeline)
-        return LoadedCheckpoint(pipeline, architecture, size, previewer, family)
+        fast = None
+        if self.fast_path:
+            compiler = Compiler(max_shapes=self._settings.compile_max_shapes, name=model.name)
+            fast = FastUNet(pipeline.unet, compiler)
+        return LoadedCheckpoint(pipeline, architecture, size, previewer, family, fast)
+
+
+def _fast_path_on(setting: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """``auto``: where it was measured to win, on CPUs computing in bf16 (oneDNN's prepacked
+    bf16 kernels); on CUDA DAN has no compiled path yet."""
+    if setting == "auto":
+        return device.type == "cpu" and dtype == torch.bfloat16
+    return setting == "compile"
 
 
 def _denoising(c: Conditioning) -> dict[str, Any]:
