@@ -79,6 +79,17 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dan.metrics.processes import forget_process, share_between_processes
+
+    overrides: dict[str, Any] = {}
+    if args.no_download:
+        overrides["download"] = False
+    if args.no_worker:
+        overrides["worker"] = False
+    settings = _settings(args, **overrides)
+    if settings.metrics:  # before anything imports prometheus_client (see dan.metrics)
+        share_between_processes(settings.data_dir)
+
     import uvicorn
 
     from dan.api.app import create_app
@@ -87,12 +98,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dan.workers.local import LOCAL_NODE_ID, local_session_id, orphaned
     from dan.workers.supervisor import WorkerSupervisor
 
-    overrides: dict[str, Any] = {}
-    if args.no_download:
-        overrides["download"] = False
-    if args.no_worker:
-        overrides["worker"] = False
-    settings = _settings(args, **overrides)
     services = build_services(settings)
     if settings.worker:  # an API replica without a worker needs no checkpoint of its own
         threading.Thread(
@@ -108,6 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings_env(settings),
             on_exit=lambda session: services.nodes.end_session(LOCAL_NODE_ID, session),
             new_session=lambda: local_session_id(os.getpid()),
+            on_exit_pid=forget_process,
         )
     if supervisor:
         supervisor.start()

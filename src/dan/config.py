@@ -41,6 +41,18 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(
         0.02, gt=0, description="how often waiting requests and idle workers look at the queue (s)"
     )
+    metrics: bool = Field(True, description="serve Prometheus metrics at GET /metrics")
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="when set, GET /metrics answers only requests with the header "
+        "Authorization: Bearer <this token> (Prometheus: authorization.credentials)",
+    )
+    metrics_max_nodes: int = Field(
+        100,
+        ge=0,
+        description="nodes named in the metrics' node label; the runs of any more count as "
+        "node=other",
+    )
 
     # Where things live
     data_dir: Path = Field(Path("data"), description="database, results and caches")

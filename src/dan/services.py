@@ -6,7 +6,7 @@ import contextlib
 import secrets
 import string
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -16,11 +16,13 @@ from dan.accounts.options import ClientOptions, SqlClientOptionsStore
 from dan.config import Settings
 from dan.db import create_db_engine, migrate
 from dan.domain import LOCAL_ACCOUNT, LOCAL_NODE_NAME, ModelKind
+from dan.metrics.families import Metrics
 from dan.models.registry import ModelRegistry
 from dan.nodes import NetworkModels, NodeService, SqlNodeStore
 from dan.nodes.checks import ResultChecks
 from dan.nodes.store import NodeRules, node_id_for
 from dan.storage import BlobStore, LocalBlobStore, SqlBlobStore
+from dan.tasks.base import RunObserver
 from dan.tasks.checks import SqlCheckStore
 from dan.tasks.service import TaskService
 from dan.tasks.store import QueueRules, SqlTaskStore, TaskStore
@@ -44,6 +46,7 @@ class Services:
     webhooks: WebhookService  # callback URLs, the accounts' secrets, the tries (dan.webhooks)
     client_options: ClientOptions  # what A1111 clients set per key (POST /sdapi/v1/options)
     session_secret: str | None = None  # signs sign-in sessions (None: no provider configured)
+    metrics: Metrics = field(default_factory=Metrics)  # this process's counts (GET /metrics)
 
     def close(self) -> None:
         self.db.dispose()
@@ -61,8 +64,9 @@ class Stores:
     registry: ModelRegistry
 
 
-def open_stores(settings: Settings) -> Stores:
-    """Migrate and open the database of ``settings``, and scan its models folder."""
+def open_stores(settings: Settings, *, observer: RunObserver | None = None) -> Stores:
+    """Migrate and open the database of ``settings``, and scan its models folder; the task
+    store tells ``observer`` of the claims and runs it records (dan.metrics)."""
     migrate(settings.db_url)
     db = create_db_engine(settings.db_url)
     blobs: BlobStore = (
@@ -71,7 +75,7 @@ def open_stores(settings: Settings) -> Stores:
     nodes = SqlNodeStore(db, rules=node_rules(settings))
     registry = model_registry(settings)
     registry.scan()
-    tasks = SqlTaskStore(db, rules=queue_rules(settings))
+    tasks = SqlTaskStore(db, rules=queue_rules(settings), observer=observer)
     return Stores(db, tasks, nodes, blobs, registry)
 
 
@@ -110,7 +114,8 @@ def build_services(settings: Settings) -> Services:
 
     Requests are resolved against :class:`NetworkModels`: this server's files, then those the
     online nodes report, so an API replica without a GPU needs no model files."""
-    opened = open_stores(settings)
+    metrics = Metrics(max_nodes=settings.metrics_max_nodes)
+    opened = open_stores(settings, observer=metrics)
     db, store, blobs, registry, node_store = (
         opened.db,
         opened.tasks,
@@ -152,6 +157,7 @@ def build_services(settings: Settings) -> Services:
         webhooks,
         ClientOptions(SqlClientOptionsStore(db)),
         session_secret(settings),
+        metrics,
     )
 
 

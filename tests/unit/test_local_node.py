@@ -22,6 +22,7 @@ from dan.domain import (
     TaskStatus,
 )
 from dan.engine.fake import FakeEngine
+from dan.metrics.families import Metrics
 from dan.models.registry import ModelRegistry
 from dan.nodes.store import SqlNodeStore
 from dan.storage import InMemoryBlobStore
@@ -134,3 +135,28 @@ def test_a_dead_servers_worker_sessions_are_found_and_a_live_ones_are_not(
     found = orphaned(nodes.sessions_of(LOCAL_NODE_ID))
     assert [s.id for s in found] == [ids["dead"]]
     db.dispose()
+
+
+def test_the_local_node_counts_its_runs_and_its_memory(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.sqlite3'}"
+    migrate(url)
+    db = create_db_engine(url)
+    metrics = Metrics()
+    store, nodes = SqlTaskStore(db, observer=metrics), SqlNodeStore(db)
+    install_dummy_checkpoint(tmp_path / "models", "a")
+    registry = ModelRegistry(tmp_path / "models", tmp_path / "cache", allow_ckpt=False)
+    engine = FakeEngine()
+    queue = LocalNodeQueue(store, nodes, registry, engine, lookahead=8, metrics=metrics)
+    queue.register()
+    submit(store, registry.list(ModelKind.CHECKPOINT)[0].sha256)
+    worker = Worker(queue, engine, registry, InMemoryBlobStore(), worker_id="w", lease_s=30)
+    assert worker.run_once()
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert sample("dan_node_runs_total", node=LOCAL_NODE_ID, outcome="completed") == 1
+    assert sample("dan_task_step_seconds_count", kind="txt2img") == 1
+    used = sample("dan_worker_device_memory_bytes", device="cpu", kind="used")
+    total = sample("dan_worker_device_memory_bytes", device="cpu", kind="total")
+    assert used is not None and total is not None and 0 < used < total

@@ -20,6 +20,8 @@ from dan.api.a1111 import routes as a1111_routes
 from dan.api.errors import install_error_handlers
 from dan.api.generation import ApiContext, webhook_body
 from dan.api.limits import BodySizeLimit
+from dan.api.metrics import RequestMetrics
+from dan.api.metrics import router as metrics_router
 from dan.api.routes import accounts, nodes, sd, signin, system, v0
 from dan.api.signin import install_sign_in
 from dan.db.notify import QUEUED, NotifyListener
@@ -96,6 +98,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(accounts.router)
     app.include_router(nodes.router)
     app.include_router(signin.router)
+    if services.settings.metrics:
+        app.include_router(metrics_router)
     for router in (a1111_routes, a1111_listings):  # the AUTOMATIC1111 facade
         app.include_router(router.router)
         app.include_router(router.controlnet_router)
@@ -112,4 +116,6 @@ def create_app(services: Services) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["Content-Type"],
         )
+    if services.settings.metrics:  # outermost: it counts what the others answer too
+        app.add_middleware(RequestMetrics, metrics=services.metrics)
     return app

@@ -32,3 +32,9 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.float16
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cuda_memory(device: str) -> tuple[int, int]:
+    """Bytes this process's CUDA allocator holds on ``device``, and the device's total."""
+    target = torch.device(device)
+    return torch.cuda.memory_reserved(target), torch.cuda.get_device_properties(target).total_memory

@@ -25,6 +25,8 @@ __all__ = [
     "Offer",
     "QueueRules",
     "Reward",
+    "RunEnded",
+    "RunObserver",
     "Statistics",
     "TaskStore",
     "pending_message",
@@ -149,6 +151,39 @@ class HeldTask:
 
 
 @dataclass(frozen=True)
+class RunEnded:
+    """A run its worker reported the end of: ``status`` is SUCCESS (a result, shown or held
+    for its check), FAILURE or CANCELLED; ``ran_s`` from its claim to the report; ``params``
+    as queued (what it was asked to do)."""
+
+    kind: TaskKind
+    status: TaskStatus
+    node_id: str | None
+    ran_s: float
+    params: dict[str, Any]
+
+
+class RunObserver(Protocol):
+    """Told by the store, after the transaction commits, of what it records: a first claim
+    (how long the task waited since it was queued) and the end of each run a worker reports.
+    Must be quick and must not raise (dan.metrics counts them)."""
+
+    def claimed(self, kind: TaskKind, waited_s: float) -> None: ...
+
+    def ended(self, run: RunEnded) -> None: ...
+
+
+class NoObserver:
+    """A RunObserver that ignores everything."""
+
+    def claimed(self, kind: TaskKind, waited_s: float) -> None:
+        pass
+
+    def ended(self, run: RunEnded) -> None:
+        pass
+
+
+@dataclass(frozen=True)
 class Statistics:
     total: int
     last_day: int
@@ -262,6 +297,15 @@ class TaskStore(Protocol):
 
     def ping(self) -> None:
         """Raise if the database cannot be reached."""
+        ...
+
+    def queue_depth(self) -> dict[tuple[TaskStatus, TaskKind], int]:
+        """How many tasks are PENDING and PROCESSING, by status and kind, in one grouped count
+        (pairs with no task are left out); the same on every replica of one database."""
+        ...
+
+    def nodes_online(self) -> int:
+        """How many nodes were heard from within the online window."""
         ...
 
     def runnable_somewhere(

@@ -47,7 +47,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.engine import RowMapping
+from sqlalchemy.engine import Row, RowMapping
 
 from dan.db.clock import DatabaseClock
 from dan.db.notify import FINISHED, QUEUED, notify
@@ -71,9 +71,12 @@ from dan.tasks.base import (
     Heartbeat,
     HeldTask,
     NewTask,
+    NoObserver,
     Offer,
     QueueRules,
     Reward,
+    RunEnded,
+    RunObserver,
     Statistics,
     TaskStore,
     pending_message,
@@ -92,6 +95,18 @@ from dan.tasks.rows import (
     runtime_limit,
 )
 from dan.webhooks.store import new_webhook
+
+# What an ended run's row returns for the RunObserver.
+_ENDED_RUN = (tasks.c.kind, tasks.c.status, tasks.c.node_id, tasks.c.started_at, tasks.c.params)
+
+
+def _ended_run(row: Row[Any], now: float) -> RunEnded:
+    """The run of ``row`` (_ENDED_RUN) that ended ``now``; a held result is still PROCESSING
+    in the row, and counts as the success it is for its node."""
+    status = TaskStatus.SUCCESS if row.status == PROCESSING else TaskStatus(row.status)
+    ran_s = max(now - (row.started_at or now), 0.0)
+    return RunEnded(TaskKind(row.kind), status, row.node_id, ran_s, row.params or {})
+
 
 # What callers import from here (the seam itself lives in dan.tasks.base).
 __all__ = [
@@ -115,12 +130,18 @@ class SqlTaskStore:
     """TaskStore on SQLAlchemy Core; see the module docstring for the queue rules."""
 
     def __init__(
-        self, engine: Engine, *, clock: Clock | None = None, rules: QueueRules | None = None
+        self,
+        engine: Engine,
+        *,
+        clock: Clock | None = None,
+        rules: QueueRules | None = None,
+        observer: RunObserver | None = None,
     ) -> None:
         self._engine = engine
         self._time = DatabaseClock(clock)
         self._rules = rules or QueueRules()
         self._postgres = engine.dialect.name == "postgresql"
+        self._observer = observer or NoObserver()
 
     # -- reads -------------------------------------------------------------------------------
     def get(self, task_id: str) -> TaskRecord | None:
@@ -223,6 +244,22 @@ class SqlTaskStore:
         with self._read() as conn:
             conn.execute(select(1))
 
+    def queue_depth(self) -> dict[tuple[TaskStatus, TaskKind], int]:
+        # Only the open states: ix_tasks_status_tag_seq keeps this off the finished history.
+        query = (
+            select(tasks.c.status, tasks.c.kind, func.count())
+            .where(tasks.c.status.in_((PENDING, PROCESSING)))
+            .group_by(tasks.c.status, tasks.c.kind)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return {(TaskStatus(status), TaskKind(kind)): count for status, kind, count in rows}
+
+    def nodes_online(self) -> int:
+        with self._read() as conn:
+            online = self._online_nodes(conn).subquery()
+            return int(conn.execute(select(func.count()).select_from(online)).scalar_one())
+
     def runnable_somewhere(
         self,
         requires: Sequence[str],
@@ -313,7 +350,13 @@ class SqlTaskStore:
             seq = choose(conn.execute(candidates).all(), offer)
             if seq is None:
                 return None
-            return self._take(conn, seq, worker_id, lease_s, offer.node_id)
+            taken = self._take(conn, seq, worker_id, lease_s, offer.node_id)
+        if taken is None:
+            return None
+        task, waited_s = taken
+        if task.attempt == 1:  # a retry's wait is not the time the task waited to be run
+            self._observer.claimed(task.kind, waited_s)
+        return task
 
     def heartbeat(
         self,
@@ -358,9 +401,9 @@ class SqlTaskStore:
                 done = self._finish_in(conn, task_id, worker_id, {**values, "progress": 1.0})
             else:
                 done = self._hold_in(conn, task_id, worker_id, result, hold_s)
-            if done and reward is not None:
+            if done is not None and reward is not None:
                 self._reward(conn, task_id, reward)
-            return done
+        return self._observe_end(done)
 
     def fail(self, task_id: str, worker_id: str, error: str) -> bool:
         # A run that stops once its cancel was asked for ends cancelled, whatever it says.
@@ -370,7 +413,8 @@ class SqlTaskStore:
                 "status": case((asked, TaskStatus.CANCELLED), else_=TaskStatus.FAILURE),
                 "error": case((asked, CANCELLED_MESSAGE), else_=error),
             }
-            return self._finish_in(conn, task_id, worker_id, values)
+            done = self._finish_in(conn, task_id, worker_id, values)
+        return self._observe_end(done)
 
     def release(self, task_id: str, worker_id: str, reason: str) -> bool:
         with self._engine.begin() as conn:
@@ -458,7 +502,8 @@ class SqlTaskStore:
 
     def _take(
         self, conn: Connection, seq: int, worker_id: str, lease_s: float, node_id: str | None
-    ) -> ClaimedTask | None:
+    ) -> tuple[ClaimedTask, float] | None:
+        """Claim the task ``seq``: the task, and how long it waited since it was queued."""
         now = self._time.now(conn)
         row = conn.execute(
             update(tasks)
@@ -473,13 +518,16 @@ class SqlTaskStore:
                 progress=0.0,
                 attempts=tasks.c.attempts + 1,
             )
-            .returning(tasks.c.id, tasks.c.kind, tasks.c.params, tasks.c.attempts)
+            .returning(
+                tasks.c.id, tasks.c.kind, tasks.c.params, tasks.c.attempts, tasks.c.created_at
+            )
         ).first()
         if row is None:
             return None
-        return ClaimedTask(
+        task = ClaimedTask(
             id=row.id, kind=TaskKind(row.kind), params=row.params, attempt=row.attempts
         )
+        return task, now - row.created_at
 
     def _hand_back(self, conn: Connection, which: ColumnElement[bool], reason: str) -> int:
         """Put the running tasks ``which`` selects back in the queue, or fail those on their
@@ -514,8 +562,11 @@ class SqlTaskStore:
 
     def _hold_in(
         self, conn: Connection, task_id: str, worker_id: str, result: TaskResult, hold_s: float
-    ) -> bool:
-        held = conn.execute(
+    ) -> RunEnded | None:
+        """Keep the result unshown (see complete); the run that ended (a success), or None if
+        the worker no longer holds the task."""
+        now = self._time.now(conn)
+        row = conn.execute(
             update(tasks)
             .where(*held_by(task_id, worker_id))
             .values(
@@ -523,23 +574,37 @@ class SqlTaskStore:
                 progress=1.0,
                 worker_id=None,
                 lease_expires_at=None,
-                deadline=self._time.now(conn) + hold_s,
+                deadline=now + hold_s,
                 verification="held",
             )
-        )
-        return bool(held.rowcount == 1)
+            .returning(*_ENDED_RUN)
+        ).first()
+        return None if row is None else _ended_run(row, now)
 
     def _finish_in(
         self, conn: Connection, task_id: str, worker_id: str, values: dict[str, Any]
-    ) -> bool:
+    ) -> RunEnded | None:
+        """End the run: the run that ended, or None if the worker no longer holds the task."""
         now = self._time.now(conn)
         finished = {**ended(values.pop("status"), now), "worker_id": worker_id}
         done = conn.execute(
-            update(tasks).where(*held_by(task_id, worker_id)).values(**values, **finished)
-        )
-        if done.rowcount == 1 and self._postgres:
+            update(tasks)
+            .where(*held_by(task_id, worker_id))
+            .values(**values, **finished)
+            .returning(*_ENDED_RUN)
+        ).first()
+        if done is None:
+            return None
+        if self._postgres:
             notify(conn, FINISHED, task_id)
-        return bool(done.rowcount == 1)
+        return _ended_run(done, now)
+
+    def _observe_end(self, run: RunEnded | None) -> bool:
+        """Tell the observer of ``run`` (its transaction committed); whether a run ended."""
+        if run is None:
+            return False
+        self._observer.ended(run)
+        return True
 
     def _reward(self, conn: Connection, task_id: str, reward: Reward) -> None:
         now = self._time.now(conn)

@@ -6,7 +6,10 @@ server knows which models are served, resolves requests against them and counts 
 positions right, and it claims with that Offer (only tasks whose files it has, preferring its
 loaded checkpoint). Each process opens a session of its own, so two workers on one data dir
 never hand back each other's tasks; ``dan serve`` names the session of the worker it
-supervises and hands back what it held when it dies. It earns no honor.
+supervises and hands back what it held when it dies. It earns no honor. Its claims and runs are
+counted by its own dan.metrics.Metrics, with its device memory (each time the node row is
+refreshed); under ``dan serve`` they reach the server's /metrics through the shared folder of
+dan.metrics.processes.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from types import FrameType
 from dan.config import Settings
 from dan.domain import LOCAL_ACCOUNT, LOCAL_NODE_NAME, ClaimedTask, TaskResult
 from dan.engine.base import Engine, load_engine
+from dan.metrics.families import Metrics
+from dan.metrics.processes import forget_process
 from dan.models.registry import ModelRegistry
 from dan.nodes.store import NodeStore, Session, node_id_for, session_worker_id
 from dan.services import open_stores
@@ -36,6 +41,7 @@ from dan.workers.capabilities import (
     runnable_families,
 )
 from dan.workers.loop import Worker
+from dan.workers.memory import device_memory
 
 log = logging.getLogger(__name__)
 REFRESH_S = 5.0  # how often the node row is refreshed (and the models folder rescanned)
@@ -111,8 +117,11 @@ class LocalNodeQueue:
         refresh_s: float = REFRESH_S,
         monotonic: Callable[[], float] = time.monotonic,
         families: Iterable[str] = (),
+        metrics: Metrics | None = None,
     ) -> None:
         self._store, self._nodes = store, nodes
+        self._metrics = metrics
+        self._device = engine.describe().get("device", "cpu")
         self._registry, self._engine = registry, engine
         self._lookahead, self._refresh_s = lookahead, refresh_s
         self._monotonic = monotonic
@@ -144,7 +153,15 @@ class LocalNodeQueue:
             families=self._families,
         )
         self._refreshed = self._monotonic()
+        self._count_memory()
         return self.session
+
+    def _count_memory(self) -> None:
+        if self._metrics is None:
+            return
+        device = self._device if self._device.startswith("cuda") else "cpu"
+        used, total = device_memory(device)
+        self._metrics.set_device_memory(device, used, total)
 
     def claim(self, worker_id: str, *, lease_s: float) -> ClaimedTask | None:
         if self._monotonic() - self._refreshed >= self._refresh_s:
@@ -170,6 +187,7 @@ class LocalNodeQueue:
             )
             if seen is None:
                 self._refreshed = -float("inf")  # the row is gone: register at the next claim
+            self._count_memory()
         return self._store.heartbeat(
             task_id, self.worker_id, lease_s=lease_s, progress=progress, preview=preview
         )
@@ -193,7 +211,8 @@ def run_local_worker(
 ) -> None:
     """Serve tasks from the database of ``settings`` until SIGTERM/SIGINT, in the session
     ``session_id`` (a new one if None)."""
-    opened = open_stores(settings)
+    metrics = Metrics(max_nodes=settings.metrics_max_nodes)
+    opened = open_stores(settings, observer=metrics)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -216,6 +235,7 @@ def run_local_worker(
         lookahead=settings.affinity_lookahead,
         session_id=session_id,
         families=settings.node_family_names,
+        metrics=metrics,
     )
     queue.register()
     worker = Worker(
@@ -231,3 +251,4 @@ def run_local_worker(
         worker.run(stop)
     finally:
         queue.stop()
+        forget_process(os.getpid())

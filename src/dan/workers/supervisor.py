@@ -6,7 +6,8 @@ reads its stdin until EOF: when the server dies, even by ``kill -9``, the pipe c
 worker exits instead of running on as an orphan. Each child works in a node session the
 supervisor names; when it exits, ``on_exit(session)`` hands back what it held at once, each
 task counting a try, so a task that kills its worker fails after its last try instead of
-killing every restart.
+killing every restart, and ``on_exit_pid(pid)`` lets the metrics forget the dead process's
+gauges (dan.metrics.processes).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ class WorkerSupervisor:
         *,
         on_exit: Callable[[str], object] = lambda session: None,
         new_session: Callable[[], str] = lambda: str(uuid.uuid4()),
+        on_exit_pid: Callable[[int], object] = lambda pid: None,
     ) -> None:
         self._env = dict(env)
         self._argv = argv or [sys.executable, "-m", "dan", "worker", "--watch-stdin"]
         self._on_exit = on_exit
+        self._on_exit_pid = on_exit_pid
         self._new_session = new_session
         self._stopping = threading.Event()
         self._process: subprocess.Popen[bytes] | None = None
@@ -74,7 +77,7 @@ class WorkerSupervisor:
             code = self._process.wait()
             if self._process.stdin is not None:
                 self._process.stdin.close()
-            self._hand_back(session)
+            self._hand_back(session, self._process.pid)
             if self._stopping.is_set():
                 return
             if time.monotonic() - started > HEALTHY_AFTER_S:
@@ -83,8 +86,12 @@ class WorkerSupervisor:
             self._stopping.wait(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
-    def _hand_back(self, session: str) -> None:
+    def _hand_back(self, session: str, pid: int) -> None:
         try:
             self._on_exit(session)
         except Exception:
             log.exception("could not hand back the tasks of worker session %s", session)
+        try:
+            self._on_exit_pid(pid)
+        except Exception:
+            log.exception("could not forget the metrics of worker process %d", pid)
