@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(
         0.02, gt=0, description="how often waiting requests and idle workers look at the queue (s)"
     )
+    worker_idle_poll_s: float = Field(
+        2.0,
+        gt=0,
+        description="how often an idle local worker that is woken when a task is queued "
+        "(PostgreSQL NOTIFY, or its server through stdin) looks at the queue anyway (s); "
+        "poll_interval_s gives the old polling",
+    )
 
     # Where things live
     data_dir: Path = Field(Path("data"), description="database, results and caches")
