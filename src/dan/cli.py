@@ -98,12 +98,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dan.workers.local import LOCAL_NODE_ID, local_session_id, orphaned
     from dan.workers.supervisor import WorkerSupervisor
 
-    services = build_services(settings)
+    supervisor: WorkerSupervisor | None = None
+
+    def wake_worker() -> None:  # the worker child has no NOTIFY on SQLite: wake it
+        if supervisor is not None:
+            supervisor.wake()
+
+    services = build_services(settings, on_queued=wake_worker)
     if settings.worker:  # an API replica without a worker needs no checkpoint of its own
         threading.Thread(
             target=ensure_default_checkpoint, args=(services.registry, settings), daemon=True
         ).start()
-    supervisor = None
     if settings.worker:
         # A worker of a server that died (kill -9, a power cut) held its tasks until their
         # leases ran out: hand them back at once.
@@ -127,11 +132,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from dan.workers.local import exit_when_parent_dies, run_local_worker
+    from dan.workers.local import run_local_worker
 
-    if args.watch_stdin:
-        exit_when_parent_dies()
-    run_local_worker(_settings(args), session_id=args.session_id)
+    run_local_worker(_settings(args), session_id=args.session_id, watch_stdin=args.watch_stdin)
     return 0
 
 
@@ -323,7 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run a worker on the server's database")
     _add_options(worker, COMMON_OPTIONS)
-    worker.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes")
+    worker.add_argument(
+        "--watch-stdin",
+        action="store_true",
+        help="exit when stdin closes; a byte on stdin means a task was queued",
+    )
     worker.add_argument(
         "--session-id", default=None, help="the node session to work in [default: a new one]"
     )

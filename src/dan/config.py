@@ -53,6 +53,13 @@ class Settings(BaseSettings):
         description="nodes named in the metrics' node label; the runs of any more count as "
         "node=other",
     )
+    worker_idle_poll_s: float = Field(
+        2.0,
+        gt=0,
+        description="how often an idle local worker that is woken when a task is queued "
+        "(PostgreSQL NOTIFY, or its server through stdin) looks at the queue anyway (s); "
+        "poll_interval_s gives the old polling",
+    )
 
     # Where things live
     data_dir: Path = Field(Path("data"), description="database, results and caches")

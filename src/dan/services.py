@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,11 +109,13 @@ def model_registry(settings: Settings) -> ModelRegistry:
     return ModelRegistry(settings.models_dir, settings.cache_dir, allow_ckpt=settings.allow_ckpt)
 
 
-def build_services(settings: Settings) -> Services:
+def build_services(settings: Settings, *, on_queued: Callable[[], None] = lambda: None) -> Services:
     """Open (and migrate) the database, scan the models directory, and wire the services.
 
     Requests are resolved against :class:`NetworkModels`: this server's files, then those the
-    online nodes report, so an API replica without a GPU needs no model files."""
+    online nodes report, so an API replica without a GPU needs no model files. ``on_queued``
+    is called whenever this process queues (or re-queues) a task: ``dan serve`` wakes its
+    worker with it."""
     metrics = Metrics(max_nodes=settings.metrics_max_nodes)
     opened = open_stores(settings, observer=metrics)
     db, store, blobs, registry, node_store = (
@@ -136,6 +138,7 @@ def build_services(settings: Settings) -> Services:
         local_files=lambda: installed_hashes(registry),
         local_families=lambda: node_store.families(node_id_for(LOCAL_ACCOUNT, LOCAL_NODE_NAME)),
         webhooks=webhooks,
+        on_queued=on_queued,
     )
     check_store = SqlCheckStore(db, online_window_s=settings.node_offline_after_s)
     checks = ResultChecks(check_store, node_store, blobs, settings)

@@ -45,7 +45,11 @@ class TaskService:
         local_files: Callable[[], frozenset[str]] = frozenset,
         local_families: Callable[[], frozenset[ModelFamily]] = frozenset,
         webhooks: WebhookService | None = None,
+        on_queued: Callable[[], None] = lambda: None,
     ) -> None:
+        # Called after a task is queued or re-queued, to wake an idle worker that no NOTIFY
+        # reaches (the worker child of a server on SQLite).
+        self._on_queued = on_queued
         self._webhooks = webhooks
         self._weight_of = weight_of
         self._local_files = local_files
@@ -140,6 +144,7 @@ class TaskService:
         except BaseException:
             self._blobs.delete_group(task_id)  # a refused task leaves nothing behind
             raise
+        self._on_queued()
         return replace(record, warning=warning) if warning else record
 
     def _check_callback(self, account: str, url: str) -> None:
@@ -226,7 +231,8 @@ class TaskService:
     def sweep(self, now: float) -> None:
         """End overdue runs (lost leases, time limits, ignored cancels); delete results (and
         forget prompts) older than the retention."""
-        self._store.requeue_expired()
+        if self._store.requeue_expired():
+            self._on_queued()  # lost runs went back to the queue (or ended: a needless look)
         old = self._store.finished_before(now - self._settings.result_ttl_s, limit=500)
         for record in old:
             self._blobs.delete_group(record.id)

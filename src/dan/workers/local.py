@@ -14,8 +14,10 @@ dan.metrics.processes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import selectors
 import signal
 import socket
 import sys
@@ -26,13 +28,14 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 
 from dan.config import Settings
+from dan.db.notify import QUEUED, NotifyListener
 from dan.domain import LOCAL_ACCOUNT, LOCAL_NODE_NAME, ClaimedTask, TaskResult
 from dan.engine.base import Engine, load_engine
 from dan.metrics.families import Metrics
 from dan.metrics.processes import forget_process
 from dan.models.registry import ModelRegistry
 from dan.nodes.store import NodeStore, Session, node_id_for, session_worker_id
-from dan.services import open_stores
+from dan.services import Stores, open_stores
 from dan.tasks.base import Heartbeat, Offer, Reward, TaskStore
 from dan.workers.capabilities import (
     capabilities,
@@ -86,19 +89,64 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def exit_when_parent_dies() -> None:
-    """Exit as soon as stdin closes (the supervising server is gone, however it died)."""
+class ParentWatch:
+    """Watches the pipe from the supervising server on stdin (``fd``), in a thread.
 
-    def watch() -> None:
+    Each byte the server writes sets ``wake`` (it queued a task); end of file, the server gone
+    however it died, sets ``stop`` and ``wake``, so the worker exits normally and hands back
+    what it holds. The thread waits in select() on the pipe and on a pipe of its own that
+    :meth:`close` writes to, so it ends before the interpreter does: a thread left blocked in a
+    read of stdin at exit killed the worker with "Fatal Python error: _enter_buffered_busy"."""
+
+    def __init__(self, fd: int, stop: threading.Event, wake: threading.Event) -> None:
+        self._fd, self._stop, self._wake = fd, stop, wake
+        self._closing_r, self._closing_w = os.pipe()
+        self._thread = threading.Thread(target=self._watch, name="parent-watch", daemon=True)
+
+    def start(self) -> ParentWatch:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """End the thread and wait for it."""
+        os.write(self._closing_w, b"x")
+        self._thread.join()
+        os.close(self._closing_r)
+        os.close(self._closing_w)
+
+    def _watch(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._fd, selectors.EVENT_READ)
+            selector.register(self._closing_r, selectors.EVENT_READ)
+            while True:
+                ready = {key.fd for key, _ in selector.select()}
+                if self._closing_r in ready:
+                    return
+                if not self._read():
+                    log.warning("the server process is gone; the worker exits")
+                    self._stop.set()
+                    self._wake.set()
+                    return
+
+    def _read(self) -> bool:
+        """Read what the server wrote; False at end of file."""
         try:
-            while os.read(sys.stdin.fileno(), 4096):
-                pass
+            data = os.read(self._fd, 4096)
         except OSError:
-            pass
-        log.warning("the server process is gone; the worker exits")
-        os._exit(0)
+            return False
+        if data:
+            self._wake.set()
+        return bool(data)
 
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+def queue_notices(
+    opened: Stores, database_url: str, wake: threading.Event
+) -> NotifyListener | None:
+    """On PostgreSQL, a started listener that sets ``wake`` whenever any process queues a task
+    (or hands one back); None on SQLite, which has no NOTIFY."""
+    if opened.db.dialect.name != "postgresql":
+        return None
+    return NotifyListener(database_url, lambda _task_id: wake.set(), channel=QUEUED).start()
 
 
 class LocalNodeQueue:
@@ -207,20 +255,51 @@ class LocalNodeQueue:
 
 
 def run_local_worker(
-    settings: Settings, *, engine: Engine | None = None, session_id: str | None = None
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    session_id: str | None = None,
+    watch_stdin: bool = False,
 ) -> None:
-    """Serve tasks from the database of ``settings`` until SIGTERM/SIGINT, in the session
-    ``session_id`` (a new one if None)."""
-    metrics = Metrics(max_nodes=settings.metrics_max_nodes)
-    opened = open_stores(settings, observer=metrics)
-    stop = threading.Event()
+    """Serve tasks from the database of ``settings`` until SIGTERM/SIGINT (or, with
+    ``watch_stdin``, until stdin closes: see :class:`ParentWatch`), in the session
+    ``session_id`` (a new one if None); then hand back what it holds.
+
+    Idle, it waits to be woken (a NOTIFY on PostgreSQL, a byte on stdin from its server) and
+    looks at the queue every ``worker_idle_poll_s`` anyway, for what no one announces (a
+    models folder that changed); with no way to be woken it polls every ``poll_interval_s``."""
+    stop, wake = threading.Event(), threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: the worker stops after the current task", signum)
         stop.set()
+        wake.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    with contextlib.ExitStack() as cleanup:
+        if watch_stdin:
+            cleanup.callback(ParentWatch(sys.stdin.fileno(), stop, wake).start().close)
+        metrics = Metrics(max_nodes=settings.metrics_max_nodes)
+        opened = open_stores(settings, observer=metrics)
+        listener = queue_notices(opened, settings.db_url, wake)
+        if listener is not None:
+            cleanup.callback(listener.stop)
+        woken = watch_stdin or listener is not None
+        idle_s = settings.worker_idle_poll_s if woken else settings.poll_interval_s
+        _serve(settings, opened, metrics, engine, session_id, stop, wake, idle_s)
+
+
+def _serve(
+    settings: Settings,
+    opened: Stores,
+    metrics: Metrics,
+    engine: Engine | None,
+    session_id: str | None,
+    stop: threading.Event,
+    wake: threading.Event,
+    idle_s: float,
+) -> None:
     for session in orphaned(opened.nodes.sessions_of(LOCAL_NODE_ID)):
         released = opened.tasks.release_worker(session.worker_id)
         opened.nodes.end_session(session.id)
@@ -245,10 +324,11 @@ def run_local_worker(
         opened.blobs,
         worker_id=queue.worker_id,
         lease_s=settings.lease_s,
-        idle_sleep_s=settings.poll_interval_s,
+        idle_sleep_s=idle_s,
     )
     try:
-        worker.run(stop)
+        worker.run(stop, wake)
     finally:
-        queue.stop()
+        released = queue.stop()
         forget_process(os.getpid())
+        log.info("worker %s stopped; handed back %d task(s)", queue.worker_id, released)

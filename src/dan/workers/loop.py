@@ -198,11 +198,19 @@ class Worker:
         self._clock = clock
         self._stop = threading.Event()
 
-    def run(self, stop: threading.Event) -> None:
-        """Serve tasks until ``stop`` is set. Raises FatalEngineError when the engine is dead."""
+    def run(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
+        """Serve tasks until ``stop`` is set. Raises FatalEngineError when the engine is dead.
+
+        Idle, the loop looks at the queue again after ``idle_sleep_s``, or as soon as ``wake``
+        is set: by whatever learns that a task may be claimable (a NOTIFY, a byte from the
+        supervising server), and by whoever sets ``stop``. Without ``wake`` it waits on
+        ``stop``, so ``idle_sleep_s`` must then be short."""
         log.info("worker %s ready", self.worker_id)
         self._stop = stop
+        bell = wake or stop
         while not stop.is_set():
+            if wake is not None:
+                wake.clear()  # before the claim: a task queued during it rings again
             try:
                 worked = self.run_once()
             except FatalEngineError:
@@ -211,7 +219,7 @@ class Worker:
                 log.exception("worker %s: queue error; retrying", self.worker_id)
                 worked = False
             if not worked:
-                stop.wait(self._idle_sleep_s)
+                bell.wait(self._idle_sleep_s)
 
     def run_once(self) -> bool:
         """Run the next task if there is one; True if a task was run."""

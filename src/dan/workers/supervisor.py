@@ -3,16 +3,19 @@
 The worker is a separate process so that the API process never imports torch, and so that a
 dead engine (a CUDA error, a crash in native code) costs one restart, not the server. The child
 reads its stdin until EOF: when the server dies, even by ``kill -9``, the pipe closes and the
-worker exits instead of running on as an orphan. Each child works in a node session the
-supervisor names; when it exits, ``on_exit(session)`` hands back what it held at once, each
-task counting a try, so a task that kills its worker fails after its last try instead of
-killing every restart, and ``on_exit_pid(pid)`` lets the metrics forget the dead process's
-gauges (dan.metrics.processes).
+worker exits instead of running on as an orphan; each byte the server writes there
+(:meth:`wake`, when it queues a task) wakes the idle worker at once. Each child works in a node
+session the supervisor names; when it exits, ``on_exit(session)`` hands back what it held at
+once, each task counting a try, so a task that kills its worker fails after its last try
+instead of killing every restart, and ``on_exit_pid(pid)`` lets the metrics forget the dead
+process's gauges (dan.metrics.processes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -43,6 +46,7 @@ class WorkerSupervisor:
         self._new_session = new_session
         self._stopping = threading.Event()
         self._process: subprocess.Popen[bytes] | None = None
+        self._pipe_lock = threading.Lock()  # wake() writes from request threads
         self._thread = threading.Thread(
             target=self._supervise, name="worker-supervisor", daemon=True
         )
@@ -67,18 +71,34 @@ class WorkerSupervisor:
                 process.wait()
         self._thread.join(timeout_s)
 
+    def wake(self) -> None:
+        """Tell the worker a task may be waiting for it. Never blocks: a full pipe already
+        holds a wake-up, and a worker that is gone or restarting looks at the queue anyway."""
+        with self._pipe_lock:
+            process = self._process
+            if process is None or process.stdin is None or process.stdin.closed:
+                return
+            with contextlib.suppress(OSError):  # BlockingIOError, BrokenPipeError
+                process.stdin.write(b"\n")
+
     def _supervise(self) -> None:
         backoff = MIN_BACKOFF_S
         while not self._stopping.is_set():
             started = time.monotonic()
             session = self._new_session()
             argv = [*self._argv, "--session-id", session]
-            self._process = subprocess.Popen(argv, env=self._env, stdin=subprocess.PIPE)
-            code = self._process.wait()
-            if self._process.stdin is not None:
-                self._process.stdin.close()
-            self._hand_back(session, self._process.pid)
+            process = subprocess.Popen(argv, env=self._env, stdin=subprocess.PIPE, bufsize=0)
+            if process.stdin is not None:
+                os.set_blocking(process.stdin.fileno(), False)
+            with self._pipe_lock:
+                self._process = process
+            code = process.wait()
+            with self._pipe_lock:
+                if process.stdin is not None:
+                    process.stdin.close()
+            self._hand_back(session, process.pid)
             if self._stopping.is_set():
+                log.info("the local worker exited with code %s", code)
                 return
             if time.monotonic() - started > HEALTHY_AFTER_S:
                 backoff = MIN_BACKOFF_S
