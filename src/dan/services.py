@@ -15,6 +15,7 @@ from dan.accounts import AccountService, SignInService, SqlAccountStore, SqlIden
 from dan.accounts.options import ClientOptions, SqlClientOptionsStore
 from dan.config import Settings
 from dan.db import create_db_engine, migrate
+from dan.db.notify import PROGRESS, publisher
 from dan.domain import LOCAL_ACCOUNT, LOCAL_NODE_NAME, ModelKind
 from dan.metrics.families import Metrics
 from dan.models.registry import ModelRegistry
@@ -24,6 +25,7 @@ from dan.nodes.store import NodeRules, node_id_for
 from dan.storage import BlobStore, LocalBlobStore, SqlBlobStore
 from dan.tasks.base import RunObserver
 from dan.tasks.checks import SqlCheckStore
+from dan.tasks.live import LiveProgress
 from dan.tasks.service import TaskService
 from dan.tasks.store import QueueRules, SqlTaskStore, TaskStore
 from dan.webhooks import SqlWebhookStore, WebhookService
@@ -47,6 +49,8 @@ class Services:
     client_options: ClientOptions  # what A1111 clients set per key (POST /sdapi/v1/options)
     session_secret: str | None = None  # signs sign-in sessions (None: no provider configured)
     metrics: Metrics = field(default_factory=Metrics)  # this process's counts (GET /metrics)
+    # Running tasks' progress heard by this process (and, on PostgreSQL, by the others).
+    live: LiveProgress | None = None
 
     def close(self) -> None:
         self.db.dispose()
@@ -129,6 +133,7 @@ def build_services(settings: Settings, *, on_queued: Callable[[], None] = lambda
     key = settings.public_api_key or public_api_key(settings.data_dir)
     accounts = build_accounts(settings, db, public_key=key)
     webhooks = WebhookService(SqlWebhookStore(db), settings)
+    live = live_progress(settings, db)
     tasks = TaskService(
         store,
         blobs,
@@ -139,10 +144,11 @@ def build_services(settings: Settings, *, on_queued: Callable[[], None] = lambda
         local_families=lambda: node_store.families(node_id_for(LOCAL_ACCOUNT, LOCAL_NODE_NAME)),
         webhooks=webhooks,
         on_queued=on_queued,
+        live=live,
     )
     check_store = SqlCheckStore(db, online_window_s=settings.node_offline_after_s)
     checks = ResultChecks(check_store, node_store, blobs, settings)
-    nodes = NodeService(node_store, store, blobs, registry.catalog, settings, checks)
+    nodes = NodeService(node_store, store, blobs, registry.catalog, settings, checks, live=live)
     sign_in = SignInService(SqlAccountStore(db), SqlIdentityStore(db), settings)
     return Services(
         settings,
@@ -161,7 +167,14 @@ def build_services(settings: Settings, *, on_queued: Callable[[], None] = lambda
         ClientOptions(SqlClientOptionsStore(db)),
         session_secret(settings),
         metrics,
+        live,
     )
+
+
+def live_progress(settings: Settings, db: Engine) -> LiveProgress:
+    """Nodes' progress in memory; on PostgreSQL also published to the other replicas."""
+    publish = publisher(db, PROGRESS) if db.dialect.name == "postgresql" else None
+    return LiveProgress(keep_s=settings.lease_s, publish=publish)
 
 
 def build_accounts(settings: Settings, db: Engine, *, public_key: str | None) -> AccountService:

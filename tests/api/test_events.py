@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -202,11 +203,24 @@ def test_progress_reaches_a_stream_on_another_replica(tmp_path: Path) -> None:
         task_id = b.submit(user)
         assert node.take()["id"] == task_id  # type: ignore[index]
         assert node.heartbeat(task_id, 0.25).status == 200  # through replica A
+        # Progress is not written per beat: it reaches B by NOTIFY, within a quarter second.
+        wait_for_progress(b, task_id, user, 0.25)
         seen = events(b.client, task_id, user, take=1)  # watched on replica B
         assert node.deliver(task_id).status == 200
         done = events(b.client, task_id, user, last_id=1)
     assert seen[0]["data"]["progress"] == 0.25
     assert done[-1]["event"] == "done" and done[-1]["data"]["status"] == 2
+
+
+def wait_for_progress(replica: Live, task_id: str, key: str, progress: float) -> None:
+    deadline = time.monotonic() + 5
+    body = {"taskId": task_id}
+    while time.monotonic() < deadline:
+        reply = replica.client.post("/api/sd/task/status", json=body, headers=bearer(key))
+        if reply.json()["data"]["progress"] == progress:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"progress {progress} never reached the other replica: {reply.json()}")
 
 
 def test_history_lists_my_tasks_newest_first_a_page_at_a_time(tmp_path: Path) -> None:

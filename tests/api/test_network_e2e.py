@@ -220,7 +220,8 @@ def test_a_killed_node_loses_its_task_to_the_other(net: Network) -> None:
     # Killed mid-run: the server still has the task on its first attempt, held by the victim.
     row = net.rows([task_id])[task_id]
     assert row.status == TaskStatus.PROCESSING and row.worker_id == holder, row
-    assert row.attempts == 1 and 0 < row.progress < 1, row
+    # (Its progress was seen through status above; the row gets it only with lease writes.)
+    assert row.attempts == 1, row
     wait_for("every process of the killed node to exit", lambda: not alive(family), net, 30)
 
     def finished() -> Any:

@@ -230,6 +230,60 @@ def test_heartbeats_keep_the_lease(store: SqlTaskStore, clock: Clock) -> None:
         assert store.requeue_expired() == 0
 
 
+def lease_of(db: Engine, task_id: str) -> float:
+    query = select(tasks.c.lease_expires_at).where(tasks.c.id == task_id)
+    with db.connect() as conn:
+        return float(conn.execute(query).scalar_one())
+
+
+def test_lazy_heartbeats_write_the_lease_once_per_half_lease(
+    store: SqlTaskStore, clock: Clock, db: Engine
+) -> None:
+    task_id = submit(store)
+    store.claim("w", lease_s=LEASE)
+    claimed_lease = lease_of(db, task_id)
+    beats = []
+    for step in range(20):  # 20 beats over just over half the lease: one write
+        clock.advance(LEASE / 38)
+        beats.append(store.heartbeat(task_id, "w", lease_s=LEASE, progress=step / 20, lazy=True))
+    assert all(beat.held and not beat.cancel_requested for beat in beats)
+    assert [beat.attempt for beat in beats] == [1] * 20
+    assert sum(beat.renewed for beat in beats) == 1
+    assert lease_of(db, task_id) > claimed_lease
+    # The renewal wrote the progress of its beat; watchers see later beats through memory.
+    renewal = next(step for step, beat in enumerate(beats) if beat.renewed)
+    assert store.get(task_id).progress == renewal / 20  # type: ignore[union-attr]
+
+
+def test_a_lazy_heartbeat_sees_a_cancel_at_once(store: SqlTaskStore) -> None:
+    task_id = submit(store)
+    store.claim("w", lease_s=LEASE)
+    assert not store.heartbeat(task_id, "w", lease_s=LEASE, lazy=True).cancel_requested
+    store.cancel(task_id)
+    beat = store.heartbeat(task_id, "w", lease_s=LEASE, progress=0.5, lazy=True)
+    assert beat.held and beat.cancel_requested and not beat.renewed
+
+
+def test_lazy_heartbeats_do_not_keep_a_dead_lease(store: SqlTaskStore, clock: Clock) -> None:
+    task_id = submit(store)
+    store.claim("w", lease_s=LEASE)
+    for _ in range(5):  # beats that only read: the lease still ends LEASE after the claim
+        clock.advance(LEASE / 12)
+        assert not store.heartbeat(task_id, "w", lease_s=LEASE, lazy=True).renewed
+    clock.advance(LEASE - 5 * LEASE / 12 + 1)
+    assert store.requeue_expired() == 1
+    assert not store.heartbeat(task_id, "w", lease_s=LEASE, lazy=True).held
+
+
+def test_lazy_heartbeats_keep_a_live_lease(store: SqlTaskStore, clock: Clock) -> None:
+    task_id = submit(store)
+    store.claim("w", lease_s=LEASE)
+    for _ in range(40):  # a beat every tenth of the lease, for four leases
+        clock.advance(LEASE / 10)
+        assert store.heartbeat(task_id, "w", lease_s=LEASE, lazy=True).held
+        assert store.requeue_expired() == 0
+
+
 def test_gives_up_after_max_attempts(db: Engine, clock: Clock) -> None:
     store = SqlTaskStore(db, clock=clock, rules=QueueRules(max_attempts=2))
     task_id = submit(store)

@@ -24,8 +24,9 @@ from dan.api.metrics import RequestMetrics
 from dan.api.metrics import router as metrics_router
 from dan.api.routes import accounts, nodes, sd, signin, system, v0
 from dan.api.signin import install_sign_in
-from dan.db.notify import QUEUED, NotifyListener
+from dan.db.notify import PROGRESS, QUEUED, NotifyListener
 from dan.services import Services
+from dan.tasks.live import PUBLISH_S, LiveProgress
 from dan.tasks.watcher import TaskWatcher, running
 from dan.webhooks.sender import WebhookSender, sending
 
@@ -47,24 +48,37 @@ async def _sweep_forever(services: Services) -> None:
         await asyncio.sleep(SWEEP_INTERVAL_S)
 
 
+async def _publish_progress_forever(live: LiveProgress) -> None:
+    """Send the other replicas what nodes' heartbeats said here, in batches (dan.tasks.live)."""
+    while True:
+        await asyncio.sleep(PUBLISH_S)
+        await asyncio.to_thread(live.flush)
+
+
 def _listen(
     services: Services, watcher: TaskWatcher, webhooks: WebhookSender
 ) -> list[NotifyListener]:
     """On PostgreSQL: wake ``watcher`` and the ``webhooks`` sender when any process finishes a
     task, and the nodes' waiting claims when one queues a task (see tasks.notify); polling
-    stays as the fallback."""
+    stays as the fallback; and take in the progress other replicas heard (dan.tasks.live)."""
     if services.db.dialect.name != "postgresql":
         return []
     loop = asyncio.get_running_loop()
+    live = services.live
 
     def on_finished(task_id: str) -> None:
+        if live is not None:
+            live.forget(task_id)
         loop.call_soon_threadsafe(watcher.poke, task_id)
         loop.call_soon_threadsafe(webhooks.wake)
 
     url = services.settings.db_url
     nodes = services.nodes
     queued = NotifyListener(url, nodes.task_queued, channel=QUEUED, ready=nodes.notified)
-    return [NotifyListener(url, on_finished).start(), queued.start()]
+    listeners = [NotifyListener(url, on_finished).start(), queued.start()]
+    if live is not None:
+        listeners.append(NotifyListener(url, live.receive, channel=PROGRESS).start())
+    return listeners
 
 
 def create_app(services: Services) -> FastAPI:
@@ -76,14 +90,19 @@ def create_app(services: Services) -> FastAPI:
         ctx = app.state.ctx = ApiContext(services=services, watcher=watcher)
         webhooks = WebhookSender(services.webhooks, functools.partial(webhook_body, ctx))
         sweeper = asyncio.create_task(_sweep_forever(services), name="sweeper")
+        background = [sweeper]
         listeners = _listen(services, watcher, webhooks)
+        if listeners and services.live is not None:
+            publish = _publish_progress_forever(services.live)
+            background.append(asyncio.create_task(publish, name="progress"))
         async with running(watcher), sending(webhooks):
             yield
         for listener in listeners:
             listener.stop()
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        for task in background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     app = FastAPI(
         title="DAN",

@@ -6,7 +6,8 @@ transaction (delivered at commit); when one is queued, ``dan_task_queued``. A
 so a synchronous request served by one replica answers as soon as a node finishes the task
 through another, and of the claims its nodes are waiting in, so they ask the database only
 when there is something new. Polling stays as the fallback: a lost connection only adds latency.
-SQLite (one process) needs none of this.
+Progress of running tasks travels on ``dan_task_progress`` (see dan.tasks.live), batched:
+no row is written for it. SQLite (one process) needs none of this.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import logging
 import threading
 from collections.abc import Callable
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
 
 FINISHED = "dan_task_finished"
 QUEUED = "dan_task_queued"
+PROGRESS = "dan_task_progress"
 _RECONNECT_S = 2.0
 
 
@@ -30,6 +32,18 @@ def notify(conn: Connection, channel: str, payload: str = "") -> None:
     conn.execute(
         text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": payload}
     )
+
+
+def publisher(engine: Engine, channel: str) -> Callable[[list[str]], None]:
+    """A function that sends its payloads on ``channel``, all in one transaction (no row is
+    written: a notification costs a commit, not a tuple)."""
+
+    def publish(payloads: list[str]) -> None:
+        with engine.begin() as conn:
+            for payload in payloads:
+                notify(conn, channel, payload)
+
+    return publish
 
 
 class NotifyListener:

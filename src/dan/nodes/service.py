@@ -57,6 +57,7 @@ from dan.nodes.store import (
 )
 from dan.storage import BlobStore
 from dan.tasks.base import Expected, Heartbeat, HeldTask, Offer, Reward, TaskStore
+from dan.tasks.live import LiveProgress
 
 MIN_POLL_S = 0.05  # a waiting claim looks at the queue at most this often
 # With queue notifications (PostgreSQL's NOTIFY, see listen_for_queued_tasks), a waiting claim
@@ -102,8 +103,11 @@ class NodeService:
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         monotonic: Callable[[], float] = time.monotonic,
+        live: LiveProgress | None = None,
     ) -> None:
         self._nodes, self._tasks, self._blobs = nodes, tasks, blobs
+        # Heartbeats' progress and previews, for watchers: not a database write per beat.
+        self._live = live or LiveProgress(keep_s=settings.lease_s)
         self._checks = checks
         self._catalog = catalog
         self._settings = settings
@@ -228,20 +232,27 @@ class NodeService:
         progress: float | None,
         preview: bytes | None = None,
     ) -> Heartbeat:
-        """Renew the session's lease on the task and record its progress (and step preview,
-        which must be a small PNG): whether it still holds the task, and whether it should
-        stop (cancelled, or no longer held)."""
+        """Answer whether the session still holds the task and whether it should stop
+        (cancelled, or no longer held). Its progress (and step preview, which must be a small
+        PNG) goes to watchers through LiveProgress; the lease, with them, is written only once
+        half of it has run out, so most beats only read the task's row."""
         session = self.session(account, node_id, session_id)
         if preview is not None:
             check_preview(preview)
         self._touch(session)
-        return self._tasks.heartbeat(
+        beat = self._tasks.heartbeat(
             task_id,
             session.worker_id,
             lease_s=self._settings.lease_s,
             progress=progress,
-            preview=preview,
+            preview=preview or self._live.preview_of(task_id),
+            lazy=True,
         )
+        if beat.held:
+            self._live.record(task_id, beat.attempt, progress, preview)
+        else:
+            self._live.forget(task_id)
+        return beat
 
     def read_input(
         self, account: Account, node_id: str, session_id: str, task_id: str, key: str
@@ -301,6 +312,7 @@ class NodeService:
             task_id, session.worker_id, result, reward=reward, hold_s=hold_s
         ):
             raise _not_held(task_id)
+        self._live.forget(task_id)
         self._checks.start(task_id, session.account, plan)
         if held.verify_of is not None:  # a verification run: settle its check at once
             self._checks.settle(held.verify_of)
@@ -314,6 +326,7 @@ class NodeService:
         held = self._tasks.held(task_id)
         if not self._tasks.fail(task_id, session.worker_id, message):
             raise _not_held(task_id)
+        self._live.forget(task_id)
         if held is not None and held.verify_of is not None:
             self._checks.settle(held.verify_of)
 
@@ -435,7 +448,8 @@ class NodeService:
     ) -> tuple[Session, HeldTask]:
         # Asking the queue is renewing the lease: a node fetching or uploading is alive.
         session = self.session(account, node_id, session_id)
-        beat = self._tasks.heartbeat(task_id, session.worker_id, lease_s=self._settings.lease_s)
+        lease_s = self._settings.lease_s
+        beat = self._tasks.heartbeat(task_id, session.worker_id, lease_s=lease_s, lazy=True)
         held = self._tasks.held(task_id) if beat.held else None
         if held is None or held.status != TaskStatus.PROCESSING:
             raise _not_held(task_id)
@@ -448,6 +462,7 @@ class NodeService:
             self._blobs.delete(result_key(held.id, held.attempt, index))
         reason = f"a worker's result was refused: {problem}"
         self._tasks.release(held.id, session.worker_id, reason)
+        self._live.forget(held.id)
         raise ResultRefused(f"{problem}; the task went back to the queue", taskId=held.id)
 
     def _online_rate(self, owner: str) -> float:

@@ -128,10 +128,14 @@ class Reward:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """Answer to a worker's heartbeat: whether it still holds the task, and whether to stop."""
+    """Answer to a worker's heartbeat: whether it still holds the task, and whether to stop;
+    which try of the task it runs, and whether the lease was written (a lazy beat may only
+    read it)."""
 
     held: bool
     cancel_requested: bool
+    attempt: int = 0
+    renewed: bool = True
 
 
 @dataclass(frozen=True)
@@ -244,9 +248,11 @@ class TaskStore(Protocol):
         lease_s: float,
         progress: float | None = None,
         preview: bytes | None = None,
+        lazy: bool = False,
     ) -> Heartbeat:
         """Renew the lease (and record progress and the latest step preview, a small PNG)
-        if ``worker_id`` still holds the task."""
+        if ``worker_id`` still holds the task. ``lazy``: write only when half the lease or
+        less is left, otherwise just answer (the lease still runs out if beats stop)."""
         ...
 
     def complete(

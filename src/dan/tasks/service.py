@@ -13,6 +13,7 @@ from dan.config import Settings
 from dan.domain import ModelFamily, TaskKind, TaskRecord, TaskStatus
 from dan.errors import InvalidArgument, ResourceUnavailable, TaskNotFound, TooManyPendingTasks
 from dan.storage import BlobStore
+from dan.tasks.live import LiveProgress
 from dan.tasks.needs import Needs
 from dan.tasks.orders import (
     DetectOrder,
@@ -46,11 +47,14 @@ class TaskService:
         local_families: Callable[[], frozenset[ModelFamily]] = frozenset,
         webhooks: WebhookService | None = None,
         on_queued: Callable[[], None] = lambda: None,
+        live: LiveProgress | None = None,
     ) -> None:
         # Called after a task is queued or re-queued, to wake an idle worker that no NOTIFY
         # reaches (the worker child of a server on SQLite).
         self._on_queued = on_queued
         self._webhooks = webhooks
+        # Progress fresher than the rows (nodes' heartbeats write them only now and then).
+        self._live = live
         self._weight_of = weight_of
         self._local_files = local_files
         self._local_families = local_families
@@ -190,7 +194,7 @@ class TaskService:
         record = self._store.get(task_id)
         if record is None or (account is not None and record.account != account):
             raise TaskNotFound(f"no task with taskId {task_id!r}")
-        return record
+        return self._shown(record)
 
     def cancel(self, task_id: str, account: str | None = None) -> TaskRecord:
         """Cancel the task: a pending one never runs, a running one stops within a step."""
@@ -202,7 +206,10 @@ class TaskService:
 
     def active(self, account: str) -> list[TaskRecord]:
         """The account's running tasks, then its pending ones in the order they will run."""
-        return self._store.active(account)
+        return [self._shown(record) for record in self._store.active(account)]
+
+    def _shown(self, record: TaskRecord) -> TaskRecord:
+        return record if self._live is None else self._live.show(record)
 
     def interrupt(self, account: str) -> None:
         """Cancel the account's running tasks, or, when none runs yet, the one that runs

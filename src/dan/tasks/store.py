@@ -366,7 +366,15 @@ class SqlTaskStore:
         lease_s: float,
         progress: float | None = None,
         preview: bytes | None = None,
+        lazy: bool = False,
     ) -> Heartbeat:
+        """See TaskStore. ``lazy``: while more than half the lease is left, only read (whether
+        it is held, whether to stop); else renew it, writing ``progress`` and ``preview`` too.
+        A caller that beats lazily shows progress to watchers another way (dan.tasks.live)."""
+        if lazy:
+            beat = self._read_beat(task_id, worker_id, lease_s)
+            if beat is not None:
+                return beat
         with self._engine.begin() as conn:
             values: dict[str, Any] = {"lease_expires_at": self._time.now(conn) + lease_s}
             if progress is not None:
@@ -377,11 +385,25 @@ class SqlTaskStore:
                 update(tasks)
                 .where(*held_by(task_id, worker_id))
                 .values(**values)
-                .returning(tasks.c.cancel_requested)
+                .returning(tasks.c.cancel_requested, tasks.c.attempts)
             ).first()
         if row is None:
             return Heartbeat(held=False, cancel_requested=True)
-        return Heartbeat(held=True, cancel_requested=bool(row.cancel_requested))
+        return Heartbeat(True, bool(row.cancel_requested), attempt=row.attempts)
+
+    def _read_beat(self, task_id: str, worker_id: str, lease_s: float) -> Heartbeat | None:
+        """The answer to a heartbeat whose lease needs no renewal yet, or None if it does."""
+        query = select(tasks.c.cancel_requested, tasks.c.attempts, tasks.c.lease_expires_at).where(
+            *held_by(task_id, worker_id)
+        )
+        with self._read() as conn:
+            row = conn.execute(query).first()
+            if row is None:
+                return Heartbeat(held=False, cancel_requested=True)
+            left = (row.lease_expires_at or 0.0) - self._time.now(conn)
+        if left <= lease_s / 2:
+            return None
+        return Heartbeat(True, bool(row.cancel_requested), attempt=row.attempts, renewed=False)
 
     def complete(
         self,
