@@ -34,10 +34,10 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +148,9 @@ class Compiler:
         self._lock = threading.Lock()
         self._ready: dict[ShapeKey, Compiled] = {}
         self._asked: set[ShapeKey] = set()  # compiled, being compiled, or given up on
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compile-{name}")
+        # A daemon thread: a worker that stops mid-compile exits without waiting for it.
+        self._jobs: queue.Queue[tuple[torch.nn.Module, UNetCall, torch.Tensor]] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name=f"compile-{name}", daemon=True)
 
     def ready(self, key: ShapeKey) -> Compiled | None:
         with self._lock:
@@ -161,23 +163,31 @@ class Compiler:
 
     def offer(
         self, unet: torch.nn.Module, call: UNetCall, eager_output: torch.Tensor
-    ) -> Future[None] | None:
-        """Compile ``call``'s shape in the background if it is new and there is room; the
-        UNet is copied now (the caller guarantees no LoRA is switched on during its call)."""
+    ) -> bool:
+        """Compile ``call``'s shape in the background if it is new and there is room (True);
+        the UNet is copied now (the caller guarantees no LoRA is switched on during its call)."""
         key = call.key
         with self._lock:
             if key in self._asked or len(self._asked) >= self._max_shapes:
-                return None
+                return False
             self._asked.add(key)
-        private = copy.deepcopy(unet)
-        return self._pool.submit(self._build, private, call.detached(), eager_output.clone())
+            if not self._thread.is_alive():
+                self._thread.start()
+        self._jobs.put((copy.deepcopy(unet), call.detached(), eager_output.clone()))
+        return True
 
     def idle(self) -> None:
         """Wait until every compile offered so far has finished."""
-        self._pool.submit(lambda: None).result()
+        self._jobs.join()
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def _work(self) -> None:
+        while True:
+            unet, call, expected = self._jobs.get()
+            try:
+                self._build(unet, call, expected)
+            finally:
+                del unet
+                self._jobs.task_done()
 
     def _build(self, unet: torch.nn.Module, call: UNetCall, expected: torch.Tensor) -> None:
         started = time.monotonic()
