@@ -339,6 +339,10 @@ class DiffusersEngine:
         size = pipeline_bytes(pipeline)
         fast = None
         if self.fast_path:
+            # oneDNN's convolutions are faster on channels-last tensors (the probe: the VAE
+            # decode 0.9 -> 0.4 s, the eager UNet 10 %); the compiled UNet picks its own.
+            pipeline.unet.to(memory_format=torch.channels_last)
+            pipeline.vae.to(memory_format=torch.channels_last)
             compiler = Compiler(max_shapes=self._settings.compile_max_shapes, name=model.name)
             fast = FastUNet(pipeline.unet, compiler)
         return LoadedCheckpoint(pipeline, architecture, size, previewer, family, fast)
