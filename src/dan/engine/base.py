@@ -95,6 +95,6 @@ class Engine(Protocol):
 
 def load_engine(settings: Settings) -> Engine:
     """The diffusers engine for ``settings`` (imports torch)."""
-    from dan.engine.sd import DiffusersEngine
+    from dan.engine.diffusers_engine import DiffusersEngine
 
     return DiffusersEngine(settings)

@@ -59,7 +59,7 @@ from diffusers.utils import (
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from dan.domain import InstalledModel, LoraSpec, ModelFamily
-from dan.engine.checkpoint import read_state_dict
+from dan.engine.loading.checkpoint import read_state_dict
 from dan.errors import EngineError, UnsupportedCheckpoint
 from dan.models.families import (
     LORA_VARIANTS,

@@ -4,15 +4,15 @@ Files: the original lllyasviel layout (``control_model.*``, as ``control_sd15_ca
 pickled ``{"state_dict": ...}`` or plain dict, or ``.safetensors``; the v1.0 files also carry a
 whole SD checkpoint, which is ignored) and diffusers' layout (``controlnet_cond_embedding.*``,
 ``down_blocks.*``, ``controlnet_down_blocks.*``). Names and architecture come from
-:mod:`dan.engine.controlnet_detect` (tensor shapes over the shipped SD1.5 config), so the tiny
+:mod:`dan.engine.control.layout` (tensor shapes over the shipped SD1.5 config), so the tiny
 test ControlNets load through the same code as real ones. SDXL ControlNets (``add_embedding``,
 2048-wide cross-attention) are loaded for the UNet they run with (see
 :func:`load_controlnet`); a ControlNet of another family than the checkpoint's is refused,
 naming both. Pickles load with ``weights_only=True`` only: a ControlNet file is data, never code.
 
 Running: :func:`controlled_txt2img` and :func:`controlled_img2img` (img2img and inpaint) mirror
-:func:`dan.engine.img2img.run_img2img` on the base's family's ControlNet pipelines (SD1.x's or
-SDXL's, see :mod:`dan.engine.families`); the engine passes the batch's scheduler, prompt
+:func:`dan.engine.generation.img2img.run_img2img` on the base's family's ControlNet pipelines
+(SD1.x's or SDXL's, see :mod:`dan.engine.families`); the engine passes the batch's scheduler, prompt
 embeddings, generators (one per image) and step callback, and a :class:`ControlUnit`. The
 control image is given once; diffusers repeats it for every image of the batch.
 """
@@ -37,18 +37,18 @@ from dan.domain import (
     InstalledModel,
     ResizeMode,
 )
-from dan.engine.checkpoint import fill_module
-from dan.engine.controlnet_detect import (
+from dan.engine.control.layout import (
     ControlNetError,
     StateDict,
-    detect_controlnet_config,
     is_sdxl_controlnet,
+    read_controlnet_config,
     to_diffusers_names,
 )
 from dan.engine.families import PipelineTask, family_of_pipeline
-from dan.engine.img2img import is_inpainting_unet, through_vae, validate_img2img
-from dan.engine.masks import crop_region, fit_image, paste_back, prepare_mask, to_rgb
-from dan.engine.prompts import PromptEmbeds
+from dan.engine.generation.img2img import is_inpainting_unet, through_vae, validate_img2img
+from dan.engine.generation.masks import crop_region, fit_image, paste_back, prepare_mask, to_rgb
+from dan.engine.generation.prompts import PromptEmbeds
+from dan.engine.loading.checkpoint import fill_module
 from dan.errors import EngineError
 
 __all__ = [
@@ -126,7 +126,7 @@ def load_controlnet(
 
     tensors = read_controlnet_state_dict(path)
     try:
-        config = detect_controlnet_config(tensors, unet)
+        config = read_controlnet_config(tensors, unet)
     except (KeyError, IndexError) as exc:
         raise ControlNetError(f"{path.name}: incomplete ControlNet, no tensor {exc}") from exc
     if unet is not None:
@@ -262,8 +262,8 @@ class _Run:
     scheduler: Any
 
     def copies(self, image: Image.Image) -> list[Image.Image]:
-        """``image`` once per image of the batch (see dan.engine.img2img: each image's input
-        is encoded with its own generator)."""
+        """``image`` once per image of the batch (see dan.engine.generation.img2img: each image's
+        input is encoded with its own generator)."""
         return [image] * int(self.denoise["num_images_per_prompt"])
 
 
@@ -290,7 +290,9 @@ def controlled_txt2img(
     """
     unit.validate()
     if request.hires is not None:
-        raise EngineError("a request with hires fix runs through dan.engine.hires.hires_fix")
+        raise EngineError(
+            "a request with hires fix runs through dan.engine.generation.hires.hires_fix"
+        )
     embeds = PromptEmbeds(
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
     )
@@ -316,7 +318,8 @@ def controlled_img2img(
     generator: list[torch.Generator],
     callback_on_step_end: Any,
 ) -> list[Image.Image]:
-    """:func:`~dan.engine.img2img.run_img2img` with ``unit`` conditioning every denoising call.
+    """:func:`~dan.engine.generation.img2img.run_img2img` with ``unit`` conditioning every
+    denoising call.
 
     Same sizes, strength semantics and inpainting guarantee (pixels where the prepared mask is 0
     are the fitted init image's, byte for byte). For ONLY_MASKED inpainting the control image is

@@ -1,0 +1,1 @@
+"""LoRAs: kohya-format LoRA and LyCORIS files read once and applied per task, never leaked."""
