@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from dan.domain import InstalledModel, ModelKind
 from dan.engine.loading.checkpoint import load_sd_pipeline
-from dan.engine.loading.lora.stack import LoraCache, LoraError, LoraStack, adapter_name
+from dan.engine.loading.lora.files import LoraCache, LoraError, adapter_name
+from dan.engine.loading.lora.stack import LoraStack
 from tests.fixtures.tiny_lora import (
     kohya_state_dict,
     random_lora,

@@ -30,7 +30,7 @@ from dan.engine.interrogation import clip_ranker
 from dan.engine.interrogation.blip import read_blip_state
 from dan.engine.interrogation.deepdanbooru import read_tagger_file
 from dan.engine.loading.checkpoint import load_sd_pipeline, read_state_dict
-from dan.engine.loading.lora.stack import read_lora
+from dan.engine.loading.lora.files import read_lora
 from dan.engine.upscaling.upscale_models import load_upscaler
 from dan.errors import EngineError, FatalEngineError
 

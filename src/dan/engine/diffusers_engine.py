@@ -49,7 +49,8 @@ from dan.engine.interrogation.interrogate import Interrogators
 from dan.engine.loading.cache import LoadedCheckpoint, PipelineCache, WarmModel, pipeline_bytes
 from dan.engine.loading.device import pick_device, pick_dtype
 from dan.engine.loading.embeddings import embeddings_applied
-from dan.engine.loading.lora.stack import LoraCache, LoraStack
+from dan.engine.loading.lora.files import LoraCache
+from dan.engine.loading.lora.stack import LoraStack
 from dan.engine.loading.vae import VaeFiles, swapped_vae
 from dan.engine.upscaling.upscale import upscale
 from dan.engine.upscaling.upscale_models import UpscalerModels
