@@ -157,7 +157,7 @@ def test_the_engine_uses_the_body_model_when_the_request_names_it(
     photo = portrait().resize((128, 150))
     # mediapipe finds her; the random-weight body model, when named, finds nobody.
     plain = DetectRequest("task/input.png", "openpose")
-    assert np.asarray(engine.detect(plain, photo, {}, lambda *s: None)).any()
+    assert np.asarray(engine.annotate(plain, photo, {}, lambda *s: None)).any()
     with_body = DetectRequest("task/input.png", "openpose", pose_model=model.ref)
     with pytest.raises(EngineError, match="found no person"):
-        engine.detect(with_body, photo, {model.sha256: model}, lambda *s: None)
+        engine.annotate(with_body, photo, {model.sha256: model}, lambda *s: None)

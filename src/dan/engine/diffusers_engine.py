@@ -148,7 +148,7 @@ class DiffusersEngine:
         with _engine_errors(f"{image.width}x{image.height} x {request.rate:g}"):
             return upscale(request, image, files, models=self.upscalers, progress=progress)
 
-    def detect(
+    def annotate(
         self, request: DetectRequest, image: Image, files: ModelFiles, progress: ProgressCallback
     ) -> Image:
         control = preprocess(
