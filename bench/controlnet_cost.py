@@ -36,8 +36,9 @@ from diffusers import ControlNetModel, StableDiffusionPipeline
 
 from bench.overhead import PROMPT, make_checkpoint
 from dan.domain import GenerationRequest, ModelRef
-from dan.engine.control.controlnet import ControlUnit, controlled_txt2img, load_controlnet
+from dan.engine.control.controlnet import load_controlnet
 from dan.engine.control.layout import base_controlnet_config
+from dan.engine.control.runs import ControlUnit, controlled_txt2img
 from dan.engine.generation.prompts import encode_prompts
 from dan.engine.generation.samplers import make_scheduler
 from dan.engine.loading.checkpoint import load_sd_pipeline

@@ -30,19 +30,13 @@ from dan.domain import (
     UpscalerChoice,
     UpscaleRequest,
 )
-from dan.engine.control.controlnet import (
-    ControlNetCache,
-    ControlNetError,
-    ControlUnit,
-    controlled_img2img,
-    controlled_txt2img,
-    load_controlnet,
-)
+from dan.engine.control.controlnet import ControlNetCache, ControlNetError, load_controlnet
 from dan.engine.control.layout import (
     base_controlnet_config,
     read_controlnet_config,
     to_diffusers_names,
 )
+from dan.engine.control.runs import ControlUnit, controlled_img2img, controlled_txt2img
 from dan.engine.diffusers_engine import DiffusersEngine
 from dan.engine.generation.hires import hires_fix, second_pass_steps
 from dan.engine.generation.masks import fit_image, prepare_mask

@@ -32,14 +32,10 @@ from dan.domain import (
     ProgressCallback,
     UpscaleRequest,
 )
-from dan.engine.control.controlnet import (
-    ControlNetCache,
-    ControlUnit,
-    controlled_img2img,
-    controlled_txt2img,
-)
+from dan.engine.control.controlnet import ControlNetCache
 from dan.engine.control.openpose_body import OpenPoseBody
 from dan.engine.control.preprocess import PoseEstimator, preprocess
+from dan.engine.control.runs import ControlUnit, controlled_img2img, controlled_txt2img
 from dan.engine.families import load_checkpoint
 from dan.engine.generation.hires import hires_fix
 from dan.engine.generation.img2img import run_img2img, validate_img2img

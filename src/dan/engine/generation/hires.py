@@ -28,7 +28,7 @@ import torch
 from PIL.Image import Image
 
 from dan.domain import GenerationRequest, HiresFix, ModelFiles, ProgressCallback, hires_size
-from dan.engine.control.controlnet import ControlUnit
+from dan.engine.control.runs import ControlUnit
 from dan.engine.families import family_of_pipeline
 from dan.engine.generation.preview import LatentsSink, step_callback
 from dan.engine.generation.prompts import PromptEmbeds
