@@ -14,8 +14,8 @@ Rooms, by what they do (each sub-package's ``__init__`` only documents; import i
   (``architecture/``), the pipeline cache, devices, VAEs, embeddings, tokenizers, LoRAs.
 - ``generation/`` denoising runs: txt2img, img2img and inpainting, hires fix, prompt weighting,
   samplers, step previews, masks.
-- ``control/`` ControlNet: the models and their state-dict layout, and the preprocessors
-  (annotators) that turn a picture into a control map.
+- ``control/`` ControlNet: the models, their state-dict layout, generation under them, and the
+  preprocessors (annotators) that turn a picture into a control map.
 - ``upscaling/`` resizers and super-resolution models.
 - ``interrogation/`` captions and tags for a picture (BLIP, CLIP ranking, DeepDanbooru).
 - ``configs/`` the diffusers configs DAN ships, read by ``loading/`` and ``control/``.
