@@ -36,12 +36,13 @@ from diffusers import ControlNetModel, StableDiffusionPipeline
 
 from bench.overhead import PROMPT, make_checkpoint
 from dan.domain import GenerationRequest, ModelRef
-from dan.engine.checkpoint import load_sd_pipeline
-from dan.engine.controlnet import ControlUnit, controlled_txt2img, load_controlnet
-from dan.engine.controlnet_detect import base_controlnet_config
-from dan.engine.device import pick_device, pick_dtype
-from dan.engine.prompts import encode_prompts
-from dan.engine.samplers import make_scheduler
+from dan.engine.control.controlnet import load_controlnet
+from dan.engine.control.layout import base_controlnet_config
+from dan.engine.control.runs import ControlUnit, controlled_txt2img
+from dan.engine.generation.prompts import encode_prompts
+from dan.engine.generation.samplers import make_scheduler
+from dan.engine.loading.checkpoint import load_sd_pipeline
+from dan.engine.loading.device import pick_device, pick_dtype
 from tests.fixtures.tiny_controlnet import build_tiny_controlnet
 
 

@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dan.config import Settings
 from dan.domain import GenerationRequest, InstalledModel, ModelKind
-from dan.engine.checkpoint import load_sd_pipeline
-from dan.engine.compiled import FastUNet
-from dan.engine.samplers import make_scheduler
-from dan.engine.sd import DiffusersEngine
+from dan.engine.diffusers_engine import DiffusersEngine
+from dan.engine.generation.compiled import FastUNet
+from dan.engine.generation.samplers import make_scheduler
+from dan.engine.loading.checkpoint import load_sd_pipeline
 
 PROMPT = "a lighthouse on a cliff at dawn, dramatic sky"
 SEED = 1234

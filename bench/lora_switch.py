@@ -33,9 +33,10 @@ from diffusers import EulerAncestralDiscreteScheduler
 
 from bench.overhead import PROMPT, make_checkpoint
 from dan.domain import InstalledModel, ModelKind
-from dan.engine.checkpoint import load_sd_pipeline
-from dan.engine.device import pick_device, pick_dtype
-from dan.engine.lora import LoraCache, LoraStack
+from dan.engine.loading.checkpoint import load_sd_pipeline
+from dan.engine.loading.device import pick_device, pick_dtype
+from dan.engine.loading.lora.files import LoraCache
+from dan.engine.loading.lora.stack import LoraStack
 from tests.fixtures.tiny_lora import LoraLayer, random_lora, write_lora
 
 GiB = 2**30

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers import EulerAncestralDiscreteScheduler
 
-from dan.engine.checkpoint import load_sd_pipeline
-from dan.engine.detect import base_configs
-from dan.engine.device import pick_device, pick_dtype
+from dan.engine.loading.architecture.sd15 import base_configs
+from dan.engine.loading.checkpoint import load_sd_pipeline
+from dan.engine.loading.device import pick_device, pick_dtype
 from tests.fixtures.server import start_server
 from tests.fixtures.tiny_sd import a1111_state_dict, build_models, write_checkpoint
 

@@ -20,8 +20,8 @@ import time
 import torch
 from diffusers import UNet2DConditionModel
 
-from dan.engine.detect import base_configs as sd15_configs
-from dan.engine.families.sdxl_detect import base_configs as sdxl_configs
+from dan.engine.loading.architecture.sd15 import base_configs as sd15_configs
+from dan.engine.loading.architecture.sdxl import base_configs as sdxl_configs
 
 
 def step_seconds(

@@ -60,8 +60,8 @@ from safetensors.torch import load_file, save_file
 from bench.overhead import make_checkpoint
 from dan.config import Settings
 from dan.domain import GenerationRequest, InstalledModel, ModelKind, ModelRef
-from dan.engine.device import pick_dtype
-from dan.engine.sd import DiffusersEngine
+from dan.engine.diffusers_engine import DiffusersEngine
+from dan.engine.loading.device import pick_dtype
 from dan.imaging import encode_png, infotext, picture_distance
 from dan.samplers import SAMPLERS
 from tests.fixtures.tiny_sd import CLIP

@@ -3,8 +3,8 @@
 A request names a sampler (``sampler_name``) and a schedule type (``scheduler``, as A1111 1.9+
 has it). Before 1.9, A1111 wrote both in one name ("DPM++ 2M Karras"); such a name still works
 and means that sampler on that schedule. :func:`choose` turns what a client sent into DAN's
-pair, or refuses it naming the field and what is valid; ``dan.engine.samplers`` maps the pair
-onto a diffusers scheduler.
+pair, or refuses it naming the field and what is valid; ``dan.engine.generation.samplers`` maps
+the pair onto a diffusers scheduler.
 
 DAN's ``Automatic`` is the sampler's own schedule: the uniform one of A1111's k-diffusion
 samplers (A1111's "Uniform"), the native timesteps of DDIM, UniPC, LCM and DDPM. That is what

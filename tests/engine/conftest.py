@@ -11,7 +11,7 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 
 from dan.domain import InstalledModel, ModelKind, ModelRef, ProgressCallback, UpscalerChoice
-from dan.engine.upscale_models import UpscalerModels
+from dan.engine.upscaling.upscale_models import UpscalerModels
 from tests.fixtures.tiny_sd import TinySd, build_tiny_sd, write_checkpoint
 from tests.fixtures.tiny_upscaler import esrgan_state_dict, write_upscaler
 

@@ -32,7 +32,7 @@ from dan.domain import (
     ResizeMode,
     UpscalerChoice,
 )
-from dan.engine.sd import DiffusersEngine
+from dan.engine.diffusers_engine import DiffusersEngine
 from tests.fixtures.tiny_controlnet import (
     build_tiny_controlnet,
     original_state_dict,

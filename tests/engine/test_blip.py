@@ -11,7 +11,7 @@ import torch
 from PIL import Image as PILImage
 from PIL.Image import Image
 
-from dan.engine.blip import PROMPT, BlipCaptioner, text_config, vision_config
+from dan.engine.interrogation.blip import PROMPT, BlipCaptioner, text_config, vision_config
 from dan.errors import EngineError
 from tests.fixtures.tiny_blip import blip_state_dict, write_blip_checkpoint, write_vocabulary
 

@@ -1,4 +1,4 @@
-"""Loading SD1.x single-file checkpoints: detection, key mapping, pipelines, refusals."""
+"""Loading SD1.x single-file checkpoints: architecture, key mapping, pipelines, refusals."""
 
 from __future__ import annotations
 
@@ -11,8 +11,13 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from dan.engine.checkpoint import load_sd_pipeline, read_state_dict, write_config_folder
-from dan.engine.detect import CONFIG_FILES, UNET, base_configs, detect_architecture
+from dan.engine.loading.architecture.sd15 import (
+    CONFIG_FILES,
+    UNET,
+    base_configs,
+    read_sd1_architecture,
+)
+from dan.engine.loading.checkpoint import load_sd_pipeline, read_state_dict, write_config_folder
 from dan.errors import UnsupportedCheckpoint
 from tests.fixtures.tiny_sd import (
     CLIP,
@@ -53,13 +58,13 @@ def generate(pipeline: StableDiffusionPipeline, seed: int) -> np.ndarray:
     return np.asarray(result.images[0])
 
 
-# --- detection -----------------------------------------------------------------------------
+# --- architecture --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("in_channels", "variant"), [(4, "sd1"), (9, "sd1-inpaint")])
-def test_detects_the_tiny_architectures(tmp_path: Path, in_channels: int, variant: str) -> None:
+def test_reads_the_tiny_architectures(tmp_path: Path, in_channels: int, variant: str) -> None:
     path = write_tiny_checkpoint(tmp_path / "tiny.safetensors", in_channels=in_channels)
-    architecture = detect_architecture(read_state_dict(path, allow_ckpt=False))
+    architecture = read_sd1_architecture(read_state_dict(path, allow_ckpt=False))
     expected = tiny_configs(in_channels=in_channels)
     assert architecture.variant == variant
     assert architecture.unet == expected["unet"]
@@ -80,7 +85,7 @@ def sd15_shaped_state_dict() -> dict[str, torch.Tensor]:
 def test_real_sd15_shapes_yield_exactly_the_shipped_configs(
     sd15_shaped_state_dict: dict[str, torch.Tensor],
 ) -> None:
-    architecture = detect_architecture(sd15_shaped_state_dict)
+    architecture = read_sd1_architecture(sd15_shaped_state_dict)
     base = base_configs()
     assert architecture.variant == "sd1"
     assert architecture.unet == base["unet"]
@@ -94,7 +99,7 @@ def test_real_sd15_inpainting_shapes_give_the_inpaint_variant(
 ) -> None:
     state_dict = dict(sd15_shaped_state_dict)
     state_dict[UNET + "input_blocks.0.0.weight"] = torch.empty(320, 9, 3, 3, device="meta")
-    architecture = detect_architecture(state_dict)
+    architecture = read_sd1_architecture(state_dict)
     assert architecture.variant == "sd1-inpaint"
     assert architecture.unet == {**base_configs()["unet"], "in_channels": 9}
 
@@ -132,7 +137,7 @@ def test_context_width_that_does_not_match_the_text_encoder_is_rejected(tiny_sd:
         for key, tensor in tiny_sd.state_dict.items()
     }
     with pytest.raises(UnsupportedCheckpoint, match="cross-attention width 1024 does not match"):
-        detect_architecture(state_dict)
+        read_sd1_architecture(state_dict)
 
 
 @pytest.mark.parametrize(
@@ -145,7 +150,7 @@ def test_context_width_that_does_not_match_the_text_encoder_is_rejected(tiny_sd:
 )
 def test_other_model_families_are_rejected(tiny_sd: TinySd, key: str, found: str) -> None:
     with pytest.raises(UnsupportedCheckpoint, match=found):
-        detect_architecture({**tiny_sd.state_dict, key: torch.zeros(1)})
+        read_sd1_architecture({**tiny_sd.state_dict, key: torch.zeros(1)})
 
 
 def test_a_checkpoint_without_vae_is_rejected(tiny_sd: TinySd) -> None:
@@ -153,7 +158,7 @@ def test_a_checkpoint_without_vae_is_rejected(tiny_sd: TinySd) -> None:
         k: v for k, v in tiny_sd.state_dict.items() if not k.startswith("first_stage_model.")
     }
     with pytest.raises(UnsupportedCheckpoint, match=r"no VAE \(first_stage_model"):
-        detect_architecture(state_dict)
+        read_sd1_architecture(state_dict)
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -287,14 +292,14 @@ def test_a_missing_tensor_is_named(tiny_sd: TinySd, tmp_path: Path, engine_cache
 def test_config_folder_is_written_once_per_architecture(
     tiny_sd: TinySd, tiny_inpaint_sd: TinySd, tmp_path: Path
 ) -> None:
-    architecture = detect_architecture(tiny_sd.state_dict)
+    architecture = read_sd1_architecture(tiny_sd.state_dict)
     folder = write_config_folder(architecture, tmp_path)
     assert write_config_folder(architecture, tmp_path) == folder
     assert folder.parent == tmp_path / "configs"
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no staging left
     assert json.loads((folder / CONFIG_FILES["unet"]).read_text()) == architecture.unet
     assert (folder / "tokenizer" / "vocab.json").is_file()
-    inpaint = write_config_folder(detect_architecture(tiny_inpaint_sd.state_dict), tmp_path)
+    inpaint = write_config_folder(read_sd1_architecture(tiny_inpaint_sd.state_dict), tmp_path)
     assert inpaint != folder
 
 
@@ -303,7 +308,7 @@ def test_diffusers_from_single_file_accepts_the_config_folder(
 ) -> None:
     # An independent check of the fixture's A1111 layout and of the folder: diffusers' own
     # loader reads the same weights from the file.
-    architecture = detect_architecture(tiny_sd.state_dict)
+    architecture = read_sd1_architecture(tiny_sd.state_dict)
     folder = write_config_folder(architecture, engine_cache_dir)
     pipeline = StableDiffusionPipeline.from_single_file(
         str(tiny_checkpoint), config=str(folder), local_files_only=True

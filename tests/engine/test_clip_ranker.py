@@ -12,7 +12,7 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 from safetensors.torch import load_file
 
-from dan.engine.clip_ranker import ClipRanker, TermList, packaged_term_lists
+from dan.engine.interrogation.clip_ranker import ClipRanker, TermList, packaged_term_lists
 from dan.errors import EngineError
 from tests.fixtures.tiny_clip import clip_state_dict, write_state_dict, write_torchscript
 

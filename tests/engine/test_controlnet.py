@@ -30,27 +30,21 @@ from dan.domain import (
     UpscalerChoice,
     UpscaleRequest,
 )
-from dan.engine.checkpoint import load_sd_pipeline
-from dan.engine.controlnet import (
-    ControlNetCache,
-    ControlNetError,
-    ControlUnit,
-    controlled_img2img,
-    controlled_txt2img,
-    load_controlnet,
-)
-from dan.engine.controlnet_detect import (
+from dan.engine.control.controlnet import ControlNetCache, ControlNetError, load_controlnet
+from dan.engine.control.layout import (
     base_controlnet_config,
-    detect_controlnet_config,
+    read_controlnet_config,
     to_diffusers_names,
 )
-from dan.engine.detect import base_configs
-from dan.engine.hires import hires_fix, second_pass_steps
-from dan.engine.masks import fit_image, prepare_mask
-from dan.engine.prompts import PromptEmbeds, encode_prompts
-from dan.engine.samplers import make_scheduler
-from dan.engine.sd import DiffusersEngine
-from dan.engine.upscale_models import UpscalerModels
+from dan.engine.control.runs import ControlUnit, controlled_img2img, controlled_txt2img
+from dan.engine.diffusers_engine import DiffusersEngine
+from dan.engine.generation.hires import hires_fix, second_pass_steps
+from dan.engine.generation.masks import fit_image, prepare_mask
+from dan.engine.generation.prompts import PromptEmbeds, encode_prompts
+from dan.engine.generation.samplers import make_scheduler
+from dan.engine.loading.architecture.sd15 import base_configs
+from dan.engine.loading.checkpoint import load_sd_pipeline
+from dan.engine.upscaling.upscale_models import UpscalerModels
 from dan.errors import EngineError
 from tests.fixtures.tiny_controlnet import (
     build_tiny_controlnet,
@@ -112,7 +106,7 @@ def test_sd15_layout_gives_the_shipped_config() -> None:
         unet = UNet2DConditionModel.from_config(base_configs()["unet"])
     tensors = to_diffusers_names(original_state_dict(controlnet, unet.config))
     assert tensors.keys() == controlnet.state_dict().keys()
-    detected = detect_controlnet_config(tensors)
+    detected = read_controlnet_config(tensors)
     assert {k: detected[k] for k in shipped} == shipped
     assert detected["conditioning_channels"] == 3
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image as PILImage
 from PIL.Image import Image
 
-from dan.engine.deepdanbooru import (
+from dan.engine.interrogation.deepdanbooru import (
     HEAD_KEY,
     TAGS_KEY,
     DeepDanbooru,

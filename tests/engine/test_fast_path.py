@@ -1,6 +1,6 @@
-"""The CPU fast path (dan.engine.compiled): plain requests take the UNet compiled by inductor
-with frozen weights once the background compile of their shape is done; images stay within
-bf16 rounding of the plain path; LoRA requests never take it. The routing rules are tested on
+"""The CPU fast path (dan.engine.generation.compiled): plain requests take the UNet compiled
+by inductor with frozen weights once the background compile of their shape is done; images stay
+within bf16 rounding of the plain path; LoRA requests never take it. The routing rules are tested on
 the tiny UNet with stand-in compilers (the seam ``compile_fn``), the real compile once."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from diffusers import UNet2DConditionModel
 
 from dan.config import Settings
 from dan.domain import GenerationRequest, InstalledModel, LoraSpec, ModelKind
-from dan.engine.compiled import Compiler, FastUNet, UNetCall
-from dan.engine.sd import DiffusersEngine
+from dan.engine.diffusers_engine import DiffusersEngine
+from dan.engine.generation.compiled import Compiler, FastUNet, UNetCall
 from tests.fixtures.tiny_lora import write_tiny_lora
 
 CHECKPOINT, LORA = "f" * 64, "e" * 64

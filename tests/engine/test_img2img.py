@@ -22,9 +22,8 @@ from dan.domain import (
     ModelRef,
     ResizeMode,
 )
-from dan.engine.checkpoint import load_sd_pipeline
-from dan.engine.img2img import run_img2img
-from dan.engine.masks import (
+from dan.engine.generation.img2img import run_img2img
+from dan.engine.generation.masks import (
     crop_region,
     fill_masked,
     fit_image,
@@ -32,8 +31,9 @@ from dan.engine.masks import (
     prepare_mask,
     to_rgb,
 )
-from dan.engine.prompts import encode_prompts
-from dan.engine.samplers import make_scheduler
+from dan.engine.generation.prompts import encode_prompts
+from dan.engine.generation.samplers import make_scheduler
+from dan.engine.loading.checkpoint import load_sd_pipeline
 from dan.errors import EngineError
 from dan.samplers import SAMPLER_INFO, SAMPLERS, choose
 

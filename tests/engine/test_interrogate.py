@@ -12,9 +12,9 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 
 from dan.domain import InstalledModel, InterrogateRequest, ModelKind, ModelRef
-from dan.engine.clip_ranker import packaged_term_lists
-from dan.engine.deepdanbooru import DeepDanbooru, format_tag
-from dan.engine.interrogate import Interrogators
+from dan.engine.interrogation.clip_ranker import packaged_term_lists
+from dan.engine.interrogation.deepdanbooru import DeepDanbooru, format_tag
+from dan.engine.interrogation.interrogate import Interrogators
 from dan.errors import EngineError
 from dan.models.hashing import sha256_file
 from tests.fixtures.tiny_blip import blip_state_dict, write_blip_checkpoint, write_vocabulary

@@ -14,8 +14,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 from dan.domain import InstalledModel, ModelKind
-from dan.engine.checkpoint import load_sd_pipeline
-from dan.engine.lora import LoraCache, LoraError, LoraStack, adapter_name
+from dan.engine.loading.checkpoint import load_sd_pipeline
+from dan.engine.loading.lora.files import LoraCache, LoraError, adapter_name
+from dan.engine.loading.lora.stack import LoraStack
 from tests.fixtures.tiny_lora import (
     kohya_state_dict,
     random_lora,

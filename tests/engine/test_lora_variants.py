@@ -13,7 +13,9 @@ import torch
 
 from dan.domain import InstalledModel
 from dan.engine.families import load_checkpoint
-from dan.engine.lora import LoraCache, LoraError, LoraStack, lycoris_delta
+from dan.engine.loading.lora.files import LoraCache, LoraError
+from dan.engine.loading.lora.lycoris import lycoris_delta
+from dan.engine.loading.lora.stack import LoraStack
 from tests.engine.test_lora import RANK, assert_exact, base_weights, installed
 from tests.fixtures.tiny_lora import (
     LoraLayers,

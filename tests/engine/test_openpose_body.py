@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from dan.engine.openpose_body import BodyPoseNet, OpenPoseBody, original_key
-from dan.engine.preprocess import Keypoints
+from dan.engine.control.openpose_body import BodyPoseNet, OpenPoseBody, original_key
+from dan.engine.control.preprocess import Keypoints
 from dan.errors import EngineError
 
 CPU = torch.device("cpu")
@@ -148,7 +148,7 @@ def test_the_engine_uses_the_body_model_when_the_request_names_it(
 ) -> None:
     from dan.config import Settings
     from dan.domain import DetectRequest, InstalledModel, ModelKind
-    from dan.engine.sd import DiffusersEngine
+    from dan.engine.diffusers_engine import DiffusersEngine
     from dan.models.hashing import sha256_file
     from tests.engine.test_preprocess import portrait
 
@@ -157,7 +157,7 @@ def test_the_engine_uses_the_body_model_when_the_request_names_it(
     photo = portrait().resize((128, 150))
     # mediapipe finds her; the random-weight body model, when named, finds nobody.
     plain = DetectRequest("task/input.png", "openpose")
-    assert np.asarray(engine.detect(plain, photo, {}, lambda *s: None)).any()
+    assert np.asarray(engine.annotate(plain, photo, {}, lambda *s: None)).any()
     with_body = DetectRequest("task/input.png", "openpose", pose_model=model.ref)
     with pytest.raises(EngineError, match="found no person"):
-        engine.detect(with_body, photo, {model.sha256: model}, lambda *s: None)
+        engine.annotate(with_body, photo, {model.sha256: model}, lambda *s: None)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dan.engine.openpose_decode import PAF_INDEX, PAF_LIMBS, decode_people
-from dan.engine.preprocess import JOINTS, LIMBS, Keypoints
+from dan.engine.control.openpose_decode import PAF_INDEX, PAF_LIMBS, decode_people
+from dan.engine.control.preprocess import JOINTS, LIMBS, Keypoints
 from dan.errors import EngineError
 
 Point = tuple[float, float]

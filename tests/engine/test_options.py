@@ -15,10 +15,10 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from dan.config import Settings
 from dan.domain import GenerationRequest, InstalledModel, ModelKind, ModelRef
-from dan.engine.checkpoint import load_sd_pipeline
-from dan.engine.detect import VAE
-from dan.engine.prompts import encode_prompts
-from dan.engine.sd import DiffusersEngine
+from dan.engine.diffusers_engine import DiffusersEngine
+from dan.engine.generation.prompts import encode_prompts
+from dan.engine.loading.architecture.sd15 import VAE
+from dan.engine.loading.checkpoint import load_sd_pipeline
 from dan.errors import EngineError
 from tests.fixtures.tiny_options import (
     embedding_vectors,

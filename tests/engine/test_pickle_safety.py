@@ -24,14 +24,14 @@ import pytest
 import torch
 
 from dan.domain import InstalledModel, ModelKind
-from dan.engine import clip_ranker
-from dan.engine.blip import read_blip_state
-from dan.engine.checkpoint import load_sd_pipeline, read_state_dict
-from dan.engine.controlnet import load_controlnet
-from dan.engine.deepdanbooru import read_tagger_file
-from dan.engine.lora import read_lora
-from dan.engine.openpose_body import OpenPoseBody
-from dan.engine.upscale_models import load_upscaler
+from dan.engine.control.controlnet import load_controlnet
+from dan.engine.control.openpose_body import OpenPoseBody
+from dan.engine.interrogation import clip_ranker
+from dan.engine.interrogation.blip import read_blip_state
+from dan.engine.interrogation.deepdanbooru import read_tagger_file
+from dan.engine.loading.checkpoint import load_sd_pipeline, read_state_dict
+from dan.engine.loading.lora.files import read_lora
+from dan.engine.upscaling.upscale_models import load_upscaler
 from dan.errors import EngineError, FatalEngineError
 
 CPU = torch.device("cpu")

@@ -10,7 +10,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 from PIL.Image import Image
 
-from dan.engine.preprocess import (
+from dan.engine.control.preprocess import (
     COLORS,
     JOINTS,
     LIMBS,

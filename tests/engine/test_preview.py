@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dan.engine.preview import LatentPreviewer
+from dan.engine.generation.preview import LatentPreviewer
 
 
 class LinearVae(nn.Module):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from dan.engine.prompts import (
+from dan.engine.generation.prompts import (
     BREAK_FRAGMENT,
     PromptChunk,
     apply_emphasis,
@@ -17,7 +17,7 @@ from dan.engine.prompts import (
     parse_prompt_attention,
     tokenize_prompt,
 )
-from dan.engine.tokenizer import ensure_tokenizer
+from dan.engine.loading.tokenizer import ensure_tokenizer
 from dan.errors import InvalidArgument
 from dan.prompt_tags import extract_lora_tags
 

@@ -22,7 +22,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from dan.engine.samplers import make_scheduler
+from dan.engine.generation.samplers import make_scheduler
 from dan.samplers import AUTOMATIC, SAMPLER_INFO, SAMPLER_TABLE, SamplerRefused
 
 # SD1.5's scheduler/scheduler_config.json.

@@ -19,9 +19,9 @@ from dan.domain import (
     ModelRef,
     ProgressCallback,
 )
-from dan.engine.checkpoint import load_sd_pipeline
-from dan.engine.device import pick_dtype
-from dan.engine.sd import DiffusersEngine, _engine_errors
+from dan.engine.diffusers_engine import DiffusersEngine, _engine_errors
+from dan.engine.loading.checkpoint import load_sd_pipeline
+from dan.engine.loading.device import pick_dtype
 from dan.errors import EngineError, FatalEngineError, TaskCancelled, UnsupportedCheckpoint
 from dan.samplers import SAMPLERS
 from tests.fixtures.tiny_sd import CLIP, TinySd, write_checkpoint, write_tiny_checkpoint

@@ -1,4 +1,4 @@
-"""SDXL single-file checkpoints: detection, offline loading, prompts and every generation path,
+"""SDXL single-file checkpoints: architecture, offline loading, prompts and every generation path,
 on tiny SDXL-architecture checkpoints built at test time (tests/fixtures/tiny_sdxl.py)."""
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from dan.domain import (
     ResizeMode,
     UpscalerChoice,
 )
+from dan.engine.diffusers_engine import DiffusersEngine
 from dan.engine.families import family_of_state_dict, load_checkpoint
 from dan.engine.families.sdxl import encode_sdxl_prompts
-from dan.engine.families.sdxl_detect import base_configs, detect_sdxl_architecture
-from dan.engine.sd import DiffusersEngine
+from dan.engine.loading.architecture.sdxl import base_configs, read_sdxl_architecture
 from dan.errors import UnsupportedCheckpoint
 from tests.fixtures.tiny_sd import write_checkpoint
 from tests.fixtures.tiny_sdxl import (
@@ -107,14 +107,14 @@ def pixels(image: Image) -> np.ndarray[Any, Any]:
     return np.asarray(image, dtype=int)
 
 
-# --- detection and loading -----------------------------------------------------------------
+# --- architecture and loading --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("in_channels, variant", [(4, "sdxl"), (9, "sdxl-inpaint")])
 def test_tiny_architecture_is_read_from_the_tensors(in_channels: int, variant: str) -> None:
     with torch.device("meta"):
         tiny = build_tiny_sdxl(in_channels=in_channels)
-    architecture = detect_sdxl_architecture(tiny.state_dict)
+    architecture = read_sdxl_architecture(tiny.state_dict)
     expected = tiny_sdxl_configs(in_channels=in_channels)
     assert architecture.variant == variant
     assert architecture.unet == expected["unet"]
@@ -123,7 +123,7 @@ def test_tiny_architecture_is_read_from_the_tensors(in_channels: int, variant: s
     assert architecture.text_encoder_2 == expected["text_encoder_2"]
 
 
-def test_full_size_sdxl_is_detected_as_the_shipped_configs() -> None:
+def test_full_size_sdxl_reads_as_the_shipped_configs() -> None:
     # The real layout at full size, on meta tensors: what a 6.9 GB file's keys and shapes say.
     configs = base_configs()
     with torch.device("meta"):
@@ -132,7 +132,7 @@ def test_full_size_sdxl_is_detected_as_the_shipped_configs() -> None:
         clip_l = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
         open_clip = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"]))
         state_dict = sgm_state_dict(unet, vae, clip_l, open_clip)
-    architecture = detect_sdxl_architecture(state_dict)
+    architecture = read_sdxl_architecture(state_dict)
     assert architecture.variant == "sdxl"
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         assert getattr(architecture, name) == configs[name], name
@@ -160,10 +160,10 @@ def test_refiner_and_incomplete_files_are_refused_by_what_they_hold(
         if not k.startswith("conditioner.embedders.0.")
     }
     with pytest.raises(UnsupportedCheckpoint, match="SDXL refiner"):
-        detect_sdxl_architecture(refiner)
+        read_sdxl_architecture(refiner)
     no_vae = {k: v for k, v in tiny_sdxl.state_dict.items() if not k.startswith("first_stage")}
     with pytest.raises(UnsupportedCheckpoint, match=r"no VAE \(first_stage_model"):
-        detect_sdxl_architecture(no_vae)
+        read_sdxl_architecture(no_vae)
 
 
 # --- prompts -------------------------------------------------------------------------------

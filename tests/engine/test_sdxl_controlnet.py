@@ -31,10 +31,10 @@ from dan.domain import (
     ResizeMode,
     UpscalerChoice,
 )
-from dan.engine.controlnet import load_controlnet
-from dan.engine.controlnet_detect import detect_controlnet_config, to_diffusers_names
+from dan.engine.control.controlnet import load_controlnet
+from dan.engine.control.layout import read_controlnet_config, to_diffusers_names
+from dan.engine.diffusers_engine import DiffusersEngine
 from dan.engine.families import load_checkpoint
-from dan.engine.sd import DiffusersEngine
 from dan.errors import EngineError
 from dan.models.families import family_of_file
 from tests.fixtures.tiny_controlnet import build_tiny_controlnet, write_diffusers
@@ -168,7 +168,7 @@ def test_the_original_layout_names_sdxls_size_embedding() -> None:
 
 
 def test_shapes_alone_give_sdxls_own_values() -> None:
-    config = detect_controlnet_config(
+    config = read_controlnet_config(
         _meta_state_dict(build_tiny_controlnet(build_tiny_sdxl(seed=1).unet))
     )
     assert config["addition_embed_type"] == "text_time"

@@ -23,16 +23,16 @@ from dan.domain import (
     UpscaleRequest,
     hires_size,
 )
-from dan.engine.hires import (
+from dan.engine.diffusers_engine import DiffusersEngine
+from dan.engine.generation.hires import (
     decode_latents,
     denoising_calls,
     hires_fix,
     second_pass_steps,
 )
-from dan.engine.prompts import PromptEmbeds, encode_prompts
-from dan.engine.samplers import make_scheduler
-from dan.engine.sd import DiffusersEngine
-from dan.engine.upscale import (
+from dan.engine.generation.prompts import PromptEmbeds, encode_prompts
+from dan.engine.generation.samplers import make_scheduler
+from dan.engine.upscaling.upscale import (
     IMAGE_UPSCALERS,
     LATENT_UPSCALE_MODES,
     LATENT_UPSCALERS,
@@ -42,7 +42,7 @@ from dan.engine.upscale import (
     upscale_image,
     upscale_latents,
 )
-from dan.engine.upscale_models import UpscalerModels
+from dan.engine.upscaling.upscale_models import UpscalerModels
 from dan.errors import EngineError, TaskCancelled
 from dan.models.catalog import load_catalog
 from tests.engine.conftest import CPU, installed, model_choice, pixels, record_into

@@ -11,8 +11,8 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 
 from dan.domain import InstalledModel
-from dan.engine.upscale import upscale_image
-from dan.engine.upscale_models import UnsupportedUpscaler, UpscalerModels, load_upscaler
+from dan.engine.upscaling.upscale import upscale_image
+from dan.engine.upscaling.upscale_models import UnsupportedUpscaler, UpscalerModels, load_upscaler
 from dan.errors import EngineError
 from tests.engine.conftest import CPU, installed, model_choice, pixels, record_into
 from tests.fixtures.tiny_upscaler import esrgan_state_dict, real_esrgan_state_dict, write_upscaler

@@ -11,18 +11,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
+from dan.api.app import create_app
+from dan.config import Settings
 from dan.domain import ModelKind
 from dan.models.catalog import Catalog, CatalogEntry
 from dan.models.hashing import HashCache
-from dan.workers.a1111.inventory import (
+from dan.services import build_services
+from dan.workers.a1111.client import A1111Client
+from dan.workers.a1111.inventory import A1111Inventory
+from dan.workers.a1111.listings import (
     Identifier,
     catalog_files,
     checkpoints,
     controlnets,
+    embeddings,
     loras,
     models_roots,
     upscalers,
+    vaes,
 )
 
 
@@ -178,3 +186,59 @@ def test_catalog_interrogator_files_in_the_instances_folders(
     assert set(found) == {"model-resnet_custom_v3", "body_pose_model"}
     assert found["model-resnet_custom_v3"].kind == ModelKind.INTERROGATOR
     assert found["body_pose_model"].sha256 == pose
+
+
+def test_vaes_by_a_sha256_key_or_their_filename(tmp_path: Path, ident: Identifier) -> None:
+    fix = write(tmp_path / "webui" / "models" / "VAE" / "sdxl_vae_fix.safetensors")
+    items: list[dict[str, Any]] = [
+        {
+            "model_name": "sdxl_vae_fix.safetensors",
+            "filename": str(tmp_path / "webui/models/VAE/sdxl_vae_fix.safetensors"),
+        },
+        {"model_name": "far.safetensors", "filename": "far.safetensors", "sha256": "C" * 64},
+        {"model_name": "gone.safetensors", "filename": "/nowhere/gone.safetensors"},
+    ]
+    found = {f.model.sha256: f for f in vaes(items, ident)}
+    assert set(found) == {fix, "c" * 64}
+    assert found[fix].call_name == "sdxl_vae_fix.safetensors"  # what sd_vae takes
+    assert (found[fix].model.kind, found[fix].model.name) == (ModelKind.VAE, "sdxl_vae_fix")
+
+
+def test_embeddings_by_a_sha256_key_or_their_file_beside_the_models_folder(
+    tmp_path: Path, ident: Identifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    models = tmp_path / "webui" / "models"
+    hands = write(tmp_path / "webui" / "embeddings" / "goodhands.pt")
+    named: dict[str, Any] = {
+        "goodhands": {"step": None, "shape": 768, "vectors": 2},  # A1111 names no file
+        "xl_only": {"sha256": "D" * 64},  # a DAN server gives the sha256
+        "lost": {"vectors": 1},
+    }
+    with caplog.at_level(logging.WARNING):
+        found = {f.model.sha256: f for f in embeddings(named, [models], ident)}
+    assert set(found) == {hands, "d" * 64}
+    assert found[hands].call_name == "goodhands" and found[hands].model.size == 64
+    assert found["d" * 64].model.kind == ModelKind.EMBEDDING
+    assert "embedding 'lost' left out" in caplog.text
+
+
+def test_a_dan_server_as_the_instance_reports_its_vaes_and_embeddings(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    files = ["checkpoints/base.safetensors", "vaes/clear.safetensors"]
+    files += ["embeddings/goodhands.safetensors"]
+    sha = {name: write(models / name, 128) for name in files}
+    settings = Settings(data_dir=tmp_path / "data", models_dir=models, download=False, worker=False)
+    services = build_services(settings)
+    try:
+        with TestClient(create_app(services)) as http:
+            client = A1111Client(str(http.base_url), http=http)
+            inventory = A1111Inventory(client, HashCache(tmp_path / "hashes"))
+            inventory.refresh()
+            [vae] = inventory.list(ModelKind.VAE)
+            [embedding] = inventory.list(ModelKind.EMBEDDING)
+    finally:
+        services.close()
+    assert vae.sha256 == sha["vaes/clear.safetensors"]
+    assert inventory.call_name(ModelKind.VAE, vae.sha256) == "clear.safetensors"
+    assert embedding.sha256 == sha["embeddings/goodhands.safetensors"]
+    assert inventory.call_name(ModelKind.EMBEDDING, embedding.sha256) == "goodhands"

@@ -70,11 +70,12 @@ class Engine(Protocol):
         """``image`` enlarged ``request.rate`` times."""
         ...
 
-    def detect(
+    def annotate(
         self, request: DetectRequest, image: Image, files: ModelFiles, progress: ProgressCallback
     ) -> Image:
         """The control image a ControlNet preprocessor (canny, openpose, none) makes of ``image``;
-        ``files`` holds the OpenPose body model when the request names one."""
+        ``files`` holds the OpenPose body model when the request names one. (The API and task
+        kind call this "detect", A1111's word; inside the engine it is annotating.)"""
         ...
 
     def interrogate(
@@ -95,6 +96,6 @@ class Engine(Protocol):
 
 def load_engine(settings: Settings) -> Engine:
     """The diffusers engine for ``settings`` (imports torch)."""
-    from dan.engine.sd import DiffusersEngine
+    from dan.engine.diffusers_engine import DiffusersEngine
 
     return DiffusersEngine(settings)

@@ -92,7 +92,7 @@ class FakeEngine:
         progress(1, 1)
         return image.resize(scaled_size(image.size, request.rate), PILImage.Resampling.NEAREST)
 
-    def detect(
+    def annotate(
         self, request: DetectRequest, image: Image, files: ModelFiles, progress: ProgressCallback
     ) -> Image:
         progress(1, 1)

@@ -1,7 +1,7 @@
 """How much memory the worker holds on its device, for dan_worker_device_memory_bytes.
 
 On a CUDA device: what this process's allocator has reserved there, of the device's total
-(torch is asked through dan.engine.device, imported only then). Anywhere else (the CPU, the fake
+(torch is asked through dan.engine.loading.device, imported only then). Anywhere else (the CPU, the fake
 engine of the tests): this process's resident memory, of the host's physical memory.
 """
 
@@ -15,7 +15,7 @@ import sys
 def device_memory(device: str) -> tuple[int, int]:
     """(bytes used by this process, bytes in all) on ``device`` (``cuda:0``, ``cpu``, ...)."""
     if device.startswith("cuda"):
-        from dan.engine.device import cuda_memory
+        from dan.engine.loading.device import cuda_memory
 
         return cuda_memory(device)
     return resident_bytes(), host_bytes()

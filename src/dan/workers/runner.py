@@ -62,7 +62,7 @@ class TaskRunner:
         if task.kind == TaskKind.UPSCALE:
             return self._upscale(task, UpscaleRequest.from_params(task.params), progress)
         if task.kind == TaskKind.DETECT:
-            return self._detect(task, DetectRequest.from_params(task.params), progress)
+            return self._annotate(task, DetectRequest.from_params(task.params), progress)
         if task.kind == TaskKind.INTERROGATE:
             return self._interrogate(InterrogateRequest.from_params(task.params), progress)
         raise DanError(f"this worker cannot run {task.kind} tasks")
@@ -109,11 +109,11 @@ class TaskRunner:
         self._blobs.put(key, encode_png(result, _upscale_infotext(request)))
         return TaskResult(image_keys=(key,), seeds=())
 
-    def _detect(
+    def _annotate(
         self, task: ClaimedTask, request: DetectRequest, progress: ProgressCallback
     ) -> TaskResult:
         files = self._resolve(_pose_model(request.pose_model))
-        result = self._engine.detect(request, self._input(request.image_key), files, progress)
+        result = self._engine.annotate(request, self._input(request.image_key), files, progress)
         key = result_key(task.id, task.attempt, 0)
         self._blobs.put(key, encode_png(result, f"Preprocessor: {request.preprocess}"))
         return TaskResult(image_keys=(key,), seeds=())

@@ -3,8 +3,8 @@ per family.
 
 A :class:`Family` knows how to recognise its checkpoints, load them offline, encode prompts for
 them and build each kind of diffusers pipeline around a loaded checkpoint's components. The
-engine (``sd.py``, ``hires.py``, ``img2img.py``) asks the checkpoint's family for these and never
-branches on the family itself. The family of a file is picked from its key names
+engine (``diffusers_engine.py``, ``generation/``, ``control/``) asks the checkpoint's family for
+these and never branches on the family itself. The family of a file is picked from its key names
 (:func:`family_of_state_dict`); the family of a loaded pipeline from its class
 (:func:`family_of_pipeline`).
 """
@@ -18,12 +18,12 @@ from typing import Any, Literal, Protocol
 import torch
 
 from dan.domain import ModelFamily
-from dan.engine.checkpoint import read_state_dict
-from dan.engine.detect import Sd1Architecture
 from dan.engine.families.sd15 import Sd15
 from dan.engine.families.sdxl import Sdxl
-from dan.engine.families.sdxl_detect import SdxlArchitecture, is_sdxl
-from dan.engine.prompts import PromptEmbeds
+from dan.engine.generation.prompts import PromptEmbeds
+from dan.engine.loading.architecture.sd15 import Sd1Architecture
+from dan.engine.loading.architecture.sdxl import SdxlArchitecture, is_sdxl
+from dan.engine.loading.checkpoint import read_state_dict
 from dan.errors import UnsupportedCheckpoint
 
 Architecture = Sd1Architecture | SdxlArchitecture
@@ -53,8 +53,8 @@ class Family(Protocol):
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> tuple[Any, Architecture]:
-        """The txt2img pipeline of a checkpoint of this family, and its detected architecture;
-        raises UnsupportedCheckpoint for a file this family cannot load."""
+        """The txt2img pipeline of a checkpoint of this family, and its architecture (read from
+        its tensors); raises UnsupportedCheckpoint for a file this family cannot load."""
         ...
 
     def owns(self, pipeline: Any) -> bool:
@@ -89,7 +89,7 @@ def family_named(name: ModelFamily) -> Family:
 
 def family_of_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Family:
     """The family whose loader takes this checkpoint: SGM key names are SDXL's, the rest are
-    left to SD1.x's detection (which names whatever else it finds)."""
+    left to SD1.x's architecture reader (which names whatever else it finds)."""
     return family_named(ModelFamily.SDXL if is_sdxl(list(state_dict)) else ModelFamily.SD15)
 
 

@@ -17,9 +17,9 @@ from diffusers import (
 )
 
 from dan.domain import ModelFamily
-from dan.engine.checkpoint import sd_pipeline_of
-from dan.engine.detect import Sd1Architecture
-from dan.engine.prompts import PromptEmbeds, encode_prompts
+from dan.engine.generation.prompts import PromptEmbeds, encode_prompts
+from dan.engine.loading.architecture.sd15 import Sd1Architecture
+from dan.engine.loading.checkpoint import sd_pipeline_of
 
 if TYPE_CHECKING:
     from dan.engine.families import PipelineTask

@@ -30,14 +30,14 @@ from diffusers import (
 )
 
 from dan.domain import ModelFamily
-from dan.engine.checkpoint import fill_module, write_configs
-from dan.engine.families.sdxl_detect import (
+from dan.engine.generation.prompts import PromptChunk, PromptEmbeds, apply_emphasis, tokenize_prompt
+from dan.engine.loading.architecture.sdxl import (
     CLIP_L,
     OPEN_CLIP,
     SdxlArchitecture,
-    detect_sdxl_architecture,
+    read_sdxl_architecture,
 )
-from dan.engine.prompts import PromptChunk, PromptEmbeds, apply_emphasis, tokenize_prompt
+from dan.engine.loading.checkpoint import fill_module, write_configs
 
 if TYPE_CHECKING:
     from dan.engine.families import PipelineTask
@@ -70,7 +70,7 @@ class Sdxl:
         from diffusers import EulerDiscreteScheduler
         from transformers import CLIPTokenizer
 
-        architecture = detect_sdxl_architecture(state_dict)
+        architecture = read_sdxl_architecture(state_dict)
         models = _load_models(state_dict, architecture, dtype, torch.device(device))
         files = architecture.config_files()
         folder = write_configs(architecture.digest, files, architecture.tokenizers, cache_dir)

@@ -138,7 +138,7 @@ class A1111Engine:
         result = _decode(_field(answer, "image", str), "upscaled image")
         return _fit(result, payloads.upscale_size(request, image), "upscaled image")
 
-    def detect(
+    def annotate(
         self, request: DetectRequest, image: Image, files: ModelFiles, progress: ProgressCallback
     ) -> Image:
         if not self._inventory.has_controlnet:

@@ -2,7 +2,7 @@
 
 The engine owns loading, prompt encoding, the scheduler and the generator; this module turns an
 :class:`~dan.domain.Img2ImgRequest` into images. Geometry (fitting, masks, crop boxes, pasting
-back) lives in :mod:`dan.engine.masks`.
+back) lives in :mod:`dan.engine.generation.masks`.
 
 Sizes of the result:
 
@@ -29,7 +29,7 @@ from PIL import Image
 
 from dan.domain import Img2ImgRequest, InpaintArea, InpaintSpec, MaskedContent, ResizeMode
 from dan.engine.families import PipelineTask, family_of_pipeline
-from dan.engine.masks import (
+from dan.engine.generation.masks import (
     crop_region,
     fill_masked,
     fit_image,
@@ -37,7 +37,7 @@ from dan.engine.masks import (
     prepare_mask,
     to_rgb,
 )
-from dan.engine.prompts import PromptEmbeds
+from dan.engine.generation.prompts import PromptEmbeds
 from dan.errors import EngineError
 
 
@@ -133,7 +133,7 @@ def run_img2img(
     decode) without running the UNet; strength 1 ignores the input entirely for img2img on a
     4-channel checkpoint (it is then txt2img). ``mask`` is the uploaded mask, required exactly
     when ``request.inpaint`` is set. Raises EngineError for invalid requests (see
-    :func:`validate_img2img`, :func:`~dan.engine.masks.prepare_mask`) and when diffusers
+    :func:`validate_img2img`, :func:`~dan.engine.generation.masks.prepare_mask`) and when diffusers
     rejects the inputs; TaskCancelled raised by the callback propagates.
     """
     validate_img2img(request, init_image, mask)

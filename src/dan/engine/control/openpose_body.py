@@ -13,8 +13,8 @@ with grey 128, fed as ``x / 256 - 0.5``; the outputs are upsampled 8x (bicubic),
 unpadded size, resized to the image and averaged over the scales. The default, one scale of 0.5,
 is what the annotator (and sd-webui-controlnet) uses; :data:`CMU_SCALES` is CMU's 4-scale search.
 
-Decoding the maps into people is :func:`dan.engine.openpose_decode.decode_people`, kept in its own
-module because it needs no torch (see there for the thresholds and the assembly).
+Decoding the maps into people is :func:`dan.engine.control.openpose_decode.decode_people`, kept
+in its own module because it needs no torch (see there for the thresholds and the assembly).
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ import torch
 from PIL.Image import Image
 from torch import nn
 
-from dan.engine.openpose_decode import (
+from dan.engine.control.openpose_decode import (
     HEATMAP_CHANNELS,
     PAF_CHANNELS,
     FloatArray,
     decode_people,
     resized_maps,
 )
-from dan.engine.preprocess import Keypoints
+from dan.engine.control.preprocess import Keypoints
 from dan.errors import EngineError
 
 BOXSIZE = 368  # network input height at scale 1.0, in pixels

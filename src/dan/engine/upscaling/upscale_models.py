@@ -8,7 +8,7 @@ that is not an RGB super-resolution model raises :class:`UnsupportedUpscaler`.
 :class:`UpscalerModels` keeps the last few models loaded on one device. :func:`run_model` runs
 one pass tile by tile, each tile with a margin of context that is cut off again, so memory is
 bounded by the tile size and the seams vanish once the margin covers the network's receptive
-field. How many passes reach a requested size is :mod:`dan.engine.upscale`'s business.
+field. How many passes reach a requested size is :mod:`dan.engine.upscaling.upscale`'s business.
 """
 
 from __future__ import annotations

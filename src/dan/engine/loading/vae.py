@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dan.domain import InstalledModel
-from dan.engine.checkpoint import fill_module, read_state_dict
+from dan.engine.loading.checkpoint import fill_module, read_state_dict
 from dan.errors import EngineError, UnsupportedCheckpoint
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ Three families:
   uses them (:func:`upscale_latents`);
 - ``Lanczos`` and ``Nearest`` are plain PIL resizes;
 - model upscalers (``ESRGAN 4x``, ``R-ESRGAN 4x+``, ..., or any installed upscaler file) are
-  super-resolution networks, loaded and run tile by tile by :mod:`dan.engine.upscale_models`.
+  super-resolution networks, loaded and run tile by tile by
+  :mod:`dan.engine.upscaling.upscale_models`.
   Like A1111, a model runs until the image is at least the requested size (at most 3 times), then
   Lanczos brings it to the exact size (a 4x model asked for 2x is downscaled).
 
@@ -36,7 +37,7 @@ from dan.domain import (
     UpscaleRequest,
     scaled_size,
 )
-from dan.engine.upscale_models import UpscalerModels, run_model, tile_boxes
+from dan.engine.upscaling.upscale_models import UpscalerModels, run_model, tile_boxes
 from dan.errors import EngineError
 
 

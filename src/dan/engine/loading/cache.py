@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import torch
 
 from dan.domain import InstalledModel
-from dan.engine.preview import LatentPreviewer
+from dan.engine.generation.preview import LatentPreviewer
 
 if TYPE_CHECKING:
     from dan.engine.families import Architecture, Family

@@ -1,29 +1,16 @@
-"""ControlNets for Stable Diffusion 1.x and SDXL: loaded offline, kept warm, run with one unit.
+"""Generation under one ControlNet unit, for Stable Diffusion 1.x and SDXL.
 
-Files: the original lllyasviel layout (``control_model.*``, as ``control_sd15_canny.pth``, a
-pickled ``{"state_dict": ...}`` or plain dict, or ``.safetensors``; the v1.0 files also carry a
-whole SD checkpoint, which is ignored) and diffusers' layout (``controlnet_cond_embedding.*``,
-``down_blocks.*``, ``controlnet_down_blocks.*``). Names and architecture come from
-:mod:`dan.engine.controlnet_detect` (tensor shapes over the shipped SD1.5 config), so the tiny
-test ControlNets load through the same code as real ones. SDXL ControlNets (``add_embedding``,
-2048-wide cross-attention) are loaded for the UNet they run with (see
-:func:`load_controlnet`); a ControlNet of another family than the checkpoint's is refused,
-naming both. Pickles load with ``weights_only=True`` only: a ControlNet file is data, never code.
-
-Running: :func:`controlled_txt2img` and :func:`controlled_img2img` (img2img and inpaint) mirror
-:func:`dan.engine.img2img.run_img2img` on the base's family's ControlNet pipelines (SD1.x's or
-SDXL's, see :mod:`dan.engine.families`); the engine passes the batch's scheduler, prompt
-embeddings, generators (one per image) and step callback, and a :class:`ControlUnit`. The
+:func:`controlled_txt2img` and :func:`controlled_img2img` (img2img and inpaint) mirror
+:func:`dan.engine.generation.img2img.run_img2img` on the base's family's ControlNet pipelines
+(SD1.x's or SDXL's, see :mod:`dan.engine.families`); the engine passes the batch's scheduler,
+prompt embeddings, generators (one per image) and step callback, and a :class:`ControlUnit`
+(a ControlNet loaded by :mod:`dan.engine.control.controlnet` and its control image). The
 control image is given once; diffusers repeats it for every image of the batch.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,176 +21,13 @@ from dan.domain import (
     GenerationRequest,
     Img2ImgRequest,
     InpaintArea,
-    InstalledModel,
     ResizeMode,
 )
-from dan.engine.checkpoint import fill_module
-from dan.engine.controlnet_detect import (
-    ControlNetError,
-    StateDict,
-    detect_controlnet_config,
-    is_sdxl_controlnet,
-    to_diffusers_names,
-)
 from dan.engine.families import PipelineTask, family_of_pipeline
-from dan.engine.img2img import is_inpainting_unet, through_vae, validate_img2img
-from dan.engine.masks import crop_region, fit_image, paste_back, prepare_mask, to_rgb
-from dan.engine.prompts import PromptEmbeds
+from dan.engine.generation.img2img import is_inpainting_unet, through_vae, validate_img2img
+from dan.engine.generation.masks import crop_region, fit_image, paste_back, prepare_mask, to_rgb
+from dan.engine.generation.prompts import PromptEmbeds
 from dan.errors import EngineError
-
-__all__ = [
-    "ControlNetCache",
-    "ControlNetError",
-    "ControlUnit",
-    "controlled_img2img",
-    "controlled_txt2img",
-    "load_controlnet",
-    "read_controlnet_state_dict",
-]
-PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
-
-
-# --- reading ---------------------------------------------------------------------------------
-
-
-def read_controlnet_state_dict(path: Path) -> StateDict:
-    """The ControlNet's tensors of ``path`` under diffusers' names, on the CPU.
-
-    Raises ControlNetError, naming the file, for an unknown suffix, a file that cannot be read,
-    and a file that holds no ControlNet (an SD checkpoint, a LoRA, ...).
-    """
-    tensors = _tensors_of(_read(path), path)
-    try:
-        return to_diffusers_names(tensors)
-    except ControlNetError as exc:
-        raise ControlNetError(f"{path.name}: {exc.message}") from exc
-
-
-def _read(path: Path) -> object:
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path, device="cpu")
-        if suffix in PICKLE_SUFFIXES:
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # safetensors and unpickling raise many types
-        raise ControlNetError(f"{path.name} cannot be read (truncated or corrupt?): {exc}") from exc
-    raise ControlNetError(f"{path.name}: unknown ControlNet format {suffix!r}; use .safetensors")
-
-
-def _tensors_of(raw: object, path: Path) -> StateDict:
-    while isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
-        raw = raw["state_dict"]
-    if not isinstance(raw, dict):
-        raise ControlNetError(f"{path.name} holds a {type(raw).__name__}, not a state dict")
-    tensors = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ControlNetError(f"{path.name} holds no tensors")
-    return tensors
-
-
-# --- loading -----------------------------------------------------------------------------------
-
-
-def load_controlnet(
-    path: Path,
-    *,
-    dtype: torch.dtype,
-    device: torch.device | str,
-    unet: Mapping[str, Any] | None = None,
-) -> Any:
-    """A ``ControlNetModel`` holding the weights of ``path``, on ``device`` in ``dtype``, in eval
-    mode without gradients. Every tensor of the architecture must be in the file and nothing
-    else (strict). Nothing is downloaded. ``unet`` is the config of the checkpoint's UNet it is
-    for: the ControlNet must fit it (same family, widths and cross-attention), and an SDXL
-    ControlNet takes from it what its tensors cannot tell. Raises ControlNetError naming the
-    file, and for a ControlNet that does not fit ``unet`` both families.
-    """
-    from accelerate import init_empty_weights
-    from diffusers import ControlNetModel
-
-    tensors = read_controlnet_state_dict(path)
-    try:
-        config = detect_controlnet_config(tensors, unet)
-    except (KeyError, IndexError) as exc:
-        raise ControlNetError(f"{path.name}: incomplete ControlNet, no tensor {exc}") from exc
-    if unet is not None:
-        check_fits(path.name, config, unet)
-    with init_empty_weights():
-        model = ControlNetModel.from_config(config)
-    return fill_module(
-        model, tensors, f"{path.name} ControlNet", dtype, device, error=ControlNetError
-    )
-
-
-def check_fits(name: str, config: Mapping[str, Any], unet: Mapping[str, Any]) -> None:
-    """Raise ControlNetError unless the ControlNet ``config`` (of file ``name``) mirrors the
-    encoder of the UNet ``unet``: same family, level widths and cross-attention width."""
-    ours, theirs = _family(config), _family(unet)
-    widths = list(config["block_out_channels"]), list(unet["block_out_channels"])
-    context = config["cross_attention_dim"], unet["cross_attention_dim"]
-    if ours != theirs or widths[0] != widths[1] or context[0] != context[1]:
-        raise ControlNetError(
-            f"{name} is an {ours} ControlNet (widths {widths[0]}, cross-attention {context[0]}) "
-            f"and the checkpoint an {theirs} one (widths {widths[1]}, cross-attention "
-            f"{context[1]}); use a ControlNet made for {theirs} checkpoints"
-        )
-
-
-def _family(config: Mapping[str, Any]) -> str:
-    return "sdxl" if is_sdxl_controlnet(config) or config.get("addition_embed_type") else "sd15"
-
-
-class ControlNetCache:
-    """Loaded ControlNets by sha256 (and the UNet settings an SDXL one borrows), kept warm next
-    to the checkpoints; the least recently used beyond ``max_models`` is dropped. Thread-safe; a
-    load happens once per key while cached.
-    """
-
-    def __init__(self, device: torch.device, dtype: torch.dtype, max_models: int = 2) -> None:
-        if max_models < 1:
-            raise ValueError(f"max_models must be at least 1, got {max_models}")
-        self._device, self._dtype, self._max = device, dtype, max_models
-        self._models: OrderedDict[tuple[str, str], Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self.loads = 0
-
-    def get(self, model: InstalledModel, unet: Mapping[str, Any] | None = None) -> Any:
-        """The ControlNetModel of ``model`` for the UNet of config ``unet`` (see
-        :func:`load_controlnet`); raises ControlNetError for an unusable file or one that does
-        not fit the UNet."""
-        key = (model.sha256, _borrowed(unet))
-        with self._lock:
-            loaded = self._models.get(key)
-            if loaded is None:
-                loaded = load_controlnet(
-                    model.path, dtype=self._dtype, device=self._device, unet=unet
-                )
-                self.loads += 1
-                self._models[key] = loaded
-            elif unet is not None:  # a cached model fits the UNets it was checked against
-                check_fits(model.path.name, loaded.config, unet)
-            self._models.move_to_end(key)
-            while len(self._models) > self._max:
-                self._models.popitem(last=False)
-            return loaded
-
-    def loaded(self) -> list[str]:
-        """The sha256 of each cached ControlNet, least recently used first."""
-        with self._lock:
-            return [sha256 for sha256, _ in self._models]
-
-
-def _borrowed(unet: Mapping[str, Any] | None) -> str:
-    """What an SDXL ControlNet takes from ``unet``: part of the cache key."""
-    if unet is None:
-        return ""
-    return repr((unet.get("attention_head_dim"), unet.get("addition_time_embed_dim")))
-
-
-# --- running -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -262,8 +86,8 @@ class _Run:
     scheduler: Any
 
     def copies(self, image: Image.Image) -> list[Image.Image]:
-        """``image`` once per image of the batch (see dan.engine.img2img: each image's input
-        is encoded with its own generator)."""
+        """``image`` once per image of the batch (see dan.engine.generation.img2img: each image's
+        input is encoded with its own generator)."""
         return [image] * int(self.denoise["num_images_per_prompt"])
 
 
@@ -290,7 +114,9 @@ def controlled_txt2img(
     """
     unit.validate()
     if request.hires is not None:
-        raise EngineError("a request with hires fix runs through dan.engine.hires.hires_fix")
+        raise EngineError(
+            "a request with hires fix runs through dan.engine.generation.hires.hires_fix"
+        )
     embeds = PromptEmbeds(
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
     )
@@ -316,7 +142,8 @@ def controlled_img2img(
     generator: list[torch.Generator],
     callback_on_step_end: Any,
 ) -> list[Image.Image]:
-    """:func:`~dan.engine.img2img.run_img2img` with ``unit`` conditioning every denoising call.
+    """:func:`~dan.engine.generation.img2img.run_img2img` with ``unit`` conditioning every
+    denoising call.
 
     Same sizes, strength semantics and inpainting guarantee (pixels where the prepared mask is 0
     are the fitted init image's, byte for byte). For ONLY_MASKED inpainting the control image is

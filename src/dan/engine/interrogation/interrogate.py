@@ -1,10 +1,11 @@
 """Interrogate: describe an image as AUTOMATIC1111 does.
 
-- ``clip``: a BLIP caption (:mod:`dan.engine.blip`) followed by the artist, medium, movement
-  and flavour terms CLIP ViT-L/14 ranks best for the image (:mod:`dan.engine.clip_ranker`).
+- ``clip``: a BLIP caption (:mod:`dan.engine.interrogation.blip`) followed by the artist,
+  medium, movement and flavour terms CLIP ViT-L/14 ranks best for the image
+  (:mod:`dan.engine.interrogation.clip_ranker`).
 - ``deepdanbooru``: the tags DeepDanbooru scores at least 0.5, most confident first
-  (:mod:`dan.engine.deepdanbooru`; A1111 sorts them alphabetically by default, but a caption
-  that leads with the surest tags is what the reference's users get from the service).
+  (:mod:`dan.engine.interrogation.deepdanbooru`; A1111 sorts them alphabetically by default, but
+  a caption that leads with the surest tags is what the reference's users get from the service).
 
 Each part stays loaded on the worker's device until a task needs a different file.
 """
@@ -17,10 +18,10 @@ import torch
 from PIL.Image import Image
 
 from dan.domain import InstalledModel, InterrogateRequest, ModelFiles, ProgressCallback
-from dan.engine.blip import BlipCaptioner
-from dan.engine.cache import WarmModel
-from dan.engine.clip_ranker import ClipRanker
-from dan.engine.deepdanbooru import DeepDanbooru
+from dan.engine.interrogation.blip import BlipCaptioner
+from dan.engine.interrogation.clip_ranker import ClipRanker
+from dan.engine.interrogation.deepdanbooru import DeepDanbooru
+from dan.engine.loading.cache import WarmModel
 from dan.errors import EngineError
 
 

@@ -28,12 +28,17 @@ import torch
 from PIL.Image import Image
 
 from dan.domain import GenerationRequest, HiresFix, ModelFiles, ProgressCallback, hires_size
-from dan.engine.controlnet import ControlUnit
+from dan.engine.control.runs import ControlUnit
 from dan.engine.families import family_of_pipeline
-from dan.engine.preview import LatentsSink, step_callback
-from dan.engine.prompts import PromptEmbeds
-from dan.engine.upscale import is_latent_upscaler, model_file_of, resize_image, upscale_latents
-from dan.engine.upscale_models import UpscalerModels
+from dan.engine.generation.preview import LatentsSink, step_callback
+from dan.engine.generation.prompts import PromptEmbeds
+from dan.engine.upscaling.upscale import (
+    is_latent_upscaler,
+    model_file_of,
+    resize_image,
+    upscale_latents,
+)
+from dan.engine.upscaling.upscale_models import UpscalerModels
 from dan.errors import EngineError
 
 # A fresh scheduler (its own state) and freshly seeded generators (one per image of the

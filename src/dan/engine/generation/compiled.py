@@ -161,9 +161,7 @@ class Compiler:
         with self._lock:
             self._ready.pop(key, None)
 
-    def offer(
-        self, unet: torch.nn.Module, call: UNetCall, eager_output: torch.Tensor
-    ) -> bool:
+    def offer(self, unet: torch.nn.Module, call: UNetCall, eager_output: torch.Tensor) -> bool:
         """Compile ``call``'s shape in the background if it is new and there is room (True);
         the UNet is copied now (the caller guarantees no LoRA is switched on during its call)."""
         key = call.key

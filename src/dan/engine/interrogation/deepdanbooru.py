@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 from dan.domain import ResizeMode
-from dan.engine.masks import fit_image
+from dan.engine.generation.masks import fit_image
 from dan.errors import EngineError
 
 INPUT_SIZE = 512  # A1111 fits every image into 512 x 512 before tagging

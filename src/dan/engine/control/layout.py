@@ -1,11 +1,11 @@
 """ControlNet state dicts: original (lllyasviel) names -> diffusers names, and the architecture.
 
 A ControlNet mirrors its UNet's encoder, so its config is read from tensor shapes the way
-:mod:`dan.engine.detect` reads a checkpoint's: levels from ``down_blocks.N``, their widths from
-the res blocks' ``conv2``, attention where a level has ``attentions``, the cross-attention width
-from the middle block's ``attn2.to_k``, the hint embedding's widths from its convolutions. What
-shapes cannot tell (head count, norm groups, ...) comes from the shipped SD1.5 config
-``configs/controlnet_sd15/config.json`` (lllyasviel/sd-controlnet-canny's values).
+:mod:`dan.engine.loading.architecture.sd15` reads a checkpoint's: levels from ``down_blocks.N``,
+their widths from the res blocks' ``conv2``, attention where a level has ``attentions``, the
+cross-attention width from the middle block's ``attn2.to_k``, the hint embedding's widths from its
+convolutions. What shapes cannot tell (head count, norm groups, ...) comes from the shipped SD1.5
+config ``configs/controlnet_sd15/config.json`` (lllyasviel/sd-controlnet-canny's values).
 
 SDXL ControlNets (diffusers' layout, as ``diffusers_xl_canny_full`` and xinsir's openpose ship)
 carry the UNet's size/pooled embedding (``add_embedding``) and 2048-wide cross-attention. Their
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from dan.engine.families.sdxl_detect import heads
+from dan.engine.loading.architecture.sdxl import heads
 from dan.errors import EngineError
 
 StateDict = dict[str, torch.Tensor]
@@ -149,7 +149,7 @@ def is_sdxl_controlnet(tensors: Mapping[str, Any]) -> bool:
     return SDXL_SIGN in tensors
 
 
-def detect_controlnet_config(
+def read_controlnet_config(
     tensors: Mapping[str, torch.Tensor], unet: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """The ControlNetModel config of diffusers-named ``tensors``: SD1.5's, with shapes' values;

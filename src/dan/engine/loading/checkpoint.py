@@ -1,10 +1,11 @@
 """Stable Diffusion 1.x single-file checkpoints (the AUTOMATIC1111 layout), loaded offline.
 
-A checkpoint is read once. Its architecture is read from tensor shapes (:mod:`dan.engine.detect`),
-so a fine-tune, an inpainting model and the tiny test models all take the same path:
-detect -> convert with diffusers' LDM converters -> load into empty modules with a strict key
-check. The detected configs are also written as a diffusers config folder (no weights) under
-``cache_dir/configs/<digest>/``, from which the tokenizer and scheduler load.
+A checkpoint is read once. Its architecture is read from tensor shapes
+(:mod:`dan.engine.loading.architecture.sd15`), so a fine-tune, an inpainting model and the tiny test
+models all take the same path: read the architecture -> convert with diffusers' LDM converters ->
+load into empty modules with a strict key check. The architecture's configs are also written as a
+diffusers config folder (no weights) under ``cache_dir/configs/<digest>/``, from which the tokenizer
+and scheduler load.
 """
 
 from __future__ import annotations
@@ -20,15 +21,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dan.engine.detect import CONFIG_FILES, Sd1Architecture, clip_prefix, detect_architecture
-from dan.engine.tokenizer import EOS, ensure_tokenizer
+from dan.engine.loading.architecture.sd15 import (
+    CONFIG_FILES,
+    Sd1Architecture,
+    clip_prefix,
+    read_sd1_architecture,
+)
+from dan.engine.loading.tokenizer import EOS, ensure_tokenizer
 from dan.errors import EngineError, UnsupportedCheckpoint
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-# Sd1Architecture and detect_architecture are re-exported: load_sd_pipeline returns the one and
-# runs the other, so callers of this module need not know where detection lives.
+# Sd1Architecture and read_sd1_architecture are re-exported: load_sd_pipeline returns the one and
+# runs the other, so callers of this module need not know where architecture reading lives.
 StateDict = dict[str, torch.Tensor]
 PICKLE_SUFFIXES = (".ckpt", ".pt")
 
@@ -184,7 +190,7 @@ def sd_pipeline_of(
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    architecture = detect_architecture(state_dict)
+    architecture = read_sd1_architecture(state_dict)
     unet, vae, text_encoder = _load_models(state_dict, architecture, dtype, torch.device(device))
     folder = write_config_folder(architecture, cache_dir)
     pipeline: Any = StableDiffusionPipeline(  # type: ignore[no-untyped-call]
@@ -258,7 +264,7 @@ def fill_module(
     missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
     if missing or unexpected:
         raise error(
-            f"the {what} tensors do not match the detected architecture "
+            f"the {what} tensors do not match the architecture read from "
             f"({len(missing)} missing, e.g. {missing[:2]}; "
             f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})"
         )

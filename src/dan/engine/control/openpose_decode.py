@@ -1,11 +1,11 @@
 """Decoding OpenPose body maps into people: pure numpy/scipy/cv2, no torch.
 
 :func:`decode_people` turns the heatmaps and part-affinity fields (PAFs) of CMU's COCO-18 body
-network (:mod:`dan.engine.openpose_body`) into keypoints, as lllyasviel's ControlNet annotator
-does: peaks of the Gaussian-smoothed heatmaps above 0.1, limb candidates scored by sampling the
-PAF at 10 points along them (80 % of samples above 0.05, and a positive mean after a penalty for
-limbs longer than half the image height), greedy one-to-one matching per limb, then people grown
-limb by limb, keeping those with at least 4 joints and a mean score of at least 0.4.
+network (:mod:`dan.engine.control.openpose_body`) into keypoints, as lllyasviel's ControlNet
+annotator does: peaks of the Gaussian-smoothed heatmaps above 0.1, limb candidates scored by
+sampling the PAF at 10 points along them (80 % of samples above 0.05, and a positive mean after a
+penalty for limbs longer than half the image height), greedy one-to-one matching per limb, then
+people grown limb by limb, keeping those with at least 4 joints and a mean score of at least 0.4.
 
 It lives apart from the network so that it can be read, tested and reused on maps from anywhere
 without torch, and so that neither file outgrows the house limit.
@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.ndimage import gaussian_filter
 
-from dan.engine.preprocess import JOINTS, Keypoints
+from dan.engine.control.preprocess import JOINTS, Keypoints
 from dan.errors import EngineError
 
 FloatArray = npt.NDArray[np.float32]

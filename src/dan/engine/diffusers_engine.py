@@ -12,7 +12,6 @@ import logging
 import platform
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from typing import Any
 
 import diffusers
@@ -33,71 +32,29 @@ from dan.domain import (
     ProgressCallback,
     UpscaleRequest,
 )
-from dan.engine.cache import LoadedCheckpoint, PipelineCache, WarmModel, pipeline_bytes
-from dan.engine.compiled import Compiler, FastUNet, use_inductor_cache
-from dan.engine.controlnet import (
-    ControlNetCache,
-    ControlUnit,
-    controlled_img2img,
-    controlled_txt2img,
-)
-from dan.engine.device import pick_device, pick_dtype
-from dan.engine.embeddings import embeddings_applied
-from dan.engine.families import Family, load_checkpoint
-from dan.engine.hires import hires_fix
-from dan.engine.img2img import run_img2img, validate_img2img
-from dan.engine.interrogate import Interrogators
-from dan.engine.lora import LoraCache, LoraStack
-from dan.engine.openpose_body import OpenPoseBody
-from dan.engine.preprocess import PoseEstimator, preprocess
-from dan.engine.preview import LatentPreviewer, LatentsSink, step_callback
-from dan.engine.prompts import PromptEmbeds
-from dan.engine.samplers import make_scheduler
-from dan.engine.upscale import upscale
-from dan.engine.upscale_models import UpscalerModels
-from dan.engine.vae import VaeFiles, swapped_vae
+from dan.engine.control.controlnet import ControlNetCache
+from dan.engine.control.openpose_body import OpenPoseBody
+from dan.engine.control.preprocess import PoseEstimator, preprocess
+from dan.engine.control.runs import ControlUnit, controlled_img2img, controlled_txt2img
+from dan.engine.families import load_checkpoint
+from dan.engine.generation.compiled import Compiler, FastUNet, use_inductor_cache
+from dan.engine.generation.hires import hires_fix
+from dan.engine.generation.img2img import run_img2img, validate_img2img
+from dan.engine.generation.preview import LatentPreviewer
+from dan.engine.generation.txt2img import Conditioning, denoising_arguments, previews, run_txt2img
+from dan.engine.interrogation.interrogate import Interrogators
+from dan.engine.loading.cache import LoadedCheckpoint, PipelineCache, WarmModel, pipeline_bytes
+from dan.engine.loading.device import pick_device, pick_dtype
+from dan.engine.loading.embeddings import embeddings_applied
+from dan.engine.loading.lora.files import LoraCache
+from dan.engine.loading.lora.stack import LoraStack
+from dan.engine.loading.vae import VaeFiles, swapped_vae
+from dan.engine.upscaling.upscale import upscale
+from dan.engine.upscaling.upscale_models import UpscalerModels
 from dan.errors import EngineError, FatalEngineError
 from dan.prompt_tags import extract_lora_tags
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Conditioning:
-    """What every denoising pass of one batch shares (see :meth:`batches`)."""
-
-    base: Any  # the loaded checkpoint's pipeline, only read
-    family: Family
-    embeds: PromptEmbeds
-    request: GenerationRequest
-    progress: ProgressCallback
-    seeds: tuple[int, ...]  # the batch's seeds, one per image
-    on_latents: LatentsSink | None = None  # step previews, when someone wants them
-
-    def batches(self) -> Iterator[Conditioning]:
-        """The request's ``n_iter`` batches, in order: batch k has the seeds
-        ``seed + k * batch_size + j`` and reports its steps as its share of the whole run.
-        Call it on the request's conditioning (the one ``_conditioned`` yields)."""
-        count = self.request.n_iter
-        for k in range(count):
-            yield replace(
-                self,
-                seeds=self.request.batch_seeds(k),
-                progress=_share(self.progress, k, count),
-            )
-
-    def scheduler(self) -> Any:
-        """A new scheduler for one pass: passes never share sampler state."""
-        config = self.base.scheduler.config
-        request = self.request
-        return make_scheduler(
-            request.sampler_name, config, seed=self.seeds, schedule_type=request.scheduler
-        )
-
-    def generators(self) -> list[torch.Generator]:
-        """One CPU generator per image, seeded with its seed: each image's noise is the noise
-        a single request with that seed gets, on any device."""
-        return [torch.Generator("cpu").manual_seed(seed) for seed in self.seeds]
 
 
 class DiffusersEngine:
@@ -159,18 +116,8 @@ class DiffusersEngine:
         if c.request.hires is not None:
             return self._hires(c, files, unit)
         if unit is not None:
-            return controlled_txt2img(c.base, c.request, unit, **_denoising(c))
-        denoising = _denoising(c)
-        pipeline = c.family.pipeline("txt2img", c.base, denoising.pop("scheduler"))
-        output = pipeline(
-            width=c.request.width,
-            height=c.request.height,
-            num_inference_steps=c.request.steps,
-            guidance_scale=c.request.cfg_scale,
-            num_images_per_prompt=len(c.seeds),
-            **denoising,
-        )
-        return list(output.images)
+            return controlled_txt2img(c.base, c.request, unit, **denoising_arguments(c))
+        return run_txt2img(c)
 
     def img2img(
         self,
@@ -188,13 +135,13 @@ class DiffusersEngine:
         with self._conditioned(request.generation, files, progress, preview) as c:
             unit = self._control_unit(c, request.generation, files, control_image)
             for batch in c.batches():
-                denoising = _denoising(batch)
+                arguments = denoising_arguments(batch)
                 if unit is not None:
                     images += controlled_img2img(
-                        batch.base, request, init_image, mask, unit, **denoising
+                        batch.base, request, init_image, mask, unit, **arguments
                     )
                 else:
-                    images += run_img2img(batch.base, request, init_image, mask, **denoising)
+                    images += run_img2img(batch.base, request, init_image, mask, **arguments)
         progress(1, 1)  # strength 0 runs no step
         return images
 
@@ -204,7 +151,7 @@ class DiffusersEngine:
         with _engine_errors(f"{image.width}x{image.height} x {request.rate:g}"):
             return upscale(request, image, files, models=self.upscalers, progress=progress)
 
-    def detect(
+    def annotate(
         self, request: DetectRequest, image: Image, files: ModelFiles, progress: ProgressCallback
     ) -> Image:
         control = preprocess(
@@ -286,7 +233,7 @@ class DiffusersEngine:
         prompts encoded."""
         loaded = self.pipelines.get(files[request.model.sha256])
         base = loaded.pipeline
-        on_latents = _previews(loaded.previewer, preview) if preview is not None else None
+        on_latents = previews(loaded.previewer, preview) if preview is not None else None
         with (
             _engine_errors(f"{request.width}x{request.height}"),
             self._loras(base, request, files),
@@ -354,33 +301,6 @@ def _fast_path_on(setting: str, device: torch.device, dtype: torch.dtype) -> boo
     if setting == "auto":
         return device.type == "cpu" and dtype == torch.bfloat16
     return setting == "compile"
-
-
-def _denoising(c: Conditioning) -> dict[str, Any]:
-    """The per-pass arguments every denoising run of a batch takes (one generator per image:
-    the batch has as many images as generators)."""
-    return {
-        "scheduler": c.scheduler(),
-        **c.embeds.call_kwargs(),
-        "generator": c.generators(),
-        "callback_on_step_end": step_callback(c.progress, on_latents=c.on_latents),
-    }
-
-
-def _share(progress: ProgressCallback, index: int, count: int) -> ProgressCallback:
-    """Progress of the ``index``-th of ``count`` equal runs, reported as part of all of them."""
-    if count == 1:
-        return progress
-    return lambda done, total: progress(index * total + done, count * total)
-
-
-def _previews(previewer: LatentPreviewer, sink: PreviewSink) -> LatentsSink:
-    """Latents offered to ``sink`` as a picture it may ask ``previewer`` to draw."""
-
-    def on_latents(latents: torch.Tensor) -> None:
-        sink(lambda: previewer(latents))
-
-    return on_latents
 
 
 @contextlib.contextmanager

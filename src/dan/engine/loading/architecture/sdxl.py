@@ -9,10 +9,10 @@ SDXL single files (Stability's SGM layout, as A1111 and ComfyUI load them) hold:
 - OpenCLIP ViT-bigG under ``conditioner.embedders.1.model.`` (OpenCLIP's layout: fused
   ``attn.in_proj_weight``, ``resblocks``, a ``text_projection`` matrix).
 
-As for SD1.x (:mod:`dan.engine.detect`), every size comes from a tensor shape and what shapes
-cannot tell comes from the SDXL base configs shipped in ``dan/engine/configs/sdxl``. Heads are
-64 wide in both the UNet ([5, 10, 20] heads at 320/640/1280) and the text encoders; widths that
-are not a multiple of 64 only occur in test models and get 8-wide heads.
+As for SD1.x (:mod:`dan.engine.loading.architecture.sd15`), every size comes from a tensor shape and
+what shapes cannot tell comes from the SDXL base configs shipped in ``dan/engine/configs/sdxl``.
+Heads are 64 wide in both the UNet ([5, 10, 20] heads at 320/640/1280) and the text encoders; widths
+that are not a multiple of 64 only occur in test models and get 8-wide heads.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from typing import Any, Literal
 
 import torch
 
-from dan.engine.detect import (
+from dan.engine.loading.architecture.sd15 import (
     UNET,
     VAE,
-    _detect_vae,
     _has,
     _indices,
+    _read_vae,
     _shape,
     _unet_levels,
 )
@@ -108,7 +108,7 @@ def is_sdxl(keys: list[str]) -> bool:
     return _has(keys, "conditioner.embedders.")
 
 
-def detect_sdxl_architecture(state_dict: Mapping[str, torch.Tensor]) -> SdxlArchitecture:
+def read_sdxl_architecture(state_dict: Mapping[str, torch.Tensor]) -> SdxlArchitecture:
     """The architecture of an SGM-layout SDXL state dict, read from its tensor shapes only.
 
     Raises UnsupportedCheckpoint, naming what was found, for the SDXL refiner and for files
@@ -123,10 +123,10 @@ def detect_sdxl_architecture(state_dict: Mapping[str, torch.Tensor]) -> SdxlArch
     missing = next((f"no {what} ({p}*)" for p, what in SDXL_PARTS if not _has(keys, p)), None)
     if missing:
         raise UnsupportedCheckpoint(f"not a complete SDXL checkpoint: {missing}")
-    text_encoder = _detect_clip_l(state_dict, keys)
-    text_encoder_2 = _detect_open_clip(state_dict, keys)
-    unet = _detect_unet(state_dict, keys, pooled=text_encoder_2["projection_dim"])
-    vae = _detect_vae(state_dict, keys)
+    text_encoder = _read_clip_l(state_dict, keys)
+    text_encoder_2 = _read_open_clip(state_dict, keys)
+    unet = _read_unet(state_dict, keys, pooled=text_encoder_2["projection_dim"])
+    vae = _read_vae(state_dict, keys)
     _check_consistent(unet, vae, text_encoder, text_encoder_2)
     base = base_configs()
     return SdxlArchitecture(
@@ -143,7 +143,7 @@ def heads(width: int) -> int:
     return width // 64 if width % 64 == 0 else max(1, width // 8)
 
 
-def _detect_unet(
+def _read_unet(
     state_dict: Mapping[str, torch.Tensor], keys: list[str], *, pooled: int
 ) -> dict[str, Any]:
     levels = _unet_levels(state_dict, keys)
@@ -171,7 +171,7 @@ def _detect_unet(
     }
 
 
-def _detect_clip_l(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, Any]:
+def _read_clip_l(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, Any]:
     prefix = CLIP_L + "text_model." if _has(keys, CLIP_L + "text_model.") else CLIP_L
     vocab, hidden = _shape(state_dict, prefix + "embeddings.token_embedding.weight")
     return {
@@ -187,7 +187,7 @@ def _detect_clip_l(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> d
     }
 
 
-def _detect_open_clip(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, Any]:
+def _read_open_clip(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, Any]:
     vocab, hidden = _shape(state_dict, OPEN_CLIP + "token_embedding.weight")
     blocks = OPEN_CLIP + "transformer.resblocks."
     return {

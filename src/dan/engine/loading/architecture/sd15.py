@@ -46,7 +46,7 @@ VAE = "first_stage_model."
 # Files saved with old transformers versions lack the ``text_model.`` level; both are in the wild.
 CLIP_PREFIXES = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
 SD1_HEADS = 8  # SD1.x fixes the head count, not the head width; shapes cannot tell it
-TOKENIZER_VOCAB = 49408  # the size of dan.engine.tokenizer's vocabulary
+TOKENIZER_VOCAB = 49408  # the size of dan.engine.loading.tokenizer's vocabulary
 TOKENIZER_LENGTH = 77
 CONFIG_FILES = {
     "model_index": "model_index.json",
@@ -108,7 +108,7 @@ class _Level:
     depth: int  # transformer blocks per attention; 0 where the level has no attention
 
 
-def detect_architecture(state_dict: Mapping[str, torch.Tensor]) -> Sd1Architecture:
+def read_sd1_architecture(state_dict: Mapping[str, torch.Tensor]) -> Sd1Architecture:
     """The architecture of an A1111-layout SD1.x state dict, read from its tensor shapes only.
 
     Works on real, meta or empty tensors. Values that shapes cannot tell (head counts, norm
@@ -121,9 +121,9 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor]) -> Sd1Architectu
         width = _cross_attention_width(state_dict)
         found = f"; UNet cross-attention width {width} (SD1.x: 768)" if width else ""
         raise UnsupportedCheckpoint(f"not a Stable Diffusion 1.x checkpoint: {problem}{found}")
-    unet = _detect_unet(state_dict, keys)
-    vae = _detect_vae(state_dict, keys)
-    text_encoder = _detect_text_encoder(state_dict, keys)
+    unet = _read_unet(state_dict, keys)
+    vae = _read_vae(state_dict, keys)
+    text_encoder = _read_text_encoder(state_dict, keys)
     _check_consistent(unet, vae, text_encoder)
     base = base_configs()
     return Sd1Architecture(
@@ -165,7 +165,7 @@ def _indices(keys: Iterable[str], prefix: str) -> list[int]:
     return sorted(int(n) for n in found if n.isdigit())
 
 
-def _detect_unet(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, Any]:
+def _read_unet(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, Any]:
     levels = _unet_levels(state_dict, keys)
     depth = _transformer_depth(
         levels, len(_indices(keys, UNET + "middle_block.1.transformer_blocks."))
@@ -225,7 +225,7 @@ def _level_of(blocks: list[tuple[int, int]]) -> _Level:
     return _Level(channels=channels, res_blocks=len(blocks), depth=depth)
 
 
-def _detect_vae(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, Any]:
+def _read_vae(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, Any]:
     encoder = VAE + "encoder."
     levels = _indices(keys, encoder + "down.")
     res_blocks = len(_indices(keys, encoder + "down.0.block."))
@@ -248,7 +248,7 @@ def clip_prefix(keys: Iterable[str]) -> str:
     return CLIP_PREFIXES[0] if _has(keys, CLIP_PREFIXES[0]) else CLIP_PREFIXES[1]
 
 
-def _detect_text_encoder(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, Any]:
+def _read_text_encoder(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, Any]:
     prefix = clip_prefix(keys)
     vocab, hidden = _shape(state_dict, prefix + "embeddings.token_embedding.weight")
     return {

@@ -1,0 +1,3 @@
+"""Upscaling: plain and latent resizers (``upscale.py``) and super-resolution models run tile
+by tile (``upscale_models.py``).
+"""
