@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 from pydantic import SecretStr
@@ -122,6 +124,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if supervisor:
         supervisor.start()
+    # uvicorn sends SIGTERM to the process again after its graceful shutdown: raised as
+    # SystemExit here, it lets the finally below stop the worker and close the database.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         uvicorn.run(create_app(services), host=settings.host, port=settings.port, log_level="info")
     finally:
@@ -129,6 +134,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             supervisor.stop()
         services.close()
     return 0
+
+
+def _exit_cleanly(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -1,8 +1,10 @@
 """The real `dan serve` and its worker child on SQLite: a submit wakes the idle worker through
-its stdin at once (not at its fallback look), and a stopped server's worker exits cleanly."""
+its stdin at once (not at its fallback look), and a server stopped by SIGTERM stops its worker
+cleanly and exits 0."""
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -29,7 +31,7 @@ def test_a_submit_wakes_the_worker_and_stop_ends_it_cleanly(tmp_path: Path) -> N
         wait_for_status(server, task_id, {1, 2, 3}, timeout_s=FALLBACK_S / 2)
         assert time.monotonic() - started < FALLBACK_S / 2
     finally:
-        server.stop()
+        server.stop(signal.SIGTERM)  # what systemd and Docker send
     log = server.log()
     assert server.process.returncode == 0, log
     assert "the local worker exited with code 0" in log, log

@@ -1,8 +1,9 @@
 """How much memory the worker holds on its device, for dan_worker_device_memory_bytes.
 
 On a CUDA device: what this process's allocator has reserved there, of the device's total
-(torch is asked through dan.engine.loading.device, imported only then). Anywhere else (the CPU, the fake
-engine of the tests): this process's resident memory, of the host's physical memory.
+(torch is asked through dan.engine.loading.device, imported only then). Anywhere else (the
+CPU, the fake engine of the tests): this process's resident memory, of the host's physical
+memory.
 """
 
 from __future__ import annotations
