@@ -200,7 +200,12 @@ def report(
     print(f"machine bf16 matmul   : {rate:6.2f} TFLOP/s; the job is {tflop:.2f} TFLOP")
     print(
         f"DAN warm-up           : {warm_up:6.1f} s (load, first request on the plain path, "
-        f"compile of its shape); RSS +{memory_gb:.1f} GB"
+        f"compile of its shape)"
+    )
+    weights = sum(p.numel() * p.element_size() for p in fast.eager.parameters()) / 1024**3
+    print(
+        f"DAN memory            : RSS +{memory_gb:.1f} GB for the checkpoint and its compiled "
+        f"shape (the UNet's weights: {weights:.1f} GB)"
     )
     for name, median in (("plain diffusers bf16", plain), ("DAN fast path", dan)):
         share = tflop / median / rate

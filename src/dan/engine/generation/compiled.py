@@ -233,6 +233,12 @@ class FastUNet(torch.nn.Module):
         self.compiled_calls = 0  # calls that took a compiled form
 
     @property
+    def eager(self) -> torch.nn.Module:
+        """The UNet this stands in for."""
+        eager: torch.nn.Module = object.__getattribute__(self, "_eager")
+        return eager
+
+    @property
     def compiler(self) -> Compiler:
         compiler: Compiler = object.__getattribute__(self, "_compiler")
         return compiler
