@@ -54,6 +54,7 @@ from tests.fixtures.server import Server, start_server
 SHA = "5" * 64  # the simulated checkpoint every node has installed
 MODEL = "sim-sd15"
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/dan_sim"
+NODES_PER_POOL = 16  # simulated nodes per HTTP connection pool (see Simulation)
 
 
 def png(width: int = 64, height: int = 64) -> bytes:
@@ -179,10 +180,16 @@ class Simulation:
         self.stats = Stats()
         self.stop = asyncio.Event()
         self.image = png()
-        limits = httpx.Limits(max_connections=args.nodes + 200, max_keepalive_connections=None)
+        # httpcore's pool looks at each of its connections for every request: one pool for a
+        # thousand nodes made this process, not the servers, the bottleneck (seconds of
+        # latency). So nodes share small pools, each pool talking to one replica.
+        limits = httpx.Limits(max_connections=3 * NODES_PER_POOL, max_keepalive_connections=None)
+        pools = max(len(urls), -(-args.nodes // NODES_PER_POOL))
         self.clients = [
-            httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits, trust_env=False)
-            for url in urls
+            httpx.AsyncClient(
+                base_url=urls[i % len(urls)], timeout=60.0, limits=limits, trust_env=False
+            )
+            for i in range(pools)
         ]
         self.node_headers = {"Authorization": f"Bearer {keys['nodes']}"}
         self.user_headers = {"Authorization": f"Bearer {keys['user']}"}
@@ -194,8 +201,12 @@ class Simulation:
             raise RuntimeError(f"{path}: {reply}")
         return reply["data"]
 
+    def node_client(self, index: int) -> httpx.AsyncClient:
+        """The pool of node ``index``: nodes are spread over the replicas, 16 to a pool."""
+        return self.clients[index % len(self.clients)]
+
     async def register(self, index: int) -> dict[str, str]:
-        client = self.clients[index % len(self.clients)]
+        client = self.node_client(index)
         body = {
             "name": f"sim-{index}",
             "families": ["sd15"],
@@ -215,7 +226,7 @@ class Simulation:
         return {"nodeId": data["nodeId"], "sessionId": data["sessionId"]}
 
     async def node(self, index: int, session: dict[str, str]) -> None:
-        client = self.clients[index % len(self.clients)]
+        client = self.node_client(index)
         while not self.stop.is_set():
             try:
                 data = await self.call(client, "/api/node/claim", {**session, "waitS": 5}, "node")

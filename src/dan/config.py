@@ -183,6 +183,12 @@ class Settings(BaseSettings):
         description="a node may take, of the next this-many runnable tasks, one for a "
         "checkpoint it has loaded before the first in line",
     )
+    claim_threads: int = Field(
+        4,
+        ge=1,
+        description="threads (and so database connections) that nodes' claims use at once on "
+        "one API server; the other requests keep the rest",
+    )
     max_nodes_per_account: int = Field(
         32,
         ge=1,

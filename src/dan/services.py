@@ -53,6 +53,7 @@ class Services:
     live: LiveProgress | None = None
 
     def close(self) -> None:
+        self.nodes.close()
         self.db.dispose()
 
 

@@ -26,9 +26,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from dan.config import Settings
 from dan.domain import LOCAL_ACCOUNT, Account, ClaimedTask, ModelFamily, TaskResult, TaskStatus
@@ -55,15 +56,19 @@ from dan.nodes.store import (
     Session,
     session_worker_id,
 )
+from dan.nodes.wakeups import ClaimWakeups, Waiter, Wake
 from dan.storage import BlobStore
 from dan.tasks.base import Expected, Heartbeat, HeldTask, Offer, Reward, TaskStore
 from dan.tasks.live import LiveProgress
 
 MIN_POLL_S = 0.05  # a waiting claim looks at the queue at most this often
-# With queue notifications (PostgreSQL's NOTIFY, see listen_for_queued_tasks), a waiting claim
-# asks the database when a task was queued, and otherwise only this often, as a fallback.
-NOTIFIED_POLL_S = 2.0
+# With queue notifications (PostgreSQL's NOTIFY), a waiting claim asks the database when a
+# queued task's wake reaches it (dan.nodes.wakeups), and otherwise only this often, in case
+# a notice was lost.
+NOTIFIED_POLL_S = 5.0
+GONE_CHECK_S = 1.0  # how often a waiting claim asks whether its node hung up
 Gone = Callable[[], Awaitable[bool]]  # whether the claiming node hung up
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -117,10 +122,12 @@ class NodeService:
         # Claims waiting in this process, by session and by account (each bounded).
         self._waiting: Counter[str] = Counter()
         self._waiting_lock = threading.Lock()
-        # Bumped (from a listener thread) whenever any process queues a task; while a
-        # listener is connected, waiting claims only query the database when it changes.
-        self._queued = 0
+        # While a listener is connected (``notified``), a queued task wakes one waiting claim.
+        self._wakeups = ClaimWakeups()
         self.notified: threading.Event = threading.Event()
+        # Claims (and their connections) get threads of their own, so that however many wait,
+        # heartbeats, completes, status and submits never queue behind them.
+        self._claim_pool = ThreadPoolExecutor(settings.claim_threads, thread_name_prefix="claim")
         self._touch_every_s = min(5.0, settings.node_offline_after_s / 4)
 
     # -- registration ------------------------------------------------------------------------
@@ -181,7 +188,7 @@ class NodeService:
         for one; catalog models an admin asked it to pull come first, without a task. Stops
         waiting early when ``gone`` says the node hung up. A session waits in one claim at a
         time, an account in at most ``max_nodes_per_account``."""
-        session, node = await asyncio.to_thread(
+        session, node = await self._in_claim_pool(
             self._seen_now, account, node_id, session_id, loaded
         )
         if node.suspect:
@@ -190,7 +197,7 @@ class NodeService:
                 nodeId=node.id,
             )
         if node.pull:
-            return Assignment(None, await asyncio.to_thread(self._nodes.take_pulls, node_id))
+            return Assignment(None, await self._in_claim_pool(self._nodes.take_pulls, node_id))
         offer = Offer(
             node.id, node.account, node.loaded, self._settings.affinity_lookahead, session.slots
         )
@@ -202,26 +209,67 @@ class NodeService:
     async def _wait_for_task(
         self, session: Session, offer: Offer, wait_s: float, gone: Gone | None
     ) -> Assignment:
-        deadline = self._monotonic() + wait_s
+        """Ask the database at once, then when a queued task's wake reaches this claim (or,
+        without notifications, every poll interval), and now and then as a fallback."""
+        now = self._monotonic()
+        deadline, next_gone_check = now + wait_s, now + GONE_CHECK_S
         interval = max(self._settings.poll_interval_s, MIN_POLL_S)
-        seen, next_query = -1, 0.0
-        while True:
-            now = self._monotonic()
-            if self._queued != seen or now >= next_query:
-                seen = self._queued
-                next_query = now + (NOTIFIED_POLL_S if self.notified.is_set() else 0.0)
-                task = await asyncio.to_thread(self._claim_once, session, offer)
-                if task is not None:
-                    return Assignment(task)
-            if now >= deadline:
-                return Assignment(None)
-            await self._sleep(interval)
-            if gone is not None and await gone():
-                return Assignment(None)
+        waiter = self._wakeups.enter()
+        try:
+            wake, next_query = None, now
+            while True:
+                if wake is not None or now >= next_query:
+                    # Without notifications this is every interval (0: at each nap's end).
+                    next_query = now + (NOTIFIED_POLL_S if self.notified.is_set() else 0.0)
+                    task = await self._in_claim_pool(self._claim_once, session, offer)
+                    if wake is not None:
+                        await self._settle(waiter, wake, task)
+                    if task is not None:
+                        return Assignment(task)
+                if now >= deadline:
+                    return Assignment(None)
+                nap = min(max(next_query - now, interval), deadline - now, next_gone_check - now)
+                await self._nap(waiter, nap)
+                now = self._monotonic()
+                if now >= next_gone_check:
+                    next_gone_check = now + GONE_CHECK_S
+                    if gone is not None and await gone():  # its wake goes on as it leaves
+                        return Assignment(None)
+                wake = self._wakeups.take(waiter)
+        finally:
+            self._wakeups.leave(waiter)
 
-    def task_queued(self, _task_id: str = "") -> None:
-        """Some process queued a task (called from the NOTIFY listener's thread)."""
-        self._queued += 1  # a lost increment only delays a claim to the fallback poll
+    async def _nap(self, waiter: Waiter, seconds: float) -> None:
+        """Sleep ``seconds`` or until a wake is handed to ``waiter``."""
+        sleeping = asyncio.ensure_future(self._sleep(max(seconds, 0.0)))
+        woken = asyncio.ensure_future(waiter.event.wait())
+        try:
+            await asyncio.wait((sleeping, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            woken.cancel()
+
+    async def _settle(self, waiter: Waiter, wake: Wake, task: ClaimedTask | None) -> None:
+        """After a woken claim asked: if it did not take the task that woke it and that task
+        is still pending, the wake goes on to the next claim; then back in line."""
+        if not wake.everyone and (task is None or task.id != wake.task_id):
+            statuses = await self._in_claim_pool(self._tasks.statuses, [wake.task_id])
+            if statuses.get(wake.task_id) == TaskStatus.PENDING:
+                self._wakeups.pass_on(wake)
+        if task is None:
+            self._wakeups.back_in_line(waiter)
+
+    def task_queued(self, task_id: str = "") -> None:
+        """Some process queued ``task_id`` ("": some tasks were handed back): wake one waiting
+        claim, or all for "" (called from the NOTIFY listener's thread)."""
+        self._wakeups.task_queued(task_id)
+
+    async def _in_claim_pool(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._claim_pool, function, *args)
+
+    def close(self) -> None:
+        """Stop the claim threads (claims still running finish first)."""
+        self._claim_pool.shutdown(wait=False)
 
     def heartbeat(
         self,
