@@ -102,7 +102,8 @@ _ENDED_RUN = (tasks.c.kind, tasks.c.status, tasks.c.node_id, tasks.c.started_at,
 
 def _batch_key(candidates: Sequence[Row[Any]], seq: int) -> str | None:
     """The batch key of the candidate ``seq`` (one of ``candidates``)."""
-    return next(row.batch_key for row in candidates if row.seq == seq)
+    key: str | None = next(row.batch_key for row in candidates if row.seq == seq)
+    return key
 
 
 def _ended_run(row: Row[Any], now: float) -> RunEnded:
