@@ -261,9 +261,9 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=64,
-        description="batching across requests: most 512x512 images one UNet batch of "
-        "compatible tasks holds (fewer for larger images; 1: no batching); 0: this device's "
-        "default (2 on a CPU, by memory on a GPU, at most 8)",
+        description="batching across requests: most images one UNet batch of compatible "
+        "tasks holds (fewer for images larger than 512x512; 1: no batching); 0: this "
+        "device's default (2 on a CPU, by memory on a GPU, at most 8)",
     )
     pipeline_cache_bytes: int = Field(
         12 * 1024**3, ge=0, description="memory budget for checkpoints kept loaded"

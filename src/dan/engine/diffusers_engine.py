@@ -57,7 +57,7 @@ from dan.errors import EngineError, FatalEngineError
 from dan.prompt_tags import extract_lora_tags
 
 log = logging.getLogger(__name__)
-BATCH_PIXELS = 512 * 512  # the image size batch_max counts
+BATCH_PIXELS = 512 * 512  # batch_max is for images of this size or smaller
 CPU_BATCH_MAX = 2  # measured by bench/batching.py (README, "Batching across requests")
 
 
@@ -116,10 +116,12 @@ class DiffusersEngine:
             return [image for batch in batches for image in self._txt2img(batch, files, unit)]
 
     def batch_limit(self, request: GenerationRequest) -> int:
-        """``batch_max`` images at 512x512 (the setting, else this device's default: see
-        :func:`default_batch_max`), fewer in proportion for larger images, at least 1."""
+        """``batch_max`` images (the setting, else this device's default: see
+        :func:`default_batch_max`), fewer in proportion for images larger than 512x512 (a
+        batch's memory grows with its pixels), at least 1."""
         limit = self._settings.batch_max or default_batch_max(self.device)
-        return max(1, limit * BATCH_PIXELS // (request.width * request.height))
+        fits = limit * BATCH_PIXELS // (request.width * request.height)
+        return max(1, min(limit, fits))
 
     def txt2img_batch(
         self,
@@ -345,9 +347,10 @@ class DiffusersEngine:
 
 
 def default_batch_max(device: torch.device) -> int:
-    """How many 512x512 images one UNet batch holds by default. CPU: 2 (bench/batching.py:
-    a CPU is already busy with one image, batching gains little and delays the first
-    result). CUDA: by the card's memory, about 1.5 GB per image in fp16 with 4 GB kept for
+    """How many 512x512 images one UNet batch holds by default. CPU: 2 (bench/batching.py,
+    full-size SD1.5 in bf16 on 2 cores: batches of 2 made 1.15x the images per second of one
+    at a time, of 4 1.12x: a CPU is busy with one image already, and a larger batch only
+    delays its first results). CUDA: by the card's memory, about 1.5 GB per image in fp16 with 4 GB kept for
     the weights and the VAE, at most 8 (larger batches gain little on a GPU already full)."""
     if device.type != "cuda":
         return CPU_BATCH_MAX
