@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from dan.config import Settings
 from dan.domain import GenerationRequest, ModelFiles, ProgressCallback
 from dan.engine.diffusers_engine import DiffusersEngine
 from dan.engine.generation.batching import CfgScales
@@ -122,3 +124,13 @@ def test_cfg_scales_are_the_largest_as_a_number_and_per_row_on_a_tensor() -> Non
     rows = torch.ones(3, 4, 2, 2)
     assert (scales * rows)[:, 0, 0, 0].tolist() == [7.0, 1.5, 11.0]
     assert scales * 2 == 22.0
+
+
+def test_the_batch_limit_is_the_setting_or_the_devices_and_shrinks_for_large_images(
+    engine: DiffusersEngine, tmp_path: Path
+) -> None:
+    assert engine.batch_limit(request(width=512, height=512)) == 2  # the CPU's default
+    four = DiffusersEngine(Settings(data_dir=tmp_path, device="cpu", batch_max=4))  # type: ignore[call-arg]
+    assert four.batch_limit(request(width=256, height=256)) == 4  # never more than the setting
+    assert four.batch_limit(request(width=512, height=768)) == 2
+    assert four.batch_limit(request(width=1024, height=1024)) == 1

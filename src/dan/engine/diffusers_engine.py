@@ -350,8 +350,9 @@ def default_batch_max(device: torch.device) -> int:
     """How many 512x512 images one UNet batch holds by default. CPU: 2 (bench/batching.py,
     full-size SD1.5 in bf16 on 2 cores: batches of 2 made 1.15x the images per second of one
     at a time, of 4 1.12x: a CPU is busy with one image already, and a larger batch only
-    delays its first results). CUDA: by the card's memory, about 1.5 GB per image in fp16 with 4 GB kept for
-    the weights and the VAE, at most 8 (larger batches gain little on a GPU already full)."""
+    delays its first results). CUDA: by the card's memory, about 1.5 GB per image in fp16
+    with 4 GB kept for the weights and the VAE, at most 8 (an estimate: not measured yet,
+    bench/gpu_batching.py is the script to measure it)."""
     if device.type != "cuda":
         return CPU_BATCH_MAX
     free = torch.cuda.get_device_properties(device).total_memory - 4 * 1024**3
