@@ -263,6 +263,14 @@ class Settings(BaseSettings):
         le=16,
         description="most input shapes (size x batch) compiled per checkpoint by the fast path",
     )
+    batch_max: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="batching across requests: most images one UNet batch of compatible "
+        "tasks holds (fewer for images larger than 512x512; 1: no batching); 0: this "
+        "device's default (2 on a CPU, by memory on a GPU, at most 8)",
+    )
     pipeline_cache_bytes: int = Field(
         12 * 1024**3, ge=0, description="memory budget for checkpoints kept loaded"
     )

@@ -458,6 +458,8 @@ class ClaimedTask:
     kind: TaskKind
     params: dict[str, Any]
     attempt: int
+    # What tasks it may share a UNet batch with (dan.tasks.needs.batch_key); None: none.
+    batch_key: str | None = None
 
 
 # The files a task names, by sha256: its checkpoint, LoRAs and model upscalers.

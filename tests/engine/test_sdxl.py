@@ -259,6 +259,21 @@ def test_a_batch_gives_each_seed_its_own_image(engine: DiffusersEngine, sdxl_fil
         assert np.abs(pixels(got) - pixels(expected)).max() <= 1
 
 
+def test_requests_batched_together_each_get_their_image_alone(
+    engine: DiffusersEngine, sdxl_file: Path
+) -> None:
+    """Batching across requests on SDXL: pooled embeddings stacked too, a CFG per request."""
+    requests = [
+        request(prompt="a red fox", seed=5, cfg_scale=7.0),
+        request(prompt="a (blue:1.2) bird", negative_prompt="blurry", seed=9, cfg_scale=3.0),
+    ]
+    made = engine.txt2img_batch(requests, files(sdxl_file), [no_progress] * 2, [None] * 2)
+    for one, images in zip(requests, made, strict=True):
+        [expected] = engine.txt2img(one, files(sdxl_file), no_progress)
+        assert images is not None and len(images) == 1
+        assert np.abs(pixels(images[0]) - pixels(expected)).max() <= 1
+
+
 def test_hires_fix_runs_both_passes_at_their_sizes(
     engine: DiffusersEngine, sdxl_file: Path
 ) -> None:

@@ -102,3 +102,15 @@ def test_the_runner_stores_each_image_with_its_seed_and_refuses_a_short_batch(
 
     with pytest.raises(EngineError, match="made 1 images, not 4"):
         TaskRunner(Short(), registry, blobs).run(task, lambda done, total: None)
+
+
+def test_a_txt2img_order_gets_the_batch_key_of_its_request(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    """Orders that differ only in prompt, seed and CFG may share a UNet batch (batch_key)."""
+    build = RequestBuilder(registry, Settings(data_dir=tmp_path))  # type: ignore[call-arg]
+    one = build.txt2img(order(), "t1").needs.batch_key
+    other = build.txt2img(order(prompt="a cat", seed=9, cfg_scale=4.0), "t2").needs.batch_key
+    assert one is not None and one == other
+    assert build.txt2img(order(steps=21), "t3").needs.batch_key != one
+    assert build.txt2img(order(n_iter=2), "t4").needs.batch_key is None

@@ -160,3 +160,40 @@ def test_the_local_node_counts_its_runs_and_its_memory(tmp_path: Path) -> None:
     used = sample("dan_worker_device_memory_bytes", device="cpu", kind="used")
     total = sample("dan_worker_device_memory_bytes", device="cpu", kind="total")
     assert used is not None and total is not None and 0 < used < total
+
+
+def test_the_local_worker_batches_compatible_tasks_beyond_its_one_slot(tmp_path: Path) -> None:
+    """It claims one task at a time (slots=1), but tasks like the first join its batch."""
+    from dan.tasks.needs import batch_key
+
+    url = f"sqlite:///{tmp_path / 'q.sqlite3'}"
+    migrate(url)
+    db = create_db_engine(url)
+    store = SqlTaskStore(db)
+    install_dummy_checkpoint(tmp_path / "models", "a")
+    registry = ModelRegistry(tmp_path / "models", tmp_path / "cache", allow_ckpt=False)
+    engine = FakeEngine(batch_max=4)
+    queue = LocalNodeQueue(store, SqlNodeStore(db), registry, engine, lookahead=8)
+    queue.register()
+    sha = registry.list(ModelKind.CHECKPOINT)[0].sha256
+    ids = []
+    for seed in (1, 2, 3):
+        request = GenerationRequest(
+            f"p{seed}", "", seed, "Euler", 2, 7.0, 64, 64, ModelRef(sha, "m")
+        )
+        task = NewTask(
+            str(uuid.uuid4()),
+            "someone",
+            TaskKind.TXT2IMG,
+            request.to_params(),
+            checkpoint=sha,
+            requires=(sha,),
+            batch_key=batch_key(request),
+        )
+        ids.append(store.submit(task, max_pending=10).id)
+    worker = Worker(
+        queue, engine, registry, InMemoryBlobStore(), worker_id=queue.worker_id, lease_s=30
+    )
+    assert worker.run_once()
+    assert engine.batches == [["p1", "p2", "p3"]]
+    assert [store.get(i).status for i in ids] == [TaskStatus.SUCCESS] * 3  # type: ignore[union-attr]

@@ -71,6 +71,9 @@ tasks = Table(
     # that list the family in ``node_families`` are offered it. NULL: any node (a task on no
     # checkpoint, or queued before 0006).
     Column("family", String(8)),
+    # Added by 0007: what the task may share one UNet batch with (dan.tasks.needs.batch_key);
+    # NULL: a task that never batches.
+    Column("batch_key", String(16)),
     Index("ix_tasks_status_tag_seq", "status", "tag", "seq"),
     Index("ix_tasks_account_tag", "account", "tag"),
     Index("ix_tasks_account_status", "account", "status"),

@@ -12,8 +12,9 @@ Rooms, by what they do (each sub-package's ``__init__`` only documents; import i
   pipelines of each, so no other module branches on the family.
 - ``loading/`` reading files into modules: checkpoints and their architecture
   (``architecture/``), the pipeline cache, devices, VAEs, embeddings, tokenizers, LoRAs.
-- ``generation/`` denoising runs: txt2img, img2img and inpainting, hires fix, prompt weighting,
-  samplers, step previews, masks, and the CPU fast path (the UNet compiled per shape).
+- ``generation/`` denoising runs: txt2img (and batches across requests), img2img and
+  inpainting, hires fix, prompt weighting, samplers, step previews, masks, and the CPU fast
+  path (the UNet compiled per shape).
 - ``control/`` ControlNet: the models, their state-dict layout, generation under them, and the
   preprocessors (annotators) that turn a picture into a control map.
 - ``upscaling/`` resizers and super-resolution models.

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import platform
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import diffusers
@@ -37,15 +37,17 @@ from dan.engine.control.openpose_body import OpenPoseBody
 from dan.engine.control.preprocess import PoseEstimator, preprocess
 from dan.engine.control.runs import ControlUnit, controlled_img2img, controlled_txt2img
 from dan.engine.families import load_checkpoint
+from dan.engine.generation.batching import Member, run_batch
 from dan.engine.generation.compiled import Compiler, FastUNet, use_inductor_cache
 from dan.engine.generation.hires import hires_fix
 from dan.engine.generation.img2img import run_img2img, validate_img2img
-from dan.engine.generation.preview import LatentPreviewer
+from dan.engine.generation.preview import LatentPreviewer, LatentsSink
+from dan.engine.generation.prompts import PromptEmbeds
 from dan.engine.generation.txt2img import Conditioning, denoising_arguments, previews, run_txt2img
 from dan.engine.interrogation.interrogate import Interrogators
 from dan.engine.loading.cache import LoadedCheckpoint, PipelineCache, WarmModel, pipeline_bytes
 from dan.engine.loading.device import pick_device, pick_dtype
-from dan.engine.loading.embeddings import embeddings_applied
+from dan.engine.loading.embeddings import Rewrite, embeddings_applied
 from dan.engine.loading.lora.files import LoraCache
 from dan.engine.loading.lora.stack import LoraStack
 from dan.engine.loading.vae import VaeFiles, swapped_vae
@@ -55,6 +57,8 @@ from dan.errors import EngineError, FatalEngineError
 from dan.prompt_tags import extract_lora_tags
 
 log = logging.getLogger(__name__)
+BATCH_PIXELS = 512 * 512  # batch_max is for images of this size or smaller
+CPU_BATCH_MAX = 2  # measured by bench/batching.py (README, "Batching across requests")
 
 
 class DiffusersEngine:
@@ -110,6 +114,33 @@ class DiffusersEngine:
             unit = self._control_unit(c, request, files, control_image)
             batches = c.batches()
             return [image for batch in batches for image in self._txt2img(batch, files, unit)]
+
+    def batch_limit(self, request: GenerationRequest) -> int:
+        """``batch_max`` images (the setting, else this device's default: see
+        :func:`default_batch_max`), fewer in proportion for images larger than 512x512 (a
+        batch's memory grows with its pixels), at least 1."""
+        limit = self._settings.batch_max or default_batch_max(self.device)
+        fits = limit * BATCH_PIXELS // (request.width * request.height)
+        return max(1, min(limit, fits))
+
+    def txt2img_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        files: ModelFiles,
+        progress: Sequence[ProgressCallback],
+        previews: Sequence[PreviewSink | None],
+    ) -> list[list[Image] | None]:
+        first = requests[0]
+        with self._applied(first, files) as (loaded, words):
+            members = [
+                Member(r, self._encode(loaded, words, r), p, self._latents(loaded, sink))
+                for r, p, sink in zip(requests, progress, previews, strict=True)
+            ]
+            return run_batch(self._base(loaded, first), loaded.family, members)
+
+    @staticmethod
+    def _latents(loaded: LoadedCheckpoint, sink: PreviewSink | None) -> LatentsSink | None:
+        return previews(loaded.previewer, sink) if sink is not None else None
 
     def _txt2img(self, c: Conditioning, files: ModelFiles, unit: ControlUnit | None) -> list[Image]:
         """The images of one batch."""
@@ -231,9 +262,21 @@ class DiffusersEngine:
     ) -> Iterator[Conditioning]:
         """The loaded checkpoint with the request's LoRAs, VAE and embeddings applied and its
         prompts encoded."""
+        with self._applied(request, files) as (loaded, words):
+            on_latents = previews(loaded.previewer, preview) if preview is not None else None
+            embeds = self._encode(loaded, words, request)
+            base = self._base(loaded, request)
+            first = request.batch_seeds(0)
+            yield Conditioning(base, loaded.family, embeds, request, progress, first, on_latents)
+
+    @contextlib.contextmanager
+    def _applied(
+        self, request: GenerationRequest, files: ModelFiles
+    ) -> Iterator[tuple[LoadedCheckpoint, Rewrite]]:
+        """The loaded checkpoint with the request's LoRAs, VAE and embeddings applied (and
+        torch in inference mode), and what spells its embeddings' names in a prompt."""
         loaded = self.pipelines.get(files[request.model.sha256])
         base = loaded.pipeline
-        on_latents = previews(loaded.previewer, preview) if preview is not None else None
         with (
             _engine_errors(f"{request.width}x{request.height}"),
             self._loras(base, request, files),
@@ -241,21 +284,29 @@ class DiffusersEngine:
             embeddings_applied(base, [files[e.sha256] for e in request.embeddings]) as words,
             torch.inference_mode(),
         ):
-            prompt, _ = extract_lora_tags(request.prompt)  # the service resolved them already
-            embeds = loaded.family.encode_prompts(
-                base,
-                words(prompt),
-                words(request.negative_prompt),
-                device=self.device,
-                dtype=self.dtype,
-                clip_skip=request.clip_skip,
-            )
-            first = request.batch_seeds(0)
-            if loaded.fast_unet is not None and not request.loras and not request.control_net:
-                # A plain request: its pipelines take the UNet compiled for its shapes.
-                fast = loaded.fast_unet
-                base = loaded.family.pipeline("txt2img", base, base.scheduler, unet=fast)
-            yield Conditioning(base, loaded.family, embeds, request, progress, first, on_latents)
+            yield loaded, words
+
+    def _encode(
+        self, loaded: LoadedCheckpoint, words: Rewrite, request: GenerationRequest
+    ) -> PromptEmbeds:
+        prompt, _ = extract_lora_tags(request.prompt)  # the service resolved them already
+        return loaded.family.encode_prompts(
+            loaded.pipeline,
+            words(prompt),
+            words(request.negative_prompt),
+            device=self.device,
+            dtype=self.dtype,
+            clip_skip=request.clip_skip,
+        )
+
+    @staticmethod
+    def _base(loaded: LoadedCheckpoint, request: GenerationRequest) -> Any:
+        """The pipeline a request's runs are built from: a plain request's takes the UNet
+        compiled for its shapes (when the fast path is on)."""
+        base = loaded.pipeline
+        if loaded.fast_unet is not None and not request.loras and not request.control_net:
+            return loaded.family.pipeline("txt2img", base, base.scheduler, unet=loaded.fast_unet)
+        return base
 
     def _loras(
         self, base: Any, request: GenerationRequest, files: ModelFiles
@@ -293,6 +344,19 @@ class DiffusersEngine:
             compiler = Compiler(max_shapes=self._settings.compile_max_shapes, name=model.name)
             fast = FastUNet(pipeline.unet, compiler)
         return LoadedCheckpoint(pipeline, architecture, size, previewer, family, fast)
+
+
+def default_batch_max(device: torch.device) -> int:
+    """How many 512x512 images one UNet batch holds by default. CPU: 2 (bench/batching.py,
+    full-size SD1.5 in bf16 on 2 cores: batches of 2 made 1.15x the images per second of one
+    at a time, of 4 1.12x: a CPU is busy with one image already, and a larger batch only
+    delays its first results). CUDA: by the card's memory, about 1.5 GB per image in fp16
+    with 4 GB kept for the weights and the VAE, at most 8 (an estimate: not measured yet,
+    bench/gpu_batching.py is the script to measure it)."""
+    if device.type != "cuda":
+        return CPU_BATCH_MAX
+    free = torch.cuda.get_device_properties(device).total_memory - 4 * 1024**3
+    return max(1, min(8, int(free // (1.5 * 1024**3))))
 
 
 def _fast_path_on(setting: str, device: torch.device, dtype: torch.dtype) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from PIL import Image as PILImage
 from PIL.Image import Image
@@ -28,7 +28,8 @@ from dan.domain import (
     hires_size,
     scaled_size,
 )
-from dan.errors import EngineError, FatalEngineError
+from dan.engine.base import one_by_one
+from dan.errors import EngineError, FatalEngineError, TaskCancelled
 
 
 class FakeEngine:
@@ -36,9 +37,11 @@ class FakeEngine:
     FATAL_PROMPT = "fake:fatal"
     OOM_PROMPT = "fake:oom"  # the host runs out of memory (MemoryError) mid-task
 
-    def __init__(self, *, step_s: float = 0.0) -> None:
+    def __init__(self, *, step_s: float = 0.0, batch_max: int = 1) -> None:
         self.step_s = step_s
+        self.batch_max = batch_max
         self.calls: list[GenerationRequest] = []
+        self.batches: list[list[str]] = []  # the prompts of each txt2img_batch, in order
 
     def describe(self) -> dict[str, str]:
         return {"device": "fake", "dtype": "none"}
@@ -69,6 +72,31 @@ class FakeEngine:
         if request.hires is not None:
             size = hires_size(request.width, request.height, request.hires.scale)
         return [PILImage.new("RGB", size, colour) for colour in colours]
+
+    def batch_limit(self, request: GenerationRequest) -> int:
+        return self.batch_max
+
+    def txt2img_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        files: ModelFiles,
+        progress: Sequence[ProgressCallback],
+        previews: Sequence[PreviewSink | None],
+    ) -> list[list[Image] | None]:
+        """Each request's txt2img images, its steps taken in lockstep with the others' (as
+        one UNet batch would); a request whose progress raises TaskCancelled leaves."""
+        self.batches.append([request.prompt for request in requests])
+        left = [False] * len(requests)
+        steps = requests[0].steps
+        for step in range(steps):
+            time.sleep(self.step_s)
+            for i, report in enumerate(progress):
+                left[i] = left[i] or _left(report, step + 1, steps)
+            if all(left):
+                raise TaskCancelled("every task of the batch was cancelled")
+        quiet = [_quiet] * len(requests)
+        made = one_by_one(self.txt2img, requests, files, quiet, [None] * len(requests))
+        return [None if gone else images for gone, images in zip(left, made, strict=True)]
 
     def img2img(
         self,
@@ -108,6 +136,19 @@ class FakeEngine:
         """``"<model> caption of a WxH image"``."""
         progress(1, 1)
         return f"{request.model} caption of a {image.width}x{image.height} image"
+
+
+def _left(report: ProgressCallback, done: int, total: int) -> bool:
+    """Whether ``report`` says its request leaves (raises TaskCancelled)."""
+    try:
+        report(done, total)
+    except TaskCancelled:
+        return True
+    return False
+
+
+def _quiet(done: int, total: int) -> None:
+    pass
 
 
 def _colour(seed: int) -> tuple[int, ...]:

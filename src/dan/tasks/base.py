@@ -83,6 +83,7 @@ class NewTask:
     callback_url: str | None = None  # where its webhook goes when it ends (dan.webhooks)
     images: int = 1  # images it makes (batch_size x n_iter): what pending limits count
     family: ModelFamily | None = None  # its checkpoint's: only nodes running it are offered it
+    batch_key: str | None = None  # what it may share a UNet batch with (dan.tasks.needs)
 
 
 @dataclass(frozen=True)
@@ -234,10 +235,18 @@ class TaskStore(Protocol):
         ...
 
     def claim(
-        self, worker_id: str, *, lease_s: float, offer: Offer | None = None
+        self,
+        worker_id: str,
+        *,
+        lease_s: float,
+        offer: Offer | None = None,
+        like: str | None = None,
     ) -> ClaimedTask | None:
         """Atomically take the next pending task ``offer`` can run (any task without one), or
-        None if there is none or the worker already holds ``offer.slots`` tasks."""
+        None if there is none or the worker already holds ``offer.slots`` tasks. With
+        ``like`` (a batch key), take the task a plain claim would take only if its batch key
+        is ``like``, and nothing otherwise: a batch holds only the tasks the worker would
+        have claimed next one after another, so it never lets a task jump the queue."""
         ...
 
     def heartbeat(

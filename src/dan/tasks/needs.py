@@ -11,7 +11,9 @@ dan.tasks.store).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import dataclass, replace
 
 from dan.domain import GenerationRequest, ModelFamily, hires_size
 from dan.samplers import SAMPLER_INFO
@@ -31,13 +33,15 @@ class Needs:
     """What running a task takes: the checkpoint it runs on (for node affinity), every model
     file (sha256) a node must have installed, its cost relative to a 512x512, 20-step
     txt2img (the queue's weighting), what its result must be, and the checkpoint's family
-    (only nodes that run it are offered the task; None: any node)."""
+    (only nodes that run it are offered the task; None: any node), and what it may share a
+    UNet batch with (:func:`batch_key`; None: nothing)."""
 
     checkpoint: str | None = None
     requires: tuple[str, ...] = ()
     cost: float = 1.0
     expects: Expected | None = None
     family: ModelFamily | None = None
+    batch_key: str | None = None
 
     @property
     def images(self) -> int:
@@ -83,3 +87,24 @@ def generation_needs(
         Expected(request.images, width, height),
         family,
     )
+
+
+# Bumped whenever what batch_key compares changes, so old rows never batch with new ones.
+BATCH_KEY_VERSION = 1
+
+
+def batch_key(request: GenerationRequest) -> str | None:
+    """What a txt2img request may share one UNet batch with: a short hash of everything but
+    its prompts, seed and CFG scale (checkpoint, size, sampler, schedule, steps, LoRAs, VAE,
+    embeddings, clip skip, batch_size), and of whether CFG is on at all (a scale of 1 or less
+    runs without the negative half). None for what does not batch yet: hires fix, ControlNet
+    and several batches per task (n_iter > 1).
+
+    Two requests with one key are run together by a worker (dan.workers.loop), each image
+    the one its request gets alone."""
+    if request.hires is not None or request.control_net is not None or request.n_iter != 1:
+        return None
+    shared = replace(request, prompt="", negative_prompt="", seed=0, cfg_scale=0.0)
+    fields = {"v": BATCH_KEY_VERSION, "guided": request.cfg_scale > 1, **shared.to_params()}
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -47,7 +47,14 @@ from dan.imaging import decode_image, encode_input_png
 from dan.prompt_tags import extract_lora_tags
 from dan.samplers import AUTOMATIC, check_steps, choose
 from dan.tasks.base import Expected
-from dan.tasks.needs import BASE_PIXELS, INTERROGATE_COST, MIN_COST, Needs, generation_needs
+from dan.tasks.needs import (
+    BASE_PIXELS,
+    INTERROGATE_COST,
+    MIN_COST,
+    Needs,
+    batch_key,
+    generation_needs,
+)
 from dan.tasks.order_checks import (
     Lora,
     check_batch,
@@ -203,6 +210,7 @@ class RequestBuilder:
             second = hires_size(request.width, request.height, hires.scale)
             check_batch_pixels(request.batch_size, *second, " in hires fix's second pass")
         needs = generation_needs(request, family=self._family(request))
+        needs = replace(needs, batch_key=batch_key(request))
         return Prepared(request.to_params(), inputs, needs)
 
     def img2img(self, order: Img2ImgOrder, task_id: str) -> Prepared:

@@ -100,6 +100,7 @@ def new_row(task: NewTask, now: float) -> dict[str, Any]:
         "expects": task.expects.to_json() if task.expects else None,
         "images": task.images,
         "family": task.family.value if task.family else None,
+        "batch_key": task.batch_key,
         "created_at": now,
         "progress": 0.0,
         "attempts": 0,

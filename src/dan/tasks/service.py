@@ -143,6 +143,7 @@ class TaskService:
                 callback_url=callback_url,
                 images=needs.images,
                 family=needs.family,
+                batch_key=needs.batch_key,
             )
             record = self._store.submit(new, max_pending=limit)
         except BaseException:

@@ -100,6 +100,12 @@ from dan.webhooks.store import new_webhook
 _ENDED_RUN = (tasks.c.kind, tasks.c.status, tasks.c.node_id, tasks.c.started_at, tasks.c.params)
 
 
+def _batch_key(candidates: Sequence[Row[Any]], seq: int) -> str | None:
+    """The batch key of the candidate ``seq`` (one of ``candidates``)."""
+    key: str | None = next(row.batch_key for row in candidates if row.seq == seq)
+    return key
+
+
 def _ended_run(row: Row[Any], now: float) -> RunEnded:
     """The run of ``row`` (_ENDED_RUN) that ended ``now``; a held result is still PROCESSING
     in the row, and counts as the success it is for its node."""
@@ -336,8 +342,18 @@ class SqlTaskStore:
 
     # -- worker side -------------------------------------------------------------------------
     def claim(
-        self, worker_id: str, *, lease_s: float, offer: Offer | None = None
+        self,
+        worker_id: str,
+        *,
+        lease_s: float,
+        offer: Offer | None = None,
+        like: str | None = None,
     ) -> ClaimedTask | None:
+        """See TaskStore. A claim ``like`` a batch key chooses exactly as a plain one (same
+        candidates, same order, same preference for a loaded checkpoint) and then takes the
+        chosen task only if it has that key: so a batch stops at the first task the worker
+        would have claimed next that cannot join it, and fairness is that of one claim after
+        another."""
         offer = offer or Offer()
         # Idle workers and waiting nodes ask often: look without taking the write lock first.
         with self._read() as conn:
@@ -346,9 +362,9 @@ class SqlTaskStore:
         with self._engine.begin() as conn:
             if not self._may_claim(conn, worker_id, offer):
                 return None
-            candidates = self._candidates(offer, for_update=True)
-            seq = choose(conn.execute(candidates).all(), offer)
-            if seq is None:
+            candidates = conn.execute(self._candidates(offer, for_update=True)).all()
+            seq = choose(candidates, offer)
+            if seq is None or (like is not None and _batch_key(candidates, seq) != like):
                 return None
             taken = self._take(conn, seq, worker_id, lease_s, offer.node_id)
         if taken is None:
@@ -510,9 +526,9 @@ class SqlTaskStore:
         return conn.execute(self._candidates(offer).limit(1)).first() is not None
 
     def _candidates(self, offer: Offer, *, for_update: bool = False) -> Select[Any]:
-        """The pending tasks ``offer`` can run, in queue order: seq and checkpoint."""
+        """The pending tasks ``offer`` can run, in queue order: seq, checkpoint, batch key."""
         query = (
-            select(tasks.c.seq, tasks.c.model_sha256)
+            select(tasks.c.seq, tasks.c.model_sha256, tasks.c.batch_key)
             .where(tasks.c.status == PENDING, *runnable_for(offer))
             .order_by(tasks.c.tag, tasks.c.seq)
             .limit(max(offer.lookahead, 1))
@@ -541,13 +557,22 @@ class SqlTaskStore:
                 attempts=tasks.c.attempts + 1,
             )
             .returning(
-                tasks.c.id, tasks.c.kind, tasks.c.params, tasks.c.attempts, tasks.c.created_at
+                tasks.c.id,
+                tasks.c.kind,
+                tasks.c.params,
+                tasks.c.attempts,
+                tasks.c.created_at,
+                tasks.c.batch_key,
             )
         ).first()
         if row is None:
             return None
         task = ClaimedTask(
-            id=row.id, kind=TaskKind(row.kind), params=row.params, attempt=row.attempts
+            id=row.id,
+            kind=TaskKind(row.kind),
+            params=row.params,
+            attempt=row.attempts,
+            batch_key=row.batch_key,
         )
         return task, now - row.created_at
 

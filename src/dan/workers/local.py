@@ -211,12 +211,18 @@ class LocalNodeQueue:
         used, total = device_memory(device)
         self._metrics.set_device_memory(device, used, total)
 
-    def claim(self, worker_id: str, *, lease_s: float) -> ClaimedTask | None:
-        if self._monotonic() - self._refreshed >= self._refresh_s:
+    def claim(
+        self, worker_id: str, *, lease_s: float, like: str | None = None
+    ) -> ClaimedTask | None:
+        """The next task for this node's Offer: one at a time (slots=1), or, ``like`` a batch
+        key, one more for the batch the worker is gathering (the worker bounds the batch by
+        its engine's limit)."""
+        if like is None and self._monotonic() - self._refreshed >= self._refresh_s:
             self.register()  # picks up model files added (or removed) since
         loaded = loaded_checkpoints(self._engine)
-        offer = Offer(self.node_id, LOCAL_ACCOUNT, loaded, self._lookahead, slots=1)
-        return self._store.claim(self.worker_id, lease_s=lease_s, offer=offer)
+        slots = 1 if like is None else None
+        offer = Offer(self.node_id, LOCAL_ACCOUNT, loaded, self._lookahead, slots=slots)
+        return self._store.claim(self.worker_id, lease_s=lease_s, offer=offer, like=like)
 
     def heartbeat(
         self,

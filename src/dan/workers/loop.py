@@ -12,6 +12,8 @@ client of dan.workers.remote.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import threading
 import time
@@ -20,7 +22,7 @@ from typing import Protocol
 
 from PIL.Image import Image
 
-from dan.domain import ClaimedTask, TaskResult
+from dan.domain import ClaimedTask, ProgressCallback, TaskResult
 from dan.engine.base import Engine
 from dan.errors import DanError, FatalEngineError, TaskCancelled
 from dan.imaging import encode_preview
@@ -39,8 +41,12 @@ class WorkQueue(Protocol):
     which satisfies it as it is. Methods may block; they are called from the loop's thread
     and (heartbeat) from the lease's renewal thread."""
 
-    def claim(self, worker_id: str, *, lease_s: float) -> ClaimedTask | None:
-        """The next task this worker may run, its lease taken; None if there is none."""
+    def claim(
+        self, worker_id: str, *, lease_s: float, like: str | None = None
+    ) -> ClaimedTask | None:
+        """The next task this worker may run, its lease taken; None if there is none. With
+        ``like`` (a batch key), that task only if its batch key is ``like`` (see
+        TaskStore.claim); a queue that does not batch returns None."""
         ...
 
     def heartbeat(
@@ -222,16 +228,38 @@ class Worker:
                 bell.wait(self._idle_sleep_s)
 
     def run_once(self) -> bool:
-        """Run the next task if there is one; True if a task was run."""
+        """Run the next task if there is one (with the tasks that may share its batch); True
+        if a task was run."""
         task = self._store.claim(self.worker_id, lease_s=self._lease_s)
         if task is None:
             return False
-        self._execute(task)
+        batch = self._with_more_like(task)
+        if len(batch) == 1:
+            self._execute(task)
+        else:
+            self._execute_batch(batch)
         return True
 
-    def _execute(self, task: ClaimedTask) -> None:
-        started = self._clock()
-        lease = Lease(
+    def _with_more_like(self, task: ClaimedTask) -> list[ClaimedTask]:
+        """``task`` and the tasks claimed to share its UNet batch, up to the runner's limit:
+        each the task this worker would claim next anyway (TaskStore.claim ``like``), so a
+        batch never lets a task jump ahead of another account's earlier one."""
+        batch = [task]
+        if task.batch_key is None:
+            return batch
+        try:
+            limit = self._runner.batch_limit(task)
+            while len(batch) < limit:
+                more = self._store.claim(self.worker_id, lease_s=self._lease_s, like=task.batch_key)
+                if more is None:
+                    break
+                batch.append(more)
+        except Exception:  # the tasks held so far still run; the run reports a bad task
+            log.exception("worker %s: could not gather a batch", self.worker_id)
+        return batch
+
+    def _lease(self, task: ClaimedTask) -> Lease:
+        return Lease(
             self._store,
             task.id,
             self.worker_id,
@@ -239,28 +267,84 @@ class Worker:
             beat_s=self._beat_s,
             preview_s=self._preview_s,
         )
+
+    def _execute(self, task: ClaimedTask) -> None:
+        started = self._clock()
+        lease = self._lease(task)
         try:
             with lease:
                 result = self._runner.run(task, lease.report, lease.preview)
         except TaskCancelled:
-            self._report(
-                task, "fail", lambda: self._store.fail(task.id, self.worker_id, CANCELLED_MESSAGE)
-            )
-            log.info("task %s cancelled", task.id)
+            self._cancel(task)
             return
         except FatalEngineError as exc:
             log.critical("engine failure on task %s: %s", task.id, exc.message)
             raise
-        except DanError as exc:
-            error = exc.message
-            self._report(task, "fail", lambda: self._store.fail(task.id, self.worker_id, error))
-            log.warning("task %s failed: %s", task.id, error)
+        except Exception as exc:
+            self._fail_all([task], exc)
             return
-        except Exception as exc:  # MemoryError included: the task fails, the worker goes on
-            log.exception("task %s crashed", task.id)
+        self._finish(task, lease, result, started)
+
+    def _execute_batch(self, batch: list[ClaimedTask]) -> None:
+        """Run ``batch`` as one: a lease per task, progress and cancel per task (a cancelled
+        one is failed as cancelled at once and leaves; the others go on), each completed with
+        its own result. An engine error fails them all."""
+        started = self._clock()
+        leases = [self._lease(task) for task in batch]
+        log.info("running %d tasks as one batch: %s", len(batch), [t.id for t in batch])
+        try:
+            with contextlib.ExitStack() as held:
+                for lease in leases:
+                    held.enter_context(lease)
+                progress = [self._leaving(t, lease) for t, lease in zip(batch, leases, strict=True)]
+                previews = [lease.preview for lease in leases]
+                results = self._runner.run_batch(batch, progress, previews)
+        except TaskCancelled:
+            return  # each task was failed as cancelled when it left
+        except FatalEngineError as exc:
+            log.critical("engine failure on a batch of %d tasks: %s", len(batch), exc.message)
+            raise
+        except Exception as exc:
+            self._fail_all(batch, exc)
+            return
+        for task, lease, result in zip(batch, leases, results, strict=True):
+            if result is not None:
+                self._finish(task, lease, result, started)
+
+    def _leaving(self, task: ClaimedTask, lease: Lease) -> ProgressCallback:
+        """``lease.report``, which also fails the task as cancelled the moment it leaves its
+        batch (cancelled, or its lease lost), not when the batch ends."""
+
+        def progress(done: int, total: int) -> None:
+            try:
+                lease.report(done, total)
+            except TaskCancelled:
+                self._cancel(task)
+                raise
+
+        return progress
+
+    def _cancel(self, task: ClaimedTask) -> None:
+        self._report(
+            task, "fail", lambda: self._store.fail(task.id, self.worker_id, CANCELLED_MESSAGE)
+        )
+        log.info("task %s cancelled", task.id)
+
+    def _fail_all(self, tasks: list[ClaimedTask], exc: Exception) -> None:
+        """Fail ``tasks`` with the message of ``exc`` (a DanError's own; anything else, a
+        MemoryError included, is a crash in the worker); the worker goes on."""
+        if isinstance(exc, DanError):
+            message = exc.message
+            log.warning("task(s) %s failed: %s", [t.id for t in tasks], message)
+        else:
+            log.error("task(s) %s crashed", [t.id for t in tasks], exc_info=exc)
             message = f"internal error in the worker: {exc!r}"
-            self._report(task, "fail", lambda: self._store.fail(task.id, self.worker_id, message))
-            return
+        for task in tasks:
+            send = functools.partial(self._store.fail, task.id, self.worker_id, message)
+            self._report(task, "fail", send)
+
+    def _finish(self, task: ClaimedTask, lease: Lease, result: TaskResult, started: float) -> None:
+        """Complete ``task`` with ``result`` unless its lease was lost (the result is dropped)."""
         if lease.lost:
             log.warning("task %s finished after its lease was lost; result dropped", task.id)
         elif self._report(

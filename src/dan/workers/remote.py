@@ -310,7 +310,11 @@ class RemoteQueue:
             poller.join(wait_s)
 
     # -- WorkQueue ---------------------------------------------------------------------------
-    def claim(self, worker_id: str, *, lease_s: float) -> ClaimedTask | None:
+    def claim(
+        self, worker_id: str, *, lease_s: float, like: str | None = None
+    ) -> ClaimedTask | None:
+        if like is not None:
+            return None  # the node protocol hands out one task at a time: no batches yet
         try:
             if not self._registered.is_set() or self.session is None:
                 self._end_old_session()

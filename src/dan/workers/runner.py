@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from PIL.Image import Image
@@ -66,6 +67,31 @@ class TaskRunner:
         if task.kind == TaskKind.INTERROGATE:
             return self._interrogate(InterrogateRequest.from_params(task.params), progress)
         raise DanError(f"this worker cannot run {task.kind} tasks")
+
+    def batch_limit(self, task: ClaimedTask) -> int:
+        """How many tasks (``task`` included) may run with it as one batch: 1 for a task that
+        never batches, else as many as the engine's batch limit has rows for."""
+        if task.kind != TaskKind.TXT2IMG or task.batch_key is None:
+            return 1
+        request = GenerationRequest.from_params(task.params)
+        return max(1, self._engine.batch_limit(request) // request.batch_size)
+
+    def run_batch(
+        self,
+        tasks: Sequence[ClaimedTask],
+        progress: Sequence[ProgressCallback],
+        previews: Sequence[PreviewSink | None],
+    ) -> list[TaskResult | None]:
+        """Run txt2img tasks of one batch key together (Engine.txt2img_batch): each task's
+        result stored as :meth:`run` stores it, None for a task whose progress raised
+        TaskCancelled (it left the batch). Raises TaskCancelled if every task left."""
+        requests = [GenerationRequest.from_params(task.params) for task in tasks]
+        files = self._files(requests[0])  # one batch key: the same files
+        made = self._engine.txt2img_batch(requests, files, progress, previews)
+        return [
+            None if images is None else self._store(task, request, images)
+            for task, request, images in zip(tasks, requests, made, strict=True)
+        ]
 
     def _txt2img(
         self,

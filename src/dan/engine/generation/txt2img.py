@@ -33,6 +33,9 @@ class Conditioning:
     progress: ProgressCallback
     seeds: tuple[int, ...]  # the batch's seeds, one per image
     on_latents: LatentsSink | None = None  # step previews, when someone wants them
+    # A batch of several requests (dan.engine.generation.batching) stacks their embeddings,
+    # one row per image, and passes its per-row CfgScales; None: the request's own scale.
+    guidance_scale: float | None = None
 
     def batches(self) -> Iterator[Conditioning]:
         """The request's ``n_iter`` batches, in order: batch k has the seeds
@@ -68,8 +71,8 @@ def run_txt2img(c: Conditioning) -> list[Image]:
         width=c.request.width,
         height=c.request.height,
         num_inference_steps=c.request.steps,
-        guidance_scale=c.request.cfg_scale,
-        num_images_per_prompt=len(c.seeds),
+        guidance_scale=c.request.cfg_scale if c.guidance_scale is None else c.guidance_scale,
+        num_images_per_prompt=len(c.seeds) // len(c.embeds.prompt_embeds),
         **arguments,
     )
     return list(output.images)

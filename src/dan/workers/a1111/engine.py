@@ -19,7 +19,7 @@ instance produces no result). The instance being down raises A1111Unreachable (s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
@@ -37,6 +37,7 @@ from dan.domain import (
     ProgressCallback,
     UpscaleRequest,
 )
+from dan.engine.base import one_by_one
 from dan.errors import DanError, EngineError, InvalidArgument, TaskCancelled
 from dan.imaging import decode_image
 from dan.nodes.protocol import MAX_CAPTION_CHARS
@@ -105,6 +106,18 @@ class A1111Engine:
         images = _images(answer, request.images, fit, extra_ok=control_image is not None)
         self._loaded = request.model.sha256
         return images
+
+    def batch_limit(self, request: GenerationRequest) -> int:
+        return 1  # the instance runs one request at a time
+
+    def txt2img_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        files: ModelFiles,
+        progress: Sequence[ProgressCallback],
+        previews: Sequence[PreviewSink | None],
+    ) -> list[list[Image] | None]:
+        return one_by_one(self.txt2img, requests, files, progress, previews)
 
     def img2img(
         self,

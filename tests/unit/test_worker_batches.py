@@ -1,0 +1,156 @@
+"""Batching across requests in the worker loop (FakeEngine): compatible tasks the worker would
+claim one after another run as one batch, each completing with its own image; a cancelled task
+leaves its batch at once without disturbing the others."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from dan.db import create_db_engine, migrate
+from dan.domain import GenerationRequest, ModelKind, ModelRef, TaskKind, TaskStatus
+from dan.engine.fake import FakeEngine
+from dan.imaging import load_png
+from dan.models.registry import ModelRegistry
+from dan.storage import InMemoryBlobStore
+from dan.tasks.base import CANCELLED_MESSAGE
+from dan.tasks.needs import batch_key
+from dan.tasks.store import NewTask, SqlTaskStore
+from dan.workers.loop import Worker
+from tests.api.conftest import install_dummy_checkpoint
+
+Parts = tuple[SqlTaskStore, ModelRegistry, InMemoryBlobStore]
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> Parts:
+    url = f"sqlite:///{tmp_path / 'q.sqlite3'}"
+    migrate(url)
+    install_dummy_checkpoint(tmp_path / "models")
+    registry = ModelRegistry(tmp_path / "models", tmp_path / "cache", allow_ckpt=False)
+    registry.scan()
+    return SqlTaskStore(create_db_engine(url)), registry, InMemoryBlobStore()
+
+
+def submit(parts: Parts, account: str, prompt: str, seed: int, **fields: object) -> str:
+    store, registry, _ = parts
+    checkpoint = registry.list(ModelKind.CHECKPOINT)[0]
+    ref = ModelRef(checkpoint.sha256, checkpoint.name)
+    request = GenerationRequest(prompt, "", seed, "Euler", 4, 7.0, 64, 64, ref)
+    request = replace(request, **fields)  # type: ignore[arg-type]
+    task = NewTask(
+        str(uuid.uuid4()),
+        account,
+        TaskKind.TXT2IMG,
+        request.to_params(),
+        batch_key=batch_key(request),
+    )
+    return store.submit(task, max_pending=100).id
+
+
+def worker(parts: Parts, engine: FakeEngine) -> Worker:
+    store, registry, blobs = parts
+    return Worker(store, engine, registry, blobs, worker_id="w", lease_s=30, beat_s=0.02)
+
+
+def pixel(parts: Parts, task_id: str) -> tuple[int, ...]:
+    store, _, blobs = parts
+    record = store.get(task_id)
+    assert record is not None and record.status == TaskStatus.SUCCESS, record
+    return tuple(load_png(blobs.get(record.result.image_keys[0])).getpixel((0, 0)))  # type: ignore[arg-type]
+
+
+def test_compatible_tasks_of_two_accounts_run_as_one_batch_each_with_its_own_image(
+    parts: Parts,
+) -> None:
+    engine = FakeEngine(batch_max=4)
+    ids = [
+        submit(parts, "a", "one", 1),
+        submit(parts, "b", "two", 2, cfg_scale=4.0),
+        submit(parts, "a", "three", 3),
+    ]
+    assert worker(parts, engine).run_once()
+    assert engine.batches == [["one", "two", "three"]]
+    alone = FakeEngine()
+    expected = [alone.txt2img(r, {}, lambda *_: None)[0].getpixel((0, 0)) for r in engine.calls]
+    assert [pixel(parts, task_id) for task_id in ids] == expected
+    assert len(set(expected)) == 3  # each task got the image of its own seed
+
+
+def test_an_incompatible_task_between_them_ends_the_batch(parts: Parts) -> None:
+    engine = FakeEngine(batch_max=4)
+    first = submit(parts, "a", "one", 1)
+    other = submit(parts, "b", "wide", 2, width=128)  # b's task comes next in the fair order
+    later = submit(parts, "a", "three", 3)
+    run = worker(parts, engine)
+    while run.run_once():
+        pass
+    assert engine.batches == []  # no batch of more than one ever formed
+    assert [r.prompt for r in engine.calls] == ["one", "wide", "three"]
+    for task_id in (first, other, later):
+        pixel(parts, task_id)
+
+
+def test_the_batch_limit_is_kept(parts: Parts) -> None:
+    engine = FakeEngine(batch_max=2)
+    for i in range(5):
+        submit(parts, "a", f"p{i}", i)
+    run = worker(parts, engine)
+    while run.run_once():
+        pass
+    assert engine.batches == [["p0", "p1"], ["p2", "p3"]]
+    assert [r.prompt for r in engine.calls][-1] == "p4"  # the last one alone
+
+
+def test_a_cancelled_task_leaves_the_batch_at_once_and_the_others_finish(parts: Parts) -> None:
+    store = parts[0]
+    engine = FakeEngine(batch_max=4, step_s=0.05)
+    ids = [submit(parts, "a", f"p{i}", i, steps=60) for i in range(3)]
+    thread = threading.Thread(target=worker(parts, engine).run_once)
+    thread.start()
+    try:
+        while store.get(ids[2]).status != TaskStatus.PROCESSING:  # type: ignore[union-attr]
+            time.sleep(0.01)
+        store.cancel(ids[1])
+        deadline = time.monotonic() + 10
+        while store.get(ids[1]).status != TaskStatus.CANCELLED:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert thread.is_alive()  # cancelled while the batch still runs, not at its end
+    finally:
+        thread.join(20)
+    record = store.get(ids[1])
+    assert record is not None and record.error == CANCELLED_MESSAGE
+    assert not record.result.image_keys
+    for task_id in (ids[0], ids[2]):
+        pixel(parts, task_id)
+
+
+def test_a_batch_cancelled_entirely_stops(parts: Parts) -> None:
+    store = parts[0]
+    engine = FakeEngine(batch_max=4, step_s=0.05)
+    ids = [submit(parts, "a", f"p{i}", i, steps=200) for i in range(2)]
+    thread = threading.Thread(target=worker(parts, engine).run_once)
+    thread.start()
+    while store.get(ids[1]).status != TaskStatus.PROCESSING:  # type: ignore[union-attr]
+        time.sleep(0.01)
+    for task_id in ids:
+        store.cancel(task_id)
+    thread.join(5)  # 200 steps would take 10 s
+    assert not thread.is_alive()
+    assert [store.get(i).status for i in ids] == [TaskStatus.CANCELLED] * 2  # type: ignore[union-attr]
+
+
+def test_an_engine_error_fails_the_whole_batch(parts: Parts) -> None:
+    store = parts[0]
+    ids = [submit(parts, "a", "ok", 1), submit(parts, "a", FakeEngine.FAIL_PROMPT, 2)]
+    assert worker(parts, FakeEngine(batch_max=4)).run_once()
+    for task_id in ids:
+        record = store.get(task_id)
+        assert record is not None and record.status == TaskStatus.FAILURE
+        assert "told to fail" in (record.error or "")
