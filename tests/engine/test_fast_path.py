@@ -1,6 +1,6 @@
 """The CPU fast path (dan.engine.generation.compiled): plain requests take the UNet compiled
 by inductor with frozen weights once the background compile of their shape is done; images stay
-within bf16 rounding of the plain path; LoRA requests never take it. The routing rules are tested on
+within rounding of the plain path; LoRA requests never take it. The routing rules are tested on
 the tiny UNet with stand-in compilers (the seam ``compile_fn``), the real compile once."""
 
 from __future__ import annotations
@@ -156,7 +156,10 @@ def test_plain_requests_take_the_frozen_compiled_unet_and_lora_requests_do_not(
 ) -> None:
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")  # the engine picks the data dir's cache
-    settings = Settings(data_dir=tmp_path, device="cpu", dtype="bfloat16", fast_path="compile")  # type: ignore[call-arg]
+    # float32: the compiled graph must compute the eager UNet's function to float rounding
+    # (in bf16 the tiny random model amplifies rounding; bench/cpu_fast_path.py measures bf16
+    # on the full-size architecture).
+    settings = Settings(data_dir=tmp_path, device="cpu", dtype="float32", fast_path="compile")  # type: ignore[call-arg]
     engine = DiffusersEngine(settings)
     checkpoint = installed(tiny_checkpoint, CHECKPOINT, ModelKind.CHECKPOINT)
     lora = installed(write_tiny_lora(tmp_path / "fox.safetensors"), LORA, ModelKind.LORA)
@@ -177,10 +180,7 @@ def test_plain_requests_take_the_frozen_compiled_unet_and_lora_requests_do_not(
     assert fast.compiled_calls == 3
     np.testing.assert_array_equal(lora_before, lora_after)
     assert not np.array_equal(plain, lora_before)
-    # bf16 rounding differs between oneDNN's prepacked kernels and eager ones: the tolerance
-    # the README states for the fast path.
     difference = np.abs(compiled - plain)
-    assert difference.mean() <= 1.0, difference.mean()
-    assert difference.max() <= 16, difference.max()
+    assert difference.max() <= 1, difference.max()
     kernels = settings.cache_dir / "inductor"
     assert any(path.is_file() for path in kernels.rglob("*")), "no kernel cached on disk"
