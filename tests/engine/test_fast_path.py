@@ -5,6 +5,8 @@ the tiny UNet with stand-in compilers (the seam ``compile_fn``), the real compil
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,24 @@ def test_a_compile_that_fails_leaves_the_shape_eager() -> None:
         out = fast(sample, t, encoder_hidden_states=hidden).sample
     assert fast.compiled_calls == 0
     assert out.shape == sample.shape
+
+
+def test_nothing_compiles_while_a_task_holds_the_engine() -> None:
+    # PyTorch's tracers patch nn.Module for the whole process: a compile must not overlap a run.
+    running, events = threading.RLock(), []
+
+    def slow(unet: torch.nn.Module, call: UNetCall) -> Any:
+        events.append("compiling")
+        return exact(unet, call)
+
+    fast = FastUNet(tiny_unet(), Compiler(max_shapes=1, compile_fn=slow, exclusive=running))
+    sample, t, hidden = unet_inputs()
+    with running, torch.inference_mode():  # a task runs: its call offers the shape
+        fast(sample, t, encoder_hidden_states=hidden)
+        time.sleep(0.2)
+        assert events == []
+    fast.compiler.idle()
+    assert events == ["compiling"]
 
 
 # --- the real compile, through the engine -----------------------------------------------------

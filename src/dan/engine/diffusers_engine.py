@@ -8,11 +8,13 @@ the cached components for the duration of one request and removed in ``finally``
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import platform
+import threading
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import diffusers
 import torch
@@ -57,8 +59,23 @@ from dan.errors import EngineError, FatalEngineError
 from dan.prompt_tags import extract_lora_tags
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
 BATCH_PIXELS = 512 * 512  # batch_max is for images of this size or smaller
 CPU_BATCH_MAX = 2  # measured by bench/batching.py (README, "Batching across requests")
+
+
+def _exclusive(
+    method: Callable[Concatenate[DiffusersEngine, P], R],
+) -> Callable[Concatenate[DiffusersEngine, P], R]:
+    """``method`` run holding the engine's ``running`` lock."""
+
+    @functools.wraps(method)
+    def run(engine: DiffusersEngine, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with engine.running:
+            return method(engine, *args, **kwargs)
+
+    return run
 
 
 class DiffusersEngine:
@@ -72,6 +89,8 @@ class DiffusersEngine:
             torch.set_num_threads(settings.cpu_threads)
         # torchsde warns on float rounding of Karras sigmas (t slightly below t0); harmless.
         warnings.filterwarnings("ignore", message="Should have ta>=t0", category=UserWarning)
+        # Held by every task, and by the fast path's compiles (see dan.engine.generation.compiled).
+        self.running = threading.RLock()
         self.fast_path = _fast_path_on(settings.fast_path, self.device, self.dtype)
         if self.fast_path:
             use_inductor_cache(settings.cache_dir)
@@ -101,6 +120,7 @@ class DiffusersEngine:
             "fast_path": "compile" if self.fast_path else "off",
         }
 
+    @_exclusive
     def txt2img(
         self,
         request: GenerationRequest,
@@ -123,6 +143,7 @@ class DiffusersEngine:
         fits = limit * BATCH_PIXELS // (request.width * request.height)
         return max(1, min(limit, fits))
 
+    @_exclusive
     def txt2img_batch(
         self,
         requests: Sequence[GenerationRequest],
@@ -150,6 +171,7 @@ class DiffusersEngine:
             return controlled_txt2img(c.base, c.request, unit, **denoising_arguments(c))
         return run_txt2img(c)
 
+    @_exclusive
     def img2img(
         self,
         request: Img2ImgRequest,
@@ -176,12 +198,14 @@ class DiffusersEngine:
         progress(1, 1)  # strength 0 runs no step
         return images
 
+    @_exclusive
     def upscale(
         self, request: UpscaleRequest, image: Image, files: ModelFiles, progress: ProgressCallback
     ) -> Image:
         with _engine_errors(f"{image.width}x{image.height} x {request.rate:g}"):
             return upscale(request, image, files, models=self.upscalers, progress=progress)
 
+    @_exclusive
     def annotate(
         self, request: DetectRequest, image: Image, files: ModelFiles, progress: ProgressCallback
     ) -> Image:
@@ -195,6 +219,7 @@ class DiffusersEngine:
         progress(1, 1)
         return control
 
+    @_exclusive
     def interrogate(
         self,
         request: InterrogateRequest,
@@ -341,7 +366,11 @@ class DiffusersEngine:
             # decode 0.9 -> 0.4 s, the eager UNet 10 %); the compiled UNet picks its own.
             pipeline.unet.to(memory_format=torch.channels_last)
             pipeline.vae.to(memory_format=torch.channels_last)
-            compiler = Compiler(max_shapes=self._settings.compile_max_shapes, name=model.name)
+            compiler = Compiler(
+                max_shapes=self._settings.compile_max_shapes,
+                name=model.name,
+                exclusive=self.running,
+            )
             fast = FastUNet(pipeline.unet, compiler)
         return LoadedCheckpoint(pipeline, architecture, size, previewer, family, fast)
 

@@ -7,12 +7,15 @@ plain ``torch.compile`` without freezing is slower than eager. Freezing has thre
 this module is built around them:
 
 - **Compiling takes minutes** on 2 cores, and again for every new input shape. So nothing is
-  compiled on a request: :class:`FastUNet` runs the eager UNet for any call it has no compiled
-  form of, and hands such a call's inputs to a background thread (:class:`Compiler`), which
-  compiles that shape while the eager path keeps serving. Later calls of that shape take the
-  compiled form. Inductor's kernel cache lives under the data directory's cache
-  (``TORCHINDUCTOR_CACHE_DIR``), so a restart compiles again but reuses the kernels (the probe:
-  about 89 s cold, 53 s warm).
+  compiled inside a request: :class:`FastUNet` runs the eager UNet for any call it has no
+  compiled form of, and hands such a call's inputs to a background thread (:class:`Compiler`),
+  which compiles that shape once the request is over. Later calls of that shape take the
+  compiled form. The compile holds the engine's ``exclusive`` lock, which every engine task
+  holds too: PyTorch's tracers patch ``torch.nn.Module.__call__`` for the whole process while
+  they trace, so a module run in another thread meanwhile fails. A task that arrives during a
+  compile therefore waits for it (once per shape and process). Inductor's kernel cache lives
+  under the data directory's cache (``TORCHINDUCTOR_CACHE_DIR``), so a restart compiles again
+  but reuses the kernels (the probe: about 89 s cold, 53 s warm).
 - **Frozen weights are copies.** A compiled form keeps computing with the weights it saw, so it
   is built from a private copy of the UNet taken while no LoRA was switched on (inductor then
   drops the copy's parameters: ``freezing_discard_parameters``). Only calls of plain requests
@@ -141,8 +144,10 @@ class Compiler:
         max_shapes: int,
         compile_fn: Callable[[torch.nn.Module, UNetCall], Compiled] = compile_frozen,
         name: str = "unet",
+        exclusive: threading.RLock | None = None,
     ) -> None:
         self._max_shapes = max_shapes
+        self._exclusive = exclusive or threading.RLock()
         self._compile_fn = compile_fn
         self._name = name
         self._lock = threading.Lock()
@@ -190,9 +195,10 @@ class Compiler:
     def _build(self, unet: torch.nn.Module, call: UNetCall, expected: torch.Tensor) -> None:
         started = time.monotonic()
         try:
-            compiled = self._compile_fn(unet, call)
-            with torch.inference_mode():
-                error = _relative_error(compiled(call), expected)
+            with self._exclusive:  # no module may run while a tracer patches them all
+                compiled = self._compile_fn(unet, call)
+                with torch.inference_mode():
+                    error = _relative_error(compiled(call), expected)
         except Exception:
             log.exception("compiling %s for %s failed; it stays eager", self._name, call.key)
             return
