@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import threading
 import time
@@ -464,6 +465,19 @@ def test_an_unknown_checkpoint_is_refused_in_a1111_shape(facade: Facade) -> None
     assert clip_skip.status_code == 400
     assert "CLIP_stop_at_last_layers" in clip_skip.json()["detail"]
     assert "between 1 and 12" in clip_skip.json()["detail"]
+    for endless in ("NaN", "Infinity"):  # json.loads takes them: a 400, not a 500
+        body = (
+            json.dumps(SMALL)[:-1]
+            + f', "override_settings": {{"CLIP_stop_at_last_layers": {endless}}}}}'
+        )
+        reply = facade.http.post(
+            "/sdapi/v1/txt2img",
+            content=body,
+            headers={"content-type": "application/json"},
+            auth=basic(key),
+        )
+        assert reply.status_code == 400, reply.text
+        assert "CLIP_stop_at_last_layers" in reply.json()["detail"]
 
 
 # -- progress and interrupt -------------------------------------------------------------------

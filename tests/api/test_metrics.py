@@ -74,6 +74,8 @@ def test_queue_depth_and_route_templates(api: Api) -> None:
     api.client.delete("/api/user/keys/some-key-id")
     api.client.delete("/api/user/keys/another-key-id")
     api.client.get("/no/such/thing.png")
+    for invented in ("ZZZ1", "ZZZ2"):  # any token parses as a method: one label for them all
+        api.client.request(invented, "/no/such/thing.png")
 
     samples = scrape(api)
 
@@ -89,6 +91,8 @@ def test_queue_depth_and_route_templates(api: Api) -> None:
     assert value(samples, "dan_http_requests_total", **dict(keys[0])) == 2
     routes = {dict(labels)["route"] for name, labels in samples if name.startswith("dan_http")}
     assert not any("some-key-id" in route or "thing.png" in route for route in routes)
+    methods = {dict(labels)["method"] for name, labels in samples if name.startswith("dan_http")}
+    assert "other" in methods and not {"ZZZ1", "ZZZ2"} & methods
 
 
 def test_metrics_token_and_off(tmp_path: Path) -> None:

@@ -124,6 +124,10 @@ def test_cfg_scales_are_the_largest_as_a_number_and_per_row_on_a_tensor() -> Non
     rows = torch.ones(3, 4, 2, 2)
     assert (scales * rows)[:, 0, 0, 0].tolist() == [7.0, 1.5, 11.0]
     assert scales * 2 == 22.0
+    # A scale a low-precision tensor cannot hold (7.3 in bf16 is 7.3125) scales as the Python
+    # float of a single request does: the batched image is the image of the seed alone.
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+    assert torch.equal(CfgScales([7.3, 7.3]) * noise, 7.3 * noise)
 
 
 def test_the_batch_limit_is_the_setting_or_the_devices_and_shrinks_for_large_images(

@@ -14,7 +14,7 @@ import torch
 from dan.domain import InstalledModel
 from dan.engine.families import load_checkpoint
 from dan.engine.loading.lora.files import LoraCache, LoraError
-from dan.engine.loading.lora.lycoris import lycoris_delta
+from dan.engine.loading.lora.lycoris import delta_size, lycoris_delta
 from dan.engine.loading.lora.stack import LoraStack
 from tests.engine.test_lora import RANK, assert_exact, base_weights, installed
 from tests.fixtures.tiny_lora import (
@@ -50,6 +50,24 @@ def test_loha_and_lokr_deltas_are_a1111s() -> None:
     assert lokr[3, 4] == pytest.approx(float(w1[1, 1] * (a @ b)[0, 0] * 2), rel=1e-5)
     full = lycoris_delta("LoKr", {"lokr_w1": w1, "lokr_w2": a, "alpha": torch.tensor(9.0)})
     torch.testing.assert_close(full, torch.kron(w1, a))  # no rank: scale 1, as in A1111
+
+
+def test_a_delta_size_comes_from_the_factor_shapes_alone() -> None:
+    g = torch.Generator().manual_seed(0)
+    w1a, w1b, w2a, w2b = (torch.randn(s, generator=g) for s in [(6, 2), (2, 4), (6, 2), (2, 4)])
+    loha = {"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b}
+    assert delta_size("LoHa", loha) == lycoris_delta("LoHa", loha).numel() == 24
+    lokr = {
+        "lokr_w1": torch.ones(2, 2),
+        "lokr_w2_a": torch.ones(3, 2),
+        "lokr_w2_b": torch.ones(2, 4),
+    }
+    assert delta_size("LoKr", lokr) == lycoris_delta("LoKr", lokr).numel() == 48
+    # A hostile file: 800 kB of factors asking for 10^10 values (40 GB) is sized, not computed.
+    column, row = torch.ones(100_000, 1), torch.ones(1, 100_000)
+    huge = {"hada_w1_a": column, "hada_w1_b": row, "hada_w2_a": column, "hada_w2_b": row}
+    assert delta_size("LoHa", huge) == 10**10
+    assert delta_size("LoHa", {**loha, "hada_w2_b": torch.ones(3, 4)}) == -1
 
 
 def generate(pipeline: Any) -> np.ndarray:

@@ -146,11 +146,14 @@ def test_a_batch_cancelled_entirely_stops(parts: Parts) -> None:
     assert [store.get(i).status for i in ids] == [TaskStatus.CANCELLED] * 2  # type: ignore[union-attr]
 
 
-def test_an_engine_error_fails_the_whole_batch(parts: Parts) -> None:
+def test_a_failed_batch_runs_its_tasks_alone_so_only_the_failing_one_fails(
+    parts: Parts,
+) -> None:
     store = parts[0]
-    ids = [submit(parts, "a", "ok", 1), submit(parts, "a", FakeEngine.FAIL_PROMPT, 2)]
-    assert worker(parts, FakeEngine(batch_max=4)).run_once()
-    for task_id in ids:
-        record = store.get(task_id)
-        assert record is not None and record.status == TaskStatus.FAILURE
-        assert "told to fail" in (record.error or "")
+    ok, bad = submit(parts, "a", "ok", 1), submit(parts, "a", FakeEngine.FAIL_PROMPT, 2)
+    engine = FakeEngine(batch_max=4)
+    assert worker(parts, engine).run_once()
+    failed = store.get(bad)
+    assert failed is not None and failed.status == TaskStatus.FAILURE
+    assert "told to fail" in (failed.error or "")
+    pixel(parts, ok)  # the task that runs alone succeeds

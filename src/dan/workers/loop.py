@@ -288,15 +288,19 @@ class Worker:
     def _execute_batch(self, batch: list[ClaimedTask]) -> None:
         """Run ``batch`` as one: a lease per task, progress and cancel per task (a cancelled
         one is failed as cancelled at once and leaves; the others go on), each completed with
-        its own result. An engine error fails them all."""
+        its own result. When the batch fails, each task still held runs again alone, so one
+        task's error (or a batch too big for the memory) fails only the tasks it fails alone."""
         started = self._clock()
         leases = [self._lease(task) for task in batch]
+        left: set[str] = set()
         log.info("running %d tasks as one batch: %s", len(batch), [t.id for t in batch])
         try:
             with contextlib.ExitStack() as held:
                 for lease in leases:
                     held.enter_context(lease)
-                progress = [self._leaving(t, lease) for t, lease in zip(batch, leases, strict=True)]
+                progress = [
+                    self._leaving(t, lease, left) for t, lease in zip(batch, leases, strict=True)
+                ]
                 previews = [lease.preview for lease in leases]
                 results = self._runner.run_batch(batch, progress, previews)
         except TaskCancelled:
@@ -305,20 +309,24 @@ class Worker:
             log.critical("engine failure on a batch of %d tasks: %s", len(batch), exc.message)
             raise
         except Exception as exc:
-            self._fail_all(batch, exc)
+            log.warning("a batch of %d tasks failed (%r); they run one by one", len(batch), exc)
+            for task, lease in zip(batch, leases, strict=True):
+                if task.id not in left and not lease.lost:
+                    self._execute(task)
             return
         for task, lease, result in zip(batch, leases, results, strict=True):
             if result is not None:
                 self._finish(task, lease, result, started)
 
-    def _leaving(self, task: ClaimedTask, lease: Lease) -> ProgressCallback:
+    def _leaving(self, task: ClaimedTask, lease: Lease, left: set[str]) -> ProgressCallback:
         """``lease.report``, which also fails the task as cancelled the moment it leaves its
-        batch (cancelled, or its lease lost), not when the batch ends."""
+        batch (cancelled, or its lease lost), not when the batch ends, and adds it to ``left``."""
 
         def progress(done: int, total: int) -> None:
             try:
                 lease.report(done, total)
             except TaskCancelled:
+                left.add(task.id)
                 self._cancel(task)
                 raise
 

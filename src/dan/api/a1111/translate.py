@@ -70,8 +70,8 @@ def check_override_settings(settings: dict[str, Any]) -> None:
     if clip_skip is not None and (
         isinstance(clip_skip, bool)
         or not isinstance(clip_skip, int | float)
+        or not 1 <= clip_skip <= MAX_CLIP_SKIP  # before int(): NaN and Infinity fail here
         or clip_skip != int(clip_skip)
-        or not 1 <= clip_skip <= MAX_CLIP_SKIP
     ):
         raise invalid(
             "override_settings.CLIP_stop_at_last_layers",

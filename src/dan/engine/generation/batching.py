@@ -55,8 +55,11 @@ class CfgScales(float):
 
     def __mul__(self, other: Any) -> Any:
         if isinstance(other, torch.Tensor):
-            scales = torch.tensor(self.scales, dtype=other.dtype, device=other.device)
-            return other * scales.view(-1, *([1] * (other.dim() - 1)))
+            # In float32, then back: a single request multiplies by the Python float, and a
+            # scale rounded to bf16 or fp16 (7.3 -> 7.3125) would change the image.
+            scales = torch.tensor(self.scales, dtype=torch.float32, device=other.device)
+            shaped = scales.view(-1, *([1] * (other.dim() - 1)))
+            return (other.float() * shaped).to(other.dtype)
         return float(self) * other
 
     __rmul__ = __mul__

@@ -9,6 +9,7 @@ layers (LoCon too) of the same file take the PEFT path of :mod:`.stack`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,13 +41,15 @@ def lycoris_deltas(pipeline: Any, file: LoraFile) -> Deltas:
         if weight is None:
             misfits.append(f"{layer.module} (no such layer)")
             continue
-        delta = lycoris_delta(layer.variant, layer.tensors, device=weight.device)
-        if delta.numel() != weight.numel():
+        # From the factors' shapes first: a few kB of factors can ask for a product of
+        # billions of values, which must fail the task, not exhaust the worker's memory.
+        size = delta_size(layer.variant, layer.tensors)
+        if size != weight.numel():
             misfits.append(
-                f"{layer.module} ({layer.variant} {tuple(delta.shape)}, layer "
-                f"{tuple(weight.shape)})"
+                f"{layer.module} ({layer.variant} of {size} values, layer {tuple(weight.shape)})"
             )
             continue
+        delta = lycoris_delta(layer.variant, layer.tensors, device=weight.device)
         deltas.append((weight, delta.reshape(weight.shape)))
     if misfits:
         raise LoraError(
@@ -54,6 +57,32 @@ def lycoris_deltas(pipeline: Any, file: LoraFile) -> Deltas:
             f"{len(file.lycoris)} differ, e.g. {misfits[0]}"
         )
     return deltas
+
+
+def delta_size(variant: str, tensors: Mapping[str, torch.Tensor]) -> int:
+    """How many values :func:`lycoris_delta` gives for these factors, from their shapes alone
+    (-1 when the factors cannot be multiplied)."""
+
+    def product(a: str, b: str) -> int:  # a @ b.flatten(1)
+        left, right = tensors[a].shape, tensors[b].shape
+        if len(left) != 2 or len(right) < 2 or left[1] != right[0]:
+            return -1
+        return int(left[0]) * math.prod(right[1:])
+
+    if variant == "LoHa":
+        first, second = product("hada_w1_a", "hada_w1_b"), product("hada_w2_a", "hada_w2_b")
+        return first if first == second else -1
+    sizes = [
+        tensors[f"lokr_w{i}"].numel()
+        if f"lokr_w{i}" in tensors
+        else product(f"lokr_w{i}_a", f"lokr_w{i}_b")
+        for i in (1, 2)
+    ]
+    return -1 if min(sizes) < 0 else sizes[0] * sizes[1]
+
+
+def _factors(i: int) -> tuple[str, str]:
+    return f"lokr_w{i}_a", f"lokr_w{i}_b"
 
 
 def lycoris_delta(
