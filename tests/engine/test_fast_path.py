@@ -5,6 +5,7 @@ the tiny UNet with stand-in compilers (the seam ``compile_fn``), the real compil
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from pathlib import Path
@@ -14,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from torch._dynamo.utils import counters
 
 from dan.config import Settings
 from dan.domain import GenerationRequest, InstalledModel, LoraSpec, ModelKind
 from dan.engine.diffusers_engine import DiffusersEngine
-from dan.engine.generation.compiled import Compiler, FastUNet, UNetCall
+from dan.engine.generation.compiled import Compiler, FastUNet, UNetCall, compile_frozen
 from tests.fixtures.tiny_lora import write_tiny_lora
 
 CHECKPOINT, LORA = "f" * 64, "e" * 64
@@ -145,6 +147,31 @@ def test_nothing_compiles_while_a_task_holds_the_engine() -> None:
         assert events == []
     fast.compiler.idle()
     assert events == ["compiling"]
+
+
+class Linear(torch.nn.Module):
+    """The UNet's call signature around one linear layer: cheap to compile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 8)
+
+    def forward(self, sample: Any, t: Any, **kwargs: Any) -> tuple[torch.Tensor]:
+        return (self.layer(sample) + t,)
+
+
+@pytest.mark.slow
+def test_every_compile_gets_graphs_of_its_own_past_dynamos_recompile_limit() -> None:
+    # Dynamo allows 8 graphs per code object; a ninth compile of a shared one ran eager.
+    for _ in range(9):
+        module = Linear()
+        sample = torch.randn(2, 8)
+        call = UNetCall(sample, torch.tensor(1.0), sample, None)
+        graphs = counters["stats"]["unique_graphs"]
+        compiled = compile_frozen(copy.deepcopy(module), call)
+        assert counters["stats"]["unique_graphs"] > graphs, "it ran eager, uncompiled"
+        with torch.inference_mode():
+            torch.testing.assert_close(compiled(call), module(sample, call.timestep)[0])
 
 
 # --- the real compile, through the engine -----------------------------------------------------

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._dynamo.utils import counters
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +126,23 @@ def compile_frozen(unet: torch.nn.Module, call: UNetCall) -> Compiled:
     """``unet`` (a private copy: its parameters are dropped) compiled for ``call``'s shapes by
     inductor with freezing, compiled now by running it once on ``call``."""
     unet.requires_grad_(False)
-    compiled = torch.compile(lambda c: _forward(unet, c), dynamic=False)
+
+    def forward(c: UNetCall) -> torch.Tensor:
+        return _forward(unet, c)
+
+    # Dynamo keeps its compiled graphs on the code object, at most recompile_limit (8) per
+    # code object: one shared by every compile would fall back to eager, silently, from the
+    # ninth on. A code object of its own per compile, freed with it.
+    forward.__code__ = forward.__code__.replace()
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = torch.compile(forward, dynamic=False)
     with (
         torch._inductor.config.patch(freezing=True, freezing_discard_parameters=True),
         torch.inference_mode(),
     ):
         compiled(call)
+    if counters["stats"]["unique_graphs"] == graphs:
+        raise RuntimeError("dynamo compiled no graph of the UNet")
     return compiled
 
 
