@@ -11,10 +11,12 @@ from pydantic import ValidationError
 
 from dan.api.schemas import Txt2ImgBody
 from dan.config import Settings
-from dan.domain import GenerationRequest, ModelKind, ModelRef
+from dan.domain import GenerationRequest, ModelFamily, ModelKind, ModelRef
 from dan.errors import InvalidArgument, ModelNotFound
 from dan.imaging import infotext
 from dan.models.registry import ModelRegistry
+from dan.nodes.base import NetworkFile
+from dan.nodes.models import NetworkModels
 from dan.tasks.orders import GenerationOrder, RequestBuilder, Txt2ImgOrder
 from tests.api.conftest import install_dummy_checkpoint
 from tests.fixtures.tiny_options import (
@@ -108,6 +110,28 @@ def test_embeddings_are_the_installed_ones_either_prompt_names_as_a_word(
     assert set(request.embeddings) == {easyneg.ref, old.ref}
     assert {easyneg.sha256, old.sha256} <= set(prepared.needs.requires)
     assert submitted(build, prompt="easynegative, old_style, not-old-style").embeddings == ()
+
+
+class CatNode:
+    """The node store of a network where a node reports an embedding file named "cat"."""
+
+    def find_files(self, kind: ModelKind, **query: object) -> list[NetworkFile]:
+        if kind != ModelKind.EMBEDDING:
+            return []
+        return [NetworkFile(kind, "c" * 64, "cat", "cat.pt", 100, 1, ModelFamily.SD15)]
+
+
+def test_an_embedding_only_a_node_reports_never_joins_a_prompt(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    network = NetworkModels(registry, CatNode())
+    assert [m.name for m in network.list(ModelKind.EMBEDDING)].count("cat") == 1  # it is listed
+    build = RequestBuilder(network, Settings(data_dir=tmp_path))  # type: ignore[call-arg]
+    prepared = build.txt2img(order(prompt="a cat on a mat", negative_prompt="easyneg"), "t")
+    request = GenerationRequest.from_params(prepared.params)
+    # Only the local one: a prompt with "cat" must not need that node's file to run.
+    assert [e.name for e in request.embeddings] == ["easyneg"]
+    assert "c" * 64 not in prepared.needs.requires
 
 
 def test_old_params_without_the_options_still_load(build: RequestBuilder) -> None:

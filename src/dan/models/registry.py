@@ -109,6 +109,10 @@ class ModelRegistry:
         for kind in ModelKind:
             self._scan_kind(kind)
 
+    def installed_here(self, kind: ModelKind) -> builtins.list[InstalledModel]:
+        """The usable models of ``kind``: all of a registry's are installed here."""
+        return self.list(kind)
+
     def list(
         self, kind: ModelKind, *, include_blocked: bool = False
     ) -> builtins.list[InstalledModel]:

@@ -137,6 +137,10 @@ class NetworkModels:
                 remote.append(model)
         return sorted([*local, *remote], key=lambda m: (m.name.casefold(), str(m.path)))
 
+    def installed_here(self, kind: ModelKind) -> builtins.list[InstalledModel]:
+        """The registry's usable models of ``kind`` (none that only nodes report)."""
+        return self._registry.list(kind)
+
     # -- matching ----------------------------------------------------------------------------
     def _remote(self, kind: ModelKind, key: str) -> InstalledModel | None:
         if len(key) == 64 and is_hex(key):

@@ -84,6 +84,14 @@ class ModelLookup(Protocol):
     def list(self, kind: ModelKind) -> list[InstalledModel]: ...
 
 
+class OrderModels(ModelLookup, Protocol):
+    """What building orders needs beyond lookups: the models installed on this server."""
+
+    def installed_here(self, kind: ModelKind) -> list[InstalledModel]:
+        """The models of ``kind`` in this server's own models folder (none a node reports)."""
+        ...
+
+
 @dataclass(frozen=True)
 class ControlNetOrder:
     image: str  # base64
@@ -189,7 +197,7 @@ class Prepared:
 class RequestBuilder:
     def __init__(
         self,
-        models: ModelLookup,
+        models: OrderModels,
         settings: Settings,
         *,
         random_seed: Callable[[], int] = lambda: secrets.randbelow(2**32),
@@ -360,13 +368,18 @@ class RequestBuilder:
             ) from exc
 
     def _embeddings(self, order: GenerationOrder, family: ModelFamily) -> tuple[ModelRef, ...]:
-        """The installed embeddings of the checkpoint's family whose names either prompt uses
-        as a word (A1111 matches embedding names in the prompt; case does not matter)."""
-        text = f"{order.prompt}\n{order.negative_prompt}"
+        """The embeddings installed here, of the checkpoint's family, whose names either
+        prompt uses as a word (A1111 matches embedding names in the prompt; case does not
+        matter). Never one only a node reports: a node naming its file "cat" would otherwise
+        make every prompt with that word need its file, so that only its own nodes could run
+        them."""
+        text = f"{order.prompt}\n{order.negative_prompt}".casefold()
         return tuple(
             model.ref
-            for model in self._models.list(ModelKind.EMBEDDING)
-            if family_of(model) == family and uses_word(text, model.name)
+            for model in self._models.installed_here(ModelKind.EMBEDDING)
+            if family_of(model) == family
+            and model.name.casefold() in text  # cheap before the word match
+            and uses_word(text, model.name)
         )
 
     def _family(self, request: GenerationRequest) -> ModelFamily:
