@@ -98,3 +98,24 @@ def test_a_held_result_is_heard_as_a_success(db: Engine, clock: Clock) -> None:
     assert [(r.status, r.node_id, r.ran_s) for r in heard.runs] == [
         (TaskStatus.SUCCESS, "node-2", 3.0)
     ]
+
+
+class Broken:
+    """An observer whose metrics cannot be written (a full disk in multiprocess mode)."""
+
+    def claimed(self, kind: TaskKind, waited_s: float) -> None:
+        raise OSError("no space left on device")
+
+    def ended(self, run: RunEnded) -> None:
+        raise OSError("no space left on device")
+
+
+def test_a_failing_observer_never_undoes_or_hides_a_committed_write(
+    db: Engine, clock: Clock
+) -> None:
+    store = SqlTaskStore(db, clock=clock, observer=Broken())
+    task_id = submit(store)
+    assert store.claim("w", lease_s=LEASE) is not None  # the claim stands and is returned
+    assert store.complete(task_id, "w", RESULT)
+    record = store.get(task_id)
+    assert record is not None and record.status == TaskStatus.SUCCESS

@@ -297,9 +297,9 @@ class NodeService:
             lazy=True,
         )
         if beat.held:
+            # Not forgotten when not held: a node may name any task it once held, and its
+            # entry ends with the task (complete, fail, refuse) or ages out.
             self._live.record(task_id, beat.attempt, progress, preview)
-        else:
-            self._live.forget(task_id)
         return beat
 
     def read_input(

@@ -28,7 +28,8 @@ counts as a try, and after ``max_attempts`` the task fails with a message.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -95,6 +96,8 @@ from dan.tasks.rows import (
     runtime_limit,
 )
 from dan.webhooks.store import new_webhook
+
+log = logging.getLogger(__name__)
 
 # What an ended run's row returns for the RunObserver.
 _ENDED_RUN = (tasks.c.kind, tasks.c.status, tasks.c.node_id, tasks.c.started_at, tasks.c.params)
@@ -371,7 +374,7 @@ class SqlTaskStore:
             return None
         task, waited_s = taken
         if task.attempt == 1:  # a retry's wait is not the time the task waited to be run
-            self._observer.claimed(task.kind, waited_s)
+            self._tell(self._observer.claimed, task.kind, waited_s)
         return task
 
     def heartbeat(
@@ -650,8 +653,17 @@ class SqlTaskStore:
         """Tell the observer of ``run`` (its transaction committed); whether a run ended."""
         if run is None:
             return False
-        self._observer.ended(run)
+        self._tell(self._observer.ended, run)
         return True
+
+    @staticmethod
+    def _tell(event: Callable[..., None], *args: Any) -> None:
+        """An observer's event, after the commit: its failure (a metrics file that cannot be
+        written) is logged, never the caller's, whose write already stands."""
+        try:
+            event(*args)
+        except Exception:
+            log.exception("the run observer failed")
 
     def _reward(self, conn: Connection, task_id: str, reward: Reward) -> None:
         now = self._time.now(conn)
