@@ -43,11 +43,18 @@ from dan.engine.generation.batching import Member, run_batch
 from dan.engine.generation.compiled import Compiler, FastUNet, use_inductor_cache
 from dan.engine.generation.hires import hires_fix
 from dan.engine.generation.img2img import run_img2img, validate_img2img
+from dan.engine.generation.packages import Packages, UNetSource
 from dan.engine.generation.preview import LatentPreviewer, LatentsSink
 from dan.engine.generation.prompts import PromptEmbeds
 from dan.engine.generation.txt2img import Conditioning, denoising_arguments, previews, run_txt2img
 from dan.engine.interrogation.interrogate import Interrogators
-from dan.engine.loading.cache import LoadedCheckpoint, PipelineCache, WarmModel, pipeline_bytes
+from dan.engine.loading.cache import (
+    LoadedCheckpoint,
+    PipelineCache,
+    WarmModel,
+    module_bytes,
+    pipeline_bytes,
+)
 from dan.engine.loading.device import pick_device, pick_dtype
 from dan.engine.loading.embeddings import Rewrite, embeddings_applied
 from dan.engine.loading.lora.files import LoraCache
@@ -89,7 +96,7 @@ class DiffusersEngine:
             torch.set_num_threads(settings.cpu_threads)
         # torchsde warns on float rounding of Karras sigmas (t slightly below t0); harmless.
         warnings.filterwarnings("ignore", message="Should have ta>=t0", category=UserWarning)
-        # Held by every task, and by the fast path's compiles (see dan.engine.generation.compiled).
+        # Held by every task: one runs at a time.
         self.running = threading.RLock()
         self.fast_path = _fast_path_on(settings.fast_path, self.device, self.dtype)
         if self.fast_path:
@@ -369,10 +376,18 @@ class DiffusersEngine:
             # decode 0.9 -> 0.4 s, the eager UNet 10 %); the compiled UNet picks its own.
             pipeline.unet.to(memory_format=torch.channels_last)
             pipeline.vae.to(memory_format=torch.channels_last)
+            source = UNetSource(
+                model.path,
+                model.sha256,
+                self.dtype,
+                self._settings.allow_ckpt,
+                self._settings.cache_dir,
+            )
             compiler = Compiler(
+                Packages(source, self._settings.cache_dir / "fastpath"),
                 max_shapes=self._settings.compile_max_shapes,
                 name=model.name,
-                exclusive=self.running,
+                weight_bytes=module_bytes(pipeline.unet),
             )
             fast = FastUNet(pipeline.unet, compiler)
         return LoadedCheckpoint(pipeline, architecture, size, previewer, family, fast)

@@ -1,4 +1,4 @@
-"""The CPU fast path: a checkpoint's UNet compiled by inductor with frozen weights, per shape.
+"""The CPU fast path: a checkpoint's UNet compiled with frozen weights, per shape.
 
 Measured on these 2-core CPUs (``../shared/reference/cpu-speed-probe.md``, ``bench/
 cpu_fast_path.py``): inductor with *freezing* (weights folded into the graph as constants,
@@ -9,44 +9,37 @@ this module is built around them:
 - **Compiling takes minutes** on 2 cores, and again for every new input shape. So nothing is
   compiled inside a request: :class:`FastUNet` runs the eager UNet for any call it has no
   compiled form of, and hands such a call's inputs to a background thread (:class:`Compiler`),
-  which compiles that shape once the request is over. Later calls of that shape take the
-  compiled form. The compile holds the engine's ``exclusive`` lock, which every engine task
-  holds too: PyTorch's tracers patch ``torch.nn.Module.__call__`` for the whole process while
-  they trace, so a module run in another thread meanwhile fails. A task that arrives during a
-  compile therefore waits for it (once per shape and process). Inductor's kernel cache lives
-  under the data directory's cache (``TORCHINDUCTOR_CACHE_DIR``), so a restart compiles again
-  but reuses the kernels (the probe: about 89 s cold, 53 s warm).
-- **Frozen weights are copies.** A compiled form keeps computing with the weights it saw, so it
-  is built from a private copy of the UNet taken while no LoRA was switched on (inductor then
-  drops the copy's parameters: ``freezing_discard_parameters``). Only calls of plain requests
-  (no LoRA, no ControlNet residuals, no attention scale) take it; the engine decides which
-  requests are plain (:meth:`FastUNet.view`), and the call's own arguments are checked again.
+  whose :class:`Builder` makes the compiled form (the real one,
+  :class:`dan.engine.generation.packages.Packages`, in a child process: tracing in this one
+  would stop every task meanwhile). Later calls of that shape take the compiled form. Built
+  forms are kept on disk and loaded again at the checkpoint's next load.
+- **Frozen weights are copies.** A compiled form keeps computing with the checkpoint's own
+  weights, so only calls of plain requests (no LoRA, no ControlNet residuals, no attention
+  scale) take it; the engine decides which requests are plain, and the call's own
+  arguments are checked again.
 - **Memory**: each compiled shape holds its prepacked weights (about the UNet's size: 1.7 GB for
-  SD1.5 in bf16, 5 GB for SDXL). At most ``max_shapes`` shapes are compiled per checkpoint; the
-  rest run eager.
+  SD1.5 in bf16, 5 GB for SDXL), counted in the checkpoint's size for the cache's budget. At
+  most ``max_shapes`` shapes are compiled per checkpoint; the rest run eager.
 
-Every compiled form is checked once against the eager UNet on the call that asked for it; one
-whose output differs by more than :data:`MAX_RELATIVE_ERROR` (bf16 rounding is far below) is
-dropped and that shape stays eager. A compiled form that would recompile (a guard failed: the
-call differs in a way the shape key does not capture) raises instead of compiling on the
-request (``fail_on_recompile``), and that shape goes back to eager.
+Every newly built form is checked once against the eager UNet on the call that asked for it;
+one whose output differs by more than :data:`MAX_RELATIVE_ERROR` (bf16 rounding is far below)
+is dropped and that shape stays eager.
 """
 
 from __future__ import annotations
 
-import copy
+import itertools
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from torch._dynamo.utils import counters
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +50,13 @@ MAX_RELATIVE_ERROR = 0.05
 # given a value (ControlNet residuals, attention scale, T2I adapters) sends the call to eager.
 _TAKEN = frozenset({"encoder_hidden_states", "added_cond_kwargs", "return_dict"})
 
-ShapeKey = tuple[Any, ...]
-Compiled = Callable[..., torch.Tensor]
+ShapeKey = str
+Compiled = Callable[["UNetCall"], torch.Tensor]
 
 
 def use_inductor_cache(cache_dir: Path) -> None:
     """Keep inductor's compiled kernels under ``cache_dir`` (across restarts), unless the
-    operator set ``TORCHINDUCTOR_CACHE_DIR`` already."""
+    operator set ``TORCHINDUCTOR_CACHE_DIR`` already (compiling children inherit it)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
 
 
@@ -93,15 +86,9 @@ class UNetCall:
     @property
     def key(self) -> ShapeKey:
         """What a compiled form is specialised on: shapes and dtypes of every input."""
-        added = sorted((self.added_cond_kwargs or {}).items())
-        shapes = tuple((name, tuple(v.shape), v.dtype) for name, v in added)
-        return (
-            tuple(self.sample.shape),
-            self.sample.dtype,
-            tuple(self.encoder_hidden_states.shape),
-            self.encoder_hidden_states.dtype,
-            shapes,
-        )
+        tensors = [("sample", self.sample), ("hidden", self.encoder_hidden_states)]
+        tensors += sorted((self.added_cond_kwargs or {}).items())
+        return ", ".join(f"{name} {_shape(value)}" for name, value in tensors)
 
     def detached(self) -> UNetCall:
         """A copy that outlives the call (the pipeline reuses its buffers)."""
@@ -111,63 +98,78 @@ class UNetCall:
         )
 
 
-def _forward(unet: torch.nn.Module, call: UNetCall) -> torch.Tensor:
-    output: torch.Tensor = unet(
-        call.sample,
-        call.timestep,
-        encoder_hidden_states=call.encoder_hidden_states,
-        added_cond_kwargs=call.added_cond_kwargs,
-        return_dict=False,
-    )[0]
-    return output
+def _shape(tensor: torch.Tensor) -> str:
+    dims = "x".join(str(d) for d in tensor.shape)
+    return f"{dims} {str(tensor.dtype).removeprefix('torch.')}"
 
 
-def compile_frozen(unet: torch.nn.Module, call: UNetCall) -> Compiled:
-    """``unet`` (a private copy: its parameters are dropped) compiled for ``call``'s shapes by
-    inductor with freezing, compiled now by running it once on ``call``."""
-    unet.requires_grad_(False)
+class Builder(Protocol):
+    """Makes the compiled forms of one UNet (the real one: packages.Packages)."""
 
-    def forward(c: UNetCall) -> torch.Tensor:
-        return _forward(unet, c)
+    def kept(self) -> Iterable[tuple[ShapeKey, Callable[[], Compiled]]]:
+        """Forms built and checked before (by an earlier run), with a loader of each."""
+        ...
 
-    # Dynamo keeps its compiled graphs on the code object, at most recompile_limit (8) per
-    # code object: one shared by every compile would fall back to eager, silently, from the
-    # ninth on. A code object of its own per compile, freed with it.
-    forward.__code__ = forward.__code__.replace()
-    graphs = counters["stats"]["unique_graphs"]
-    compiled = torch.compile(forward, dynamic=False)
-    with (
-        torch._inductor.config.patch(freezing=True, freezing_discard_parameters=True),
-        torch.inference_mode(),
-    ):
-        compiled(call)
-    if counters["stats"]["unique_graphs"] == graphs:
-        raise RuntimeError("dynamo compiled no graph of the UNet")
-    return compiled
+    def build(self, call: UNetCall) -> Compiled:
+        """The compiled form of ``call``'s shapes (minutes); raises when it cannot be made."""
+        ...
+
+    def keep(self, call: UNetCall) -> None:
+        """The form built for ``call`` agreed with the eager UNet: offer it to later runs."""
+        ...
+
+    def close(self) -> None:
+        """Stop any build under way."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Build:
+    call: UNetCall
+    expected: torch.Tensor  # the eager UNet's output for ``call``
+
+
+@dataclass(frozen=True)
+class _Load:
+    key: ShapeKey
+    load: Callable[[], Compiled]
 
 
 class Compiler:
     """Compiles shapes of one UNet in a background thread, one at a time, at most
-    ``max_shapes`` of them; :meth:`ready` gives what has been compiled and checked."""
+    ``max_shapes`` of them; :meth:`ready` gives what has been compiled and checked. Forms kept
+    by an earlier run are loaded first, in the same thread."""
 
     def __init__(
         self,
+        builder: Builder,
         *,
         max_shapes: int,
-        compile_fn: Callable[[torch.nn.Module, UNetCall], Compiled] = compile_frozen,
         name: str = "unet",
-        exclusive: threading.RLock | None = None,
+        weight_bytes: int = 0,
     ) -> None:
+        self._builder = builder
         self._max_shapes = max_shapes
-        self._exclusive = exclusive or threading.RLock()
-        self._compile_fn = compile_fn
         self._name = name
+        self._weight_bytes = weight_bytes  # what one compiled form holds
         self._lock = threading.Lock()
         self._ready: dict[ShapeKey, Compiled] = {}
         self._asked: set[ShapeKey] = set()  # compiled, being compiled, or given up on
+        self._closed = False
         # A daemon thread: a worker that stops mid-compile exits without waiting for it.
-        self._jobs: queue.Queue[tuple[torch.nn.Module, UNetCall, torch.Tensor]] = queue.Queue()
+        self._jobs: queue.Queue[_Build | _Load | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name=f"compile-{name}", daemon=True)
+        for key, load in itertools.islice(builder.kept(), max_shapes):
+            self._asked.add(key)
+            self._jobs.put(_Load(key, load))
+        if self._asked:
+            self._thread.start()
+
+    @property
+    def held_bytes(self) -> int:
+        """The memory the compiled forms hold, about."""
+        with self._lock:
+            return len(self._ready) * self._weight_bytes
 
     def ready(self, key: ShapeKey) -> Compiled | None:
         with self._lock:
@@ -178,59 +180,87 @@ class Compiler:
         with self._lock:
             self._ready.pop(key, None)
 
-    def offer(self, unet: torch.nn.Module, call: UNetCall, eager_output: torch.Tensor) -> bool:
-        """Compile ``call``'s shape in the background if it is new and there is room (True);
-        the UNet is copied now (the caller guarantees no LoRA is switched on during its call)."""
+    def offer(self, call: UNetCall, eager_output: torch.Tensor) -> bool:
+        """Compile ``call``'s shape in the background if it is new and there is room (True)."""
         key = call.key
         with self._lock:
-            if key in self._asked or len(self._asked) >= self._max_shapes:
+            if self._closed or key in self._asked or len(self._asked) >= self._max_shapes:
                 return False
             self._asked.add(key)
             if not self._thread.is_alive():
                 self._thread.start()
-        self._jobs.put((copy.deepcopy(unet), call.detached(), eager_output.clone()))
+        self._jobs.put(_Build(call.detached(), eager_output.clone()))
         return True
 
     def idle(self) -> None:
         """Wait until every compile offered so far has finished."""
         self._jobs.join()
 
+    def close(self) -> None:
+        """Free the compiled forms and stop compiling (the checkpoint was unloaded)."""
+        with self._lock:
+            self._closed = True
+            self._ready.clear()
+        self._builder.close()
+        self._jobs.put(None)
+
     def _work(self) -> None:
         while True:
-            unet, call, expected = self._jobs.get()
+            job = self._jobs.get()
             try:
-                self._build(unet, call, expected)
+                if job is None:
+                    return
+                if isinstance(job, _Load):
+                    self._load(job)
+                else:
+                    self._build(job)
             finally:
-                del unet
                 self._jobs.task_done()
 
-    def _build(self, unet: torch.nn.Module, call: UNetCall, expected: torch.Tensor) -> None:
-        started = time.monotonic()
+    def _load(self, job: _Load) -> None:
         try:
-            with self._exclusive:  # no module may run while a tracer patches them all
-                compiled = self._compile_fn(unet, call)
-                with torch.inference_mode():
-                    error = _relative_error(compiled(call), expected)
+            compiled = job.load()
         except Exception:
-            log.exception("compiling %s for %s failed; it stays eager", self._name, call.key)
+            log.exception(
+                "loading the compiled %s for %s failed; it stays eager", self._name, job.key
+            )
+            return
+        self._use(job.key, compiled)
+        log.info("loaded the compiled %s for %s", self._name, job.key)
+
+    def _build(self, job: _Build) -> None:
+        started = time.monotonic()
+        key = job.call.key
+        try:
+            compiled = self._builder.build(job.call)
+            with torch.inference_mode():
+                error = _relative_error(compiled(job.call), job.expected)
+        except Exception:
+            if not self._closed:
+                log.exception("compiling %s for %s failed; it stays eager", self._name, key)
             return
         if error > MAX_RELATIVE_ERROR:
             log.error(
                 "compiled %s for %s is off by %.3g of the eager output; that shape stays eager",
                 self._name,
-                call.key,
+                key,
                 error,
             )
             return
-        with self._lock:
-            self._ready[call.key] = compiled
+        self._builder.keep(job.call)
+        self._use(key, compiled)
         log.info(
             "compiled %s for %s in %.0f s (off by %.2g of eager)",
             self._name,
-            call.key[0],
+            key,
             time.monotonic() - started,
             error,
         )
+
+    def _use(self, key: ShapeKey, compiled: Compiled) -> None:
+        with self._lock:
+            if not self._closed:
+                self._ready[key] = compiled
 
 
 def _relative_error(output: torch.Tensor, expected: torch.Tensor) -> float:
@@ -281,15 +311,14 @@ class FastUNet(torch.nn.Module):
                 return _as_unet_output(output, kwargs)
             compiler.drop(call.key)
         result = eager(sample, timestep, **kwargs)
-        compiler.offer(eager, call, result.sample if kwargs.get("return_dict", True) else result[0])
+        compiler.offer(call, result.sample if kwargs.get("return_dict", True) else result[0])
         return result
 
 
 def _run_compiled(compiled: Compiled, call: UNetCall) -> torch.Tensor | None:
-    """The compiled form's output, or None if it would have to compile again."""
+    """The compiled form's output, or None if it failed."""
     try:
-        with torch.compiler.set_stance("fail_on_recompile"):
-            return compiled(call)
+        return compiled(call)
     except Exception:
         log.exception("a compiled UNet refused a call of its shape; that shape goes eager")
         return None

@@ -26,10 +26,21 @@ T = TypeVar("T")
 class LoadedCheckpoint:
     pipeline: Any  # the family's txt2img pipeline, only read: tasks build their own around it
     architecture: Architecture
-    size_bytes: int
+    model_bytes: int  # its models' weights
     previewer: LatentPreviewer  # step previews from its latents
     family: Family
     fast_unet: Any | None = None  # the UNet of plain requests, compiled per shape (or None)
+
+    @property
+    def size_bytes(self) -> int:
+        """The memory it holds: its models, and the compiled forms of its UNet."""
+        compiled = self.fast_unet.compiler.held_bytes if self.fast_unet is not None else 0
+        return self.model_bytes + compiled
+
+    def close(self) -> None:
+        """It was unloaded: free what its fast path holds and stop compiling for it."""
+        if self.fast_unet is not None:
+            self.fast_unet.compiler.close()
 
 
 class PipelineCache:
@@ -64,7 +75,8 @@ class PipelineCache:
 
     def _evict(self) -> None:
         while len(self._entries) > 1 and self._total() > self._budget:
-            sha, _ = self._entries.popitem(last=False)
+            sha, entry = self._entries.popitem(last=False)
+            entry.close()
             log.info("unloaded checkpoint %s (memory budget)", sha[:10])
 
     def _total(self) -> int:
@@ -74,7 +86,12 @@ class PipelineCache:
 def pipeline_bytes(pipeline: Any) -> int:
     """The bytes of every model of ``pipeline`` (UNet, VAE, each text encoder)."""
     modules = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
-    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    return sum(module_bytes(m) for m in modules)
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """The bytes of ``module``'s parameters."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 class WarmModel(Generic[T]):
