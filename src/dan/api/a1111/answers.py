@@ -226,13 +226,14 @@ def schedulers() -> list[dict[str, Any]]:
     ]
 
 
-def options(checkpoint: InstalledModel | None) -> dict[str, Any]:
-    """A1111's common options, with the caller's checkpoint (None when none is installed)."""
+def options(checkpoint: InstalledModel | None, clip_skip: int, vae: str) -> dict[str, Any]:
+    """A1111's common options, with the caller's checkpoint (None when none is installed),
+    clip skip and VAE (a file name, Automatic or None)."""
     return {
         "sd_model_checkpoint": checkpoint_title(checkpoint) if checkpoint else None,
         "sd_checkpoint_hash": checkpoint.sha256 if checkpoint else None,
-        "CLIP_stop_at_last_layers": 1,
-        "sd_vae": "Automatic",
+        "CLIP_stop_at_last_layers": clip_skip,
+        "sd_vae": vae,
         "samples_format": "png",
         "eta_noise_seed_delta": 0,
         "live_previews_enable": True,
