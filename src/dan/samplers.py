@@ -62,10 +62,10 @@ SAMPLER_TABLE: tuple[Sampler, ...] = (
     Sampler("DPM2", _EVERY, KARRAS, unet_calls=2, aliases=("k_dpm_2",)),
     Sampler("DPM2 a", _EVERY, KARRAS, unet_calls=2, aliases=("k_dpm_2_a",)),
     # A1111 runs these on their own timesteps whatever the schedule type says.
-    Sampler("DDIM", (AUTOMATIC,)),
-    Sampler("UniPC", (AUTOMATIC,)),
+    Sampler("DDIM", (AUTOMATIC,), aliases=("ddim",)),
+    Sampler("UniPC", (AUTOMATIC,), aliases=("unipc",)),
     # diffusers' LCM picks its steps among the 50 of its distillation.
-    Sampler("LCM", (AUTOMATIC,), max_steps=50, aliases=("lcm",)),
+    Sampler("LCM", (AUTOMATIC,), max_steps=50, aliases=("k_lcm",)),
     Sampler("DDPM", (AUTOMATIC,)),
 )
 SAMPLER_INFO = {sampler.name: sampler for sampler in SAMPLER_TABLE}
@@ -89,6 +89,19 @@ _BY_NAME = {
     for sampler in SAMPLER_TABLE
     for key in (sampler.name, *sampler.aliases)
 }
+# Before 1.9, A1111 listed a sampler on a schedule as a sampler of its own, with an alias of its
+# own; old clients still send these. Not listed (A1111 1.9+ lists neither them nor the names).
+_SCHEDULED_ALIASES = {
+    "k_lms_ka": "LMS Karras",
+    "k_dpm_2_ka": "DPM2 Karras",
+    "k_dpm_2_a_ka": "DPM2 a Karras",
+    "k_dpmpp_2m_ka": "DPM++ 2M Karras",
+    "k_dpmpp_sde_ka": "DPM++ SDE Karras",
+    "k_dpmpp_2m_sde_ka": "DPM++ 2M SDE Karras",
+    "k_dpmpp_2m_sde_exp": "DPM++ 2M SDE Exponential",
+    "k_dpmpp_3m_sde_ka": "DPM++ 3M SDE Karras",
+    "k_dpmpp_3m_sde_exp": "DPM++ 3M SDE Exponential",
+}
 
 
 class SamplerRefused(InvalidArgument):
@@ -106,9 +119,9 @@ def choose(
     """DAN's (sampler, schedule type) for a request's ``sampler_name`` and ``scheduler``.
 
     Names are matched case-insensitively, with A1111's aliases (``k_dpmpp_2m``); an old
-    combined name ("DPM++ 2M Karras") carries its schedule type, which ``scheduler`` may
-    repeat or leave Automatic. ``scheduler`` None or empty is Automatic. Raises
-    SamplerRefused naming ``field`` (the sampler's field) or ``scheduler``.
+    combined name ("DPM++ 2M Karras") or its alias (``k_dpmpp_2m_ka``) carries its schedule
+    type, which ``scheduler`` may repeat or leave Automatic. ``scheduler`` None or empty is
+    Automatic. Raises SamplerRefused naming ``field`` (the sampler's field) or ``scheduler``.
     """
     name, named_schedule = _split(sampler_name, field)
     schedule = schedule_type(scheduler)
@@ -161,6 +174,7 @@ def _split(sampler_name: object, field: str) -> tuple[str, str]:
     """(sampler, schedule type in its name, else Automatic) of a name; SamplerRefused
     naming ``field`` for a name DAN does not know."""
     key = sampler_name.strip().casefold() if isinstance(sampler_name, str) else ""
+    key = _SCHEDULED_ALIASES.get(key, key).casefold()
     if key in _BY_NAME:
         return _BY_NAME[key], AUTOMATIC
     for suffix, label in _SCHEDULE_NAMES.items():
@@ -169,8 +183,9 @@ def _split(sampler_name: object, field: str) -> tuple[str, str]:
             return _BY_NAME[base], label
     raise SamplerRefused(
         field,
-        f"must be one of {', '.join(SAMPLERS)} (or a sampler with its schedule type, as in "
-        f"'DPM++ 2M Karras'); got {sampler_name!r}",
+        f"must be one of {', '.join(SAMPLERS)} (or one of A1111's aliases of these, as "
+        f"k_euler_a, or a sampler with its schedule type, as 'DPM++ 2M Karras'); got "
+        f"{sampler_name!r}",
     )
 
 

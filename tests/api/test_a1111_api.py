@@ -7,106 +7,26 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import webuiapi
 from PIL import Image
 
-from dan.api.app import create_app
-from dan.domain import InstalledModel, ModelKind
-from dan.engine.fake import FakeEngine
-from dan.services import Services, build_services
-from dan.workers.loop import Worker
-from tests.api.conftest import install_dummy_checkpoint, make_settings
-from tests.fixtures.live import serving
+from dan.domain import ModelKind
+from tests.fixtures.a1111_facade import MAX_BODY_BYTES, Facade, basic, facade_serving
 from tests.fixtures.postgres import schema_url
-from tests.fixtures.server import free_port
 from tests.store.conftest import POSTGRES_URL
 
 SMALL: dict[str, Any] = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64}
-MAX_BODY_BYTES = 1024 * 1024
-STEP_S = 0.01
-SLOW_STEPS = 150  # 1.5 s at STEP_S: long enough to watch it run and to interrupt it
-MODEL_FILES = (
-    "loras/detail.safetensors",
-    "controlnet/control_sd15_canny.safetensors",
-    "controlnet/control_sd15_openpose.safetensors",
-    "interrogators/model_base_caption_capfilt_large.pth",
-    "interrogators/bert-base-uncased-vocab.txt",
-    "interrogators/ViT-L-14.pt",
-    "vaes/clear.safetensors",
-    "embeddings/goodhands.safetensors",
-)
+SLOW_STEPS = 150  # 1.5 s at STEP_S (0.01): long enough to watch it run and to interrupt it
 BOTH_DATABASES = pytest.mark.parametrize(
     "database", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
 )
-
-
-@dataclass
-class Facade:
-    """A live DAN server that requires keys, and its services."""
-
-    port: int
-    http: httpx.Client
-    services: Services
-
-    def key(self, nickname: str) -> str:
-        return self.services.accounts.issue_key(nickname).key.key
-
-    def api(self, key: str | None = None) -> webuiapi.WebUIApi:
-        """webuiapi as its users make it: HTTP Basic with the key as the password."""
-        if key is None:
-            return webuiapi.WebUIApi(host="127.0.0.1", port=self.port)
-        return webuiapi.WebUIApi(host="127.0.0.1", port=self.port, username="me", password=key)
-
-    def checkpoint(self, name: str) -> InstalledModel:
-        return self.services.registry.resolve(ModelKind.CHECKPOINT, name)
-
-    def tasks_of(self, key: str) -> list[Any]:
-        """The account's task records, newest first."""
-        account = self.services.accounts.authenticate(key)
-        return self.services.tasks.history(account.id, limit=100)
-
-
-def install_models(models: Path) -> None:
-    install_dummy_checkpoint(models, "alpha")
-    install_dummy_checkpoint(models, "beta")
-    for name in MODEL_FILES:  # random bytes: the registry hashes files, the FakeEngine reads none
-        (models / name).parent.mkdir(parents=True, exist_ok=True)
-        (models / name).write_bytes(os.urandom(128))
-
-
-@contextmanager
-def working(services: Services) -> Iterator[None]:
-    """A worker thread on the FakeEngine, sending progress and a preview at every step."""
-    worker = Worker(
-        services.store,
-        FakeEngine(step_s=STEP_S),
-        services.registry,
-        services.blobs,
-        worker_id="w",
-        lease_s=30,
-        idle_sleep_s=0.01,
-        beat_s=0.02,
-        preview_s=0.0,
-    )
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 @pytest.fixture
@@ -123,17 +43,8 @@ def database(request: pytest.FixtureRequest) -> Iterator[str | None]:
 
 @pytest.fixture
 def facade(tmp_path: Path, database: str | None) -> Iterator[Facade]:
-    install_models(tmp_path / "models")
-    settings = make_settings(
-        tmp_path, auth="required", database_url=database, max_body_bytes=MAX_BODY_BYTES
-    )
-    services = build_services(settings)
-    port = free_port()
-    try:
-        with working(services), serving(create_app(services), port) as http:
-            yield Facade(port, http, services)
-    finally:
-        services.close()
+    with facade_serving(tmp_path, database) as served:
+        yield served
 
 
 def picture(size: tuple[int, int] = (64, 64), colour: tuple[int, int, int] = (200, 30, 30)) -> Any:
@@ -144,10 +55,6 @@ def fresh() -> dict[str, Any]:
     """A new ``alwayson_scripts`` for a call with ControlNet units: webuiapi adds them to the
     dict it is given, by default one shared by every later call of the process."""
     return {}
-
-
-def basic(key: str) -> tuple[str, str]:
-    return ("anyone", key)
 
 
 # -- txt2img ----------------------------------------------------------------------------------

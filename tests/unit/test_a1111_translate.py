@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from dan.accounts.options import ChosenOptions
 from dan.api.a1111.controlnet import control_unit, detect_orders
 from dan.api.a1111.pnginfo import parse_infotext
 from dan.api.a1111.schemas import DetectRequest, Img2ImgRequest, Txt2ImgRequest
@@ -21,14 +22,15 @@ from dan.errors import InvalidArgument, ModelNotFound
 from dan.samplers import SAMPLERS
 
 SHA = "0123456789abcdef" * 4
+NOTHING = ChosenOptions()  # a caller that never set options
 
 
 def txt2img(**body: Any) -> Any:
-    return txt2img_order(Txt2ImgRequest.model_validate(body), None)
+    return txt2img_order(Txt2ImgRequest.model_validate(body), NOTHING)
 
 
 def img2img(**body: Any) -> Any:
-    return img2img_order(Img2ImgRequest.model_validate({"init_images": ["x"], **body}), None)
+    return img2img_order(Img2ImgRequest.model_validate({"init_images": ["x"], **body}), NOTHING)
 
 
 def refused(field: str, call: Any, *args: Any, **kwargs: Any) -> str:
@@ -115,11 +117,11 @@ def test_checkpoint_titles_resolve_by_short_hash_or_name(title: str, reference: 
 
 def test_the_checkpoint_is_the_overrides_else_the_callers_choice() -> None:
     body = Txt2ImgRequest.model_validate({})
-    assert txt2img_order(body, SHA).generation.model == SHA
+    assert txt2img_order(body, ChosenOptions(checkpoint=SHA)).generation.model == SHA
     named = Txt2ImgRequest.model_validate(
         {"override_settings": {"sd_model_checkpoint": f"beta.safetensors [{SHA[:10]}]"}}
     )
-    assert txt2img_order(named, "b" * 64).generation.model == SHA[:10]
+    assert txt2img_order(named, ChosenOptions(checkpoint="b" * 64)).generation.model == SHA[:10]
     clip = {"override_settings": {"CLIP_stop_at_last_layers": 13}}
     refused("override_settings.CLIP_stop_at_last_layers", txt2img, **clip)
     assert txt2img(override_settings={"CLIP_stop_at_last_layers": 1}).generation.model is None
@@ -131,6 +133,15 @@ def test_clip_skip_and_the_vae_come_from_override_settings() -> None:
     assert (generation.clip_skip, generation.vae) == (2, "kl-f8.safetensors")
     assert (txt2img().generation.clip_skip, txt2img().generation.vae) == (1, None)
     refused("override_settings.sd_vae", txt2img, override_settings={"sd_vae": 3})
+
+
+def test_override_settings_win_over_the_callers_options() -> None:
+    chosen = ChosenOptions(clip_skip=3, vae=SHA)
+    generation = txt2img_order(Txt2ImgRequest.model_validate({}), chosen).generation
+    assert (generation.clip_skip, generation.vae) == (3, SHA)
+    body = {"override_settings": {"CLIP_stop_at_last_layers": 1, "sd_vae": "None"}}
+    generation = txt2img_order(Txt2ImgRequest.model_validate(body), chosen).generation
+    assert (generation.clip_skip, generation.vae) == (1, "None")
 
 
 def test_hires_fields() -> None:
@@ -181,7 +192,7 @@ def test_img2img_and_inpainting_fields() -> None:
     for fill in (2, 3):
         refused("inpainting_fill", img2img, mask="m", inpainting_fill=fill)
     assert img2img(inpainting_fill=0).inpaint is None  # no mask: inpainting_fill means nothing
-    refused("init_images", img2img_order, Img2ImgRequest.model_validate({}), None)
+    refused("init_images", img2img_order, Img2ImgRequest.model_validate({}), NOTHING)
     refused("init_images", img2img, init_images=["a", "b"])
     refused("resize_mode", img2img, resize_mode=3)
 

@@ -44,6 +44,9 @@ MODEL = ModelRef("a" * 64, "tiny")
         ("DPM++ 2M Karras", "", ("DPM++ 2M", "Karras")),
         ("DPM++ 2M SDE Exponential", None, ("DPM++ 2M SDE", "Exponential")),
         ("DPM2 a Karras", "Automatic", ("DPM2 a", "Karras")),
+        # ... and A1111's aliases of them.
+        ("k_dpmpp_2m_ka", None, ("DPM++ 2M", "Karras")),
+        ("k_dpmpp_3m_sde_exp", "Exponential", ("DPM++ 3M SDE", "Exponential")),
         ("Heun", None, ("Heun", "Automatic")),
         ("LCM", None, ("LCM", "Automatic")),
     ],
@@ -65,6 +68,8 @@ def test_names_become_a_sampler_and_a_schedule_type(
         ("UniPC", "Exponential", "scheduler", "DAN runs UniPC with Automatic only"),
         ("Euler a Karras", None, "sampler_name", "DAN runs Euler a with Automatic or SGM"),
         ("DPM++ 2M Karras", "Exponential", "scheduler", "already says Karras"),
+        ("k_lms_ka", "SGM Uniform", "scheduler", "'k_lms_ka' already says Karras"),
+        ("k_dpmpp_2s_a", None, "sampler_name", "aliases of these, as k_euler_a"),
     ],
 )
 def test_what_dan_cannot_run_is_refused_naming_the_field(

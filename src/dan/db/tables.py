@@ -301,4 +301,8 @@ client_options = Table(
     Column("owner", String(200), primary_key=True),
     Column("checkpoint", String(64)),  # sha256 of sd_model_checkpoint
     Column("updated_at", Float, nullable=False),
+    # Added by 0008: CLIP_stop_at_last_layers, and sd_vae (a VAE file's sha256, or A1111's
+    # "Automatic" or "None"). NULL: never chosen.
+    Column("clip_skip", Integer),
+    Column("vae", String(64)),
 )

@@ -67,6 +67,7 @@ def generation_info(record: TaskRecord, pngs: list[bytes]) -> dict[str, Any]:
     hires = generation.get("hires")
     strength = params.get("denoising_strength", hires["denoising_strength"] if hires else None)
     sampler, schedule = choose(generation["sampler_name"], generation.get("scheduler"))
+    vae = generation.get("vae")
     return {
         "prompt": generation["prompt"],
         "all_prompts": [generation["prompt"]] * count,
@@ -87,8 +88,9 @@ def generation_info(record: TaskRecord, pngs: list[bytes]) -> dict[str, Any]:
         "face_restoration_model": None,
         "sd_model_name": model["name"],
         "sd_model_hash": model["sha256"][:10],
-        "sd_vae_name": None,
-        "sd_vae_hash": None,
+        # As the PNG's parameters name it (dan.imaging); None: the checkpoint's own.
+        "sd_vae_name": f"{vae['name']}.safetensors" if vae else None,
+        "sd_vae_hash": vae["sha256"][:10] if vae else None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": strength,
@@ -97,7 +99,7 @@ def generation_info(record: TaskRecord, pngs: list[bytes]) -> dict[str, Any]:
         "infotexts": [read_parameters(png) or "" for png in pngs],
         "styles": [],
         "job_timestamp": timestamp(record.started_at or record.created_at),
-        "clip_skip": 1,
+        "clip_skip": generation.get("clip_skip", 1),
         "is_using_inpainting_conditioning": False,
         "version": f"DAN {__version__}",
     }
@@ -224,13 +226,14 @@ def schedulers() -> list[dict[str, Any]]:
     ]
 
 
-def options(checkpoint: InstalledModel | None) -> dict[str, Any]:
-    """A1111's common options, with the caller's checkpoint (None when none is installed)."""
+def options(checkpoint: InstalledModel | None, clip_skip: int, vae: str) -> dict[str, Any]:
+    """A1111's common options, with the caller's checkpoint (None when none is installed),
+    clip skip and VAE (a file name, Automatic or None)."""
     return {
         "sd_model_checkpoint": checkpoint_title(checkpoint) if checkpoint else None,
         "sd_checkpoint_hash": checkpoint.sha256 if checkpoint else None,
-        "CLIP_stop_at_last_layers": 1,
-        "sd_vae": "Automatic",
+        "CLIP_stop_at_last_layers": clip_skip,
+        "sd_vae": vae,
         "samples_format": "png",
         "eta_noise_seed_delta": 0,
         "live_previews_enable": True,

@@ -17,10 +17,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
 
-from dan.accounts.options import options_owner
+from dan.accounts.options import ChosenOptions, options_owner
 from dan.api.a1111 import CONTROLNET_PREFIX, SDAPI_PREFIX, answers
 from dan.api.a1111.controlnet import detect_orders
-from dan.api.a1111.errors import invalid
+from dan.api.a1111.options import chosen_options, current_options, kept_overrides
 from dan.api.a1111.pnginfo import png_info
 from dan.api.a1111.schemas import (
     DetectRequest,
@@ -33,9 +33,6 @@ from dan.api.a1111.schemas import (
 )
 from dan.api.a1111.translate import (
     a1111_field_names,
-    check_override_settings,
-    checkpoint_named,
-    checkpoint_reference,
     img2img_order,
     interrogate_order,
     txt2img_order,
@@ -43,8 +40,8 @@ from dan.api.a1111.translate import (
 )
 from dan.api.auth import api_key, caller
 from dan.api.generation import ApiContext, context, wait_for_record
-from dan.domain import Account, InstalledModel, ModelKind, TaskRecord
-from dan.errors import DanError, ModelNotFound
+from dan.domain import Account, TaskRecord
+from dan.errors import DanError
 from dan.tasks.orders import DetectOrder
 from dan.tasks.service import TaskService
 
@@ -60,15 +57,15 @@ class Client:
 
     account: Account
     owner: str  # whose client options (see dan.accounts.options)
-    checkpoint: str | None  # the sha256 it chose with POST /options, if any
+    chosen: ChosenOptions  # what it chose with POST /options
 
 
 def identify(request: Request) -> Client:
-    """The caller, its options' owner and its checkpoint (blocking: run it in a thread)."""
+    """The caller, its options' owner and its options (blocking: run it in a thread)."""
     account = caller(request)
     services = context(request).services
     owner = options_owner(account.id, services.accounts.key_id(api_key(request)))
-    return Client(account, owner, services.client_options.checkpoint(owner))
+    return Client(account, owner, services.client_options.chosen(owner))
 
 
 async def run(ctx: ApiContext, account: Account, queue: Queue) -> TaskRecord:
@@ -96,13 +93,11 @@ async def finish(ctx: ApiContext, record: TaskRecord) -> TaskRecord:
 async def keep_override(
     ctx: ApiContext, who: Client, body: GenerationRequest, record: TaskRecord
 ) -> None:
-    """With ``override_settings_restore_afterwards`` false, the checkpoint the request named
-    becomes the caller's for later requests (A1111 keeps it loaded for everyone)."""
-    if body.override_settings_restore_afterwards or not checkpoint_named(body):
-        return
-    generation = record.params.get("generation", record.params)
-    sha256 = generation["model"]["sha256"]
-    await asyncio.to_thread(ctx.services.client_options.choose_checkpoint, who.owner, sha256)
+    """With ``override_settings_restore_afterwards`` false, the options the request overrode
+    become the caller's for later requests (A1111 keeps them for everyone)."""
+    kept = kept_overrides(body, record)
+    if kept is not None:
+        await asyncio.to_thread(ctx.services.client_options.choose, who.owner, kept)
 
 
 async def generated(ctx: ApiContext, record: TaskRecord) -> list[bytes]:
@@ -115,7 +110,7 @@ async def generated(ctx: ApiContext, record: TaskRecord) -> list[bytes]:
 @router.post("/txt2img", summary="A1111 txt2img: generate and wait")
 async def txt2img(body: Txt2ImgRequest, request: Request) -> dict[str, Any]:
     ctx, who = context(request), await asyncio.to_thread(identify, request)
-    order = txt2img_order(body, who.checkpoint)
+    order = txt2img_order(body, who.chosen)
     record = await submit(ctx, who.account, lambda tasks, a: tasks.submit_txt2img(a, order))
     await keep_override(ctx, who, body, record)
     record = await finish(ctx, record)
@@ -126,7 +121,7 @@ async def txt2img(body: Txt2ImgRequest, request: Request) -> dict[str, Any]:
 @router.post("/img2img", summary="A1111 img2img (inpainting with a mask): generate and wait")
 async def img2img(body: Img2ImgRequest, request: Request) -> dict[str, Any]:
     ctx, who = context(request), await asyncio.to_thread(identify, request)
-    order = img2img_order(body, who.checkpoint)
+    order = img2img_order(body, who.chosen)
     record = await submit(ctx, who.account, lambda tasks, a: tasks.submit_img2img(a, order))
     await keep_override(ctx, who, body, record)
     record = await finish(ctx, record)
@@ -207,45 +202,25 @@ def stop_current(request: Request) -> None:
 # -- options --------------------------------------------------------------------------------
 
 
-@router.get("/options", summary="A1111's common options, with the caller's checkpoint")
+@router.get("/options", summary="A1111's common options, with the caller's own")
 async def get_options(request: Request) -> dict[str, Any]:
-    return answers.options(await asyncio.to_thread(current_checkpoint, request))
+    return await asyncio.to_thread(read_options, request)
 
 
-@router.post("/options", summary="Set options: sd_model_checkpoint for this key only")
+@router.post(
+    "/options",
+    summary="Set sd_model_checkpoint, CLIP_stop_at_last_layers and sd_vae for this key only",
+)
 async def set_options(body: Annotated[dict[str, Any], Body()], request: Request) -> None:
     """Other keys are accepted and have no effect (DAN has no global options)."""
     await asyncio.to_thread(choose_options, request, body)
 
 
-def current_checkpoint(request: Request) -> InstalledModel | None:
-    """The checkpoint the caller's requests use when they name none: its own choice while it
-    is still available, else the server's default (None when nothing is installed)."""
-    who = identify(request)
-    services = context(request).services
-    if who.checkpoint is not None:
-        try:
-            return services.models.resolve(ModelKind.CHECKPOINT, who.checkpoint)
-        except ModelNotFound:
-            pass
-    try:
-        return services.models.default_checkpoint(services.settings.default_model)
-    except ModelNotFound:
-        return None
+def read_options(request: Request) -> dict[str, Any]:
+    who, services = identify(request), context(request).services
+    return current_options(services.models, who.chosen, services.settings.default_model)
 
 
 def choose_options(request: Request, body: dict[str, Any]) -> None:
-    who = identify(request)
-    services = context(request).services
-    try:
-        check_override_settings(body)
-    except DanError as exc:  # named as an option here, not as an override
-        raise type(exc)(exc.message.replace("override_settings.", "")) from exc
-    title = body.get("sd_model_checkpoint")
-    if title is None:
-        return
-    try:
-        model = services.models.resolve(ModelKind.CHECKPOINT, checkpoint_reference(title))
-    except ModelNotFound as exc:
-        raise invalid("sd_model_checkpoint", f"{exc.message}") from exc
-    services.client_options.choose_checkpoint(who.owner, model.sha256)
+    who, services = identify(request), context(request).services
+    services.client_options.choose(who.owner, chosen_options(body, services.models))

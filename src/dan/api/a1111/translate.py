@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from dan.accounts.options import ChosenOptions
 from dan.api.a1111.controlnet import CONTROLNET_ARGS, TITLE, control_unit
 from dan.api.a1111.errors import invalid
 from dan.api.a1111.schemas import (
@@ -37,6 +38,8 @@ from dan.tasks.orders import (
 MAX_HIRES_SCALE = 2.0
 INPAINT_FILLS = (0, 1)  # inpainting_fill: fill (the colours around the mask), original
 SAME = ("", "use same checkpoint", "use same sampler", "use same scheduler")
+# The options DAN acts on, in override_settings and POST /options.
+CHECKPOINT, CLIP_SKIP, VAE = "sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae"
 
 
 # -- what every generation shares -----------------------------------------------------------
@@ -66,7 +69,7 @@ def sampler(name: str, scheduler: str | None, field: str = "sampler_name") -> tu
 
 
 def check_override_settings(settings: dict[str, Any]) -> None:
-    clip_skip = settings.get("CLIP_stop_at_last_layers", 1)
+    clip_skip = settings.get(CLIP_SKIP, 1)
     if clip_skip is not None and (
         isinstance(clip_skip, bool)
         or not isinstance(clip_skip, int | float)
@@ -77,13 +80,13 @@ def check_override_settings(settings: dict[str, Any]) -> None:
             "override_settings.CLIP_stop_at_last_layers",
             f"must be an integer between 1 and {MAX_CLIP_SKIP}; got {clip_skip!r}",
         )
-    vae = settings.get("sd_vae")
+    vae = settings.get(VAE)
     if vae is not None and not isinstance(vae, str):
         raise invalid(
             "override_settings.sd_vae",
             f"must be a VAE file's name (see /sdapi/v1/sd-vae), Automatic or None; got {vae!r}",
         )
-    checkpoint = settings.get("sd_model_checkpoint")
+    checkpoint = settings.get(CHECKPOINT)
     if checkpoint is not None and not isinstance(checkpoint, str):
         raise invalid(
             "override_settings.sd_model_checkpoint",
@@ -92,17 +95,24 @@ def check_override_settings(settings: dict[str, Any]) -> None:
         )
 
 
-def checkpoint_named(body: GenerationRequest) -> bool:
-    """Whether the request names its checkpoint (``override_settings``)."""
-    return bool(body.override_settings.get("sd_model_checkpoint"))
-
-
 def checkpoint_of(body: GenerationRequest, chosen: str | None) -> str | None:
     """The checkpoint a request names (``override_settings.sd_model_checkpoint``), else the
     caller's choice from ``POST /options`` (``chosen``, a sha256), else None (the default)."""
-    check_override_settings(body.override_settings)
-    title = body.override_settings.get("sd_model_checkpoint")
+    title = body.override_settings.get(CHECKPOINT)
     return checkpoint_reference(title) if title else chosen
+
+
+def clip_skip_of(body: GenerationRequest, chosen: int | None) -> int:
+    """The request's ``override_settings`` clip skip, else the caller's choice, else 1."""
+    clip_skip = body.override_settings.get(CLIP_SKIP)
+    return int(clip_skip if clip_skip is not None else chosen or 1)
+
+
+def vae_of(body: GenerationRequest, chosen: str | None) -> str | None:
+    """The request's ``override_settings`` VAE, else the caller's choice (a sha256, Automatic
+    or None), else None: the checkpoint's own."""
+    vae = body.override_settings.get(VAE)
+    return vae if vae is not None else chosen
 
 
 def refuse_unsupported(body: GenerationRequest) -> None:
@@ -131,9 +141,12 @@ def refuse_unsupported(body: GenerationRequest) -> None:
 
 
 def generation_order(
-    body: GenerationRequest, model: str | None, control: ControlNetOrder | None
+    body: GenerationRequest, chosen: ChosenOptions, control: ControlNetOrder | None
 ) -> GenerationOrder:
+    """The generation ``body`` asks for; what its ``override_settings`` leave out comes from
+    ``chosen``, the caller's options (``POST /options``)."""
     refuse_unsupported(body)
+    check_override_settings(body.override_settings)
     field = "sampler_name" if body.sampler_name else "sampler_index"
     name, schedule = sampler(body.sampler_name or body.sampler_index, body.scheduler, field)
     return GenerationOrder(
@@ -146,23 +159,23 @@ def generation_order(
         cfg_scale=body.cfg_scale,
         width=body.width,
         height=body.height,
-        model=model,
+        model=checkpoint_of(body, chosen.checkpoint),
         control_net=control,
         batch_size=body.batch_size,
         n_iter=body.n_iter,
-        clip_skip=int(body.override_settings.get("CLIP_stop_at_last_layers") or 1),
-        vae=body.override_settings.get("sd_vae"),
+        clip_skip=clip_skip_of(body, chosen.clip_skip),
+        vae=vae_of(body, chosen.vae),
     )
 
 
 # -- txt2img --------------------------------------------------------------------------------
 
 
-def txt2img_order(body: Txt2ImgRequest, chosen: str | None) -> Txt2ImgOrder:
-    """The order of an A1111 txt2img body; ``chosen`` is the caller's checkpoint (a sha256)
-    from ``POST /options``, used when the body names none."""
+def txt2img_order(body: Txt2ImgRequest, chosen: ChosenOptions) -> Txt2ImgOrder:
+    """The order of an A1111 txt2img body; ``chosen`` are the caller's options from
+    ``POST /options``, used where ``override_settings`` names none."""
     control = control_unit(body.alwayson_scripts, None)
-    generation = generation_order(body, checkpoint_of(body, chosen), control)
+    generation = generation_order(body, chosen, control)
     return Txt2ImgOrder(generation, hires_order(body) if body.enable_hr else None)
 
 
@@ -218,7 +231,7 @@ def check_same_hires_pass(body: Txt2ImgRequest) -> None:
 # -- img2img --------------------------------------------------------------------------------
 
 
-def img2img_order(body: Img2ImgRequest, chosen: str | None) -> Img2ImgOrder:
+def img2img_order(body: Img2ImgRequest, chosen: ChosenOptions) -> Img2ImgOrder:
     """The order of an A1111 img2img (or inpaint) body; see :func:`txt2img_order`."""
     init_image = only_init_image(body)
     control = control_unit(body.alwayson_scripts, init_image)
@@ -227,7 +240,7 @@ def img2img_order(body: Img2ImgRequest, chosen: str | None) -> Img2ImgOrder:
             "resize_mode", "3 (just resize, latent upscale) is not supported; use 0, 1 or 2"
         )
     return Img2ImgOrder(
-        generation=generation_order(body, checkpoint_of(body, chosen), control),
+        generation=generation_order(body, chosen, control),
         init_image=init_image,
         resize_mode=body.resize_mode,
         denoising_strength=body.denoising_strength,
