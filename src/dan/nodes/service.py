@@ -123,7 +123,7 @@ class NodeService:
         self._waiting: Counter[str] = Counter()
         self._waiting_lock = threading.Lock()
         # While a listener is connected (``notified``), a queued task wakes one waiting claim.
-        self._wakeups = ClaimWakeups()
+        self._wakeups = ClaimWakeups(monotonic=monotonic)
         self.notified: threading.Event = threading.Event()
         # Claims (and their connections) get threads of their own, so that however many wait,
         # heartbeats, completes, status and submits never queue behind them.
