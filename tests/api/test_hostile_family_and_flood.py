@@ -4,6 +4,8 @@ do before and what must happen instead."""
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 from dan.nodes.store import SqlNodeStore
@@ -42,3 +44,30 @@ def test_new_nodes_cannot_set_the_family_of_a_checkpoint_others_have(start: Star
     task_id = net.submit(user, model="mix_xl")  # by the liars' name for it
     assert net.record(task_id).params["model"]["sha256"] == sha
     assert honest.take()["id"] == task_id  # type: ignore[index]
+
+
+def test_claims_past_the_waiting_limit_write_nothing(start: Start) -> None:
+    """Before: a claim wrote the node's sighting (last seen, its loaded checkpoints, online
+    honor) before the limit of waiting claims refused it, so a node flooding claims was kept
+    online and credited by the very requests it was refused."""
+    net = start()
+    donor = net.key("donor", can_run_nodes=True)
+    node = net.node(donor, "gpu", loaded=[net.checkpoint])
+    waiting = threading.Thread(target=node.claim, kwargs={"wait_s": 3.0})
+    waiting.start()
+    time.sleep(0.5)  # its claim waits; the sighting it wrote is the last for now
+    before = mine(net, donor)
+    for _ in range(20):
+        refused = node.claim(loaded=[fake_sha("another checkpoint")])
+        assert (refused.status, refused.reason) == (429, "too_many")
+        time.sleep(0.02)
+    after = mine(net, donor)
+    waiting.join(10)
+    assert after["lastSeenAt"] == before["lastSeenAt"]
+    assert after["loaded"] == [net.checkpoint]
+
+
+def mine(net: Net, key: str) -> dict[str, Any]:
+    nodes = net.call("GET", "/api/nodes/mine", key)["data"]
+    assert len(nodes) == 1, nodes
+    return nodes[0]  # type: ignore[no-any-return]
