@@ -9,7 +9,7 @@ import uuid
 from sqlalchemy import Engine
 
 from dan.domain import ModelFamily, ModelKind, TaskKind, TaskResult
-from dan.nodes.store import NodeFile, SqlNodeStore
+from dan.nodes.store import NodeFile, NodeRules, SqlNodeStore
 from dan.tasks.checks import SqlCheckStore
 from dan.tasks.store import NewTask, Offer, SqlTaskStore
 from tests.store.conftest import Clock
@@ -114,3 +114,59 @@ def test_files_carry_the_family_the_node_read(db: Engine, clock: Clock) -> None:
     nodes.register("donor", "gpu", {}, files, [], families={SD15, SDXL})
     found = {f.name: f.family for f in nodes.find_files(ModelKind.CHECKPOINT)}
     assert found == {"xl": SDXL, "old": None}
+
+
+def family_vote(
+    db: Engine, clock: Clock, *holders: tuple[str, ModelFamily, bool]
+) -> ModelFamily | None:
+    """The family find_files gives a checkpoint held by ``holders`` (name, the family it
+    reads, whether it is past its probation), each of its own account."""
+    nodes = SqlNodeStore(db, rules=NodeRules(probation_checks=1), clock=clock)
+    for name, family, established in holders:
+        file = NodeFile(CHECKPOINT, ModelKind.CHECKPOINT, name, f"{name}.safetensors", 1, family)
+        node_id = nodes.register(name, name, {}, [file], [], families={SD15, SDXL}).node_id
+        if established:
+            nodes.record_check(node_id, passed=True)
+    found = {f.family for f in nodes.find_files(ModelKind.CHECKPOINT, sha256=CHECKPOINT)}
+    assert len(found) == 1, found  # one family per file, whatever names its holders give it
+    return found.pop()
+
+
+def test_a_files_family_is_what_most_of_its_holders_read(db: Engine, clock: Clock) -> None:
+    """Before: the greatest family any holder reported ("sdxl" over "sd15"), so one node
+    decided it for everyone."""
+    settled = [("a", SD15, True), ("b", SD15, True)]
+    assert family_vote(db, clock, *settled, ("liar", SDXL, True)) == SD15
+
+
+def test_nodes_on_probation_vote_only_where_no_established_holder_does(
+    db: Engine, clock: Clock
+) -> None:
+    newcomers = [(f"new-{i}", SDXL, False) for i in range(3)]
+    assert family_vote(db, clock, ("old", SD15, True), *newcomers) == SD15
+
+
+def test_among_nodes_on_probation_the_most_win(db: Engine, clock: Clock) -> None:
+    newcomers = [("a", SD15, False), ("b", SD15, False), ("c", SDXL, False)]
+    assert family_vote(db, clock, *newcomers) == SD15
+
+
+def test_a_tie_goes_to_sdxl_and_probation_cannot_break_it(db: Engine, clock: Clock) -> None:
+    """SDXL work goes only to cards with the memory for SDXL, where an SD 1.x file runs too;
+    SD 1.x work on an SDXL file reaches cards that cannot hold it."""
+    tied = [("a", SD15, True), ("b", SDXL, True)]
+    newcomers = [(f"new-{i}", SD15, False) for i in range(3)]
+    assert family_vote(db, clock, *tied, *newcomers) == SDXL
+
+
+def test_suspect_and_offline_holders_do_not_vote(db: Engine, clock: Clock) -> None:
+    nodes = SqlNodeStore(db, rules=NodeRules(probation_checks=1), clock=clock)
+    sd15 = NodeFile(CHECKPOINT, ModelKind.CHECKPOINT, "mix", "mix.safetensors", 1, SD15)
+    sdxl = NodeFile(CHECKPOINT, ModelKind.CHECKPOINT, "mix", "mix.safetensors", 1, SDXL)
+    gone = nodes.register("gone", "gone", {}, [sdxl], []).node_id
+    nodes.record_check(gone, passed=True)
+    clock.advance(NodeRules().offline_after_s + 1)
+    caught = nodes.register("caught", "caught", {}, [sdxl], []).node_id
+    nodes.record_check(caught, passed=False, reason="wrong picture")
+    nodes.register("honest", "honest", {}, [sd15], [])
+    assert [f.family for f in nodes.find_files(ModelKind.CHECKPOINT)] == [SD15]

@@ -113,6 +113,24 @@ def test_with_notifications_it_queries_on_a_notice_and_rarely_otherwise(
     assert tasks.claims == 2  # the first look, then the one the notice asked for
 
 
+def test_notices_that_found_no_claim_waiting_do_not_wake_a_later_claim(
+    db: Engine, tmp_path: Path
+) -> None:
+    """Before: every notice that found no claim waiting was kept (up to 1,024) and the next
+    claim was handed one as it entered, then the next each time it came back: after a burst
+    of submits and cancels, it asked the database once per stale notice, back to back."""
+    service, tasks, time, session = make_service(db, tmp_path)
+    service.notified.set()
+    for _ in range(200):  # submitted and cancelled while no claim waited on this replica
+        task_id = submit(tasks)
+        tasks.cancel(task_id)
+        service.task_queued(task_id)
+    time.now += 5.0
+    ids = (session.node_id, session.id)
+    idle = asyncio.run(service.claim(DONOR, *ids, loaded=None, wait_s=10.0))
+    assert idle.task is None and tasks.claims <= 3  # its first look and the fallback's
+
+
 # -- one wake per queued task ------------------------------------------------------------------
 
 

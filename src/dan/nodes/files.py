@@ -1,18 +1,27 @@
 """What nodes have installed, as rows of ``node_files``: written at registration, queried by
-name, hash or prefix for the API's resolution of model names (dan.nodes.models)."""
+name, hash or prefix for the API's resolution of model names (dan.nodes.models).
+
+The family of a file is a vote of the online, unsuspected nodes that hold it (each reads it
+from the file's header): one node must not decide it for everyone, or it could say an SD 1.x
+checkpoint is SDXL and hide it from SD 1.x cards. Nodes past their probation outvote those
+on it, which vote only where no established holder says; a tie goes to the family that asks
+more of a node (SDXL): an SD 1.x file sent as SDXL work still runs, on a bigger card, while an
+SDXL file sent as SD 1.x work reaches cards without the memory for it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Select, delete, func, insert, select
+from sqlalchemy import Connection, Select, case, delete, func, insert, select
 
 from dan.db.tables import node_families, node_files, nodes
 from dan.domain import ModelFamily, ModelKind
-from dan.nodes.base import NodeFile
+from dan.nodes.base import NetworkFile, NodeFile
 
 INSERT_BATCH = 2000
+CAUTIOUS_FIRST = (ModelFamily.SDXL, ModelFamily.SD15)  # a tied vote goes to the first
 
 
 def replace_files(conn: Connection, node_id: str, files: Sequence[NodeFile]) -> None:
@@ -45,6 +54,26 @@ def account_files(conn: Connection, account: str, *, besides: str) -> int:
     return int(conn.execute(query).scalar_one())
 
 
+def network_files(
+    conn: Connection,
+    kind: ModelKind,
+    online_since: float,
+    probation_checks: int,
+    limit: int,
+    **found: str | None,
+) -> list[NetworkFile]:
+    """At most ``limit`` rows of :func:`described_files` (``found``: its filters), each with
+    the family its holders agree on (:func:`agreed_families`)."""
+    query = described_files(kind, online_since, **found)
+    rows = conn.execute(query.limit(limit)).all()
+    shas = {row.sha256 for row in rows}
+    families = agreed_families(conn, kind, online_since, shas, probation_checks=probation_checks)
+    return [
+        NetworkFile(kind, r.sha256, r.name, r.file, r.size or 0, r.holders, families.get(r.sha256))
+        for r in rows
+    ]
+
+
 def described_files(
     kind: ModelKind,
     online_since: float,
@@ -56,7 +85,7 @@ def described_files(
     """The described files of ``kind`` on nodes seen since ``online_since`` and not suspect:
     with that sha256, a model or file name whose casefold is ``key``, or a sha256 starting
     with ``prefix`` (all of them without a filter); one row per (sha256, name, file) with its
-    number of holders, most held first."""
+    number of holders, most held first. Their family is :func:`agreed_families`' to ask."""
     f = node_files
     holders = func.count(func.distinct(f.c.node_id)).label("holders")
     query = (
@@ -65,7 +94,6 @@ def described_files(
             f.c.name,
             f.c.file,
             func.max(f.c.size).label("size"),
-            func.max(f.c.family).label("family"),  # "sdxl" over "sd15" if nodes disagree
             holders,
         )
         .join(nodes, nodes.c.id == f.c.node_id)
@@ -84,6 +112,58 @@ def described_files(
     if prefix is not None:
         query = query.where(f.c.sha256.startswith(prefix, autoescape=True))
     return query
+
+
+def agreed_families(
+    conn: Connection,
+    kind: ModelKind,
+    online_since: float,
+    sha256s: Iterable[str],
+    *,
+    probation_checks: int,
+) -> dict[str, ModelFamily]:
+    """The family of each of ``sha256s`` (files of ``kind``) as its online, unsuspected
+    holders vote (see the module docstring); absent where none of them read one."""
+    f = node_files
+    settled = func.sum(case((nodes.c.checks_passed >= probation_checks, 1), else_=0))
+    query = (
+        select(f.c.sha256, f.c.family, settled.label("settled"), func.count().label("holders"))
+        .join(nodes, nodes.c.id == f.c.node_id)
+        .where(
+            f.c.kind == kind.value,
+            f.c.sha256.in_(sorted(set(sha256s))),
+            f.c.family.is_not(None),
+            nodes.c.last_seen_at >= online_since,
+            nodes.c.suspect_since.is_(None),
+        )
+        .group_by(f.c.sha256, f.c.family)
+    )
+    votes: dict[str, dict[ModelFamily, tuple[int, int]]] = {}
+    for row in conn.execute(query):
+        family = _known(row.family)
+        if family is not None:
+            votes.setdefault(row.sha256, {})[family] = (int(row.settled), int(row.holders))
+    return {sha256: _winner(tally) for sha256, tally in votes.items()}
+
+
+def _winner(tally: dict[ModelFamily, tuple[int, int]]) -> ModelFamily:
+    """Most established holders; only where there are none, most holders on probation; on a
+    tie, the first of CAUTIOUS_FIRST."""
+    standing = 0 if any(settled for settled, _ in tally.values()) else 1
+    most = max(counts[standing] for counts in tally.values())
+    tied = {family for family, counts in tally.items() if counts[standing] == most}
+    return min(tied, key=_caution)
+
+
+def _caution(family: ModelFamily) -> int:
+    return CAUTIOUS_FIRST.index(family) if family in CAUTIOUS_FIRST else len(CAUTIOUS_FIRST)
+
+
+def _known(value: str) -> ModelFamily | None:
+    try:
+        return ModelFamily(value)
+    except ValueError:
+        return None  # a family this server does not know (a newer node's) does not vote
 
 
 def _row(node_id: str, file: NodeFile) -> dict[str, Any]:

@@ -123,7 +123,7 @@ class NodeService:
         self._waiting: Counter[str] = Counter()
         self._waiting_lock = threading.Lock()
         # While a listener is connected (``notified``), a queued task wakes one waiting claim.
-        self._wakeups = ClaimWakeups()
+        self._wakeups = ClaimWakeups(monotonic=monotonic)
         self.notified: threading.Event = threading.Event()
         # Claims (and their connections) get threads of their own, so that however many wait,
         # heartbeats, completes, status and submits never queue behind them.
@@ -187,21 +187,17 @@ class NodeService:
         """The next task this session can run, waiting up to ``wait_s`` (at most MAX_WAIT_S)
         for one; catalog models an admin asked it to pull come first, without a task. Stops
         waiting early when ``gone`` says the node hung up. A session waits in one claim at a
-        time, an account in at most ``max_nodes_per_account``."""
-        session, node = await self._in_claim_pool(
-            self._seen_now, account, node_id, session_id, loaded
-        )
-        if node.suspect:
-            raise NodeSuspect(
-                f"node {node.name!r} is suspect ({node.suspect_reason}); an admin must clear it",
-                nodeId=node.id,
-            )
-        if node.pull:
-            return Assignment(None, await self._in_claim_pool(self._nodes.take_pulls, node_id))
-        offer = Offer(
-            node.id, node.account, node.loaded, self._settings.affinity_lookahead, session.slots
-        )
+        time, an account in at most ``max_nodes_per_account``: a claim past those is refused
+        (TooManyNodes) before it writes anything, so a flood of claims neither keeps a node
+        online nor earns it honor, nor changes what it says it has loaded."""
+        session = await self._in_claim_pool(self.session, account, node_id, session_id)
         with self._waiting_for(session):
+            node = await self._in_claim_pool(self._seen_now, session, loaded)
+            if node.pull:
+                return Assignment(None, await self._in_claim_pool(self._nodes.take_pulls, node_id))
+            offer = Offer(
+                node.id, node.account, node.loaded, self._settings.affinity_lookahead, session.slots
+            )
             return await self._wait_for_task(
                 session, offer, min(max(wait_s, 0.0), MAX_WAIT_S), gone
             )
@@ -442,20 +438,23 @@ class NodeService:
             )
         return node
 
-    def _seen_now(
-        self, account: Account, node_id: str, session_id: str, loaded: Iterable[str] | None
-    ) -> tuple[Session, NodeRecord]:
-        session = self.session(account, node_id, session_id)
+    def _seen_now(self, session: Session, loaded: Iterable[str] | None) -> NodeRecord:
+        """Record that the session's node is alive; NodeSuspect if it may not work."""
         node = self._nodes.seen(
-            node_id,
+            session.node_id,
             session_id=session.id,
             loaded=loaded,
             honor_per_interval=self._online_rate(session.account),
         )
         if node is None:
-            raise NodeNotFound(f"no node with id {node_id!r}", nodeId=node_id)
+            raise NodeNotFound(f"no node with id {session.node_id!r}", nodeId=session.node_id)
         self._touched[session.id] = self._monotonic()
-        return session, node
+        if node.suspect:
+            raise NodeSuspect(
+                f"node {node.name!r} is suspect ({node.suspect_reason}); an admin must clear it",
+                nodeId=node.id,
+            )
+        return node
 
     def _touch(self, session: Session) -> None:
         last = self._touched.get(session.id)

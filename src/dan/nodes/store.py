@@ -40,7 +40,7 @@ from dan.nodes.base import (
     node_id_for,
     session_worker_id,
 )
-from dan.nodes.files import account_files, described_files, replace_families, replace_files
+from dan.nodes.files import account_files, network_files, replace_families, replace_files
 from dan.nodes.honor import earns, grant_online, release_escrow, settle
 
 # What callers import from here (the seam itself lives in dan.nodes.base).
@@ -238,15 +238,13 @@ class SqlNodeStore:
     ) -> list[NetworkFile]:
         """The described files of ``kind`` on online, unsuspected nodes: with that sha256,
         a model or file name whose casefold is ``key``, or a sha256 starting with ``prefix``
-        (all of them without a filter); one per (sha256, name, file), most holders first."""
+        (all of them without a filter); one per (sha256, name, file), most holders first,
+        with the family its holders agree on (dan.nodes.files)."""
         with self._read() as conn:
             since = self._time.now(conn) - self._rules.offline_after_s
-            query = described_files(kind, since, sha256=sha256, key=key, prefix=prefix)
-            rows = conn.execute(query.limit(limit)).all()
-        return [
-            NetworkFile(kind, r.sha256, r.name, r.file, r.size or 0, r.holders, _family(r.family))
-            for r in rows
-        ]
+            checks = self._rules.probation_checks
+            found = {"sha256": sha256, "key": key, "prefix": prefix}
+            return network_files(conn, kind, since, checks, limit, **found)
 
     # -- checks and suspects -----------------------------------------------------------------
     def on_probation(self, node_id: str) -> bool:
@@ -483,14 +481,6 @@ class SqlNodeStore:
             suspect_since=row["suspect_since"],
             suspect_reason=row["suspect_reason"],
         )
-
-
-def _family(value: str | None) -> ModelFamily | None:
-    """A stored family; None for none, or one this version does not know."""
-    try:
-        return None if value is None else ModelFamily(value)
-    except ValueError:
-        return None
 
 
 def _session(row: Any) -> Session:

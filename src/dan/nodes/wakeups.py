@@ -8,9 +8,12 @@ the claim that has waited longest (a fair FIFO line). If that claim cannot take 
 lacks the task's files or family) while the task is still pending, the claim passes the wake
 to the next one in line, and after ``PASS_LIMIT`` passes to everyone waiting, so no task is
 stranded here. A wake that finds nobody waiting (all are asking the database) is kept, a
-bounded number of them, for the next claim to come back in line. A notice without a task id
-(tasks handed back in bulk) wakes everyone. The service's periodic fallback look covers
-notices that never came.
+bounded number of them for ``KEEP_S``, for the next claim to come back in line: one whose look
+may have begun before the task was queued. A claim that has just entered asks the database
+first anyway, so it gets none; and an older kept wake is dropped, or a burst of notices while
+every claim was busy (a flood of submits and cancels) would wake every later claim, one stale
+wake after another. A notice without a task id (tasks handed back in bulk) wakes everyone.
+The service's periodic fallback look covers notices that never came, or were dropped.
 
 All methods may be called from any thread (the NOTIFY listener's, the event loop's); a waiter
 is woken on the event loop it entered from.
@@ -20,11 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 PASS_LIMIT = 8  # claims that try one wake in turn before it goes to everyone waiting
 MAX_KEPT = 1024  # wakes kept for claims not yet back in line
+# How long a kept wake waits: claims busy when it came are back within a database query.
+KEEP_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -49,26 +56,36 @@ class Waiter:
 class ClaimWakeups:
     """The line of waiting claims in this process, and the wakes handed along it."""
 
-    def __init__(self, pass_limit: int = PASS_LIMIT, max_kept: int = MAX_KEPT) -> None:
+    def __init__(
+        self,
+        pass_limit: int = PASS_LIMIT,
+        max_kept: int = MAX_KEPT,
+        keep_s: float = KEEP_S,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._lock = threading.Lock()
         self._line: OrderedDict[Waiter, None] = OrderedDict()  # without a wake, oldest first
-        self._kept: deque[Wake] = deque(maxlen=max_kept)
+        self._kept: deque[tuple[float, Wake]] = deque(maxlen=max_kept)  # (when kept, wake)
         self._pass_limit = pass_limit
+        self._keep_s, self._monotonic = keep_s, monotonic
 
     def __len__(self) -> int:
         return len(self._line)
 
     def enter(self) -> Waiter:
-        """A claim starts waiting (from its event loop); it goes to the back of the line."""
+        """A claim starts waiting (from its event loop): to the back of the line. No kept
+        wake is handed to it: it asks the database before it first waits."""
         waiter = Waiter(asyncio.get_running_loop())
-        self.back_in_line(waiter)
+        with self._lock:
+            self._line[waiter] = None
         return waiter
 
     def back_in_line(self, waiter: Waiter) -> None:
         """The waiter is done with its wake: back of the line, or a kept wake at once."""
         with self._lock:
-            if self._kept:
-                self._hand(waiter, self._kept.popleft())
+            wake = self._unexpired()
+            if wake is not None:
+                self._hand(waiter, wake)
             else:
                 self._line[waiter] = None
 
@@ -111,13 +128,13 @@ class ClaimWakeups:
         if waiter is not None:
             self._hand(waiter, replace(wake, tried=wake.tried | {waiter}))
         elif not wake.tried:  # nobody waits now: for the next claim back in line
-            self._kept.append(wake)
+            self._keep(wake)
         # else everyone waiting here has tried: the task is for claims elsewhere
 
     def _wake_everyone(self, wake: Wake) -> None:
         waiters = [w for w in self._line if w not in wake.tried]
         if not waiters and not wake.tried:
-            self._kept.append(wake)
+            self._keep(wake)
         for waiter in waiters:
             self._hand(waiter, wake)
 
@@ -126,3 +143,15 @@ class ClaimWakeups:
         self._line.pop(waiter, None)
         waiter.wake = wake
         waiter.loop.call_soon_threadsafe(waiter.event.set)
+
+    def _keep(self, wake: Wake) -> None:
+        self._kept.append((self._monotonic(), wake))
+
+    def _unexpired(self) -> Wake | None:
+        """The oldest kept wake not older than ``keep_s``; older ones are dropped."""
+        now = self._monotonic()
+        while self._kept:
+            kept_at, wake = self._kept.popleft()
+            if now - kept_at <= self._keep_s:
+                return wake
+        return None
