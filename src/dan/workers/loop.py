@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Protocol
 
 from dan.domain import ClaimedTask, ProgressCallback, TaskResult
@@ -162,9 +163,15 @@ class Worker:
 
     def _execute_batch(self, batch: list[ClaimedTask]) -> None:
         """Run ``batch`` as one: a lease per task, progress and cancel per task (a cancelled
-        one is failed as cancelled at once and leaves; the others go on), each completed with
-        its own result. When the batch fails, each task still held runs again alone, so one
-        task's error (or a batch too big for the memory) fails only the tasks it fails alone."""
+        one leaves at once, the others go on; it is failed as cancelled, once, by a thread of
+        the batch's, so a queue slow to take that report holds up no step of the others),
+        each completed with its own result. When the batch fails, each task still held runs
+        again alone, so one task's error (or a batch too big for the memory) fails only the
+        tasks it fails alone. Returns once every report of the batch is made."""
+        with ThreadPoolExecutor(1, thread_name_prefix="batch-leaving") as leaving:
+            self._run_batch(batch, leaving)
+
+    def _run_batch(self, batch: list[ClaimedTask], leaving: Executor) -> None:
         started = self._clock()
         leases = [self._lease(task) for task in batch]
         left: set[str] = set()
@@ -174,7 +181,8 @@ class Worker:
                 for lease in leases:
                     held.enter_context(lease)
                 progress = [
-                    self._leaving(t, lease, left) for t, lease in zip(batch, leases, strict=True)
+                    self._leaving(t, lease, left, leaving)
+                    for t, lease in zip(batch, leases, strict=True)
                 ]
                 previews = [lease.preview for lease in leases]
                 results = self._runner.run_batch(batch, progress, previews)
@@ -193,16 +201,20 @@ class Worker:
             if result is not None:
                 self._finish(task, lease, result, started)
 
-    def _leaving(self, task: ClaimedTask, lease: Lease, left: set[str]) -> ProgressCallback:
-        """``lease.report``, which also fails the task as cancelled the moment it leaves its
-        batch (cancelled, or its lease lost), not when the batch ends, and adds it to ``left``."""
+    def _leaving(
+        self, task: ClaimedTask, lease: Lease, left: set[str], leaving: Executor
+    ) -> ProgressCallback:
+        """``lease.report``, which also adds the task to ``left`` the moment it leaves its
+        batch (cancelled, or its lease lost) and hands its report to ``leaving``: it is failed
+        as cancelled then, not when the batch ends, and only once however often it is asked."""
 
         def progress(done: int, total: int) -> None:
             try:
                 lease.report(done, total)
             except TaskCancelled:
-                left.add(task.id)
-                self._cancel(task)
+                if task.id not in left:
+                    left.add(task.id)
+                    leaving.submit(self._cancel, task)
                 raise
 
         return progress
