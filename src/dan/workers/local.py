@@ -20,6 +20,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -48,6 +49,7 @@ from dan.workers.memory import device_memory
 
 log = logging.getLogger(__name__)
 REFRESH_S = 5.0  # how often the node row is refreshed (and the models folder rescanned)
+PARENT_S = 0.5  # how often the parent id is read when stdin is no pipe from the server
 
 
 LOCAL_NODE_ID = node_id_for(LOCAL_ACCOUNT, LOCAL_NODE_NAME)
@@ -90,16 +92,22 @@ def _alive(pid: int) -> bool:
 
 
 class ParentWatch:
-    """Watches the pipe from the supervising server on stdin (``fd``), in a thread.
+    """Watches the supervising server from a thread: through the pipe from it on stdin (``fd``)
+    or, when ``fd`` is no pipe (``/dev/null``, a file: nothing to wait on, and epoll refuses
+    them), through this process's parent id every ``poll_s``, which changes when the parent
+    dies.
 
-    Each byte the server writes sets ``wake`` (it queued a task); end of file, the server gone
-    however it died, sets ``stop`` and ``wake``, so the worker exits normally and hands back
-    what it holds. The thread waits in select() on the pipe and on a pipe of its own that
-    :meth:`close` writes to, so it ends before the interpreter does: a thread left blocked in a
-    read of stdin at exit killed the worker with "Fatal Python error: _enter_buffered_busy"."""
+    Each byte the server writes sets ``wake`` (it queued a task); end of file, or a new
+    parent, the server gone however it died, sets ``stop`` and ``wake``. The thread waits in
+    select() on the pipe (if any) and on a pipe of its own that :meth:`close` writes to, so it
+    ends before the interpreter does: a thread left blocked in a read of stdin at exit killed
+    the worker with "Fatal Python error: _enter_buffered_busy"."""
 
-    def __init__(self, fd: int, stop: threading.Event, wake: threading.Event) -> None:
-        self._fd, self._stop, self._wake = fd, stop, wake
+    def __init__(
+        self, fd: int, stop: threading.Event, wake: threading.Event, *, poll_s: float = PARENT_S
+    ) -> None:
+        self._fd, self._stop, self._wake, self._poll_s = fd, stop, wake, poll_s
+        self._parent = os.getppid()
         self._closing_r, self._closing_w = os.pipe()
         self._thread = threading.Thread(target=self._watch, name="parent-watch", daemon=True)
 
@@ -116,17 +124,29 @@ class ParentWatch:
 
     def _watch(self) -> None:
         with selectors.DefaultSelector() as selector:
-            selector.register(self._fd, selectors.EVENT_READ)
             selector.register(self._closing_r, selectors.EVENT_READ)
+            piped = self._register(selector)
             while True:
-                ready = {key.fd for key, _ in selector.select()}
+                ready = {key.fd for key, _ in selector.select(None if piped else self._poll_s)}
                 if self._closing_r in ready:
                     return
-                if not self._read():
+                if (self._fd in ready and not self._read()) or os.getppid() != self._parent:
                     log.warning("the server process is gone; the worker exits")
                     self._stop.set()
                     self._wake.set()
                     return
+
+    def _register(self, selector: selectors.BaseSelector) -> bool:
+        """Watch ``fd`` in ``selector`` if it is a pipe (or socket); whether it is."""
+        try:
+            mode = os.fstat(self._fd).st_mode
+            if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+                raise OSError(f"fd {self._fd} is no pipe")
+            selector.register(self._fd, selectors.EVENT_READ)
+        except OSError as exc:
+            log.info("stdin cannot tell when the server goes (%s); watching its pid", exc)
+            return False
+        return True
 
     def _read(self) -> bool:
         """Read what the server wrote; False at end of file."""
