@@ -202,3 +202,26 @@ def test_a_cancelled_tasks_report_never_holds_up_the_rest_of_its_batch(parts: Pa
     assert store.get(ids[1]).status == TaskStatus.CANCELLED  # type: ignore[union-attr]
     assert queue.failed == [ids[1]]  # reported once, when the database answered
     pixel(parts, ids[0])
+
+
+def test_an_abandoned_batch_stops_at_once_and_reports_nothing(parts: Parts) -> None:
+    """The worker's server is gone: each task leaves at its next step, none is failed as
+    cancelled; they stay held for whoever stops the worker to hand back."""
+    store, registry, blobs = parts
+    queue = StalledFails(store)
+    queue.answers.set()
+    engine = FakeEngine(batch_max=4, step_s=0.05)
+    ids = [submit(parts, "a", f"p{i}", i, steps=200) for i in range(2)]  # 10 s of steps
+    run = Worker(queue, engine, registry, blobs, worker_id="w", lease_s=30, beat_s=0.02)
+    stop, abandon = threading.Event(), threading.Event()
+    thread = threading.Thread(target=run.run, args=(stop, None, abandon))
+    thread.start()
+    while store.get(ids[1]).status != TaskStatus.PROCESSING:  # type: ignore[union-attr]
+        time.sleep(0.01)
+    abandon.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert engine.batches == [["p0", "p1"]]
+    assert queue.failed == []
+    assert [store.get(i).status for i in ids] == [TaskStatus.PROCESSING] * 2  # type: ignore[union-attr]
+    assert store.release_worker("w") == 2

@@ -1,6 +1,7 @@
-"""A worker child (run_local_worker, FakeEngine) whose server dies, killed, exits at once,
-whether its stdin is the pipe from the server or /dev/null (then it watches its parent id).
-Real processes: a parent that starts the worker as `dan serve` does, and is killed."""
+"""A worker child (run_local_worker, FakeEngine) whose server dies, killed, exits at once: idle
+or in the middle of a task, which it hands back instead of finishing; whether its stdin is the
+pipe from the server or /dev/null (then it watches its parent id). Real processes: a parent
+that starts the worker as `dan serve` does, and is killed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from dan.db import create_db_engine, migrate
-from dan.domain import ModelKind, ModelRef
+from dan.domain import GenerationRequest, ModelKind, ModelRef, TaskKind, TaskStatus
 from dan.models.registry import ModelRegistry
-from dan.tasks.store import SqlTaskStore
+from dan.tasks.store import NewTask, SqlTaskStore
 from tests.api.conftest import install_dummy_checkpoint
 
 GONE_S = 10.0  # how soon the worker must be gone; the task it runs would take 100 s
@@ -128,3 +130,20 @@ def test_an_idle_worker_exits_when_its_server_is_killed(worker: Orphanable) -> N
     kill_server(worker)
     assert wait_until(lambda: exited(worker.worker_pid), GONE_S), worker.log()
     assert "the server process is gone" in worker.log()
+
+
+def test_a_worker_abandons_its_task_when_its_server_is_killed(worker: Orphanable) -> None:
+    request = GenerationRequest("slow", "", 1, "Euler", 2000, 7.0, 64, 64, worker.checkpoint)
+    task = NewTask(str(uuid.uuid4()), "a", TaskKind.TXT2IMG, request.to_params())
+    task_id = worker.store.submit(task, max_pending=10).id
+
+    def status() -> TaskStatus:
+        record = worker.store.get(task_id)
+        assert record is not None
+        return record.status
+
+    assert wait_until(lambda: status() == TaskStatus.PROCESSING, 30), worker.log()
+    kill_server(worker)
+    assert wait_until(lambda: exited(worker.worker_pid), GONE_S), worker.log()
+    assert status() == TaskStatus.PENDING  # handed back at once, to run again
+    assert "handed back 1 task(s)" in worker.log()

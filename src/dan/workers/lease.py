@@ -10,7 +10,7 @@ from typing import Protocol
 
 from PIL.Image import Image
 
-from dan.errors import TaskCancelled
+from dan.errors import TaskAbandoned, TaskCancelled
 from dan.imaging import encode_preview
 from dan.tasks.store import Heartbeat
 
@@ -45,7 +45,8 @@ class Lease:
     reads that answer, so no step waits for the database or the network. A heartbeat that
     fails (a database hiccup, a cut network) is tried again at the next beat; only when none
     has got through for a whole lease is the task taken as lost. ``report`` raises
-    TaskCancelled at the first step after the answer says stop (cancelled, or no longer held).
+    TaskCancelled at the first step after the answer says stop (cancelled, or no longer held),
+    and TaskAbandoned at the first step after ``abandon`` is set (the worker stops at once).
     :meth:`preview` draws a step preview at most every ``preview_s``; the next beat sends it.
     """
 
@@ -59,8 +60,10 @@ class Lease:
         beat_s: float = BEAT_S,
         preview_s: float = PREVIEW_S,
         clock: Callable[[], float] = time.monotonic,
+        abandon: threading.Event | None = None,
     ) -> None:
         self._queue, self._task_id, self._worker_id = queue, task_id, worker_id
+        self._abandon = abandon or threading.Event()
         self._lease_s = lease_s
         self._beat_s = min(beat_s, lease_s / 3)
         self._preview_s = preview_s
@@ -91,12 +94,15 @@ class Lease:
         self._thread.join()
 
     def report(self, step: int, total: int) -> None:
-        """Record progress after a denoising step; raise TaskCancelled if asked to stop."""
+        """Record progress after a denoising step; raise TaskCancelled if asked to stop,
+        TaskAbandoned if the worker stops."""
         with self._lock:
             self._progress = step / max(total, 1)
             answer = self._answer
         if answer.cancel_requested or not answer.held:
             raise TaskCancelled("the task was cancelled" if answer.held else "the lease was lost")
+        if self._abandon.is_set():
+            raise TaskAbandoned()
 
     def preview(self, draw: Callable[[], Image]) -> None:
         """The engine offers a step preview: draw and keep it if the last is ``preview_s``

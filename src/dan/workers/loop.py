@@ -23,7 +23,7 @@ from typing import Protocol
 
 from dan.domain import ClaimedTask, ProgressCallback, TaskResult
 from dan.engine.base import Engine
-from dan.errors import DanError, FatalEngineError, TaskCancelled
+from dan.errors import DanError, FatalEngineError, TaskAbandoned, TaskCancelled
 from dan.tasks.orders import ModelLookup
 from dan.tasks.store import CANCELLED_MESSAGE
 from dan.workers.lease import BEAT_S, PREVIEW_S, Beats, Lease
@@ -78,19 +78,27 @@ class Worker:
         self._beat_s = beat_s
         self._preview_s = preview_s
         self._clock = clock
-        self._stop = threading.Event()
+        self._stop = self._abandon = threading.Event()
 
-    def run(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
-        """Serve tasks until ``stop`` is set. Raises FatalEngineError when the engine is dead.
+    def run(
+        self,
+        stop: threading.Event,
+        wake: threading.Event | None = None,
+        abandon: threading.Event | None = None,
+    ) -> None:
+        """Serve tasks until ``stop`` is set (the task in hand is finished first) or
+        ``abandon`` is (it is not: it stops at its next step, unreported, for whoever stops
+        the worker to hand back, or for its lease to run out). Raises FatalEngineError when
+        the engine is dead.
 
         Idle, the loop looks at the queue again after ``idle_sleep_s``, or as soon as ``wake``
         is set: by whatever learns that a task may be claimable (a NOTIFY, a byte from the
-        supervising server), and by whoever sets ``stop``. Without ``wake`` it waits on
-        ``stop``, so ``idle_sleep_s`` must then be short."""
+        supervising server), and by whoever sets ``stop`` or ``abandon``. Without ``wake`` it
+        waits on ``stop``, so ``idle_sleep_s`` must then be short."""
         log.info("worker %s ready", self.worker_id)
-        self._stop = stop
+        self._stop, self._abandon = stop, abandon or threading.Event()
         bell = wake or stop
-        while not stop.is_set():
+        while not stop.is_set() and not self._abandon.is_set():
             if wake is not None:
                 wake.clear()  # before the claim: a task queued during it rings again
             try:
@@ -142,6 +150,7 @@ class Worker:
             self._lease_s,
             beat_s=self._beat_s,
             preview_s=self._preview_s,
+            abandon=self._abandon,
         )
 
     def _execute(self, task: ClaimedTask) -> None:
@@ -150,6 +159,9 @@ class Worker:
         try:
             with lease:
                 result = self._runner.run(task, lease.report, lease.preview)
+        except TaskAbandoned:
+            log.warning("task %s abandoned: the worker stops", task.id)
+            return
         except TaskCancelled:
             self._cancel(task)
             return
@@ -187,14 +199,14 @@ class Worker:
                 previews = [lease.preview for lease in leases]
                 results = self._runner.run_batch(batch, progress, previews)
         except TaskCancelled:
-            return  # each task was failed as cancelled when it left
+            return  # each task was failed as cancelled when it left, or abandoned
         except FatalEngineError as exc:
             log.critical("engine failure on a batch of %d tasks: %s", len(batch), exc.message)
             raise
         except Exception as exc:
             log.warning("a batch of %d tasks failed (%r); they run one by one", len(batch), exc)
             for task, lease in zip(batch, leases, strict=True):
-                if task.id not in left and not lease.lost:
+                if task.id not in left and not lease.lost and not self._abandon.is_set():
                     self._execute(task)
             return
         for task, lease, result in zip(batch, leases, results, strict=True):
@@ -206,15 +218,17 @@ class Worker:
     ) -> ProgressCallback:
         """``lease.report``, which also adds the task to ``left`` the moment it leaves its
         batch (cancelled, or its lease lost) and hands its report to ``leaving``: it is failed
-        as cancelled then, not when the batch ends, and only once however often it is asked."""
+        as cancelled then, not when the batch ends, and only once however often it is asked.
+        An abandoned task leaves unreported."""
 
         def progress(done: int, total: int) -> None:
             try:
                 lease.report(done, total)
-            except TaskCancelled:
+            except TaskCancelled as exc:
                 if task.id not in left:
                     left.add(task.id)
-                    leaving.submit(self._cancel, task)
+                    if not isinstance(exc, TaskAbandoned):
+                        leaving.submit(self._cancel, task)
                 raise
 
         return progress
@@ -257,7 +271,8 @@ class Worker:
             try:
                 return send()
             except Exception as exc:
-                if self._clock() + delay > deadline or self._stop.is_set():
+                stopping = self._stop.is_set() or self._abandon.is_set()
+                if self._clock() + delay > deadline or stopping:
                     log.error("could not %s task %s: %s; it will run again", what, task.id, exc)
                     return False
                 log.warning("could not %s task %s (%s); trying again", what, task.id, exc)
