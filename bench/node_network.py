@@ -403,7 +403,7 @@ def main() -> None:
         "--beat-s",
         type=float,
         default=0.3,
-        help="heartbeat interval (a real node's dan.workers.loop.BEAT_S)",
+        help="heartbeat interval (a real node's dan.workers.lease.BEAT_S)",
     )
     parser.add_argument("--lease-s", type=float, default=30.0)
     parser.add_argument("--postgres", default=os.environ.get("DAN_SIM_POSTGRES_URL", DEFAULT_URL))

@@ -136,6 +136,10 @@ class TaskCancelled(DanError):
     http_status = 409
 
 
+class TaskAbandoned(TaskCancelled):
+    """The worker stops and leaves the task to run again (its server is gone)."""
+
+
 # Errors of the model store and downloads (raised by dan.models, shown by the CLI).
 class DownloadError(DanError):
     """The download failed."""

@@ -1,23 +1,30 @@
 """Claims ``like`` a batch key: a batch holds only the tasks the worker would have claimed next
 anyway, one after another, so it never lets a task jump ahead of another account's earlier
-one. On SQLite and (when configured) PostgreSQL."""
+one; and a batch's tasks share the time limit of the whole batch. On SQLite and (when
+configured) PostgreSQL."""
 
 from __future__ import annotations
 
 import uuid
 
-from dan.domain import ClaimedTask, TaskKind
-from dan.tasks.store import NewTask, Offer, SqlTaskStore
+from sqlalchemy import Engine
+
+from dan.domain import ClaimedTask, TaskKind, TaskStatus
+from dan.tasks.store import NewTask, Offer, QueueRules, SqlTaskStore
+from tests.store.conftest import Clock
 
 LEASE = 30.0
 
 
-def submit(store: SqlTaskStore, account: str, key: str | None, prompt: str = "") -> str:
+def submit(
+    store: SqlTaskStore, account: str, key: str | None, prompt: str = "", cost: float = 1.0
+) -> str:
     task = NewTask(
         str(uuid.uuid4()),
         account,
         TaskKind.TXT2IMG,
         {"prompt": prompt or account},
+        cost=cost,
         checkpoint="m",
         batch_key=key,
     )
@@ -79,3 +86,27 @@ def test_a_like_claim_respects_the_offers_slots(store: SqlTaskStore) -> None:
     for _ in range(4):
         submit(store, "a", "k")
     assert len(batch(store, limit=8, offer=Offer(slots=3))) == 3
+
+
+def test_a_batchs_tasks_share_the_time_limit_of_the_whole_batch(db: Engine, clock: Clock) -> None:
+    """Run as one, each task takes the batch's time: its limit is counted from the cost of all
+    (5 s + 5 s x (1 + 2 + 1) = 25 s), not its own (10 or 15 s); their leases run 30 s."""
+    store = SqlTaskStore(db, clock=clock, rules=QueueRules(runtime_base_s=5, runtime_per_cost_s=5))
+    ids = [submit(store, "a", "k", cost=cost) for cost in (1.0, 2.0, 1.0)]
+    assert [task.id for task in batch(store, limit=8)] == ids
+    clock.advance(20)
+    assert store.requeue_expired() == 0
+    assert {store.get(i).status for i in ids} == {TaskStatus.PROCESSING}  # type: ignore[union-attr]
+    clock.advance(6)
+    assert store.requeue_expired() == 3
+
+
+def test_a_task_alone_keeps_the_time_limit_of_its_own_cost(db: Engine, clock: Clock) -> None:
+    store = SqlTaskStore(db, clock=clock, rules=QueueRules(runtime_base_s=5, runtime_per_cost_s=5))
+    first, other = submit(store, "a", "k", cost=1.0), submit(store, "b", "other", cost=3.0)
+    assert [task.id for task in batch(store, limit=8)] == [first]  # alone: the next cannot join
+    assert [task.id for task in batch(store, limit=8)] == [other]
+    clock.advance(11)  # past the first's 10 s, within the other's 20 s
+    assert store.requeue_expired() == 1
+    assert store.get(first).status == TaskStatus.PENDING  # type: ignore[union-attr]
+    assert store.get(other).status == TaskStatus.PROCESSING  # type: ignore[union-attr]

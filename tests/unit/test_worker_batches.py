@@ -1,6 +1,7 @@
 """Batching across requests in the worker loop (FakeEngine): compatible tasks the worker would
 claim one after another run as one batch, each completing with its own image; a cancelled task
-leaves its batch at once without disturbing the others."""
+leaves its batch at once without disturbing the others, even while its report cannot get
+through."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from dan.db import create_db_engine, migrate
 from dan.domain import GenerationRequest, ModelKind, ModelRef, TaskKind, TaskStatus
@@ -51,6 +53,23 @@ def submit(parts: Parts, account: str, prompt: str, seed: int, **fields: object)
         batch_key=batch_key(request),
     )
     return store.submit(task, max_pending=100).id
+
+
+class StalledFails:
+    """The real store, whose ``fail`` meets a database that does not answer until ``answers``
+    is set; it counts the fails that got through."""
+
+    def __init__(self, store: SqlTaskStore) -> None:
+        self._store = store
+        self.claim, self.heartbeat, self.complete = store.claim, store.heartbeat, store.complete
+        self.answers = threading.Event()
+        self.failed: list[str] = []
+
+    def fail(self, task_id: str, worker_id: str, error: str) -> bool:
+        if not self.answers.is_set():
+            raise OperationalError("UPDATE tasks", {}, Exception("the database does not answer"))
+        self.failed.append(task_id)
+        return self._store.fail(task_id, worker_id, error)
 
 
 def worker(parts: Parts, engine: FakeEngine) -> Worker:
@@ -157,3 +176,52 @@ def test_a_failed_batch_runs_its_tasks_alone_so_only_the_failing_one_fails(
     assert failed is not None and failed.status == TaskStatus.FAILURE
     assert "told to fail" in (failed.error or "")
     pixel(parts, ok)  # the task that runs alone succeeds
+
+
+def test_a_cancelled_tasks_report_never_holds_up_the_rest_of_its_batch(parts: Parts) -> None:
+    store, registry, blobs = parts
+    queue = StalledFails(store)
+    engine = FakeEngine(batch_max=4, step_s=0.02)
+    ids = [submit(parts, "a", f"p{i}", i, steps=50) for i in range(2)]  # 1 s of steps
+    run = Worker(queue, engine, registry, blobs, worker_id="w", lease_s=30, beat_s=0.02)
+    thread = threading.Thread(target=run.run_once)
+    thread.start()
+    try:
+        while store.get(ids[1]).status != TaskStatus.PROCESSING:  # type: ignore[union-attr]
+            time.sleep(0.01)
+        store.cancel(ids[1])
+        deadline = time.monotonic() + 10  # a report retried inside the step took 30 s
+        while store.get(ids[0]).status != TaskStatus.SUCCESS:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the batch waited for the cancelled task"
+            time.sleep(0.01)
+        assert store.get(ids[1]).status == TaskStatus.PROCESSING  # type: ignore[union-attr]
+    finally:
+        queue.answers.set()
+        thread.join(20)
+    assert not thread.is_alive()
+    assert store.get(ids[1]).status == TaskStatus.CANCELLED  # type: ignore[union-attr]
+    assert queue.failed == [ids[1]]  # reported once, when the database answered
+    pixel(parts, ids[0])
+
+
+def test_an_abandoned_batch_stops_at_once_and_reports_nothing(parts: Parts) -> None:
+    """The worker's server is gone: each task leaves at its next step, none is failed as
+    cancelled; they stay held for whoever stops the worker to hand back."""
+    store, registry, blobs = parts
+    queue = StalledFails(store)
+    queue.answers.set()
+    engine = FakeEngine(batch_max=4, step_s=0.05)
+    ids = [submit(parts, "a", f"p{i}", i, steps=200) for i in range(2)]  # 10 s of steps
+    run = Worker(queue, engine, registry, blobs, worker_id="w", lease_s=30, beat_s=0.02)
+    stop, abandon = threading.Event(), threading.Event()
+    thread = threading.Thread(target=run.run, args=(stop, None, abandon))
+    thread.start()
+    while store.get(ids[1]).status != TaskStatus.PROCESSING:  # type: ignore[union-attr]
+        time.sleep(0.01)
+    abandon.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert engine.batches == [["p0", "p1"]]
+    assert queue.failed == []
+    assert [store.get(i).status for i in ids] == [TaskStatus.PROCESSING] * 2  # type: ignore[union-attr]
+    assert store.release_worker("w") == 2

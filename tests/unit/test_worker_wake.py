@@ -1,5 +1,6 @@
 """An idle worker waits to be woken instead of polling: by a byte from its supervising server
-on stdin (SQLite) or by PostgreSQL's NOTIFY; and its stdin watch ends cleanly."""
+on stdin (SQLite) or by PostgreSQL's NOTIFY; and its stdin watch ends cleanly, on a pipe and on
+a stdin that is none (then it watches its parent process: tests/unit/test_worker_orphaned.py)."""
 
 from __future__ import annotations
 
@@ -152,6 +153,25 @@ def test_parent_watch_closes_while_the_server_lives() -> None:
     assert not stop.is_set()
     os.close(read)
     os.close(write)
+
+
+@pytest.mark.parametrize("stdin", ["/dev/null", "a file"])
+def test_parent_watch_on_a_stdin_that_is_no_pipe_runs_on(tmp_path: Path, stdin: str) -> None:
+    """epoll refuses /dev/null and regular files, and their end of file means nothing: the
+    watch runs (watching the parent instead, which lives), then closes cleanly."""
+    path = Path(os.devnull) if stdin == "/dev/null" else tmp_path / "stdin"
+    if stdin == "a file":
+        path.write_bytes(b"not from a server\n")
+    fd = os.open(path, os.O_RDONLY)
+    stop, wake = threading.Event(), threading.Event()
+    watch = ParentWatch(fd, stop, wake).start()
+    try:
+        assert not stop.wait(0.5)
+        assert [t for t in threading.enumerate() if t.name == "parent-watch"]
+    finally:
+        watch.close()
+        os.close(fd)
+    assert not [t for t in threading.enumerate() if t.name == "parent-watch"]
 
 
 def test_the_supervisor_wakes_its_worker_through_stdin(tmp_path: Path) -> None:

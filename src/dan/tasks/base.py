@@ -89,8 +89,9 @@ class NewTask:
 @dataclass(frozen=True)
 class QueueRules:
     """The limits the store enforces: tries before a task fails, the grace a cancelled run
-    has to stop, a run's time limit (``runtime_base_s + runtime_per_cost_s x cost``) and how
-    long a node stays online unheard."""
+    has to stop, a run's time limit (``runtime_base_s + runtime_per_cost_s x cost``; the
+    tasks of a batch count the cost of the whole batch) and how long a node stays online
+    unheard."""
 
     max_attempts: int = 3
     cancel_grace_s: float = 30.0

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, exists, func, or_
+from sqlalchemy import ColumnElement, Connection, and_, exists, func, or_, select, update
 from sqlalchemy.engine import RowMapping
 
 from dan.db.tables import node_families, node_files, task_exclusions, task_files, tasks
@@ -22,6 +22,25 @@ def runtime_limit(rules: QueueRules) -> Any:
     """The run-time limit of the row being claimed, from its own cost (SQL)."""
     cost = func.coalesce(tasks.c.cost, 1.0)
     return rules.runtime_base_s + rules.runtime_per_cost_s * cost
+
+
+def share_batch_deadline(
+    conn: Connection, rules: QueueRules, worker_id: str, batch_key: str
+) -> None:
+    """Give the tasks ``worker_id`` runs as the batch ``batch_key`` the time limit of the
+    whole batch: run as one, each takes the batch's time, so the limit counts the cost of
+    them all, from the first one's start (a task alone keeps :func:`runtime_limit`)."""
+    members = and_(
+        tasks.c.worker_id == worker_id,
+        tasks.c.status == PROCESSING,
+        tasks.c.batch_key == batch_key,
+    )
+    total = func.sum(func.coalesce(tasks.c.cost, 1.0))
+    started, cost = conn.execute(select(func.min(tasks.c.started_at), total).where(members)).one()
+    if started is None:
+        return
+    deadline = started + rules.runtime_base_s + rules.runtime_per_cost_s * cost
+    conn.execute(update(tasks).where(members).values(deadline=deadline))
 
 
 def runnable_for(offer: Offer) -> list[ColumnElement[bool]]:

@@ -22,8 +22,9 @@ that are not verification runs of its own account's results, found by the query 
 however deep in the queue they are; among the first
 ``lookahead`` of those it prefers one for a checkpoint it has loaded. It holds at most
 ``slots`` tasks at once. A run ends when its lease is not renewed, when its time limit (from
-its cost) passes, or, once cancelled, when the grace to stop has passed; every hand-back
-counts as a try, and after ``max_attempts`` the task fails with a message.
+its cost; the tasks of a batch, run as one, share the limit of the batch's whole cost)
+passes, or, once cancelled, when the grace to stop has passed; every hand-back counts as a
+try, and after ``max_attempts`` the task fails with a message.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ from dan.tasks.rows import (
     result_json,
     runnable_for,
     runtime_limit,
+    share_batch_deadline,
 )
 from dan.webhooks.store import new_webhook
 
@@ -356,7 +358,8 @@ class SqlTaskStore:
         candidates, same order, same preference for a loaded checkpoint) and then takes the
         chosen task only if it has that key: so a batch stops at the first task the worker
         would have claimed next that cannot join it, and fairness is that of one claim after
-        another."""
+        another. Each task a batch gains stretches the time limit of all its tasks to that of
+        the batch's whole cost (rows.share_batch_deadline)."""
         offer = offer or Offer()
         # Idle workers and waiting nodes ask often: look without taking the write lock first.
         with self._read() as conn:
@@ -370,6 +373,8 @@ class SqlTaskStore:
             if seq is None or (like is not None and _batch_key(candidates, seq) != like):
                 return None
             taken = self._take(conn, seq, worker_id, lease_s, offer.node_id)
+            if taken is not None and like is not None:
+                share_batch_deadline(conn, self._rules, worker_id, like)
         if taken is None:
             return None
         task, waited_s = taken

@@ -20,6 +20,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -48,6 +49,7 @@ from dan.workers.memory import device_memory
 
 log = logging.getLogger(__name__)
 REFRESH_S = 5.0  # how often the node row is refreshed (and the models folder rescanned)
+PARENT_S = 0.5  # how often the parent id is read when stdin is no pipe from the server
 
 
 LOCAL_NODE_ID = node_id_for(LOCAL_ACCOUNT, LOCAL_NODE_NAME)
@@ -90,16 +92,22 @@ def _alive(pid: int) -> bool:
 
 
 class ParentWatch:
-    """Watches the pipe from the supervising server on stdin (``fd``), in a thread.
+    """Watches the supervising server from a thread: through the pipe from it on stdin (``fd``)
+    or, when ``fd`` is no pipe (``/dev/null``, a file: nothing to wait on, and epoll refuses
+    them), through this process's parent id every ``poll_s``, which changes when the parent
+    dies.
 
-    Each byte the server writes sets ``wake`` (it queued a task); end of file, the server gone
-    however it died, sets ``stop`` and ``wake``, so the worker exits normally and hands back
-    what it holds. The thread waits in select() on the pipe and on a pipe of its own that
-    :meth:`close` writes to, so it ends before the interpreter does: a thread left blocked in a
-    read of stdin at exit killed the worker with "Fatal Python error: _enter_buffered_busy"."""
+    Each byte the server writes sets ``wake`` (it queued a task); end of file, or a new
+    parent, the server gone however it died, sets ``gone`` and ``wake``. The thread waits in
+    select() on the pipe (if any) and on a pipe of its own that :meth:`close` writes to, so it
+    ends before the interpreter does: a thread left blocked in a read of stdin at exit killed
+    the worker with "Fatal Python error: _enter_buffered_busy"."""
 
-    def __init__(self, fd: int, stop: threading.Event, wake: threading.Event) -> None:
-        self._fd, self._stop, self._wake = fd, stop, wake
+    def __init__(
+        self, fd: int, gone: threading.Event, wake: threading.Event, *, poll_s: float = PARENT_S
+    ) -> None:
+        self._fd, self._gone, self._wake, self._poll_s = fd, gone, wake, poll_s
+        self._parent = os.getppid()
         self._closing_r, self._closing_w = os.pipe()
         self._thread = threading.Thread(target=self._watch, name="parent-watch", daemon=True)
 
@@ -116,17 +124,29 @@ class ParentWatch:
 
     def _watch(self) -> None:
         with selectors.DefaultSelector() as selector:
-            selector.register(self._fd, selectors.EVENT_READ)
             selector.register(self._closing_r, selectors.EVENT_READ)
+            piped = self._register(selector)
             while True:
-                ready = {key.fd for key, _ in selector.select()}
+                ready = {key.fd for key, _ in selector.select(None if piped else self._poll_s)}
                 if self._closing_r in ready:
                     return
-                if not self._read():
+                if (self._fd in ready and not self._read()) or os.getppid() != self._parent:
                     log.warning("the server process is gone; the worker exits")
-                    self._stop.set()
+                    self._gone.set()
                     self._wake.set()
                     return
+
+    def _register(self, selector: selectors.BaseSelector) -> bool:
+        """Watch ``fd`` in ``selector`` if it is a pipe (or socket); whether it is."""
+        try:
+            mode = os.fstat(self._fd).st_mode
+            if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+                raise OSError(f"fd {self._fd} is no pipe")
+            selector.register(self._fd, selectors.EVENT_READ)
+        except OSError as exc:
+            log.info("stdin cannot tell when the server goes (%s); watching its pid", exc)
+            return False
+        return True
 
     def _read(self) -> bool:
         """Read what the server wrote; False at end of file."""
@@ -267,14 +287,15 @@ def run_local_worker(
     session_id: str | None = None,
     watch_stdin: bool = False,
 ) -> None:
-    """Serve tasks from the database of ``settings`` until SIGTERM/SIGINT (or, with
-    ``watch_stdin``, until stdin closes: see :class:`ParentWatch`), in the session
-    ``session_id`` (a new one if None); then hand back what it holds.
+    """Serve tasks from the database of ``settings`` until SIGTERM/SIGINT (after the task in
+    hand) or, with ``watch_stdin``, until the server is gone (see :class:`ParentWatch`; at
+    once: the task in hand stops at its next step, no one being left to want it soon), in the
+    session ``session_id`` (a new one if None); then hand back what it holds.
 
     Idle, it waits to be woken (a NOTIFY on PostgreSQL, a byte on stdin from its server) and
     looks at the queue every ``worker_idle_poll_s`` anyway, for what no one announces (a
     models folder that changed); with no way to be woken it polls every ``poll_interval_s``."""
-    stop, wake = threading.Event(), threading.Event()
+    stop, wake, gone = threading.Event(), threading.Event(), threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: the worker stops after the current task", signum)
@@ -285,7 +306,7 @@ def run_local_worker(
     signal.signal(signal.SIGINT, on_signal)
     with contextlib.ExitStack() as cleanup:
         if watch_stdin:
-            cleanup.callback(ParentWatch(sys.stdin.fileno(), stop, wake).start().close)
+            cleanup.callback(ParentWatch(sys.stdin.fileno(), gone, wake).start().close)
         metrics = Metrics(max_nodes=settings.metrics_max_nodes)
         opened = open_stores(settings, observer=metrics)
         listener = queue_notices(opened, settings.db_url, wake)
@@ -293,7 +314,7 @@ def run_local_worker(
             cleanup.callback(listener.stop)
         woken = watch_stdin or listener is not None
         idle_s = settings.worker_idle_poll_s if woken else settings.poll_interval_s
-        _serve(settings, opened, metrics, engine, session_id, stop, wake, idle_s)
+        _serve(settings, opened, metrics, engine, session_id, stop, wake, gone, idle_s)
 
 
 def _serve(
@@ -304,6 +325,7 @@ def _serve(
     session_id: str | None,
     stop: threading.Event,
     wake: threading.Event,
+    gone: threading.Event,
     idle_s: float,
 ) -> None:
     for session in orphaned(opened.nodes.sessions_of(LOCAL_NODE_ID)):
@@ -333,7 +355,7 @@ def _serve(
         idle_sleep_s=idle_s,
     )
     try:
-        worker.run(stop, wake)
+        worker.run(stop, wake, abandon=gone)
     finally:
         released = queue.stop()
         forget_process(os.getpid())

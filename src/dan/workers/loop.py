@@ -18,28 +18,25 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Protocol
-
-from PIL.Image import Image
 
 from dan.domain import ClaimedTask, ProgressCallback, TaskResult
 from dan.engine.base import Engine
-from dan.errors import DanError, FatalEngineError, TaskCancelled
-from dan.imaging import encode_preview
+from dan.errors import DanError, FatalEngineError, TaskAbandoned, TaskCancelled
 from dan.tasks.orders import ModelLookup
-from dan.tasks.store import CANCELLED_MESSAGE, Heartbeat
+from dan.tasks.store import CANCELLED_MESSAGE
+from dan.workers.lease import BEAT_S, PREVIEW_S, Beats, Lease
 from dan.workers.runner import TaskFiles, TaskRunner
 
 log = logging.getLogger(__name__)
-BEAT_S = 0.3  # how often a running task's progress is sent (and its cancel flag read)
-PREVIEW_S = 1.0  # how often a step preview is drawn and sent
 REPORT_TRIES_S = 30.0  # how long a finished task's outcome is retried against a failing queue
 
 
-class WorkQueue(Protocol):
+class WorkQueue(Beats, Protocol):
     """What the worker loop needs of a queue: the worker side of dan.tasks.store.TaskStore,
     which satisfies it as it is. Methods may block; they are called from the loop's thread
-    and (heartbeat) from the lease's renewal thread."""
+    and (heartbeat, see Beats) from the lease's renewal thread."""
 
     def claim(
         self, worker_id: str, *, lease_s: float, like: str | None = None
@@ -49,19 +46,6 @@ class WorkQueue(Protocol):
         TaskStore.claim); a queue that does not batch returns None."""
         ...
 
-    def heartbeat(
-        self,
-        task_id: str,
-        worker_id: str,
-        *,
-        lease_s: float,
-        progress: float | None = None,
-        preview: bytes | None = None,
-    ) -> Heartbeat:
-        """Renew the lease and record progress (and a step preview, a small PNG); whether it
-        is still held, and whether to stop."""
-        ...
-
     def complete(self, task_id: str, worker_id: str, result: TaskResult) -> bool:
         """Record success; False if the worker no longer holds the task (nothing changes)."""
         ...
@@ -69,114 +53,6 @@ class WorkQueue(Protocol):
     def fail(self, task_id: str, worker_id: str, error: str) -> bool:
         """Record failure; False if the worker no longer holds the task (nothing changes)."""
         ...
-
-
-class Lease:
-    """Holds a claimed task's lease from a beat thread while the task runs.
-
-    The beat thread sends the latest progress every ``beat_s`` and keeps the queue's last
-    answer; the engine's step callback (:meth:`report`) only writes progress to memory and
-    reads that answer, so no step waits for the database or the network. A heartbeat that
-    fails (a database hiccup, a cut network) is tried again at the next beat; only when none
-    has got through for a whole lease is the task taken as lost. ``report`` raises
-    TaskCancelled at the first step after the answer says stop (cancelled, or no longer held).
-    :meth:`preview` draws a step preview at most every ``preview_s``; the next beat sends it.
-    """
-
-    def __init__(
-        self,
-        queue: WorkQueue,
-        task_id: str,
-        worker_id: str,
-        lease_s: float,
-        *,
-        beat_s: float = BEAT_S,
-        preview_s: float = PREVIEW_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._queue, self._task_id, self._worker_id = queue, task_id, worker_id
-        self._lease_s = lease_s
-        self._beat_s = min(beat_s, lease_s / 3)
-        self._preview_s = preview_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._progress: float | None = None
-        self._preview: bytes | None = None  # drawn, not sent yet
-        self._previewed = -float("inf")
-        self._answer = Heartbeat(held=True, cancel_requested=False)
-        self._last_answer = clock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._beat_forever, name=f"lease-{task_id[:8]}", daemon=True
-        )
-
-    @property
-    def lost(self) -> bool:
-        """Whether the worker no longer holds the task (its result would be refused)."""
-        with self._lock:
-            return not self._answer.held
-
-    def __enter__(self) -> Lease:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def report(self, step: int, total: int) -> None:
-        """Record progress after a denoising step; raise TaskCancelled if asked to stop."""
-        with self._lock:
-            self._progress = step / max(total, 1)
-            answer = self._answer
-        if answer.cancel_requested or not answer.held:
-            raise TaskCancelled("the task was cancelled" if answer.held else "the lease was lost")
-
-    def preview(self, draw: Callable[[], Image]) -> None:
-        """The engine offers a step preview: draw and keep it if the last is ``preview_s``
-        old (a drawing that fails costs the preview, never the task)."""
-        now = self._clock()
-        if now - self._previewed < self._preview_s:
-            return
-        self._previewed = now
-        try:
-            data = encode_preview(draw())
-        except Exception:
-            log.exception("could not draw a preview of %s", self._task_id)
-            return
-        with self._lock:
-            self._preview = data
-
-    def _beat_forever(self) -> None:
-        while not self._stop.wait(self._beat_s):
-            self.beat()
-
-    def beat(self) -> None:
-        """Send one heartbeat with the latest progress and keep the answer."""
-        with self._lock:
-            progress, preview, self._preview = self._progress, self._preview, None
-        try:
-            answer = self._queue.heartbeat(
-                self._task_id,
-                self._worker_id,
-                lease_s=self._lease_s,
-                progress=progress,
-                preview=preview,
-            )
-        except Exception as exc:
-            silent_s = self._clock() - self._last_answer
-            log.warning("heartbeat of %s failed (%s); trying again", self._task_id, exc)
-            if silent_s < self._lease_s:
-                return
-            log.error(
-                "no heartbeat of %s got through for %.0f s: the lease is lost",
-                self._task_id,
-                silent_s,
-            )
-            answer = Heartbeat(held=False, cancel_requested=True)
-        with self._lock:
-            self._answer = answer
-            self._last_answer = self._clock()
 
 
 class Worker:
@@ -202,19 +78,27 @@ class Worker:
         self._beat_s = beat_s
         self._preview_s = preview_s
         self._clock = clock
-        self._stop = threading.Event()
+        self._stop = self._abandon = threading.Event()
 
-    def run(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
-        """Serve tasks until ``stop`` is set. Raises FatalEngineError when the engine is dead.
+    def run(
+        self,
+        stop: threading.Event,
+        wake: threading.Event | None = None,
+        abandon: threading.Event | None = None,
+    ) -> None:
+        """Serve tasks until ``stop`` is set (the task in hand is finished first) or
+        ``abandon`` is (it is not: it stops at its next step, unreported, for whoever stops
+        the worker to hand back, or for its lease to run out). Raises FatalEngineError when
+        the engine is dead.
 
         Idle, the loop looks at the queue again after ``idle_sleep_s``, or as soon as ``wake``
         is set: by whatever learns that a task may be claimable (a NOTIFY, a byte from the
-        supervising server), and by whoever sets ``stop``. Without ``wake`` it waits on
-        ``stop``, so ``idle_sleep_s`` must then be short."""
+        supervising server), and by whoever sets ``stop`` or ``abandon``. Without ``wake`` it
+        waits on ``stop``, so ``idle_sleep_s`` must then be short."""
         log.info("worker %s ready", self.worker_id)
-        self._stop = stop
+        self._stop, self._abandon = stop, abandon or threading.Event()
         bell = wake or stop
-        while not stop.is_set():
+        while not stop.is_set() and not self._abandon.is_set():
             if wake is not None:
                 wake.clear()  # before the claim: a task queued during it rings again
             try:
@@ -266,6 +150,7 @@ class Worker:
             self._lease_s,
             beat_s=self._beat_s,
             preview_s=self._preview_s,
+            abandon=self._abandon,
         )
 
     def _execute(self, task: ClaimedTask) -> None:
@@ -274,6 +159,9 @@ class Worker:
         try:
             with lease:
                 result = self._runner.run(task, lease.report, lease.preview)
+        except TaskAbandoned:
+            log.warning("task %s abandoned: the worker stops", task.id)
+            return
         except TaskCancelled:
             self._cancel(task)
             return
@@ -287,9 +175,15 @@ class Worker:
 
     def _execute_batch(self, batch: list[ClaimedTask]) -> None:
         """Run ``batch`` as one: a lease per task, progress and cancel per task (a cancelled
-        one is failed as cancelled at once and leaves; the others go on), each completed with
-        its own result. When the batch fails, each task still held runs again alone, so one
-        task's error (or a batch too big for the memory) fails only the tasks it fails alone."""
+        one leaves at once, the others go on; it is failed as cancelled, once, by a thread of
+        the batch's, so a queue slow to take that report holds up no step of the others),
+        each completed with its own result. When the batch fails, each task still held runs
+        again alone, so one task's error (or a batch too big for the memory) fails only the
+        tasks it fails alone. Returns once every report of the batch is made."""
+        with ThreadPoolExecutor(1, thread_name_prefix="batch-leaving") as leaving:
+            self._run_batch(batch, leaving)
+
+    def _run_batch(self, batch: list[ClaimedTask], leaving: Executor) -> None:
         started = self._clock()
         leases = [self._lease(task) for task in batch]
         left: set[str] = set()
@@ -299,35 +193,42 @@ class Worker:
                 for lease in leases:
                     held.enter_context(lease)
                 progress = [
-                    self._leaving(t, lease, left) for t, lease in zip(batch, leases, strict=True)
+                    self._leaving(t, lease, left, leaving)
+                    for t, lease in zip(batch, leases, strict=True)
                 ]
                 previews = [lease.preview for lease in leases]
                 results = self._runner.run_batch(batch, progress, previews)
         except TaskCancelled:
-            return  # each task was failed as cancelled when it left
+            return  # each task was failed as cancelled when it left, or abandoned
         except FatalEngineError as exc:
             log.critical("engine failure on a batch of %d tasks: %s", len(batch), exc.message)
             raise
         except Exception as exc:
             log.warning("a batch of %d tasks failed (%r); they run one by one", len(batch), exc)
             for task, lease in zip(batch, leases, strict=True):
-                if task.id not in left and not lease.lost:
+                if task.id not in left and not lease.lost and not self._abandon.is_set():
                     self._execute(task)
             return
         for task, lease, result in zip(batch, leases, results, strict=True):
             if result is not None:
                 self._finish(task, lease, result, started)
 
-    def _leaving(self, task: ClaimedTask, lease: Lease, left: set[str]) -> ProgressCallback:
-        """``lease.report``, which also fails the task as cancelled the moment it leaves its
-        batch (cancelled, or its lease lost), not when the batch ends, and adds it to ``left``."""
+    def _leaving(
+        self, task: ClaimedTask, lease: Lease, left: set[str], leaving: Executor
+    ) -> ProgressCallback:
+        """``lease.report``, which also adds the task to ``left`` the moment it leaves its
+        batch (cancelled, or its lease lost) and hands its report to ``leaving``: it is failed
+        as cancelled then, not when the batch ends, and only once however often it is asked.
+        An abandoned task leaves unreported."""
 
         def progress(done: int, total: int) -> None:
             try:
                 lease.report(done, total)
-            except TaskCancelled:
-                left.add(task.id)
-                self._cancel(task)
+            except TaskCancelled as exc:
+                if task.id not in left:
+                    left.add(task.id)
+                    if not isinstance(exc, TaskAbandoned):
+                        leaving.submit(self._cancel, task)
                 raise
 
         return progress
@@ -370,7 +271,8 @@ class Worker:
             try:
                 return send()
             except Exception as exc:
-                if self._clock() + delay > deadline or self._stop.is_set():
+                stopping = self._stop.is_set() or self._abandon.is_set()
+                if self._clock() + delay > deadline or stopping:
                     log.error("could not %s task %s: %s; it will run again", what, task.id, exc)
                     return False
                 log.warning("could not %s task %s (%s); trying again", what, task.id, exc)
