@@ -68,6 +68,7 @@ class TaskQueries:
             tasks.c.attempts,
             tasks.c.expects,
             tasks.c.verify_of,
+            tasks.c.cost,
         ).where(tasks.c.id == task_id)
         with self._read() as conn:
             row = conn.execute(query).first()
@@ -83,6 +84,7 @@ class TaskQueries:
             attempt=row.attempts,
             expects=Expected.from_json(row.expects),
             verify_of=row.verify_of,
+            cost=1.0 if row.cost is None else row.cost,  # rows from before 0002 cost 1
         )
 
     def history(self, account: str, *, limit: int, before: int | None = None) -> list[TaskRecord]:
