@@ -129,7 +129,12 @@ class Settings(BaseSettings):
         "it on every API replica so they all hand out the same one)",
     )
     signup_honor: float = Field(10.0, ge=0, description="honor a new account starts with")
-    honor_per_task: float = Field(1.0, ge=0, description="honor a node's owner earns per task")
+    honor_per_task: float = Field(
+        1.0,
+        ge=0,
+        description="honor a node's owner earns for a task of cost 1 (one 512x512, 20-step SD 1.x "
+        "image); a task earns this times its cost, so 4 images earn 4 times one",
+    )
     honor_per_interval: float = Field(
         1.0, ge=0, description="honor a node's owner earns per online interval"
     )

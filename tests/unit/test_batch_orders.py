@@ -22,6 +22,7 @@ from dan.errors import EngineError
 from dan.imaging import read_parameters
 from dan.models.registry import ModelRegistry
 from dan.storage import InMemoryBlobStore
+from dan.tasks.needs import MIN_COST
 from dan.tasks.orders import GenerationOrder, RequestBuilder, Txt2ImgOrder
 from dan.workers.runner import TaskRunner
 from tests.api.conftest import install_dummy_checkpoint
@@ -67,6 +68,15 @@ def test_a_batch_costs_and_expects_every_image(registry: ModelRegistry, tmp_path
     assert many.needs.images == 8 and one.images == 1
     params = many.params
     assert (params["seed"], params["batch_size"], params["n_iter"]) == (7, 4, 2)
+
+
+def test_tiny_images_cost_the_floor_each(registry: ModelRegistry, tmp_path: Path) -> None:
+    """The cost floor is per image, so even tiny tasks cost (and pay their node) per image."""
+    build = RequestBuilder(registry, Settings(data_dir=tmp_path))  # type: ignore[call-arg]
+    tiny = {"width": 64, "height": 64, "steps": 2}
+    one = build.txt2img(order(**tiny), "t1").needs
+    four = build.txt2img(order(**tiny, n_iter=4), "t2").needs
+    assert one.cost == pytest.approx(MIN_COST) and four.cost == pytest.approx(4 * MIN_COST)
 
 
 def test_a_random_seed_leaves_room_for_every_images_seed(

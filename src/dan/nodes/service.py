@@ -14,8 +14,10 @@ Anything else is refused (ResultRefused) and the task goes back to the queue, co
 with no honor. A result or failure from a node that no longer holds the task (its lease or
 time limit ran out, it was cancelled) changes nothing and is answered with TaskNotHeld.
 
-Honor: a node's owner earns ``honor_per_task`` for a task of another account (none for its
-own), held in escrow while the node is on probation; online honor follows the store's rules.
+Honor: a node's owner earns ``honor_per_task`` x the task's cost for a task of another account
+(none for its own), held in escrow while the node is on probation; online honor follows the
+store's rules. The cost is the task's as queued (its images x steps x pixels, dan.tasks.needs),
+never anything the node reports, so a node is paid for the work it was given.
 The embedded worker's owner, the local account, earns none. A suspect node may not claim.
 """
 
@@ -346,7 +348,7 @@ class NodeService:
         own = held.account == session.account
         reward = Reward(
             session.account,
-            0.0 if own else self._task_rate(session.account),
+            0.0 if own else self._task_rate(session.account) * held.cost,
             node_id,
             held=node.checks_passed < self._settings.probation_checks,
             work=not own,

@@ -143,7 +143,8 @@ class Heartbeat:
 @dataclass(frozen=True)
 class HeldTask:
     """What the node side needs to know of a task: who holds it, on which attempt, what its
-    result must be, and (for a verification run) which task it re-runs."""
+    result must be, (for a verification run) which task it re-runs, and its cost as queued
+    (dan.tasks.needs), which measures the work its node is paid for."""
 
     id: str
     account: str
@@ -154,6 +155,7 @@ class HeldTask:
     attempt: int
     expects: Expected | None
     verify_of: str | None
+    cost: float
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 A node sends a heartbeat with its progress about three times a second; only watchers (status,
 events, the A1111 progress route) need it, so it does not cost a database write per beat.
 The API replica that receives a heartbeat keeps the task's latest progress and preview here,
-and the store writes them only with a lease renewal (dan.tasks.store, ``lazy``), a few times
+and the store writes them only with a lease renewal (dan.tasks.leases, ``lazy``), a few times
 per lease. Status answers show the fresher of the row and this memory.
 
 Across replicas (PostgreSQL), progress travels by NOTIFY on ``dan_task_progress``: a replica

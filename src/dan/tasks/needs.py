@@ -4,9 +4,10 @@ Cost is relative to a 512x512, 20-step SD 1.x txt2img with a first-order sampler
 the UNet evaluations actually run (a second-order sampler such as Heun or DPM2 evaluates the UNet
 twice per step, so costs twice as much) times the pixels they run on, times what a step costs
 per pixel in the checkpoint's family (SDXL's UNet is larger: see :data:`PIXEL_STEP_COST` and
-``bench/sdxl_step_cost.py``). The queue advances an account's lane by cost / weight, so a big
-task waits longer than a small one, and an honoured account gets more turns (see
-dan.tasks.store).
+``bench/sdxl_step_cost.py``), for each image the task makes. The queue advances an account's
+lane by cost / weight, so a big task waits longer than a small one, and an honoured account gets
+more turns (see dan.tasks.store). The same cost measures the work a node did: its owner's task
+honor is ``honor_per_task`` x cost (dan.nodes.service), taken from the task as queued.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dan.samplers import SAMPLER_INFO
 from dan.tasks.base import Expected
 
 BASE_PIXELS, BASE_STEPS = 512 * 512, 20  # a task of cost 1
-MIN_COST = 0.05  # nothing is free: a flood of tiny tasks still advances its account's lane
+MIN_COST = 0.05  # per image: nothing is free, a flood of tiny tasks still advances its lane
 INTERROGATE_COST = 0.5
 # What one UNet step costs per pixel, relative to SD 1.x. bench/sdxl_step_cost.py measures an
 # SDXL step at 1024x1024 against an SD1.5 step at 512x512 (4x the pixels); the ratio per pixel
@@ -76,14 +77,15 @@ def generation_needs(
         files.append(request.control_net.model.sha256)
         if request.control_net.pose_model:
             files.append(request.control_net.pose_model.sha256)
-    normalised = cost * PIXEL_STEP_COST[family] * request.images / (BASE_STEPS * BASE_PIXELS)
+    # The floor is per image, so a task's cost (and its node's honor) is its images' times one.
+    per_image = max(MIN_COST, cost * PIXEL_STEP_COST[family] / (BASE_STEPS * BASE_PIXELS))
     if output_size is None and request.hires is not None:
         output_size = hires_size(request.width, request.height, request.hires.scale)
     width, height = output_size or (request.width, request.height)
     return Needs(
         request.model.sha256,
         tuple(dict.fromkeys(files)),
-        max(MIN_COST, normalised),
+        per_image * request.images,
         Expected(request.images, width, height),
         family,
     )
