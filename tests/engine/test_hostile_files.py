@@ -1,0 +1,122 @@
+"""Hostile and broken model files: absurd shapes give an error naming the file and what is
+wrong (the engine's error type, which fails the task with its message), never a raw torch error,
+a crash or an attempt to allocate what the file does not hold. Each file is built in the real
+format: safetensors written by safetensors (or by hand, for headers it would never write),
+pickles by torch.save."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dan.engine.families import load_checkpoint
+from dan.engine.loading.architecture.sd15 import UNET
+from dan.errors import UnsupportedCheckpoint
+from tests.fixtures.tiny_sd import CLIP, TinySd, write_checkpoint
+
+CONV_IN = UNET + "input_blocks.0.0.weight"
+RES_CONV = UNET + "input_blocks.1.0.in_layers.2.weight"
+# The last conv of level 0's two res blocks: the level's width is read from them.
+LEVEL_0_OUT = [UNET + f"input_blocks.{i}.0.out_layers.3.weight" for i in (1, 2)]
+
+
+def write_header(path: Path, header: dict[str, Any], data: bytes) -> Path:
+    """A .safetensors file with exactly this header, as a hostile tool would write it."""
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def load(path: Path, cache_dir: Path, *, allow_ckpt: bool = False) -> None:
+    load_checkpoint(
+        path, cache_dir=cache_dir, dtype=torch.float32, device="cpu", allow_ckpt=allow_ckpt
+    )
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def changed(tiny_sd: TinySd, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {**tiny_sd.state_dict, **tensors}
+
+
+@pytest.mark.parametrize(
+    ("name", "tensors", "message"),
+    [
+        ("conv-0d", {CONV_IN: torch.tensor(1.0)}, r"input_blocks\.0\.0\.weight has shape \[\]"),
+        (
+            "conv-5d",
+            {RES_CONV: torch.zeros(32, 32, 3, 3, 1)},
+            r"in_layers\.2\.weight' has 5 dimensions .*no tensor of a Stable Diffusion "
+            r"checkpoint has more than 4",
+        ),
+        (
+            "wrong-channels",
+            {RES_CONV: torch.zeros(32, 35, 3, 3)},
+            r"UNet tensors do not fit the architecture .*\[32, 35, 3, 3\] where the "
+            r"architecture has \[32, 32, 3, 3\]",
+        ),
+        (
+            # An empty tensor holds no bytes, whatever its other side: a config read from it
+            # would ask for a terabyte-sized position table.
+            "huge-empty",
+            {CLIP + "embeddings.position_embedding.weight": torch.zeros(10**12, 0)},
+            r"shape \[1000000000000, 0\]; no tensor of a Stable Diffusion checkpoint has a "
+            r"side longer than 131072",
+        ),
+        (
+            # Within every bound, but a UNet that wide would be 600 GB of convolutions: it
+            # is refused before it is built, since the file holds none of them.
+            "wide-level",
+            dict.fromkeys(LEVEL_0_OUT, torch.zeros(131072, 0, 3, 3)),
+            r"UNet tensors do not fit the architecture .* where the architecture has \[131072",
+        ),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_absurd_checkpoint_shapes_are_refused_naming_the_file(
+    tiny_sd: TinySd,
+    tmp_path: Path,
+    engine_cache_dir: Path,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    message: str,
+    fmt: str,
+) -> None:
+    path = write_checkpoint(changed(tiny_sd, **tensors), tmp_path / f"{name}.{fmt}", fmt=fmt)
+    with pytest.raises(UnsupportedCheckpoint, match=rf"{name}\.{fmt}.*{message}"):
+        load(path, engine_cache_dir, allow_ckpt=True)
+
+
+@pytest.mark.parametrize(
+    ("shape", "offsets", "message"),
+    [
+        ([10**6, 10**6], [0, 16], r"declares shape \[1000000, 1000000\] of F32 "),
+        ([2**62, 2**62, 16], [0, 0], r"declares shape \[4611686018427387904, "),  # overflows u64
+        ([4, 4], [0, 64], r"data offsets \[0, 64\] outside the file's 16 data bytes"),
+        ([-1, 4], [0, 16], r"no valid shape \(\[-1, 4\]\)"),
+    ],
+)
+def test_a_safetensors_header_is_checked_before_anything_is_loaded(
+    tmp_path: Path,
+    engine_cache_dir: Path,
+    shape: list[int],
+    offsets: list[int],
+    message: str,
+) -> None:
+    header = {CONV_IN: {"dtype": "F32", "shape": shape, "data_offsets": offsets}}
+    path = write_header(tmp_path / "lying.safetensors", header, bytes(16))
+    with pytest.raises(UnsupportedCheckpoint, match=rf"lying\.safetensors .*{message}"):
+        load(path, engine_cache_dir)
+
+
+def test_a_header_longer_than_the_file_is_refused(tmp_path: Path, engine_cache_dir: Path) -> None:
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(struct.pack("<Q", 90_000_000) + b'{"a": ')
+    with pytest.raises(UnsupportedCheckpoint, match=r"short\.safetensors .*90000000-byte header"):
+        load(path, engine_cache_dir)
