@@ -13,10 +13,14 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from dan.domain import InstalledModel, ModelKind
 from dan.engine.families import load_checkpoint
 from dan.engine.loading.architecture.sd15 import UNET
-from dan.errors import UnsupportedCheckpoint
+from dan.engine.loading.checkpoint import load_sd_pipeline
+from dan.engine.loading.embeddings import embeddings_applied
+from dan.errors import EngineError, UnsupportedCheckpoint
 from tests.fixtures.tiny_sd import CLIP, TinySd, write_checkpoint
 
 CONV_IN = UNET + "input_blocks.0.0.weight"
@@ -120,3 +124,86 @@ def test_a_header_longer_than_the_file_is_refused(tmp_path: Path, engine_cache_d
     path.write_bytes(struct.pack("<Q", 90_000_000) + b'{"a": ')
     with pytest.raises(UnsupportedCheckpoint, match=r"short\.safetensors .*90000000-byte header"):
         load(path, engine_cache_dir)
+
+
+# --- embeddings -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_checkpoint: Path, engine_cache_dir: Path) -> Any:
+    loaded, _ = load_sd_pipeline(
+        tiny_checkpoint,
+        cache_dir=engine_cache_dir,
+        dtype=torch.float32,
+        device="cpu",
+        allow_ckpt=False,
+    )
+    return loaded
+
+
+def embedding(path: Path) -> InstalledModel:
+    return InstalledModel(ModelKind.EMBEDDING, path.stem, "e" * 64, path, path.stat().st_size)
+
+
+def a1111_pt(path: Path, vectors: torch.Tensor) -> Path:
+    """A1111's .pt layout (what its training writes)."""
+    torch.save(
+        {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": path.stem},
+        path,
+    )
+    return path
+
+
+def apply(pipeline: Any, path: Path) -> None:
+    with embeddings_applied(pipeline, [embedding(path)]):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("file", "message"),
+    [
+        (
+            "wide.safetensors",
+            r"wide\.safetensors has clip_l vectors 48 wide but this "
+            r"checkpoint's text encoder takes 32",
+        ),
+        ("scalar.pt", r"scalar\.pt: its clip_l vectors have shape \[\]"),
+        (
+            "deep.safetensors",
+            r"deep\.safetensors: its clip_l vectors have shape \[1, 1, 1, 2, 32\]",
+        ),
+        ("many.pt", r"many\.pt has 1000000000 clip_l vectors; an embedding has 1 to 75"),
+        ("lying.safetensors", r"lying\.safetensors .*declares shape \[1000000000, 32\] of F32"),
+        ("old.pt", r"old\.pt is not a PyTorch zip archive"),
+    ],
+)
+def test_absurd_embeddings_are_refused_naming_the_file(
+    pipeline: Any, tmp_path: Path, file: str, message: str
+) -> None:
+    path = tmp_path / file
+    if file == "wide.safetensors":
+        save_file({"emb_params": torch.zeros(2, 48)}, path)
+    elif file == "scalar.pt":
+        a1111_pt(path, torch.tensor(1.0))
+    elif file == "deep.safetensors":
+        save_file({"emb_params": torch.zeros(1, 1, 1, 2, 32)}, path)
+    elif file == "many.pt":
+        # A billion vectors over one stored float: a view torch.save keeps as it is.
+        a1111_pt(path, torch.zeros(1).expand(10**9, 32))
+    elif file == "lying.safetensors":
+        header = {"emb_params": {"dtype": "F32", "shape": [10**9, 32], "data_offsets": [0, 8]}}
+        write_header(path, header, bytes(8))
+    else:
+        torch.save({"emb_params": torch.zeros(2, 32)}, path, _use_new_zipfile_serialization=False)
+    tokens = len(pipeline.tokenizer)
+    with pytest.raises(EngineError, match=message):
+        apply(pipeline, path)
+    assert len(pipeline.tokenizer) == tokens
+
+
+def test_a_sound_embedding_still_applies(pipeline: Any, tmp_path: Path) -> None:
+    for path in (a1111_pt(tmp_path / "fine.pt", torch.randn(3, 32)), tmp_path / "one.safetensors"):
+        if path.suffix == ".safetensors":
+            save_file({"emb_params": torch.randn(32)}, path)  # one vector, diffusers' way
+        with embeddings_applied(pipeline, [embedding(path)]) as words:
+            assert words(f"a {path.stem}").startswith("a <dan-ti-0-0>")
