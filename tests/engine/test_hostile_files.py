@@ -15,7 +15,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dan.domain import InstalledModel, ModelKind
+from dan.config import Settings
+from dan.domain import GenerationRequest, InstalledModel, ModelKind, ModelRef
+from dan.engine.diffusers_engine import DiffusersEngine
 from dan.engine.families import load_checkpoint
 from dan.engine.loading.architecture.sd15 import UNET
 from dan.engine.loading.checkpoint import load_sd_pipeline
@@ -56,8 +58,8 @@ def changed(tiny_sd: TinySd, **tensors: torch.Tensor) -> dict[str, torch.Tensor]
         (
             "conv-5d",
             {RES_CONV: torch.zeros(32, 32, 3, 3, 1)},
-            r"in_layers\.2\.weight' has 5 dimensions .*no tensor of a Stable Diffusion "
-            r"checkpoint has more than 4",
+            r"in_layers\.2\.weight' has 5 dimensions .*no tensor of an SD 1\.x or SDXL "
+            r"checkpoint, LoRA or VAE has more than 4",
         ),
         (
             "wrong-channels",
@@ -70,8 +72,8 @@ def changed(tiny_sd: TinySd, **tensors: torch.Tensor) -> dict[str, torch.Tensor]
             # would ask for a terabyte-sized position table.
             "huge-empty",
             {CLIP + "embeddings.position_embedding.weight": torch.zeros(10**12, 0)},
-            r"shape \[1000000000000, 0\]; no tensor of a Stable Diffusion checkpoint has a "
-            r"side longer than 131072",
+            r"shape \[1000000000000, 0\]; no tensor of an SD 1\.x or SDXL checkpoint, LoRA "
+            r"or VAE has a side longer than 131072",
         ),
         (
             # Within every bound, but a UNet that wide would be 600 GB of convolutions: it
@@ -124,6 +126,21 @@ def test_a_header_longer_than_the_file_is_refused(tmp_path: Path, engine_cache_d
     path.write_bytes(struct.pack("<Q", 90_000_000) + b'{"a": ')
     with pytest.raises(UnsupportedCheckpoint, match=r"short\.safetensors .*90000000-byte header"):
         load(path, engine_cache_dir)
+
+
+def test_the_engine_fails_the_task_with_that_message(tiny_sd: TinySd, tmp_path: Path) -> None:
+    """The worker fails a task with the message of the EngineError the engine raises."""
+    tensors = changed(tiny_sd, **{CONV_IN: torch.tensor(1.0)})
+    path = write_checkpoint(tensors, tmp_path / "scalar.safetensors", fmt="safetensors")
+    model = InstalledModel(ModelKind.CHECKPOINT, "scalar", "a" * 64, path, path.stat().st_size)
+    engine = DiffusersEngine(
+        Settings(data_dir=tmp_path / "data", device="cpu", dtype="float32")  # type: ignore[call-arg]
+    )
+    request = GenerationRequest(
+        "a fox", "", 1, "Euler", 2, 7.0, 64, 64, model=ModelRef(model.sha256, model.name)
+    )
+    with pytest.raises(UnsupportedCheckpoint, match=r"scalar\.safetensors: tensor .* has shape"):
+        engine.txt2img(request, {model.sha256: model}, lambda done, total: None)
 
 
 # --- embeddings -----------------------------------------------------------------------------

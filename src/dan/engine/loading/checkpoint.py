@@ -39,10 +39,13 @@ if TYPE_CHECKING:
 # runs the other, so callers of this module need not know where architecture reading lives.
 StateDict = dict[str, torch.Tensor]
 PICKLE_SUFFIXES = (".ckpt", ".pt")
-# No SD 1.x or SDXL tensor has more than 4 dimensions (convolutions) or a side longer than CLIP's
-# 49408-token vocabulary; the bound leaves room for larger vocabularies and wider layers, and
-# keeps a config read from shapes from asking for terabytes.
-CHECKPOINT_LIMITS = Limits("a Stable Diffusion checkpoint", max_rank=4, max_side=1 << 17)
+# No tensor of an SD 1.x or SDXL file that read_state_dict reads (checkpoints, LoRAs, VAEs) has
+# more than 4 dimensions (convolutions) or a side longer than CLIP's 49408-token vocabulary; the
+# bound leaves room for larger vocabularies and wider layers, and keeps a config read from
+# shapes from asking for terabytes.
+CHECKPOINT_LIMITS = Limits(
+    "an SD 1.x or SDXL checkpoint, LoRA or VAE", max_rank=4, max_side=1 << 17
+)
 
 log = logging.getLogger(__name__)
 
