@@ -22,6 +22,7 @@ from dan.domain import (
     InpaintArea,
     InpaintSpec,
     InstalledModel,
+    MaskedContent,
     MaskMode,
     ModelFiles,
     ModelKind,
@@ -36,9 +37,10 @@ from dan.engine.control.layout import (
     read_controlnet_config,
     to_diffusers_names,
 )
-from dan.engine.control.runs import ControlUnit, controlled_img2img, controlled_txt2img
+from dan.engine.control.runs import ControlUnit, controlled_txt2img
 from dan.engine.diffusers_engine import DiffusersEngine
 from dan.engine.generation.hires import hires_fix, second_pass_steps
+from dan.engine.generation.img2img import run_img2img
 from dan.engine.generation.masks import fit_image, prepare_mask
 from dan.engine.generation.prompts import PromptEmbeds, encode_prompts
 from dan.engine.generation.samplers import make_scheduler
@@ -280,8 +282,8 @@ def controlled(
     init: Image.Image,
     mask: Image.Image | None,
 ) -> Image.Image:
-    [image] = controlled_img2img(
-        base, request, init, mask, unit, **run_args(base, request.generation)
+    [image] = run_img2img(
+        base, request, init, mask, unit=unit, **run_args(base, request.generation)
     )
     return image
 
@@ -327,6 +329,28 @@ def test_inpaint_with_a_controlnet_keeps_unmasked_pixels(
     original = pixels(fit_image(init, *init.size, ResizeMode.JUST_RESIZE))
     assert np.array_equal(pixels(image)[kept], original[kept])
     assert not np.array_equal(pixels(image)[~kept], original[~kept])
+
+
+@slow
+@pytest.mark.parametrize("area", list(InpaintArea))
+def test_inpaint_with_a_zero_weight_controlnet_is_plain_inpaint_for_each_fill(
+    base: StableDiffusionPipeline, controlnet: Any, area: InpaintArea
+) -> None:
+    """The masked part starts from what ``fill`` says, with a ControlNet as without one."""
+    init = init_image(96, 80) if area == InpaintArea.ONLY_MASKED else init_image()
+    mask = Image.new("L", init.size, 0)
+    mask.paste(255, (20, 16, 44, 40))
+    unit = ControlUnit(controlnet, control_image(), weight=0.0)
+    results = []
+    for fill in MaskedContent:
+        spec = InpaintSpec("mask", 0, MaskMode.REGENERATE_MASKED, area, padding=8, fill=fill)
+        request = img2img_request(spec)
+        [plain] = run_img2img(base, request, init, mask, **run_args(base, request.generation))
+        with_unit = controlled(base, request, unit, init, mask)
+        assert np.array_equal(pixels(with_unit), pixels(plain)), fill
+        results.append(pixels(plain))
+    white = np.asarray(mask) == 255
+    assert np.abs(results[0] - results[1]).max(axis=-1)[white].mean() > 1  # the fill mattered
 
 
 @pytest.mark.parametrize(

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from dan.domain import ModelKind
+from dan.domain import ModelFamily, ModelKind
 from dan.errors import ModelNotFound
 from dan.models.catalog import Catalog, CatalogEntry
 from dan.models.hashing import FileChanged, HashCache, sha256_file
@@ -140,6 +141,49 @@ def test_changed_size_or_mtime_is_hashed_again(
     registry.scan()
     assert len(hasher.calls) == 3
     assert registry.list(CKPT)[0].sha256 == _sha(b"longer content")
+
+
+def checkpoint_header(first_key: str) -> bytes:
+    """A .safetensors file of one empty tensor named ``first_key``, its header padded to 128
+    bytes, so that files of different families can have the same size."""
+    header = json.dumps({first_key: {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}})
+    return struct.pack("<Q", 128) + header.encode().ljust(128)
+
+
+def test_a_rescan_does_not_read_unchanged_files_and_reads_changed_ones(
+    make_registry: MakeRegistry, models_dir: Path
+) -> None:
+    sd15 = checkpoint_header("model.diffusion_model.out.2.weight")
+    sdxl = checkpoint_header("conditioner.embedders.0.transformer.x")
+    path = put(models_dir, CKPT, "model.safetensors", sd15)
+    registry, hasher = make_registry()
+    registry.scan()
+    [first] = registry.list(CKPT)
+    assert (first.family, first.sha256) == (ModelFamily.SD15, _sha(sd15))
+    # Rewritten in place with the same size, and its mtime put back: to a rescan it is the
+    # same file. It still shows what the first scan read, which it would not had the rescan
+    # opened it for its header or its hash.
+    stat = path.stat()
+    path.write_bytes(sdxl)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    registry.scan()
+    assert registry.list(CKPT) == [first]
+    assert hasher.calls == ["model.safetensors"]
+    # A new mtime: read again, header and hash.
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    registry.scan()
+    [changed] = registry.list(CKPT)
+    assert (changed.family, changed.sha256) == (ModelFamily.SDXL, _sha(sdxl))
+    assert hasher.calls == ["model.safetensors"] * 2
+
+
+def test_a_removed_file_leaves_the_registry(make_registry: MakeRegistry, models_dir: Path) -> None:
+    path = put(models_dir, CKPT, "gone.safetensors")
+    registry, _ = make_registry()
+    registry.scan()
+    path.unlink()
+    registry.scan()
+    assert registry.list(CKPT) == []
 
 
 def test_corrupt_cache_file_is_ignored_and_rewritten(

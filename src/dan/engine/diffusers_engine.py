@@ -37,7 +37,7 @@ from dan.domain import (
 from dan.engine.control.controlnet import ControlNetCache
 from dan.engine.control.openpose_body import OpenPoseBody
 from dan.engine.control.preprocess import PoseEstimator, preprocess
-from dan.engine.control.runs import ControlUnit, controlled_img2img, controlled_txt2img
+from dan.engine.control.runs import ControlUnit, controlled_txt2img
 from dan.engine.families import load_checkpoint
 from dan.engine.generation.batching import Member, run_batch
 from dan.engine.generation.compiled import Compiler, FastUNet, use_inductor_cache
@@ -199,12 +199,7 @@ class DiffusersEngine:
             unit = self._control_unit(c, request.generation, files, control_image)
             for batch in c.batches():
                 arguments = denoising_arguments(batch)
-                if unit is not None:
-                    images += controlled_img2img(
-                        batch.base, request, init_image, mask, unit, **arguments
-                    )
-                else:
-                    images += run_img2img(batch.base, request, init_image, mask, **arguments)
+                images += run_img2img(batch.base, request, init_image, mask, unit=unit, **arguments)
         progress(1, 1)  # strength 0 runs no step
         return images
 

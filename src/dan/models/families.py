@@ -22,6 +22,7 @@ import json
 import re
 import struct
 from pathlib import Path
+from typing import Any
 
 from dan.domain import ModelFamily, ModelKind
 
@@ -102,15 +103,33 @@ def unsupported_lora_variant(keys: list[str]) -> str | None:
 def tensor_names(path: Path) -> list[str]:
     """The tensor names in a ``.safetensors`` file's header ([] when it has no valid header:
     the engine says what is wrong with such a file when it loads it)."""
+    try:
+        header, _ = safetensors_header(path)
+    except ValueError:
+        return []
+    return [key for key in header if key != "__metadata__"]
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a ``.safetensors`` file (tensor name -> ``dtype``, ``shape`` and
+    ``data_offsets``, plus ``__metadata__``) as the file declares it, unchecked, and the
+    offset where the data its ``data_offsets`` count from starts. Reads at most
+    :data:`HEADER_LIMIT` bytes. Raises ValueError, saying why, when the file has no valid
+    header, and OSError when it cannot be read."""
     with path.open("rb") as file:
         prefix = file.read(8)
         if len(prefix) < 8:
-            return []
+            raise ValueError("the file is shorter than the 8-byte header length")
         (length,) = struct.unpack("<Q", prefix)
         if length > HEADER_LIMIT:
-            return []
-        try:
-            header = json.loads(file.read(length))
-        except ValueError:
-            return []
-    return [key for key in header if key != "__metadata__"] if isinstance(header, dict) else []
+            raise ValueError(f"it declares a {length}-byte header (at most {HEADER_LIMIT})")
+        text = file.read(length)
+    if len(text) < length:
+        raise ValueError(f"it declares a {length}-byte header but holds {len(text)} bytes")
+    try:
+        header = json.loads(text)
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise ValueError(f"its header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
+    return header, 8 + length

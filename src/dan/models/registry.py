@@ -15,8 +15,9 @@ Layout (created on the first scan)::
 
 Sub-folders are scanned too; hidden files and folders and anything with another extension
 (``*.part`` downloads in progress, ``*.tmp``, ``*.yaml``) are ignored. A model's name is its file
-stem. Hashes come from :class:`~dan.models.hashing.HashCache`, so a rescan reads only new or
-changed files.
+stem. A rescan reads only new or changed files: what a scan learnt of a file (its sha256 and
+the family its header shows) is kept with the file's (size, mtime_ns) and reused while both are
+unchanged, and hashes also outlive restarts in :class:`~dan.models.hashing.HashCache`.
 
 Pickled checkpoints and LoRAs (``.ckpt``, ``.pt``) can run code when loaded. Unless
 ``allow_ckpt`` is set they are *blocked*: scanned and shown by ``list(kind, include_blocked=True)``
@@ -98,6 +99,9 @@ class ModelRegistry:
         self._scan_lock = threading.Lock()  # one scan at a time
         self._models: dict[ModelKind, tuple[InstalledModel, ...]] = {}
         self._last_rescan: dict[ModelKind, float] = {}
+        # What the last scan found in each file, with the (size, mtime_ns) it had then; guarded
+        # by _scan_lock, only the files of the last scan of their kind.
+        self._inspected: dict[Path, tuple[tuple[int, int], InstalledModel]] = {}
 
     def folder(self, kind: ModelKind) -> Path:
         """The folder holding models of ``kind``."""
@@ -188,22 +192,38 @@ class ModelRegistry:
         with self._scan_lock:
             folder = self.folder(kind)
             folder.mkdir(parents=True, exist_ok=True)
-            found = [
-                m for p in _model_files(folder, EXTENSIONS[kind]) if (m := self._inspect(kind, p))
-            ]
+            paths = list(_model_files(folder, EXTENSIONS[kind]))
+            found = [m for p in paths if (m := self._inspect(kind, p))]
+            self._forget(kind, set(paths))
             found.sort(key=lambda m: (m.name.casefold(), str(m.path)))
             with self._lock:
                 self._models[kind] = tuple(found)
 
     def _inspect(self, kind: ModelKind, path: Path) -> InstalledModel | None:
+        """The model in ``path``: what the last scan found while the file's size and mtime
+        are unchanged (the file is not opened), else read (hash and header) and remembered.
+        None, with a warning, for a file that cannot be read."""
         try:
+            stat = path.stat()
+            stamp = (stat.st_size, stat.st_mtime_ns)
+            known = self._inspected.get(path)
+            if known is not None and known[0] == stamp and known[1].kind == kind:
+                return known[1]
             digest = self.hashes.sha256(path)
-            size = path.stat().st_size
             family = self._family(kind, digest, path)
         except OSError as exc:
             log.warning("skipping %s: %s", path, exc)
             return None
-        return InstalledModel(kind, path.stem, digest, path, size, family)
+        # Changed since the stat? Then the next scan sees another stamp and reads it again.
+        model = InstalledModel(kind, path.stem, digest, path, stamp[0], family)
+        self._inspected[path] = (stamp, model)
+        return model
+
+    def _forget(self, kind: ModelKind, present: set[Path]) -> None:
+        """Drop what was remembered of ``kind``'s files that are gone."""
+        gone = [p for p, (_, m) in self._inspected.items() if m.kind == kind and p not in present]
+        for path in gone:
+            del self._inspected[path]
 
     def _family(self, kind: ModelKind, sha256: str, path: Path) -> ModelFamily | None:
         """The catalog's family for a catalog file, else the one its tensor names show."""

@@ -33,7 +33,7 @@ from dan.engine.control.layout import (
     read_controlnet_config,
     to_diffusers_names,
 )
-from dan.engine.loading.checkpoint import fill_module
+from dan.engine.loading.checkpoint import load_module
 
 __all__ = [
     "ControlNetCache",
@@ -102,7 +102,6 @@ def load_controlnet(
     ControlNet takes from it what its tensors cannot tell. Raises ControlNetError naming the
     file, and for a ControlNet that does not fit ``unet`` both families.
     """
-    from accelerate import init_empty_weights
     from diffusers import ControlNetModel
 
     tensors = read_controlnet_state_dict(path)
@@ -112,10 +111,13 @@ def load_controlnet(
         raise ControlNetError(f"{path.name}: incomplete ControlNet, no tensor {exc}") from exc
     if unet is not None:
         check_fits(path.name, config, unet)
-    with init_empty_weights():
-        model = ControlNetModel.from_config(config)
-    return fill_module(
-        model, tensors, f"{path.name} ControlNet", dtype, device, error=ControlNetError
+    return load_module(
+        lambda: ControlNetModel.from_config(config),
+        tensors,
+        f"{path.name} ControlNet",
+        dtype,
+        device,
+        error=ControlNetError,
     )
 
 

@@ -37,7 +37,7 @@ from dan.engine.loading.architecture.sdxl import (
     SdxlArchitecture,
     read_sdxl_architecture,
 )
-from dan.engine.loading.checkpoint import fill_module, write_configs
+from dan.engine.loading.checkpoint import converting, load_module, write_configs
 
 if TYPE_CHECKING:
     from dan.engine.families import PipelineTask
@@ -196,7 +196,6 @@ def _load_models(
     device: torch.device,
 ) -> dict[str, Any]:
     """UNet, VAE and both text encoders holding the checkpoint's tensors, in eval mode."""
-    from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_unet_checkpoint,
@@ -205,40 +204,50 @@ def _load_models(
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(architecture.unet)  # type: ignore[no-untyped-call]
-        vae = AutoencoderKL.from_config(architecture.vae)  # type: ignore[no-untyped-call]
-        clip_l = CLIPTextModel(CLIPTextConfig.from_dict(architecture.text_encoder))
-        open_config = CLIPTextConfig.from_dict(architecture.text_encoder_2)
-        open_clip = CLIPTextModelWithProjection(open_config)
+    clip_l_config = CLIPTextConfig.from_dict(architecture.text_encoder)
+    open_config = CLIPTextConfig.from_dict(architecture.text_encoder_2)
+    with torch.device("meta"):  # only its config and tensor names are read
+        clip_l_names, open_clip_names = (
+            CLIPTextModel(clip_l_config),
+            CLIPTextModelWithProjection(open_config),
+        )
     weights = dict(state_dict)
     clip_l_weights = {
         k[len(CLIP_L) :]: v
         for k, v in weights.items()
         if k.startswith(CLIP_L) and not k.endswith("position_ids")
     }
-    open_clip_weights = convert_open_clip_checkpoint(open_clip, weights, prefix=OPEN_CLIP)  # type: ignore[no-untyped-call]
+    with converting("OpenCLIP bigG text encoder"):
+        open_clip_weights = convert_open_clip_checkpoint(open_clip_names, weights, prefix=OPEN_CLIP)  # type: ignore[no-untyped-call]
+    with converting("UNet"):
+        unet_weights = convert_ldm_unet_checkpoint(weights, architecture.unet)  # type: ignore[no-untyped-call]
+    with converting("VAE"):
+        vae_weights = convert_ldm_vae_checkpoint(weights, architecture.vae)  # type: ignore[no-untyped-call]
     return {
-        "unet": fill_module(
-            unet,
-            convert_ldm_unet_checkpoint(weights, architecture.unet),
+        "unet": load_module(
+            lambda: UNet2DConditionModel.from_config(architecture.unet),  # type: ignore[no-untyped-call]
+            unet_weights,
             "UNet",
             dtype,
-            device,  # type: ignore[no-untyped-call]
+            device,
         ),
-        "vae": fill_module(
-            vae,
-            convert_ldm_vae_checkpoint(weights, architecture.vae),
+        "vae": load_module(
+            lambda: AutoencoderKL.from_config(architecture.vae),  # type: ignore[no-untyped-call]
+            vae_weights,
             "VAE",
             dtype,
-            device,  # type: ignore[no-untyped-call]
+            device,
         ),
-        "text_encoder": fill_module(
-            clip_l, _named_for(clip_l, clip_l_weights), "CLIP ViT-L text encoder", dtype, device
+        "text_encoder": load_module(
+            lambda: CLIPTextModel(clip_l_config),
+            _named_for(clip_l_names, clip_l_weights),
+            "CLIP ViT-L text encoder",
+            dtype,
+            device,
         ),
-        "text_encoder_2": fill_module(
-            open_clip,
-            _named_for(open_clip, open_clip_weights),
+        "text_encoder_2": load_module(
+            lambda: CLIPTextModelWithProjection(open_config),
+            _named_for(open_clip_names, open_clip_weights),
             "OpenCLIP bigG text encoder",
             dtype,
             device,

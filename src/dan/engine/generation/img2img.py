@@ -14,6 +14,12 @@ Sizes of the result:
 Inpainting guarantee: where the prepared mask (thresholded, inverted for mask_mode 1, blurred)
 is 0, result pixels are byte-identical to the (fitted) init image flattened to RGB.
 
+ControlNet: given a :class:`~dan.engine.control.runs.ControlUnit`, every denoising call runs on
+the family's ControlNet twin of its pipeline, with the control image fitted to that call's
+picture: to ``width`` x ``height``, or for ONLY_MASKED to the init image's size and then cropped
+and stretched with the same box as the init image. Everything else (sizes, fill, strength, the
+inpainting guarantee) is the same with a unit as without one.
+
 Batches: one generator per image, and every image input (init image, mask) is handed to the
 pipeline once per image, so diffusers encodes image i with generator i exactly as it does for a
 batch of one: each image is the one a single request with its seed gives.
@@ -28,8 +34,10 @@ import torch
 from PIL import Image
 
 from dan.domain import Img2ImgRequest, InpaintArea, InpaintSpec, MaskedContent, ResizeMode
-from dan.engine.families import PipelineTask, family_of_pipeline
+from dan.engine.control.runs import ControlUnit, PlainTask
+from dan.engine.families import family_of_pipeline
 from dan.engine.generation.masks import (
+    Box,
     crop_region,
     fill_masked,
     fit_image,
@@ -55,6 +63,7 @@ class _Run:
     strength: float
     width: int
     height: int
+    unit: ControlUnit | None  # the ControlNet conditioning every denoising call, if any
 
     def call_kwargs(self) -> dict[str, Any]:
         return {
@@ -74,6 +83,16 @@ class _Run:
     def size_kwargs(self) -> dict[str, int]:
         # Only txt2img and inpaint take a size; img2img takes its image's (and ignores extras).
         return {"width": self.width, "height": self.height}
+
+    def control(self, size: tuple[int, int], box: Box | None = None) -> Image.Image | None:
+        """The unit's control image for a picture of ``size``, or for the crop ``box`` of such
+        a picture stretched to width x height; None without a unit."""
+        if self.unit is None:
+            return None
+        fitted = self.unit.fitted(*size)
+        if box is None:
+            return fitted
+        return fit_image(fitted.crop(box), self.width, self.height, ResizeMode.JUST_RESIZE)
 
 
 def validate_img2img(
@@ -122,9 +141,11 @@ def run_img2img(
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
     generator: list[torch.Generator],
     callback_on_step_end: Any,
+    unit: ControlUnit | None = None,
 ) -> list[Image.Image]:
     """The images of one batch of an img2img or inpaint request, made from ``init_image``: one
-    per generator, image i with noise from generator i.
+    per generator, image i with noise from generator i; with ``unit``, every denoising call is
+    conditioned on its ControlNet (see the module docstring).
 
     ``base`` is the cached pipeline of any family (SDXL's takes the pooled embeddings too); it
     is only read (its components are shared, ``scheduler``
@@ -133,10 +154,12 @@ def run_img2img(
     decode) without running the UNet; strength 1 ignores the input entirely for img2img on a
     4-channel checkpoint (it is then txt2img). ``mask`` is the uploaded mask, required exactly
     when ``request.inpaint`` is set. Raises EngineError for invalid requests (see
-    :func:`validate_img2img`, :func:`~dan.engine.generation.masks.prepare_mask`) and when diffusers
-    rejects the inputs; TaskCancelled raised by the callback propagates.
+    :func:`validate_img2img`, :func:`~dan.engine.generation.masks.prepare_mask`), for an invalid
+    unit and when diffusers rejects the inputs; TaskCancelled raised by the callback propagates.
     """
     validate_img2img(request, init_image, mask)
+    if unit is not None:
+        unit.validate()
     generation = request.generation
     run = _Run(
         base=base,
@@ -154,27 +177,28 @@ def run_img2img(
         strength=request.denoising_strength,
         width=generation.width,
         height=generation.height,
+        unit=unit,
     )
     source = to_rgb(init_image)
     with torch.inference_mode():
         if request.inpaint is None or mask is None:
             fitted = fit_image(source, run.width, run.height, request.resize_mode)
-            return _img2img(run, fitted)
+            return _img2img(run, fitted, run.control(fitted.size))
         return _inpaint(run, source, mask, request.resize_mode, request.inpaint)
 
 
-def _img2img(run: _Run, image: Image.Image) -> list[Image.Image]:
+def _img2img(run: _Run, image: Image.Image, control: Image.Image | None) -> list[Image.Image]:
     if run.strength == 0:
         return run.copies(through_vae(run.base, image))
     if is_inpainting_unet(run.base):
         # A1111 runs an inpainting model's img2img as inpainting of the whole picture.
-        return _denoise_masked(run, image, Image.new("L", image.size, 255))
+        return _denoise_masked(run, image, Image.new("L", image.size, 255), control)
     if run.strength == 1:
         # diffusers' img2img still adds the init latents to the first noise at strength 1;
         # "ignores the input" means starting from pure noise, which is txt2img.
-        return _call("txt2img", run, **run.size_kwargs())
+        return _call("txt2img", run, control, **run.size_kwargs())
     image_input = run.copies(image)
-    return _call("img2img", run, image=image_input, strength=run.strength)
+    return _call("img2img", run, control, image=image_input, strength=run.strength)
 
 
 def _inpaint(
@@ -195,33 +219,41 @@ def _inpaint(
         # round trip crop -> generate -> paste aligned even where clipping bent the ratio.
         crop = fit_image(source.crop(box), run.width, run.height, ResizeMode.JUST_RESIZE)
         crop_mask = fit_image(mask.crop(box), run.width, run.height, ResizeMode.JUST_RESIZE)
-        regenerated = _regenerate(run, crop, crop_mask, spec.fill)
+        control = run.control(source.size, box)
+        regenerated = _regenerate(run, crop, crop_mask, spec.fill, control)
         return [paste_back(source, image, mask, box) for image in regenerated]
     original = fit_image(source, run.width, run.height, resize_mode)
     mask = prepare_mask(
         mask_image, run.width, run.height, resize_mode, spec.mask_blur, spec.mask_mode
     )
-    regenerated = _regenerate(run, original, mask, spec.fill)
+    regenerated = _regenerate(run, original, mask, spec.fill, run.control(original.size))
     return [paste_back(original, image, mask) for image in regenerated]
 
 
 def _regenerate(
-    run: _Run, image: Image.Image, mask: Image.Image, fill: MaskedContent
+    run: _Run,
+    image: Image.Image,
+    mask: Image.Image,
+    fill: MaskedContent,
+    control: Image.Image | None,
 ) -> list[Image.Image]:
     if fill == MaskedContent.FILL:
         image = fill_masked(image, mask)
     if run.strength == 0:
         return run.copies(through_vae(run.base, image))
-    return _denoise_masked(run, image, mask)
+    return _denoise_masked(run, image, mask, control)
 
 
-def _denoise_masked(run: _Run, image: Image.Image, mask: Image.Image) -> list[Image.Image]:
+def _denoise_masked(
+    run: _Run, image: Image.Image, mask: Image.Image, control: Image.Image | None
+) -> list[Image.Image]:
     # diffusers binarises the mask at 0.5 for the latents, as A1111 rounds its latent mask; the
     # blur only shapes the final paste-back. On a 4-channel UNet the pipeline re-imposes the
     # noised original latents outside the mask after every step (A1111's approach).
     return _call(
         "inpaint",
         run,
+        control,
         image=run.copies(image),
         mask_image=run.copies(mask),
         strength=run.strength,
@@ -229,10 +261,18 @@ def _denoise_masked(run: _Run, image: Image.Image, mask: Image.Image) -> list[Im
     )
 
 
-def _call(task: PipelineTask, run: _Run, **inputs: Any) -> list[Image.Image]:
+def _call(
+    task: PlainTask, run: _Run, control: Image.Image | None, **inputs: Any
+) -> list[Image.Image]:
     """The batch's images from the base's family's ``task`` pipeline sharing the base's
-    weights, with the run's scheduler."""
-    pipeline = family_of_pipeline(run.base).pipeline(task, run.base, run.scheduler)
+    weights, with the run's scheduler; with a unit, its ControlNet twin conditioned on
+    ``control``."""
+    if run.unit is None:
+        pipeline = family_of_pipeline(run.base).pipeline(task, run.base, run.scheduler)
+    else:
+        assert control is not None  # _Run.control gives one whenever there is a unit
+        pipeline = run.unit.pipeline(task, run.base, run.scheduler)
+        inputs.update(run.unit.conditioning(task, control))
     try:
         output = pipeline(**run.call_kwargs(), **inputs)
     except ValueError as exc:  # diffusers' check_inputs and shape checks

@@ -10,12 +10,13 @@ and scheduler load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from dan.engine.loading.architecture.sd15 import (
     clip_prefix,
     read_sd1_architecture,
 )
+from dan.engine.loading.shapes import Limits, check_shapes, safetensors_shapes
 from dan.engine.loading.tokenizer import EOS, ensure_tokenizer
 from dan.errors import EngineError, UnsupportedCheckpoint
 
@@ -37,6 +39,13 @@ if TYPE_CHECKING:
 # runs the other, so callers of this module need not know where architecture reading lives.
 StateDict = dict[str, torch.Tensor]
 PICKLE_SUFFIXES = (".ckpt", ".pt")
+# No tensor of an SD 1.x or SDXL file that read_state_dict reads (checkpoints, LoRAs, VAEs) has
+# more than 4 dimensions (convolutions) or a side longer than CLIP's 49408-token vocabulary; the
+# bound leaves room for larger vocabularies and wider layers, and keeps a config read from
+# shapes from asking for terabytes.
+CHECKPOINT_LIMITS = Limits(
+    "an SD 1.x or SDXL checkpoint, LoRA or VAE", max_rank=4, max_side=1 << 17
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +56,12 @@ log = logging.getLogger(__name__)
 def read_state_dict(path: Path, *, allow_ckpt: bool) -> StateDict:
     """The tensors of a ``.safetensors`` file, or of a pickled ``.ckpt``/``.pt`` if allowed.
 
-    ``{"state_dict": ...}`` wrappers are unwrapped and non-tensor entries dropped. Raises
-    UnsupportedCheckpoint for a pickled file when ``allow_ckpt`` is false, an unknown suffix,
-    and a file that cannot be read (truncated, corrupt, not a state dict).
+    ``{"state_dict": ...}`` wrappers are unwrapped and non-tensor entries dropped. A
+    ``.safetensors`` file's header is checked before any tensor is loaded (see
+    :mod:`dan.engine.loading.shapes`), an unpickled file's shapes before any is copied. Raises
+    UnsupportedCheckpoint, naming the file, for a pickled file when ``allow_ckpt`` is false,
+    an unknown suffix, a file that cannot be read (truncated, corrupt, not a state dict) and
+    one declaring shapes no Stable Diffusion checkpoint has.
     """
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
@@ -65,13 +77,18 @@ def read_state_dict(path: Path, *, allow_ckpt: bool) -> StateDict:
         raise UnsupportedCheckpoint(
             f"{path.name}: unknown checkpoint format {suffix!r}; use .safetensors (or .ckpt)"
         )
-    return _tensors_of(raw, path)
+    tensors = _tensors_of(raw, path)
+    shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+    check_shapes(path.name, shapes, CHECKPOINT_LIMITS, UnsupportedCheckpoint)
+    return tensors
 
 
 def _read_safetensors(path: Path) -> StateDict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    shapes = safetensors_shapes(path, UnsupportedCheckpoint)
+    check_shapes(path.name, shapes, CHECKPOINT_LIMITS, UnsupportedCheckpoint)
     try:
         tensors: StateDict = load_file(path, device="cpu")
     except (SafetensorError, OSError) as exc:
@@ -211,7 +228,6 @@ def _load_models(
     state_dict: StateDict, architecture: Sd1Architecture, dtype: torch.dtype, device: torch.device
 ) -> tuple[Any, Any, Any]:
     """UNet, VAE and text encoder holding the checkpoint's tensors, in eval mode."""
-    from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_unet_checkpoint,
@@ -219,20 +235,48 @@ def _load_models(
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    # Empty (meta) modules: random initialisation of 1B parameters would take seconds.
     # diffusers ships types but leaves these functions unannotated, hence the ignores.
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(architecture.unet)  # type: ignore[no-untyped-call]
-        vae = AutoencoderKL.from_config(architecture.vae)  # type: ignore[no-untyped-call]
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(architecture.text_encoder))
-    unet_weights = convert_ldm_unet_checkpoint(state_dict, architecture.unet)  # type: ignore[no-untyped-call]
-    vae_weights = convert_ldm_vae_checkpoint(state_dict, architecture.vae)  # type: ignore[no-untyped-call]
-    text_weights = _text_encoder_weights(state_dict)
+    with converting("UNet"):
+        unet_weights = convert_ldm_unet_checkpoint(state_dict, architecture.unet)  # type: ignore[no-untyped-call]
+    with converting("VAE"):
+        vae_weights = convert_ldm_vae_checkpoint(state_dict, architecture.vae)  # type: ignore[no-untyped-call]
+    text_config = CLIPTextConfig.from_dict(architecture.text_encoder)
     return (
-        fill_module(unet, unet_weights, "UNet", dtype, device),
-        fill_module(vae, vae_weights, "VAE", dtype, device),
-        fill_module(text_encoder, text_weights, "text encoder", dtype, device),
+        load_module(
+            lambda: UNet2DConditionModel.from_config(architecture.unet),  # type: ignore[no-untyped-call]
+            unet_weights,
+            "UNet",
+            dtype,
+            device,
+        ),
+        load_module(
+            lambda: AutoencoderKL.from_config(architecture.vae),  # type: ignore[no-untyped-call]
+            vae_weights,
+            "VAE",
+            dtype,
+            device,
+        ),
+        load_module(
+            lambda: CLIPTextModel(text_config),
+            _text_encoder_weights(state_dict),
+            "text encoder",
+            dtype,
+            device,
+        ),
     )
+
+
+@contextlib.contextmanager
+def converting(what: str) -> Iterator[None]:
+    """Turn what diffusers' LDM converters raise for tensors of unexpected shapes (they index,
+    reshape and split them) into UnsupportedCheckpoint naming ``what``."""
+    try:
+        yield
+    except (IndexError, KeyError, RuntimeError, ValueError) as exc:
+        raise UnsupportedCheckpoint(
+            f"the {what} tensors cannot be converted to diffusers' layout "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _text_encoder_weights(state_dict: StateDict) -> StateDict:
@@ -246,33 +290,67 @@ def _text_encoder_weights(state_dict: StateDict) -> StateDict:
     }
 
 
-def fill_module(
-    module: torch.nn.Module,
+def load_module(
+    build: Callable[[], torch.nn.Module],
     weights: Mapping[str, Any],
     what: str,
     dtype: torch.dtype,
     device: torch.device | str,
     error: type[EngineError] = UnsupportedCheckpoint,
 ) -> torch.nn.Module:
-    """``module`` (built empty) holding ``weights`` in ``dtype`` on ``device``, in eval mode.
+    """The module ``build`` makes, holding ``weights`` in ``dtype`` on ``device``, in eval mode.
 
-    Every tensor must be present with the right shape; otherwise ``error`` is raised, its
-    message naming ``what`` and the missing and unexpected tensors.
+    ``build`` runs first on the meta device, where nothing is allocated, and ``weights`` must
+    hold exactly that module's tensors with their shapes; otherwise ``error`` is raised, its
+    message naming ``what`` and the missing, unexpected or misshapen tensors. Only then is the
+    module built empty (accelerate's ``init_empty_weights``, which still allocates each
+    parameter for a moment): a config read from a hostile file's shapes never gets to ask for
+    terabytes, since every parameter it asks for is one the file holds.
     """
+    from accelerate import init_empty_weights
+
     weights = {k: v for k, v in weights.items() if v is not None}  # converters .get() absent keys
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
-    if missing or unexpected:
-        raise error(
-            f"the {what} tensors do not match the architecture read from "
-            f"({len(missing)} missing, e.g. {missing[:2]}; "
-            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})"
-        )
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    except (ValueError, RuntimeError) as exc:  # e.g. a width no norm group count divides
+        raise error(f"the {what} architecture read from the file cannot be built: {exc}") from exc
+    _check_weights(expected, weights, what, error)
+    with init_empty_weights():
+        module = build()
     # Cast tensor by tensor: diffusers' Module.to(dtype) logs a spurious warning on every call.
     weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
     try:
         module.load_state_dict(weights, strict=True, assign=True)
-    except RuntimeError as exc:  # size mismatches
+    except RuntimeError as exc:  # what _check_weights let through (it should not)
         raise error(f"the {what} tensors do not fit: {exc}") from exc
     # Non-persistent buffers (CLIP's position_ids) were not in the file; move them too.
     return module.to(device).eval().requires_grad_(False)
+
+
+def _check_weights(
+    expected: Mapping[str, tuple[int, ...]],
+    weights: Mapping[str, Any],
+    what: str,
+    error: type[EngineError],
+) -> None:
+    missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
+    if missing or unexpected:
+        raise error(
+            f"the {what} tensors do not match the architecture read from the file "
+            f"({len(missing)} missing, e.g. {missing[:2]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+        )
+    misshapen = [k for k in sorted(expected) if not _fits(tuple(weights[k].shape), expected[k])]
+    if misshapen:
+        first = misshapen[0]
+        raise error(
+            f"the {what} tensors do not fit the architecture read from the file: {first} is "
+            f"{list(weights[first].shape)} where the architecture has {list(expected[first])}"
+            f" ({len(misshapen)} tensors of the wrong shape)"
+        )
+
+
+def _fits(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    # torch loads a one-element 1-d tensor into a 0-d parameter (an old checkpoints' habit).
+    return shape == expected or (expected == () and shape == (1,))

@@ -19,52 +19,138 @@ import contextlib
 import copy
 import functools
 import re
-from collections.abc import Callable, Iterator
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from dan.domain import InstalledModel
+from dan.engine.loading.shapes import safetensors_shapes
 from dan.errors import EngineError
 
 # Which vectors of a file go to which text encoder: (vectors key, pipeline attribute).
 ENCODERS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 Rewrite = Callable[[str], str]
+# A1111 trains embeddings of 1 to 75 vectors (one 75-token prompt chunk); a file that declares
+# more is broken or hostile (a million placeholder tokens would take the worker down).
+MAX_VECTORS = 75
 
 
-def read_embedding(model: InstalledModel) -> dict[str, torch.Tensor]:
-    """The file's vectors (count, width) by encoder key (``clip_l``, and ``clip_g`` for SDXL);
-    EngineError naming the file when it is not an embedding."""
-    data = _read(model)
+def read_embedding(model: InstalledModel, widths: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """The file's vectors (count, width) for each text encoder key in ``widths`` (``clip_l``,
+    and ``clip_g`` for SDXL), whose value is that encoder's width.
+
+    Shapes are checked before any vector is copied: a ``.safetensors`` file's in its header
+    (only the vectors are then loaded), a ``.pt`` file's once torch has unpickled it (its
+    storages sized by the zip's records; legacy pre-zip files, whose storages torch allocates
+    as declared, are refused). Raises EngineError naming the file when it is not an
+    embedding, has no vectors for one of the encoders (another family's), or declares vectors
+    no embedding has: not 1-d or 2-d, more than :data:`MAX_VECTORS`, another width than the
+    encoder's, or different counts per encoder.
+    """
+    if model.path.suffix.lower() == ".safetensors":
+        shapes = safetensors_shapes(model.path, EngineError)
+        names = _picked(model, {name: name for name in shapes}, widths)
+        _check_vectors(model, {key: shapes[name] for key, name in names.items()}, widths)
+        tensors = _load_safetensors(model, names.values())
+        vectors = {key: tensors[name] for key, name in names.items()}
+    else:
+        picked = _picked(model, _read_pickle(model), widths)
+        vectors = {key: _tensor(model, key, value) for key, value in picked.items()}
+        _check_vectors(model, {k: tuple(v.shape) for k, v in vectors.items()}, widths)
+    return {key: v.detach().float().reshape(-1, v.shape[-1]) for key, v in vectors.items()}
+
+
+def _picked(
+    model: InstalledModel, data: Mapping[str, Any], widths: Mapping[str, int]
+) -> dict[str, Any]:
+    """The entries of ``data`` holding the vectors of each encoder of ``widths``, in A1111's
+    formats: ``clip_l`` and ``clip_g``, ``emb_params``, ``string_to_param["*"]``, or a file of
+    one entry."""
     if "clip_l" in data and "clip_g" in data:
-        vectors = {"clip_l": data["clip_l"], "clip_g": data["clip_g"]}
-    elif isinstance(data.get("emb_params"), torch.Tensor):
-        vectors = {"clip_l": data["emb_params"]}
+        found = {"clip_l": data["clip_l"], "clip_g": data["clip_g"]}
+    elif "emb_params" in data:
+        found = {"clip_l": data["emb_params"]}
     elif isinstance(data.get("string_to_param"), dict) and "*" in data["string_to_param"]:
-        vectors = {"clip_l": data["string_to_param"]["*"]}
-    elif len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
-        vectors = {"clip_l": next(iter(data.values()))}
+        found = {"clip_l": data["string_to_param"]["*"]}
+    elif len(data) == 1:
+        found = {"clip_l": next(iter(data.values()))}
     else:
         raise EngineError(
             f"embedding {model.path.name} holds none of emb_params, string_to_param, or "
             f"clip_l and clip_g (it has {sorted(data)[:5]})"
         )
-    return {
-        key: value.detach().float().reshape(-1, value.shape[-1]) for key, value in vectors.items()
-    }
+    missing = next((key for key in widths if key not in found), None)
+    if missing is not None:
+        raise EngineError(
+            f"embedding {model.path.name} has no {missing} vectors: it is for another model "
+            "family than this checkpoint"
+        )
+    return {key: found[key] for key in widths}
 
 
-def _read(model: InstalledModel) -> dict[str, Any]:
+def _check_vectors(
+    model: InstalledModel, shapes: Mapping[str, tuple[int, ...]], widths: Mapping[str, int]
+) -> None:
+    name = model.path.name
+    for key, shape in shapes.items():
+        if len(shape) not in (1, 2):
+            raise EngineError(
+                f"embedding {name}: its {key} vectors have shape {list(shape)}; an embedding "
+                "holds a (vectors, width) matrix or one vector"
+            )
+        count = shape[0] if len(shape) == 2 else 1
+        if not 1 <= count <= MAX_VECTORS:
+            raise EngineError(
+                f"embedding {name} has {count} {key} vectors; an embedding has 1 to "
+                f"{MAX_VECTORS} (one prompt chunk)"
+            )
+        if shape[-1] != widths[key]:
+            raise EngineError(
+                f"embedding {name} has {key} vectors {shape[-1]} wide but this checkpoint's "
+                f"text encoder takes {widths[key]}: it is for another model"
+            )
+    counts = {key: shape[0] if len(shape) == 2 else 1 for key, shape in shapes.items()}
+    if len(set(counts.values())) > 1:
+        raise EngineError(f"embedding {name} has different vector counts per encoder: {counts}")
+
+
+def _tensor(model: InstalledModel, key: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise EngineError(
+            f"embedding {model.path.name}: its {key} vectors are a {type(value).__name__}, "
+            "not a tensor"
+        )
+    return value
+
+
+def _load_safetensors(model: InstalledModel, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
     try:
-        if model.path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            return dict(load_file(model.path, device="cpu"))
-        data = torch.load(model.path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # safetensors, pickle and torch raise many kinds
+        with safe_open(model.path, framework="pt", device="cpu") as file:
+            return {name: file.get_tensor(name) for name in names}
+    except Exception as exc:  # safetensors raises its own error and OSError
         raise EngineError(f"embedding {model.path.name} cannot be read: {exc}") from exc
+
+
+def _read_pickle(model: InstalledModel) -> dict[str, Any]:
+    name = model.path.name
+    # torch allocates a legacy file's storages at the sizes its pickle declares before reading
+    # them; a zip archive's are checked against its records first.
+    if not zipfile.is_zipfile(model.path):
+        raise EngineError(
+            f"embedding {name} is not a PyTorch zip archive (a legacy pre-1.6 file, whose "
+            "sizes cannot be checked before they are allocated, or not a .pt file at all); "
+            "save it again with a current torch.save or convert it to .safetensors"
+        )
+    try:
+        data = torch.load(model.path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle and torch raise many kinds
+        raise EngineError(f"embedding {name} cannot be read: {exc}") from exc
     if not isinstance(data, dict):
-        raise EngineError(f"embedding {model.path.name} is not a dict of tensors")
+        raise EngineError(f"embedding {name} is not a dict of tensors")
     return data
 
 
@@ -76,7 +162,12 @@ def embeddings_applied(pipeline: Any, models: list[InstalledModel]) -> Iterator[
     if not models:
         yield lambda prompt: prompt
         return
-    files = [(model, read_embedding(model)) for model in models]
+    widths = {
+        key: int(getattr(pipeline, attr).get_input_embeddings().weight.shape[-1])
+        for key, attr in ENCODERS.items()
+        if hasattr(pipeline, attr)
+    }
+    files = [(model, read_embedding(model, widths)) for model in models]
     tokens = [_placeholders(i, vectors["clip_l"]) for i, (_, vectors) in enumerate(files)]
     own_tokenizer = pipeline.tokenizer
     tables = [_TokenTable(getattr(pipeline, attr)) for attr in _encoders(pipeline)]
@@ -111,11 +202,6 @@ def _load(
     tokenizer = copy.deepcopy(own_tokenizer)
     encoder = getattr(pipeline, attr)
     for (model, vectors), names in zip(files, tokens, strict=True):
-        if key not in vectors:
-            raise EngineError(
-                f"embedding {model.path.name} has no {key} vectors: it is for another model "
-                "family than this checkpoint"
-            )
         try:
             pipeline.load_textual_inversion(
                 vectors[key], token=names, tokenizer=tokenizer, text_encoder=encoder

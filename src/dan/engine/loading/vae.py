@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dan.domain import InstalledModel
-from dan.engine.loading.checkpoint import fill_module, read_state_dict
+from dan.engine.loading.checkpoint import load_module, read_state_dict
 from dan.errors import EngineError, UnsupportedCheckpoint
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ class VaeFiles:
             return self._loaded[1]
 
     def _load(self, model: InstalledModel, config: dict[str, Any]) -> Any:
-        from accelerate import init_empty_weights
         from diffusers import AutoencoderKL
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -57,10 +56,15 @@ class VaeFiles:
         weights = {k: v for k, v in state_dict.items() if not k.startswith("loss.")}
         if not any(key.startswith(DIFFUSERS_SIGN) for key in weights):
             weights = convert_ldm_vae_checkpoint(weights, config)  # type: ignore[no-untyped-call]
-        with init_empty_weights():
-            vae = AutoencoderKL.from_config(config)  # type: ignore[no-untyped-call]
         what = f"VAE file {model.path.name} (for this checkpoint's VAE)"
-        vae = fill_module(vae, weights, what, self._dtype, self._device, error=EngineError)
+        vae = load_module(
+            lambda: AutoencoderKL.from_config(config),  # type: ignore[no-untyped-call]
+            weights,
+            what,
+            self._dtype,
+            self._device,
+            error=EngineError,
+        )
         vae.enable_slicing()  # type: ignore[operator]  # as the checkpoint's own: one image of a batch at a time
         return vae
 

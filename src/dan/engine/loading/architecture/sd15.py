@@ -66,6 +66,9 @@ FOREIGN_SIGNS = (  # (key prefix, what it shows) for other model families
     ("lora_", "LoRA weights (install them as a LoRA)"),
 )
 SD1_PARTS = ((UNET, "UNet"), (VAE, "VAE"), (CLIP_PREFIXES[1], "CLIP text encoder"))
+# The ranks a tensor read for its shape may have: a convolution's weight, a linear layer's (or
+# an embedding table's).
+CONV, LINEAR = (4,), (2,)
 
 
 @dataclass(frozen=True)
@@ -149,14 +152,23 @@ def _cross_attention_width(state_dict: Mapping[str, torch.Tensor]) -> int | None
     key = next(
         (k for k in state_dict if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None
     )
-    return int(state_dict[key].shape[-1]) if key else None
+    shape = tuple(state_dict[key].shape) if key else ()
+    return int(shape[-1]) if shape else None
 
 
-def _shape(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+def _shape(
+    state_dict: Mapping[str, torch.Tensor], key: str, ranks: tuple[int, ...]
+) -> tuple[int, ...]:
+    """The shape of ``key``, which must have one of ``ranks`` dimensions (a 0-d tensor where
+    a convolution belongs would otherwise surface as torch's IndexError)."""
     tensor = state_dict.get(key)
     if tensor is None:
         raise UnsupportedCheckpoint(f"not a Stable Diffusion 1.x checkpoint: no tensor {key}")
-    return tuple(tensor.shape)
+    shape = tuple(tensor.shape)
+    if len(shape) not in ranks:
+        expected = " or ".join(f"{rank}-d" for rank in ranks)
+        raise UnsupportedCheckpoint(f"tensor {key} has shape {list(shape)}; it must be {expected}")
+    return shape
 
 
 def _indices(keys: Iterable[str], prefix: str) -> list[int]:
@@ -173,19 +185,19 @@ def _read_unet(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dict[
     attention = [level.depth > 0 for level in levels]
     context = UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
     config: dict[str, Any] = {
-        "in_channels": _shape(state_dict, UNET + "input_blocks.0.0.weight")[1],
-        "out_channels": _shape(state_dict, UNET + "out.2.weight")[0],
+        "in_channels": _shape(state_dict, UNET + "input_blocks.0.0.weight", CONV)[1],
+        "out_channels": _shape(state_dict, UNET + "out.2.weight", CONV)[0],
         "block_out_channels": [level.channels for level in levels],
         "layers_per_block": levels[0].res_blocks,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention[::-1]],
-        "cross_attention_dim": _shape(state_dict, context)[1],
+        "cross_attention_dim": _shape(state_dict, context, LINEAR)[1],
         "attention_head_dim": SD1_HEADS,
     }
     # Only values SD1.5 does not have are added, so SD1.5 yields exactly the shipped config.
     if depth != 1:
         config["transformer_layers_per_block"] = depth
-    if len(_shape(state_dict, UNET + "middle_block.1.proj_in.weight")) == 2:
+    if len(_shape(state_dict, UNET + "middle_block.1.proj_in.weight", LINEAR + CONV)) == 2:
         config["use_linear_projection"] = True
     return config
 
@@ -212,7 +224,7 @@ def _unet_levels(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> lis
             levels.append(_level_of(blocks))
             blocks = []
             continue
-        channels = _shape(state_dict, block + "0.out_layers.3.weight")[0]
+        channels = _shape(state_dict, block + "0.out_layers.3.weight", CONV)[0]
         blocks.append((channels, len(_indices(keys, block + "1.transformer_blocks."))))
     levels.append(_level_of(blocks))
     return levels
@@ -231,13 +243,14 @@ def _read_vae(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dict[s
     res_blocks = len(_indices(keys, encoder + "down.0.block."))
     last = res_blocks - 1
     return {
-        "in_channels": _shape(state_dict, encoder + "conv_in.weight")[1],
-        "out_channels": _shape(state_dict, VAE + "decoder.conv_out.weight")[0],
+        "in_channels": _shape(state_dict, encoder + "conv_in.weight", CONV)[1],
+        "out_channels": _shape(state_dict, VAE + "decoder.conv_out.weight", CONV)[0],
         "block_out_channels": [
-            _shape(state_dict, f"{encoder}down.{i}.block.{last}.conv2.weight")[0] for i in levels
+            _shape(state_dict, f"{encoder}down.{i}.block.{last}.conv2.weight", CONV)[0]
+            for i in levels
         ],
         "layers_per_block": res_blocks,
-        "latent_channels": _shape(state_dict, VAE + "decoder.conv_in.weight")[1],
+        "latent_channels": _shape(state_dict, VAE + "decoder.conv_in.weight", CONV)[1],
         "down_block_types": ["DownEncoderBlock2D"] * len(levels),
         "up_block_types": ["UpDecoderBlock2D"] * len(levels),
     }
@@ -250,13 +263,13 @@ def clip_prefix(keys: Iterable[str]) -> str:
 
 def _read_text_encoder(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, Any]:
     prefix = clip_prefix(keys)
-    vocab, hidden = _shape(state_dict, prefix + "embeddings.token_embedding.weight")
+    vocab, hidden = _shape(state_dict, prefix + "embeddings.token_embedding.weight", LINEAR)
+    fc1 = prefix + "encoder.layers.0.mlp.fc1.weight"
+    positions = prefix + "embeddings.position_embedding.weight"
     return {
         "hidden_size": hidden,
-        "intermediate_size": _shape(state_dict, prefix + "encoder.layers.0.mlp.fc1.weight")[0],
-        "max_position_embeddings": _shape(
-            state_dict, prefix + "embeddings.position_embedding.weight"
-        )[0],
+        "intermediate_size": _shape(state_dict, fc1, LINEAR)[0],
+        "max_position_embeddings": _shape(state_dict, positions, LINEAR)[0],
         "num_attention_heads": _clip_heads(hidden),
         "num_hidden_layers": len(_indices(keys, prefix + "encoder.layers.")),
         "vocab_size": vocab,

@@ -27,6 +27,8 @@ from typing import Any, Literal
 import torch
 
 from dan.engine.loading.architecture.sd15 import (
+    CONV,
+    LINEAR,
     UNET,
     VAE,
     _has,
@@ -152,10 +154,11 @@ def _read_unet(
         raise UnsupportedCheckpoint(f"irregular SDXL UNet (levels {levels}, middle {mid_depth})")
     attention = [level.depth > 0 for level in levels]
     context = UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
-    embedding_inputs = _shape(state_dict, UNET + "label_emb.0.0.weight")[1]
+    proj_in = UNET + "middle_block.1.proj_in.weight"
+    embedding_inputs = _shape(state_dict, UNET + "label_emb.0.0.weight", LINEAR)[1]
     return {
-        "in_channels": _shape(state_dict, UNET + "input_blocks.0.0.weight")[1],
-        "out_channels": _shape(state_dict, UNET + "out.2.weight")[0],
+        "in_channels": _shape(state_dict, UNET + "input_blocks.0.0.weight", CONV)[1],
+        "out_channels": _shape(state_dict, UNET + "out.2.weight", CONV)[0],
         "block_out_channels": [level.channels for level in levels],
         "layers_per_block": levels[0].res_blocks,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
@@ -163,23 +166,22 @@ def _read_unet(
         # diffusers wants a depth for attention-less levels too; SDXL's config says 1.
         "transformer_layers_per_block": [max(level.depth, 1) for level in levels],
         "attention_head_dim": [heads(level.channels) for level in levels],
-        "cross_attention_dim": _shape(state_dict, context)[1],
+        "cross_attention_dim": _shape(state_dict, context, LINEAR)[1],
         "projection_class_embeddings_input_dim": embedding_inputs,
         "addition_time_embed_dim": (embedding_inputs - pooled) // SIZE_NUMBERS,
-        "use_linear_projection": len(_shape(state_dict, UNET + "middle_block.1.proj_in.weight"))
-        == 2,
+        "use_linear_projection": len(_shape(state_dict, proj_in, LINEAR + CONV)) == 2,
     }
 
 
 def _read_clip_l(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, Any]:
     prefix = CLIP_L + "text_model." if _has(keys, CLIP_L + "text_model.") else CLIP_L
-    vocab, hidden = _shape(state_dict, prefix + "embeddings.token_embedding.weight")
+    vocab, hidden = _shape(state_dict, prefix + "embeddings.token_embedding.weight", LINEAR)
+    fc1 = prefix + "encoder.layers.0.mlp.fc1.weight"
+    positions = prefix + "embeddings.position_embedding.weight"
     return {
         "hidden_size": hidden,
-        "intermediate_size": _shape(state_dict, prefix + "encoder.layers.0.mlp.fc1.weight")[0],
-        "max_position_embeddings": _shape(
-            state_dict, prefix + "embeddings.position_embedding.weight"
-        )[0],
+        "intermediate_size": _shape(state_dict, fc1, LINEAR)[0],
+        "max_position_embeddings": _shape(state_dict, positions, LINEAR)[0],
         "num_attention_heads": heads(hidden),
         "num_hidden_layers": len(_indices(keys, prefix + "encoder.layers.")),
         "projection_dim": hidden,
@@ -188,15 +190,16 @@ def _read_clip_l(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dic
 
 
 def _read_open_clip(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> dict[str, Any]:
-    vocab, hidden = _shape(state_dict, OPEN_CLIP + "token_embedding.weight")
+    vocab, hidden = _shape(state_dict, OPEN_CLIP + "token_embedding.weight", LINEAR)
     blocks = OPEN_CLIP + "transformer.resblocks."
+    positions = OPEN_CLIP + "positional_embedding"
     return {
         "hidden_size": hidden,
-        "intermediate_size": _shape(state_dict, blocks + "0.mlp.c_fc.weight")[0],
-        "max_position_embeddings": _shape(state_dict, OPEN_CLIP + "positional_embedding")[0],
+        "intermediate_size": _shape(state_dict, blocks + "0.mlp.c_fc.weight", LINEAR)[0],
+        "max_position_embeddings": _shape(state_dict, positions, LINEAR)[0],
         "num_attention_heads": heads(hidden),
         "num_hidden_layers": len(_indices(keys, blocks)),
-        "projection_dim": _shape(state_dict, OPEN_CLIP + "text_projection")[1],
+        "projection_dim": _shape(state_dict, OPEN_CLIP + "text_projection", LINEAR)[1],
         "vocab_size": vocab,
     }
 
