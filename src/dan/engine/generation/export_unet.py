@@ -74,9 +74,11 @@ def export(job: dict[str, Any]) -> None:
     out = Path(job["out"])
     partial = out.with_name(f"{out.stem}.{os.getpid()}.partial.pt2")
     try:
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(partial), inductor_configs={"freezing": True}
-        )
+        # Inductor freezes (folds and prepacks the weights) only with gradients off.
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(partial), inductor_configs={"freezing": True}
+            )
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
