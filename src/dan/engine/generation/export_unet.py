@@ -7,7 +7,8 @@ It loads the checkpoint from its file with the worker's own loader (the same wei
 worker's plain path runs), exports the UNet with ``torch.export`` for the example call's shapes,
 compiles it with AOTInductor, weights frozen into the graph (convolutions and linears prepacked
 for oneDNN), and writes the ``.pt2`` package atomically. It runs at a lower CPU priority, so
-the worker's tasks keep the cores first.
+the worker's tasks keep the cores first, and exits as soon as the worker that started it is
+gone (nobody would load its package; a stopped server leaves no compile running).
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 NICENESS = 10
+PARENT_POLL_S = 1.0
 
 
 class UNetForward(torch.nn.Module):
@@ -84,10 +88,24 @@ def export(job: dict[str, Any]) -> None:
         partial.unlink(missing_ok=True)
 
 
+def exit_with_parent(parent: int) -> None:
+    """Exit (at once, from any phase of the compile) when ``parent``, the worker that started
+    this compile, is no longer this process's parent (it may be gone before this runs)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
+    job = json.loads(sys.argv[1])
+    exit_with_parent(int(job["parent"]))
     os.nice(NICENESS)
-    export(json.loads(sys.argv[1]))
+    export(job)
 
 
 if __name__ == "__main__":

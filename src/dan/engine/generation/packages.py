@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,8 @@ class Packages:
     def kept(self) -> Iterator[tuple[ShapeKey, Callable[[], Compiled]]]:
         """The shapes compiled and checked by an earlier run on this machine, with a loader
         of each one's package."""
+        if self._directory.is_dir():
+            _remove_abandoned(self._directory)
         here = fingerprint()
         for note_path in sorted(self._directory.glob("*.json")):
             try:
@@ -106,6 +109,7 @@ class Packages:
 
     def _run_child(self, call: UNetCall, package: Path) -> None:
         self._directory.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(self._directory)
         with tempfile.TemporaryDirectory(dir=self._directory) as tmp:
             inputs = Path(tmp) / "call.pt"
             torch.save(_saved(call), inputs)
@@ -117,6 +121,7 @@ class Packages:
                 "cache_dir": str(source.cache_dir),
                 "inputs": str(inputs),
                 "out": str(package),
+                "parent": os.getpid(),
             }
             command = [sys.executable, "-m", "dan.engine.generation.export_unet", json.dumps(job)]
             with self._lock:
@@ -137,6 +142,24 @@ class Packages:
             if child.returncode != 0:
                 tail = errors.decode(errors="replace").strip().splitlines()[-5:]
                 raise RuntimeError(f"the compile exited {child.returncode}: " + " / ".join(tail))
+
+
+def _remove_abandoned(directory: Path) -> None:
+    """Delete partial packages whose compiling process is gone (killed as it wrote them)."""
+    for partial in directory.glob("*.partial.pt2"):
+        pid = partial.name.split(".")[-3]
+        if pid.isdigit() and not _alive(int(pid)):
+            partial.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _saved(call: UNetCall) -> dict[str, object]:
