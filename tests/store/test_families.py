@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from sqlalchemy import Engine
 
-from dan.domain import ModelFamily, ModelKind, TaskKind, TaskResult
+from dan.db.tables import accounts
+from dan.domain import LOCAL_ACCOUNT, ModelFamily, ModelKind, TaskKind, TaskResult
 from dan.nodes.store import NodeFile, NodeRules, SqlNodeStore
 from dan.tasks.checks import SqlCheckStore
 from dan.tasks.store import NewTask, Offer, SqlTaskStore
@@ -119,17 +121,26 @@ def test_files_carry_the_family_the_node_read(db: Engine, clock: Clock) -> None:
 def family_vote(
     db: Engine, clock: Clock, *holders: tuple[str, ModelFamily, bool]
 ) -> ModelFamily | None:
-    """The family find_files gives a checkpoint held by ``holders`` (name, the family it
-    reads, whether it is past its probation), each of its own account."""
+    """The family find_files gives a checkpoint held by ``holders``: a node each, as (its
+    account, the family it reads, whether it is past its probation)."""
     nodes = SqlNodeStore(db, rules=NodeRules(probation_checks=1), clock=clock)
-    for name, family, established in holders:
+    for i, (account, family, established) in enumerate(holders):
+        name = f"{account}-{i}"
         file = NodeFile(CHECKPOINT, ModelKind.CHECKPOINT, name, f"{name}.safetensors", 1, family)
-        node_id = nodes.register(name, name, {}, [file], [], families={SD15, SDXL}).node_id
+        node_id = nodes.register(account, name, {}, [file], [], families={SD15, SDXL}).node_id
         if established:
             nodes.record_check(node_id, passed=True)
     found = {f.family for f in nodes.find_files(ModelKind.CHECKPOINT, sha256=CHECKPOINT)}
     assert len(found) == 1, found  # one family per file, whatever names its holders give it
     return found.pop()
+
+
+def admin(db: Engine, account: str) -> str:
+    """``account`` becomes an admin's; returns it."""
+    with db.begin() as conn:
+        row = {"id": account, "nickname": account, "is_admin": True, "can_run_nodes": True}
+        conn.execute(accounts.insert().values(**row, created_at=0.0))
+    return account
 
 
 def test_a_files_family_is_what_most_of_its_holders_read(db: Engine, clock: Clock) -> None:
@@ -157,6 +168,17 @@ def test_a_tie_goes_to_sdxl_and_probation_cannot_break_it(db: Engine, clock: Clo
     tied = [("a", SD15, True), ("b", SDXL, True)]
     newcomers = [(f"new-{i}", SD15, False) for i in range(3)]
     assert family_vote(db, clock, *tied, *newcomers) == SDXL
+
+
+@pytest.mark.parametrize("owner", ["local", "admin"])
+def test_the_local_worker_and_admins_nodes_vote_as_established(
+    db: Engine, clock: Clock, owner: str
+) -> None:
+    """Before: trusted nodes are never checked, so their checks_passed stays 0 and they
+    voted as nodes on probation: two newcomers outvoted the operator's own worker."""
+    trusted = LOCAL_ACCOUNT if owner == "local" else admin(db, "ops")
+    newcomers = [("new-0", SDXL, False), ("new-1", SDXL, False)]
+    assert family_vote(db, clock, (trusted, SD15, False), *newcomers) == SD15
 
 
 def test_suspect_and_offline_holders_do_not_vote(db: Engine, clock: Clock) -> None:

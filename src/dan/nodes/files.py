@@ -3,10 +3,11 @@ name, hash or prefix for the API's resolution of model names (dan.nodes.models).
 
 The family of a file is a vote of the online, unsuspected nodes that hold it (each reads it
 from the file's header): one node must not decide it for everyone, or it could say an SD 1.x
-checkpoint is SDXL and hide it from SD 1.x cards. Nodes past their probation outvote those
-on it, which vote only where no established holder says; a tie goes to the family that asks
-more of a node (SDXL): an SD 1.x file sent as SDXL work still runs, on a bigger card, while an
-SDXL file sent as SD 1.x work reaches cards without the memory for it.
+checkpoint is SDXL and hide it from SD 1.x cards. Nodes past their probation (dan.nodes.honor:
+checked, or trusted by the operator) outvote those on it, which vote only where no established
+holder says; a tie goes to the family that asks more of a node (SDXL): an SD 1.x file sent as
+SDXL work still runs, on a bigger card, while an SDXL file sent as SD 1.x work reaches cards
+without the memory for it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy import Connection, Select, case, delete, func, insert, select
 from dan.db.tables import node_families, node_files, nodes
 from dan.domain import ModelFamily, ModelKind
 from dan.nodes.base import NetworkFile, NodeFile
+from dan.nodes.honor import established, with_owner
 
 INSERT_BATCH = 2000
 CAUTIOUS_FIRST = (ModelFamily.SDXL, ModelFamily.SD15)  # a tied vote goes to the first
@@ -125,10 +127,13 @@ def agreed_families(
     """The family of each of ``sha256s`` (files of ``kind``) as its online, unsuspected
     holders vote (see the module docstring); absent where none of them read one."""
     f = node_files
-    settled = func.sum(case((nodes.c.checks_passed >= probation_checks, 1), else_=0))
+    settled = func.sum(case((established(probation_checks), 1), else_=0))
     query = (
-        select(f.c.sha256, f.c.family, settled.label("settled"), func.count().label("holders"))
-        .join(nodes, nodes.c.id == f.c.node_id)
+        with_owner(
+            select(
+                f.c.sha256, f.c.family, settled.label("settled"), func.count().label("holders")
+            ).join(nodes, nodes.c.id == f.c.node_id)
+        )
         .where(
             f.c.kind == kind.value,
             f.c.sha256.in_(sorted(set(sha256s))),
