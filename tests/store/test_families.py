@@ -170,6 +170,36 @@ def test_a_tie_goes_to_sdxl_and_probation_cannot_break_it(db: Engine, clock: Clo
     assert family_vote(db, clock, *tied, *newcomers) == SDXL
 
 
+def test_an_account_has_one_vote_however_many_nodes_it_runs(db: Engine, clock: Clock) -> None:
+    """Before: every node voted, so one account's nodes (free to add, up to
+    DAN_MAX_NODES_PER_ACCOUNT) outvoted two accounts of one node each."""
+    farm = [("sly", SDXL, True)] * 3
+    assert family_vote(db, clock, ("a", SD15, True), ("b", SD15, True), *farm) == SD15
+
+
+def test_an_account_votes_as_most_of_its_nodes_read_and_a_split_one_for_sdxl(
+    db: Engine, clock: Clock
+) -> None:
+    """Before: the split account's SD 1.x node and the other account's outvoted its SDXL
+    node 2 to 1; now the account says SDXL, which ties with the other account's SD 1.x."""
+    split = [("split", SD15, True), ("split", SDXL, True)]
+    assert family_vote(db, clock, *split, ("other", SD15, True)) == SDXL
+
+
+def test_an_accounts_majority_decides_its_vote(db: Engine, clock: Clock) -> None:
+    mostly_xl = [("mostly", SDXL, True), ("mostly", SDXL, True), ("mostly", SD15, True)]
+    assert family_vote(db, clock, *mostly_xl, ("one", SD15, True), ("two", SD15, True)) == SD15
+
+
+def test_an_accounts_established_nodes_speak_for_it_and_it_votes_as_established(
+    db: Engine, clock: Clock
+) -> None:
+    """Its nodes on probation neither change its vote nor vote again as newcomers."""
+    mixed = [("mixed", SD15, True), ("mixed", SDXL, False), ("mixed", SDXL, False)]
+    newcomers = [("new-0", SDXL, False), ("new-1", SDXL, False)]
+    assert family_vote(db, clock, *mixed, *newcomers) == SD15
+
+
 @pytest.mark.parametrize("owner", ["local", "admin"])
 def test_the_local_worker_and_admins_nodes_vote_as_established(
     db: Engine, clock: Clock, owner: str
