@@ -46,6 +46,37 @@ def test_new_nodes_cannot_set_the_family_of_a_checkpoint_others_have(start: Star
     assert honest.take()["id"] == task_id  # type: ignore[index]
 
 
+def listed_family(net: Net, sha: str) -> list[str]:
+    listed = net.call("GET", "/api/sd/supportedModelInfo", net.key("user"))["data"]["Models"]
+    return [m["family"] for m in listed if m["hash"] == sha]
+
+
+def test_one_accounts_many_nodes_cannot_outvote_two_accounts(start: Start) -> None:
+    """Before: every node voted, so an account that may run nodes registered three names
+    (nodes are free, up to DAN_MAX_NODES_PER_ACCOUNT) and outvoted two donors 3 to 2."""
+    net = start(probation_checks=1)
+    sha = fake_sha("an sd15 mix")
+    for donor in ("alice", "bob"):
+        key = net.key(donor, can_run_nodes=True)
+        past_probation(net, net.node(key, "gpu", [checkpoint("mix", sha, "sd15")]))
+    sly = net.key("sly", can_run_nodes=True)
+    for i in range(3):
+        past_probation(net, net.node(sly, f"liar-{i}", [checkpoint("mix", sha, "sdxl")]))
+    assert listed_family(net, sha) == ["sd15"]
+
+
+def test_an_admins_node_outvotes_newcomers(start: Start) -> None:
+    """Before: an admin's node, never checked, voted as a node on probation, so two new
+    accounts' nodes outvoted it."""
+    net = start(probation_checks=1)
+    sha = fake_sha("an sd15 mix")
+    net.node(net.key("ops", is_admin=True), "gpu", [checkpoint("mix", sha, "sd15")])
+    for newcomer in ("new-1", "new-2"):
+        key = net.key(newcomer, can_run_nodes=True)
+        net.node(key, "gpu", [checkpoint("mix", sha, "sdxl")])
+    assert listed_family(net, sha) == ["sd15"]
+
+
 def test_claims_past_the_waiting_limit_write_nothing(start: Start) -> None:
     """Before: a claim wrote the node's sighting (last seen, its loaded checkpoints, online
     honor) before the limit of waiting claims refused it, so a node flooding claims was kept

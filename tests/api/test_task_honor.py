@@ -56,3 +56,13 @@ def test_escrow_holds_the_same_scaled_honor(start: Start) -> None:
     node = net.node(donor, "gpu")
     run(net, node, user, batch_size=4)
     assert net.task_honor("donor") == (0.0, pytest.approx(4.0))
+
+
+def test_an_admins_node_is_paid_at_once(start: Start) -> None:
+    """Before: an admin's node, whose results are never checked, was on probation for good
+    and its task honor sat in escrow for ever."""
+    net = start(probation_checks=3)
+    ops, user = net.key("ops", is_admin=True), net.key("user")
+    node = net.node(ops, "gpu")
+    run(net, node, user)
+    assert net.task_honor("ops") == (pytest.approx(1.0), 0.0)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from sqlalchemy import Engine
 
-from dan.domain import ModelFamily, ModelKind, TaskKind, TaskResult
+from dan.db.tables import accounts
+from dan.domain import LOCAL_ACCOUNT, ModelFamily, ModelKind, TaskKind, TaskResult
 from dan.nodes.store import NodeFile, NodeRules, SqlNodeStore
 from dan.tasks.checks import SqlCheckStore
 from dan.tasks.store import NewTask, Offer, SqlTaskStore
@@ -119,17 +121,26 @@ def test_files_carry_the_family_the_node_read(db: Engine, clock: Clock) -> None:
 def family_vote(
     db: Engine, clock: Clock, *holders: tuple[str, ModelFamily, bool]
 ) -> ModelFamily | None:
-    """The family find_files gives a checkpoint held by ``holders`` (name, the family it
-    reads, whether it is past its probation), each of its own account."""
+    """The family find_files gives a checkpoint held by ``holders``: a node each, as (its
+    account, the family it reads, whether it is past its probation)."""
     nodes = SqlNodeStore(db, rules=NodeRules(probation_checks=1), clock=clock)
-    for name, family, established in holders:
+    for i, (account, family, established) in enumerate(holders):
+        name = f"{account}-{i}"
         file = NodeFile(CHECKPOINT, ModelKind.CHECKPOINT, name, f"{name}.safetensors", 1, family)
-        node_id = nodes.register(name, name, {}, [file], [], families={SD15, SDXL}).node_id
+        node_id = nodes.register(account, name, {}, [file], [], families={SD15, SDXL}).node_id
         if established:
             nodes.record_check(node_id, passed=True)
     found = {f.family for f in nodes.find_files(ModelKind.CHECKPOINT, sha256=CHECKPOINT)}
     assert len(found) == 1, found  # one family per file, whatever names its holders give it
     return found.pop()
+
+
+def admin(db: Engine, account: str) -> str:
+    """``account`` becomes an admin's; returns it."""
+    with db.begin() as conn:
+        row = {"id": account, "nickname": account, "is_admin": True, "can_run_nodes": True}
+        conn.execute(accounts.insert().values(**row, created_at=0.0))
+    return account
 
 
 def test_a_files_family_is_what_most_of_its_holders_read(db: Engine, clock: Clock) -> None:
@@ -157,6 +168,47 @@ def test_a_tie_goes_to_sdxl_and_probation_cannot_break_it(db: Engine, clock: Clo
     tied = [("a", SD15, True), ("b", SDXL, True)]
     newcomers = [(f"new-{i}", SD15, False) for i in range(3)]
     assert family_vote(db, clock, *tied, *newcomers) == SDXL
+
+
+def test_an_account_has_one_vote_however_many_nodes_it_runs(db: Engine, clock: Clock) -> None:
+    """Before: every node voted, so one account's nodes (free to add, up to
+    DAN_MAX_NODES_PER_ACCOUNT) outvoted two accounts of one node each."""
+    farm = [("sly", SDXL, True)] * 3
+    assert family_vote(db, clock, ("a", SD15, True), ("b", SD15, True), *farm) == SD15
+
+
+def test_an_account_votes_as_most_of_its_nodes_read_and_a_split_one_for_sdxl(
+    db: Engine, clock: Clock
+) -> None:
+    """Before: the split account's SD 1.x node and the other account's outvoted its SDXL
+    node 2 to 1; now the account says SDXL, which ties with the other account's SD 1.x."""
+    split = [("split", SD15, True), ("split", SDXL, True)]
+    assert family_vote(db, clock, *split, ("other", SD15, True)) == SDXL
+
+
+def test_an_accounts_majority_decides_its_vote(db: Engine, clock: Clock) -> None:
+    mostly_xl = [("mostly", SDXL, True), ("mostly", SDXL, True), ("mostly", SD15, True)]
+    assert family_vote(db, clock, *mostly_xl, ("one", SD15, True), ("two", SD15, True)) == SD15
+
+
+def test_an_accounts_established_nodes_speak_for_it_and_it_votes_as_established(
+    db: Engine, clock: Clock
+) -> None:
+    """Its nodes on probation neither change its vote nor vote again as newcomers."""
+    mixed = [("mixed", SD15, True), ("mixed", SDXL, False), ("mixed", SDXL, False)]
+    newcomers = [("new-0", SDXL, False), ("new-1", SDXL, False)]
+    assert family_vote(db, clock, *mixed, *newcomers) == SD15
+
+
+@pytest.mark.parametrize("owner", ["local", "admin"])
+def test_the_local_worker_and_admins_nodes_vote_as_established(
+    db: Engine, clock: Clock, owner: str
+) -> None:
+    """Before: trusted nodes are never checked, so their checks_passed stays 0 and they
+    voted as nodes on probation: two newcomers outvoted the operator's own worker."""
+    trusted = LOCAL_ACCOUNT if owner == "local" else admin(db, "ops")
+    newcomers = [("new-0", SDXL, False), ("new-1", SDXL, False)]
+    assert family_vote(db, clock, (trusted, SD15, False), *newcomers) == SD15
 
 
 def test_suspect_and_offline_holders_do_not_vote(db: Engine, clock: Clock) -> None:

@@ -53,14 +53,14 @@ def worked(db: Engine, node_id: str, at: float) -> None:
         conn.execute(update(nodes_table).where(nodes_table.c.id == node_id).values(worked_at=at))
 
 
-def add_account(db: Engine, account_id: str, nickname: str) -> None:
+def add_account(db: Engine, account_id: str, nickname: str, *, is_admin: bool = False) -> None:
     with db.begin() as conn:
         conn.execute(
             accounts.insert().values(
                 id=account_id,
                 nickname=nickname,
                 email=f"{nickname}@example.org",
-                is_admin=False,
+                is_admin=is_admin,
                 can_run_nodes=True,
                 created_at=0.0,
             )
@@ -235,6 +235,20 @@ def test_online_honor_needs_a_record_recent_work_and_a_place_among_few_nodes(
     one_interval()
     one_interval()  # their last work is now older than the window
     assert online_honor(db, "farmer") == 4
+
+
+def test_an_admins_node_earns_online_honor_without_checks(db: Engine, clock: Clock) -> None:
+    """Before: an admin's node, whose results are never checked, stayed on probation and
+    was never paid for its time online."""
+    add_account(db, "acc-ops", "ops", is_admin=True)
+    rules = NodeRules(offline_after_s=OFFLINE_AFTER, online_interval_s=INTERVAL, probation_checks=1)
+    nodes = node_store(db, clock, rules)
+    node_id = register(nodes, "acc-ops", "gpu", honor_per_interval=1.0)
+    worked(db, node_id, clock.now)
+    for _ in range(int(INTERVAL / 30)):
+        clock.advance(30)
+        nodes.seen(node_id, honor_per_interval=1.0)
+    assert online_honor(db, "acc-ops") == 1
 
 
 def test_a_failed_check_voids_escrow_and_a_passed_probation_pays_it(

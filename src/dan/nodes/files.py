@@ -1,12 +1,17 @@
 """What nodes have installed, as rows of ``node_files``: written at registration, queried by
 name, hash or prefix for the API's resolution of model names (dan.nodes.models).
 
-The family of a file is a vote of the online, unsuspected nodes that hold it (each reads it
-from the file's header): one node must not decide it for everyone, or it could say an SD 1.x
-checkpoint is SDXL and hide it from SD 1.x cards. Nodes past their probation outvote those
-on it, which vote only where no established holder says; a tie goes to the family that asks
-more of a node (SDXL): an SD 1.x file sent as SDXL work still runs, on a bigger card, while an
-SDXL file sent as SD 1.x work reaches cards without the memory for it.
+The family of a file is a vote of the accounts whose online, unsuspected nodes hold it (each
+node reads it from the file's header): one node must not decide it for everyone, or it could
+say an SD 1.x checkpoint is SDXL and hide it from SD 1.x cards. An account has one vote however
+many nodes it runs, because nodes cost nothing (any name registers one, up to
+``max_nodes_per_account``), while only an admin can let an account run nodes. Its vote is what
+most of its nodes read: those past their probation (dan.nodes.honor: checked, or trusted by the
+operator) if it has any, and it then votes as established; else its nodes on probation. Accounts
+voting as established outvote the others, which vote only where no established account says. A
+tie, among an account's nodes or among accounts, goes to the family that asks more of a node
+(SDXL): an SD 1.x file sent as SDXL work still runs, on a bigger card, while an SDXL file sent
+as SD 1.x work reaches cards without the memory for it.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ from sqlalchemy import Connection, Select, case, delete, func, insert, select
 from dan.db.tables import node_families, node_files, nodes
 from dan.domain import ModelFamily, ModelKind
 from dan.nodes.base import NetworkFile, NodeFile
+from dan.nodes.honor import established, with_owner
 
 INSERT_BATCH = 2000
 CAUTIOUS_FIRST = (ModelFamily.SDXL, ModelFamily.SD15)  # a tied vote goes to the first
+# Votes for each family: (established voters, all voters).
+Tally = dict[ModelFamily, tuple[int, int]]
 
 
 def replace_files(conn: Connection, node_id: str, files: Sequence[NodeFile]) -> None:
@@ -122,37 +130,56 @@ def agreed_families(
     *,
     probation_checks: int,
 ) -> dict[str, ModelFamily]:
-    """The family of each of ``sha256s`` (files of ``kind``) as its online, unsuspected
-    holders vote (see the module docstring); absent where none of them read one."""
+    """The family of each of ``sha256s`` (files of ``kind``) as the accounts of its online,
+    unsuspected holders vote (see the module docstring); absent where none of them read one."""
     f = node_files
-    settled = func.sum(case((nodes.c.checks_passed >= probation_checks, 1), else_=0))
-    query = (
-        select(f.c.sha256, f.c.family, settled.label("settled"), func.count().label("holders"))
-        .join(nodes, nodes.c.id == f.c.node_id)
-        .where(
-            f.c.kind == kind.value,
-            f.c.sha256.in_(sorted(set(sha256s))),
-            f.c.family.is_not(None),
-            nodes.c.last_seen_at >= online_since,
-            nodes.c.suspect_since.is_(None),
-        )
-        .group_by(f.c.sha256, f.c.family)
+    settled = func.sum(case((established(probation_checks), 1), else_=0))
+    query = with_owner(
+        select(
+            f.c.sha256,
+            nodes.c.account,
+            f.c.family,
+            settled.label("settled"),
+            func.count().label("holders"),
+        ).join(nodes, nodes.c.id == f.c.node_id)
+    ).where(
+        f.c.kind == kind.value,
+        f.c.sha256.in_(sorted(set(sha256s))),
+        f.c.family.is_not(None),
+        nodes.c.last_seen_at >= online_since,
+        nodes.c.suspect_since.is_(None),
     )
-    votes: dict[str, dict[ModelFamily, tuple[int, int]]] = {}
-    for row in conn.execute(query):
+    ballots: dict[str, dict[str, Tally]] = {}  # by sha256, then by account
+    for row in conn.execute(query.group_by(f.c.sha256, nodes.c.account, f.c.family)):
         family = _known(row.family)
         if family is not None:
-            votes.setdefault(row.sha256, {})[family] = (int(row.settled), int(row.holders))
-    return {sha256: _winner(tally) for sha256, tally in votes.items()}
+            tally = ballots.setdefault(row.sha256, {}).setdefault(row.account, {})
+            tally[family] = (int(row.settled), int(row.holders))
+    return {sha256: _winner(_by_account(by_account)) for sha256, by_account in ballots.items()}
 
 
-def _winner(tally: dict[ModelFamily, tuple[int, int]]) -> ModelFamily:
-    """Most established holders; only where there are none, most holders on probation; on a
+def _by_account(ballots: dict[str, Tally]) -> Tally:
+    """One vote per account, from each account's tally of its nodes: the family its nodes
+    elect (:func:`_winner`), established if any of them is."""
+    tally: Tally = {}
+    for nodes_tally in ballots.values():
+        family = _winner(nodes_tally)
+        settled, holders = tally.get(family, (0, 0))
+        tally[family] = (settled + int(_any_settled(nodes_tally)), holders + 1)
+    return tally
+
+
+def _winner(tally: Tally) -> ModelFamily:
+    """Most established voters; only where there are none, most voters on probation; on a
     tie, the first of CAUTIOUS_FIRST."""
-    standing = 0 if any(settled for settled, _ in tally.values()) else 1
+    standing = 0 if _any_settled(tally) else 1
     most = max(counts[standing] for counts in tally.values())
     tied = {family for family, counts in tally.items() if counts[standing] == most}
     return min(tied, key=_caution)
+
+
+def _any_settled(tally: Tally) -> bool:
+    return any(settled for settled, _ in tally.values())
 
 
 def _caution(family: ModelFamily) -> int:

@@ -4,24 +4,48 @@ Online honor is paid in whole intervals, in the transaction that records the nod
 (dan.nodes.store): ``rewarded_until`` is where the paid time ends. A node not heard from for
 ``offline_after_s`` was offline: the time since its last sighting is not paid, and payment
 starts afresh when it is seen again. Only a node that earns it is paid: not suspect, past its
-probation (``probation_checks`` results checked and found right), with an accepted result for
+probation (:func:`established`), with an accepted result for
 another account within ``honor_window_s``, and among the first ``rewarded_nodes_per_account``
 of its account paid in the interval; other intervals pass unpaid. Task honor a node on
 probation earned waits in ``honor_escrow`` and moves into the ledger when the probation is
 through (a failed check drops it).
+
+A node is past its probation when ``probation_checks`` of its results were checked and found
+right, or when the operator trusts it: the local worker's node and admins' nodes, whose results
+are never checked (dan.nodes.service), so that their count of passed checks stays 0 for good.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
-from sqlalchemy import Connection, delete, func, select
+from sqlalchemy import ColumnElement, Connection, Select, delete, func, or_, select
 from sqlalchemy.engine import RowMapping
 
-from dan.db.tables import honor_escrow, honor_grants
+from dan.db.tables import accounts, honor_escrow, honor_grants, nodes
+from dan.domain import LOCAL_ACCOUNT
 from dan.nodes.base import NodeRules
 
 ONLINE_REASON, TASK_REASON = "online", "task"
+
+
+def with_owner(query: Select[Any]) -> Select[Any]:
+    """``query`` (over ``nodes``) joined to each node's owner in ``accounts``, which
+    :func:`established` reads; a node whose account has no row keeps its place."""
+    return query.join(accounts, accounts.c.id == nodes.c.account, isouter=True)
+
+
+def established(probation_checks: int) -> ColumnElement[bool]:
+    """SQL, over :func:`with_owner`: the node is past its probation (module docstring)."""
+    trusted = or_(nodes.c.account == LOCAL_ACCOUNT, accounts.c.is_admin.is_(True))
+    return or_(nodes.c.checks_passed >= probation_checks, trusted)
+
+
+def past_probation(conn: Connection, node_id: str, probation_checks: int) -> bool:
+    """Whether the node ``node_id`` is past its probation (False for no such node)."""
+    query = with_owner(select(established(probation_checks)).select_from(nodes))
+    return bool(conn.execute(query.where(nodes.c.id == node_id)).scalar_one_or_none())
 
 
 def settle(row: RowMapping, now: float, rules: NodeRules) -> tuple[int, float]:
@@ -38,9 +62,11 @@ def settle(row: RowMapping, now: float, rules: NodeRules) -> tuple[int, float]:
 
 def earns(conn: Connection, row: RowMapping, now: float, rules: NodeRules) -> bool:
     """Whether the node ``row`` earns online honor now (see the module docstring)."""
-    if row["suspect_since"] is not None or row["checks_passed"] < rules.probation_checks:
+    if row["suspect_since"] is not None:
         return False
     if row["worked_at"] is None or row["worked_at"] < now - rules.honor_window_s:
+        return False
+    if not past_probation(conn, row["id"], rules.probation_checks):
         return False
     paid_nodes = conn.execute(
         select(func.count(func.distinct(honor_grants.c.node_id))).where(
