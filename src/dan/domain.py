@@ -237,7 +237,7 @@ class HiresFix:
 # "none": the control image is used as it is (already an edge map or a drawn pose).
 CONTROLNET_PREPROCESSORS: tuple[str, ...] = ("canny", "openpose", "none")
 # Each names a kind of control; the checkpoint's family picks the ControlNet file (sd15_canny
-# on an SDXL checkpoint is SDXL's canny ControlNet), see dan.tasks.orders.
+# on an SDXL checkpoint is SDXL's canny ControlNet), see dan.tasks.order_models.
 CONTROLNET_MODELS: tuple[str, ...] = ("sd15_canny", "sd15_openpose", "sdxl_canny", "sdxl_openpose")
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from dan.api.app import create_app
 from dan.domain import ModelKind, TaskStatus
 from dan.engine.fake import FakeEngine
-from dan.nodes.service import NodeDescription
+from dan.nodes.sessions import NodeDescription
 from dan.nodes.store import NodeFile
 from dan.services import build_services
 from dan.workers.loop import Worker

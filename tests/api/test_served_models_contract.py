@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from dan.api.app import create_app
 from dan.domain import Account, ModelKind
-from dan.nodes.service import NodeDescription
+from dan.nodes.sessions import NodeDescription
 from dan.nodes.store import NodeFile
 from dan.services import build_services
 from tests.api.conftest import Api, install_dummy_checkpoint, make_settings

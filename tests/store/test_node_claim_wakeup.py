@@ -17,7 +17,7 @@ from dan.models.catalog import load_catalog
 from dan.nodes import NodeService, SqlNodeStore
 from dan.nodes.base import NodeRules
 from dan.nodes.checks import ResultChecks
-from dan.nodes.service import NodeDescription
+from dan.nodes.sessions import NodeDescription
 from dan.nodes.store import Session
 from dan.storage import InMemoryBlobStore
 from dan.tasks.checks import SqlCheckStore

@@ -23,7 +23,8 @@ from dan.imaging import read_parameters
 from dan.models.registry import ModelRegistry
 from dan.storage import InMemoryBlobStore
 from dan.tasks.needs import MIN_COST
-from dan.tasks.orders import GenerationOrder, RequestBuilder, Txt2ImgOrder
+from dan.tasks.orders import GenerationOrder, Txt2ImgOrder
+from dan.tasks.requests import RequestBuilder
 from dan.workers.runner import TaskRunner
 from tests.api.conftest import install_dummy_checkpoint
 

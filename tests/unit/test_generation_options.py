@@ -17,7 +17,8 @@ from dan.imaging import infotext
 from dan.models.registry import ModelRegistry
 from dan.nodes.base import NetworkFile
 from dan.nodes.models import NetworkModels
-from dan.tasks.orders import GenerationOrder, RequestBuilder, Txt2ImgOrder
+from dan.tasks.orders import GenerationOrder, Txt2ImgOrder
+from dan.tasks.requests import RequestBuilder
 from tests.api.conftest import install_dummy_checkpoint
 from tests.fixtures.tiny_options import (
     embedding_vectors,

@@ -18,7 +18,8 @@ from dan.domain import GenerationRequest, ModelFamily, ModelKind
 from dan.errors import InvalidArgument
 from dan.models.families import family_of_file
 from dan.models.registry import ModelRegistry
-from dan.tasks.orders import ControlNetOrder, GenerationOrder, RequestBuilder, Txt2ImgOrder
+from dan.tasks.orders import ControlNetOrder, GenerationOrder, Txt2ImgOrder
+from dan.tasks.requests import RequestBuilder
 
 SDXL_CHECKPOINT = (
     "model.diffusion_model.label_emb.0.0.weight",

@@ -23,7 +23,8 @@ from dan.samplers import (
     check_steps,
     choose,
 )
-from dan.tasks.orders import GenerationOrder, HiresOrder, RequestBuilder, Txt2ImgOrder
+from dan.tasks.orders import GenerationOrder, HiresOrder, Txt2ImgOrder
+from dan.tasks.requests import RequestBuilder
 from tests.api.conftest import install_dummy_checkpoint
 
 MODEL = ModelRef("a" * 64, "tiny")

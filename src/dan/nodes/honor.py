@@ -1,7 +1,7 @@
 """The honor nodes earn: whole online intervals, and the escrow of a node on probation.
 
 Online honor is paid in whole intervals, in the transaction that records the node being seen
-(dan.nodes.store): ``rewarded_until`` is where the paid time ends. A node not heard from for
+(dan.nodes.registration): ``rewarded_until`` is where the paid time ends. A node not heard from for
 ``offline_after_s`` was offline: the time since its last sighting is not paid, and payment
 starts afresh when it is seen again. Only a node that earns it is paid: not suspect, past its
 probation (:func:`established`), with an accepted result for

@@ -1,34 +1,18 @@
 """NodeStore: worker nodes in SQL, their files, their running processes, and the honor they
 earn for being online.
 
-A node is known by its owner and its name: the same account registering the same name again
-gets the same id (a uuid5 of both), so a restarted or reinstalled machine keeps its history and
-two replicas registering it at once cannot create two rows. What it has installed is rows of
-``node_files`` (replaced at each registration), so which online node has a task's files is a
-join, however many files nodes report. Each registration opens a *session*, one running
-process: tasks are held by ``node:<node id>:<session id>``, so two processes of one node (or
-a restart before the old lease ran out) never hand back each other's tasks. Every account has
-a bounded number of nodes, sessions and files (:class:`NodeRules`).
-
-Online honor and the escrow of nodes on probation follow the rules of dan.nodes.honor; the
-update that pays an interval is guarded by its old ``rewarded_until`` (``WHERE rewarded_until =
-:old``), so two API replicas seeing the same node at the same moment never pay it twice.
+The store is built of parts by job: reads (dan.nodes.queries), and registration, sessions and
+sightings, with the online honor a sighting pays (dan.nodes.registration); the checks of
+nodes' results, suspects and model pulls are here. A passed check that ends a node's probation
+pays out the honor it earned in escrow (dan.nodes.honor); a failed one makes the node suspect
+and drops its escrow.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from sqlalchemy import Connection, delete, func, select, update
 
-from sqlalchemy import Connection, Engine, case, delete, func, select, text, update
-from sqlalchemy.engine import RowMapping
-from sqlalchemy.exc import IntegrityError
-
-from dan.db.clock import DatabaseClock
-from dan.db.tables import accounts, honor_escrow, node_families, node_files, node_sessions, nodes
-from dan.domain import ModelFamily, ModelKind
-from dan.errors import InvalidArgument, TooManyNodes
+from dan.db.tables import honor_escrow, nodes
 from dan.nodes.base import (
     NetworkFile,
     NodeFile,
@@ -40,8 +24,8 @@ from dan.nodes.base import (
     node_id_for,
     session_worker_id,
 )
-from dan.nodes.files import account_files, network_files, replace_families, replace_files
-from dan.nodes.honor import earns, grant_online, release_escrow, settle
+from dan.nodes.honor import release_escrow
+from dan.nodes.registration import NodeRegistration
 
 # What callers import from here (the seam itself lives in dan.nodes.base).
 __all__ = [
@@ -57,194 +41,10 @@ __all__ = [
     "session_worker_id",
 ]
 
-Clock = Callable[[], float]
 
-
-class SqlNodeStore:
-    """Nodes on SQLAlchemy Core. Every method is one short transaction; thread-safe."""
-
-    def __init__(
-        self, engine: Engine, *, rules: NodeRules | None = None, clock: Clock | None = None
-    ) -> None:
-        self._engine = engine
-        self._rules = rules or NodeRules()
-        self._time = DatabaseClock(clock)
-        self._postgres = engine.dialect.name == "postgresql"
-
-    @property
-    def rules(self) -> NodeRules:
-        return self._rules
-
-    # -- registration, sessions and sightings -------------------------------------------------
-    def register(
-        self,
-        account: str,
-        name: str,
-        capabilities: dict[str, Any],
-        files: Sequence[NodeFile],
-        loaded: Iterable[str],
-        *,
-        slots: int = 1,
-        honor_per_interval: float = 0.0,
-        session_id: str | None = None,
-        families: Iterable[ModelFamily] | None = None,
-    ) -> Session:
-        """Create the node, or update the one ``account`` registered as ``name`` before (its
-        online time is settled as by :meth:`seen`), replace its files and the model families
-        it runs (None: a node that does not say, taken as SD 1.x only), and open a session.
-
-        Raises TooManyNodes when the account has ``max_nodes_per_account`` nodes (and this
-        is a new name), the node ``max_sessions_per_node`` live sessions, or the account's
-        nodes would have more than ``max_files_per_account`` files."""
-        node_id = node_id_for(account, name)
-        described = {"capabilities": capabilities, "loaded": sorted(set(loaded))}
-        for _ in range(2):
-            try:
-                with self._engine.begin() as conn:
-                    self._lock_account(conn, account)
-                    if not self._exists(conn, node_id):
-                        self._check_node_count(conn, account)
-                        row = {**self._new_row(conn, node_id, account, name), **described}
-                        conn.execute(nodes.insert().values(**row))
-                    self._check_file_count(conn, account, node_id, len(files))
-                    replace_files(conn, node_id, files)
-                    replace_families(conn, node_id, families)
-                    session = self._open_session(conn, node_id, account, slots, session_id)
-                    self._seen_in(conn, node_id, described, honor_per_interval)
-                return session
-            except IntegrityError:
-                continue  # registered at the same moment elsewhere: update that row instead
-        raise RuntimeError(f"could not register node {name!r} of {account!r}")
-
-    def session(self, session_id: str) -> Session | None:
-        """The live session ``session_id``, or None (ended, expired or never opened)."""
-        with self._read() as conn:
-            row = conn.execute(
-                select(node_sessions).where(node_sessions.c.id == session_id)
-            ).first()
-        return None if row is None else _session(row)
-
-    def seen(
-        self,
-        node_id: str,
-        *,
-        session_id: str | None = None,
-        loaded: Iterable[str] | None = None,
-        honor_per_interval: float = 0.0,
-    ) -> NodeRecord | None:
-        """Record that the node (and its session) is alive now, with the checkpoints it has
-        ``loaded`` if given, and pay its owner ``honor_per_interval`` for each whole online
-        interval since the last payment, if it earns it. None if there is no such node."""
-        values = {} if loaded is None else {"loaded": sorted(set(loaded))}
-        with self._engine.begin() as conn:
-            if session_id is not None:
-                conn.execute(
-                    update(node_sessions)
-                    .where(node_sessions.c.id == session_id)
-                    .values(last_seen_at=self._time.now(conn))
-                )
-            return self._seen_in(conn, node_id, values, honor_per_interval)
-
-    def end_session(self, session_id: str) -> Session | None:
-        """Close the session (its process stops); the node counts as offline from now unless
-        another session of it is live. Returns the session, whose tasks the caller hands back."""
-        with self._engine.begin() as conn:
-            row = conn.execute(
-                delete(node_sessions)
-                .where(node_sessions.c.id == session_id)
-                .returning(*node_sessions.c)
-            ).first()
-            if row is None:
-                return None
-            if not self._live_sessions(conn, row.node_id):
-                self._set_offline(conn, row.node_id)
-            return _session(row)
-
-    def sessions_of(self, node_id: str) -> list[Session]:
-        """The node's open sessions."""
-        query = select(node_sessions).where(node_sessions.c.node_id == node_id)
-        with self._read() as conn:
-            return [_session(row) for row in conn.execute(query)]
-
-    def expire_sessions(self) -> list[Session]:
-        """Close the sessions not heard from for ``offline_after_s`` (their processes died
-        or lost the network); returns them, whose tasks the caller hands back."""
-        with self._engine.begin() as conn:
-            cutoff = self._time.now(conn) - self._rules.offline_after_s
-            rows = conn.execute(
-                delete(node_sessions)
-                .where(node_sessions.c.last_seen_at < cutoff)
-                .returning(*node_sessions.c)
-            ).all()
-        return [_session(row) for row in rows]
-
-    def mark_offline(self, node_id: str) -> None:
-        """The node counts as offline from now (its last sighting is moved just past the
-        offline limit; online time not yet paid is forfeited)."""
-        with self._engine.begin() as conn:
-            self._set_offline(conn, node_id)
-
-    # -- reads -------------------------------------------------------------------------------
-    def get(self, node_id: str) -> NodeRecord | None:
-        with self._read() as conn:
-            row = conn.execute(select(nodes).where(nodes.c.id == node_id)).mappings().first()
-            return None if row is None else self._record(conn, row)
-
-    def files(self, node_id: str) -> frozenset[str]:
-        """The sha256 of every file the node has installed."""
-        query = select(node_files.c.sha256).where(node_files.c.node_id == node_id)
-        with self._read() as conn:
-            return frozenset(conn.execute(query).scalars())
-
-    def families(self, node_id: str) -> frozenset[ModelFamily]:
-        """The model families the node runs (empty for an unknown node)."""
-        query = select(node_families.c.family).where(node_families.c.node_id == node_id)
-        with self._read() as conn:
-            return frozenset(ModelFamily(family) for family in conn.execute(query).scalars())
-
-    def list_for(self, account: str) -> list[NodeRecord]:
-        """The nodes of ``account``, by name."""
-        query = select(nodes).where(nodes.c.account == account).order_by(nodes.c.name)
-        with self._read() as conn:
-            return [self._record(conn, row) for row in conn.execute(query).mappings().all()]
-
-    def list_public(self) -> list[PublicNode]:
-        """Every node with its owner's nickname: online ones first, then by tasks done."""
-        nickname = case((accounts.c.nickname.is_(None), nodes.c.account), else_=accounts.c.nickname)
-        query = (
-            select(nodes, nickname.label("owner"))
-            .join_from(nodes, accounts, nodes.c.account == accounts.c.id, isouter=True)
-            .order_by(nodes.c.tasks_done.desc(), nodes.c.name, nodes.c.id)
-        )
-        with self._read() as conn:
-            now = self._time.now(conn)
-            rows = conn.execute(query).mappings().all()
-        listed = [
-            PublicNode(
-                row["id"], row["owner"], row["name"], row["tasks_done"], self._online(row, now)
-            )
-            for row in rows
-        ]
-        return sorted(listed, key=lambda node: not node.online)
-
-    def find_files(
-        self,
-        kind: ModelKind,
-        *,
-        sha256: str | None = None,
-        key: str | None = None,
-        prefix: str | None = None,
-        limit: int = 1000,
-    ) -> list[NetworkFile]:
-        """The described files of ``kind`` on online, unsuspected nodes: with that sha256,
-        a model or file name whose casefold is ``key``, or a sha256 starting with ``prefix``
-        (all of them without a filter); one per (sha256, name, file), most holders first,
-        with the family its holders agree on (dan.nodes.files)."""
-        with self._read() as conn:
-            since = self._time.now(conn) - self._rules.offline_after_s
-            checks = self._rules.probation_checks
-            found = {"sha256": sha256, "key": key, "prefix": prefix}
-            return network_files(conn, kind, since, checks, limit, **found)
+class SqlNodeStore(NodeRegistration):
+    """Nodes on SQLAlchemy Core. Every method is one short transaction; thread-safe. Its reads
+    are dan.nodes.queries', its registrations, sessions and sightings dan.nodes.registration'."""
 
     # -- checks and suspects -----------------------------------------------------------------
     def on_probation(self, node_id: str) -> bool:
@@ -326,162 +126,9 @@ class SqlNodeStore:
             return pending or ()
 
     # -- helpers -----------------------------------------------------------------------------
-    def _read(self) -> Connection:
-        return self._engine.connect().execution_options(dan_read_only=True)
-
-    def _lock_account(self, conn: Connection, account: str) -> None:
-        """Serialise this account's registrations on PostgreSQL (SQLite writers are already),
-        so that its caps cannot be raced."""
-        if self._postgres:
-            conn.execute(
-                text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 1))"), {"key": account}
-            )
-
-    @staticmethod
-    def _exists(conn: Connection, node_id: str) -> bool:
-        return conn.execute(select(nodes.c.id).where(nodes.c.id == node_id)).first() is not None
-
-    def _check_node_count(self, conn: Connection, account: str) -> None:
-        count = conn.execute(select(func.count()).where(nodes.c.account == account)).scalar_one()
-        limit = self._rules.max_nodes_per_account
-        if count >= limit:
-            raise TooManyNodes(
-                f"this account already has {count} nodes (the limit is {limit}); register "
-                "under one of their names again, or ask an admin to raise DAN_MAX_NODES_PER_ACCOUNT"
-            )
-
-    def _check_file_count(self, conn: Connection, account: str, node_id: str, count: int) -> None:
-        others = account_files(conn, account, besides=node_id)
-        limit = self._rules.max_files_per_account
-        if others + count > limit:
-            raise InvalidArgument(
-                f"files: this account's nodes would have {others + count} files installed; "
-                f"at most {limit} are accepted per account"
-            )
-
-    def _open_session(
-        self, conn: Connection, node_id: str, account: str, slots: int, session_id: str | None
-    ) -> Session:
-        now = self._time.now(conn)
-        if session_id is not None:  # the same process registering again (a refresh)
-            renewed = conn.execute(
-                update(node_sessions)
-                .where(node_sessions.c.id == session_id, node_sessions.c.node_id == node_id)
-                .values(last_seen_at=now, slots=slots)
-                .returning(*node_sessions.c)
-            ).first()
-            if renewed is not None:
-                return _session(renewed)
-        cutoff = now - self._rules.offline_after_s
-        conn.execute(
-            delete(node_sessions).where(
-                node_sessions.c.node_id == node_id, node_sessions.c.last_seen_at < cutoff
-            )
-        )
-        live = self._live_sessions(conn, node_id)
-        limit = self._rules.max_sessions_per_node
-        if live >= limit:
-            raise TooManyNodes(
-                f"{live} processes already serve this node (the limit is {limit}); stop one, "
-                "or give each process its own --name"
-            )
-        session = Session(session_id or str(uuid.uuid4()), node_id, account, slots)
-        conn.execute(
-            node_sessions.insert().values(
-                id=session.id,
-                node_id=node_id,
-                account=account,
-                slots=slots,
-                started_at=now,
-                last_seen_at=now,
-            )
-        )
-        return session
-
-    def _live_sessions(self, conn: Connection, node_id: str) -> int:
-        cutoff = self._time.now(conn) - self._rules.offline_after_s
-        query = select(func.count()).where(
-            node_sessions.c.node_id == node_id, node_sessions.c.last_seen_at >= cutoff
-        )
-        return int(conn.execute(query).scalar_one())
-
-    def _set_offline(self, conn: Connection, node_id: str) -> None:
-        cutoff = self._time.now(conn) - self._rules.offline_after_s - 1.0
-        conn.execute(
-            update(nodes)
-            .where(nodes.c.id == node_id, nodes.c.last_seen_at > cutoff)
-            .values(last_seen_at=cutoff)
-        )
-
-    def _seen_in(
-        self, conn: Connection, node_id: str, values: dict[str, Any], honor_per_interval: float
-    ) -> NodeRecord | None:
-        now = self._time.now(conn)
-        row = conn.execute(select(nodes).where(nodes.c.id == node_id)).mappings().first()
-        if row is None:
-            return None
-        intervals, until = settle(row, now, self._rules)
-        later = case((nodes.c.last_seen_at > now, nodes.c.last_seen_at), else_=now)
-        paid = conn.execute(
-            update(nodes)
-            .where(nodes.c.id == node_id, nodes.c.rewarded_until == row["rewarded_until"])
-            .values(**values, last_seen_at=later, rewarded_until=until)
-        ).rowcount
-        if paid != 1:  # another replica settled this node just now; only note the sighting
-            conn.execute(
-                update(nodes).where(nodes.c.id == node_id).values(**values, last_seen_at=later)
-            )
-        elif intervals and honor_per_interval > 0 and earns(conn, row, now, self._rules):
-            interval_s = self._rules.online_interval_s
-            grant_online(conn, row, intervals, honor_per_interval, now, interval_s)
-        fresh = conn.execute(select(nodes).where(nodes.c.id == node_id)).mappings().one()
-        return self._record(conn, fresh)
-
     def _pulls(self, conn: Connection, node_id: str) -> tuple[str, ...] | None:
         query = select(nodes.c.pull).where(nodes.c.id == node_id)
         if self._postgres:
             query = query.with_for_update()
         pull = conn.execute(query).scalar_one_or_none()
         return None if pull is None else tuple(pull)
-
-    def _new_row(self, conn: Connection, node_id: str, account: str, name: str) -> dict[str, Any]:
-        now = self._time.now(conn)
-        return {
-            "id": node_id,
-            "account": account,
-            "name": name,
-            "pull": [],
-            "tasks_done": 0,
-            "registered_at": now,
-            "last_seen_at": now,
-            "rewarded_until": now,
-            "checks_passed": 0,
-            "checks_failed": 0,
-        }
-
-    def _online(self, row: RowMapping, now: float) -> bool:
-        return bool(now - row["last_seen_at"] <= self._rules.offline_after_s)
-
-    def _record(self, conn: Connection, row: RowMapping) -> NodeRecord:
-        return NodeRecord(
-            id=row["id"],
-            account=row["account"],
-            name=row["name"],
-            capabilities=dict(row["capabilities"] or {}),
-            loaded=frozenset(row["loaded"] or ()),
-            pull=tuple(row["pull"] or ()),
-            tasks_done=row["tasks_done"],
-            registered_at=row["registered_at"],
-            last_seen_at=row["last_seen_at"],
-            rewarded_until=row["rewarded_until"],
-            online=self._online(row, self._time.now(conn)),
-            checks_passed=row["checks_passed"],
-            checks_failed=row["checks_failed"],
-            worked_at=row["worked_at"],
-            suspect_since=row["suspect_since"],
-            suspect_reason=row["suspect_reason"],
-        )
-
-
-def _session(row: Any) -> Session:
-    return Session(row.id, row.node_id, row.account, row.slots)

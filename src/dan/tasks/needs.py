@@ -7,7 +7,7 @@ per pixel in the checkpoint's family (SDXL's UNet is larger: see :data:`PIXEL_ST
 ``bench/sdxl_step_cost.py``), for each image the task makes. The queue advances an account's
 lane by cost / weight, so a big task waits longer than a small one, and an honoured account gets
 more turns (see dan.tasks.store). The same cost measures the work a node did: its owner's task
-honor is ``honor_per_task`` x cost (dan.nodes.service), taken from the task as queued.
+honor is ``honor_per_task`` x cost (dan.nodes.runs), taken from the task as queued.
 """
 
 from __future__ import annotations

@@ -15,16 +15,15 @@ from dan.errors import InvalidArgument, ResourceUnavailable, TaskNotFound, TooMa
 from dan.storage import BlobStore
 from dan.tasks.live import LiveProgress
 from dan.tasks.needs import Needs
+from dan.tasks.order_models import OrderModels
 from dan.tasks.orders import (
     DetectOrder,
     Img2ImgOrder,
     InterrogateOrder,
-    OrderModels,
-    Prepared,
-    RequestBuilder,
     Txt2ImgOrder,
     UpscaleOrder,
 )
+from dan.tasks.requests import Prepared, RequestBuilder
 from dan.tasks.store import NewTask, Statistics, TaskStore, pending_message
 from dan.webhooks import WebhookService
 

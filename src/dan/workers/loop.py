@@ -24,7 +24,7 @@ from typing import Protocol
 from dan.domain import ClaimedTask, ProgressCallback, TaskResult
 from dan.engine.base import Engine
 from dan.errors import DanError, FatalEngineError, TaskAbandoned, TaskCancelled
-from dan.tasks.orders import ModelLookup
+from dan.tasks.order_models import ModelLookup
 from dan.tasks.store import CANCELLED_MESSAGE
 from dan.workers.lease import BEAT_S, PREVIEW_S, Beats, Lease
 from dan.workers.runner import TaskFiles, TaskRunner

@@ -28,9 +28,9 @@ from dan.errors import DanError
 from dan.models.download import pull
 from dan.models.registry import ModelRegistry
 from dan.models.sources import DownloadSources
-from dan.nodes.service import NodeDescription
+from dan.nodes.sessions import NodeDescription
 from dan.services import model_registry
-from dan.tasks.orders import ModelLookup
+from dan.tasks.order_models import ModelLookup
 from dan.workers.capabilities import (
     capabilities,
     installed_files,

@@ -38,7 +38,7 @@ from dan.errors import (
     TooManyNodes,
 )
 from dan.nodes import protocol
-from dan.nodes.service import NodeDescription
+from dan.nodes.sessions import NodeDescription
 from dan.tasks.base import Heartbeat
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from dan.engine.base import Engine
 from dan.errors import DanError, EngineError
 from dan.imaging import encode_png, infotext, load_png
 from dan.nodes.protocol import result_key
-from dan.tasks.orders import ModelLookup
+from dan.tasks.order_models import ModelLookup
 
 
 class TaskFiles(Protocol):

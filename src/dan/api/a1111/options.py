@@ -20,7 +20,7 @@ from dan.api.a1111.translate import (
 )
 from dan.domain import InstalledModel, ModelKind, TaskRecord
 from dan.errors import DanError, ModelNotFound
-from dan.tasks.orders import ModelLookup
+from dan.tasks.order_models import ModelLookup
 
 
 def chosen_options(body: dict[str, Any], models: ModelLookup) -> ChosenOptions:

@@ -35,7 +35,7 @@ from dan.nodes.protocol import (
     SessionBody,
     TaskWire,
 )
-from dan.nodes.service import NodeDescription
+from dan.nodes.sessions import NodeDescription
 from dan.nodes.store import NodeFile
 
 router = APIRouter(tags=["nodes"])
