@@ -30,9 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dan.config import Settings
-from dan.domain import LOCAL_ACCOUNT, TaskKind, TaskResult, TaskStatus
+from dan.domain import TaskKind, TaskResult, TaskStatus
 from dan.imaging import picture_distance
 from dan.nodes.store import NodeRecord, NodeStore
+from dan.nodes.trust import trusted
 from dan.storage import BlobStore
 from dan.tasks.base import HeldTask
 from dan.tasks.checks import OPEN_STATES, RUN, CheckState, Outcome, SqlCheckStore
@@ -214,7 +215,7 @@ class ResultChecks:
 
 
 def _trusted(outcome: Outcome) -> bool:
-    return outcome.node_account == LOCAL_ACCOUNT or outcome.admin_node
+    return trusted(outcome.node_account, outcome.admin_node)
 
 
 def _reason(task_id: str, distance: float, *, first: bool) -> str:

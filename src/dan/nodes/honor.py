@@ -24,8 +24,8 @@ from sqlalchemy import ColumnElement, Connection, Select, delete, func, or_, sel
 from sqlalchemy.engine import RowMapping
 
 from dan.db.tables import accounts, honor_escrow, honor_grants, nodes
-from dan.domain import LOCAL_ACCOUNT
 from dan.nodes.base import NodeRules
+from dan.nodes.trust import trusted_node
 
 ONLINE_REASON, TASK_REASON = "online", "task"
 
@@ -38,8 +38,7 @@ def with_owner(query: Select[Any]) -> Select[Any]:
 
 def established(probation_checks: int) -> ColumnElement[bool]:
     """SQL, over :func:`with_owner`: the node is past its probation (module docstring)."""
-    trusted = or_(nodes.c.account == LOCAL_ACCOUNT, accounts.c.is_admin.is_(True))
-    return or_(nodes.c.checks_passed >= probation_checks, trusted)
+    return or_(nodes.c.checks_passed >= probation_checks, trusted_node())
 
 
 def past_probation(conn: Connection, node_id: str, probation_checks: int) -> bool:

@@ -29,6 +29,7 @@ from dan.nodes.protocol import MAX_ERROR_CHARS, parse_result_key, result_key
 from dan.nodes.results import result_problem, upload_problem
 from dan.nodes.sessions import NodeSessions
 from dan.nodes.store import Session
+from dan.nodes.trust import trusted
 from dan.tasks.base import Expected, Heartbeat, HeldTask, Reward
 
 
@@ -171,8 +172,7 @@ class NodeRuns(NodeSessions):
 
 
 def _trusted(account: Account) -> bool:
-    """Whose nodes' results are never checked: the local worker's, and admins'."""
-    return account.id == LOCAL_ACCOUNT or account.is_admin
+    return trusted(account.id, account.is_admin)
 
 
 def _not_held(task_id: str) -> TaskNotHeld:
