@@ -3,7 +3,11 @@
 torch allocates what a pickled file declares before it reads the bytes: a zip entry's inflated
 size, a legacy file's storages. So a file of a few kB can ask for many GB and get the worker
 killed. :func:`check_pickle` refuses such a file, naming it and what is wrong, from its pickles
-alone; sound files in both of torch's formats pass.
+alone; sound files in both of torch's formats pass. Every loader of ``.pth``/``.pt``/``.bin``/
+``.ckpt`` files (ControlNets, upscalers, annotators, interrogators, embeddings, checkpoints and
+LoRAs) refuses it so, with the engine's error type, before torch reads it (here ``torch.load``
+and ``torch.jit.load`` are never reached), then holds the tensors it got to the shapes its kind
+of file has.
 
 Files are written in the real formats (see :mod:`tests.fixtures.torch_files`), or by
 ``torch.save`` itself where it can write them.
@@ -11,17 +15,33 @@ Files are written in the real formats (see :mod:`tests.fixtures.torch_files`), o
 
 from __future__ import annotations
 
+import math
 import tracemalloc
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from dan.config import Settings
+from dan.domain import ControlNetSpec, GenerationRequest, InstalledModel, ModelKind, ModelRef
+from dan.engine.control.controlnet import ControlNetError, load_controlnet
+from dan.engine.control.openpose_body import OpenPoseBody
+from dan.engine.diffusers_engine import DiffusersEngine
+from dan.engine.interrogation import clip_ranker
+from dan.engine.interrogation.blip import read_blip_state
+from dan.engine.interrogation.deepdanbooru import UnsupportedTagger, read_tagger_file
+from dan.engine.loading.checkpoint import read_state_dict
+from dan.engine.loading.embeddings import read_embedding
+from dan.engine.loading.lora.files import LoraError, read_lora
 from dan.engine.loading.shapes import check_pickle, load_pickle
-from dan.errors import EngineError
+from dan.engine.upscaling.upscale_models import UnsupportedUpscaler, load_upscaler
+from dan.errors import EngineError, UnsupportedCheckpoint
 from tests.fixtures.tiny_clip import write_torchscript
 from tests.fixtures.torch_files import (
     Storage,
@@ -32,6 +52,7 @@ from tests.fixtures.torch_files import (
     write_legacy,
 )
 
+CPU = torch.device("cpu")
 GIB = 1 << 30
 
 # --- the formats, as torch reads them ---------------------------------------------------------
@@ -184,3 +205,141 @@ def test_each_is_refused_from_its_pickles_alone(tmp_path: Path, hostile: str) ->
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20
+
+
+# --- every loader refuses them before torch reads them --------------------------------------
+
+
+def installed(path: Path, kind: ModelKind, sha256: str = "e" * 64) -> InstalledModel:
+    return InstalledModel(kind, path.stem, sha256, path, path.stat().st_size)
+
+
+# Every loader of pickled files: how it is called, the error it raises, the suffix it reads.
+LOADERS: dict[str, tuple[Callable[[Path], Any], type[EngineError], str]] = {
+    "controlnet": (
+        lambda p: load_controlnet(p, dtype=torch.float32, device=CPU),
+        ControlNetError,
+        ".pth",
+    ),
+    "upscaler": (lambda p: load_upscaler(p, CPU), UnsupportedUpscaler, ".pth"),
+    "openpose body": (lambda p: OpenPoseBody.load(p, CPU, torch.float32), EngineError, ".pth"),
+    "blip": (read_blip_state, EngineError, ".pth"),
+    "clip ranker": (clip_ranker.read_state_dict, EngineError, ".pt"),
+    "deepdanbooru": (read_tagger_file, UnsupportedTagger, ".pt"),
+    "embedding": (
+        lambda p: read_embedding(installed(p, ModelKind.EMBEDDING), {"clip_l": 4}),
+        EngineError,
+        ".pt",
+    ),
+    # Trusted with DAN_ALLOW_CKPT, yet still not allowed to declare what they do not hold.
+    "checkpoint": (lambda p: read_state_dict(p, allow_ckpt=True), UnsupportedCheckpoint, ".ckpt"),
+    "lora": (
+        lambda p: read_lora(installed(p, ModelKind.LORA), allow_ckpt=True),
+        LoraError,
+        ".ckpt",
+    ),
+}
+
+
+@pytest.fixture
+def torch_never_loads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
+    """The files torch.load and torch.jit.load were asked to read (each call fails)."""
+    reached: list[Path] = []
+
+    def load(path: Any, *args: object, **kwargs: object) -> Any:
+        reached.append(Path(path))
+        raise AssertionError("torch was asked to read the file")
+
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(torch.jit, "load", load)
+    yield reached
+
+
+@pytest.mark.parametrize("hostile", list(HOSTILE))
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_a_file_declaring_more_than_it_holds_is_refused_before_torch_reads_it(
+    tmp_path: Path, torch_never_loads: list[Path], loader: str, hostile: str
+) -> None:
+    load, error, suffix = LOADERS[loader]
+    write, message = HOSTILE[hostile]
+    path = write(tmp_path / f"{hostile}{suffix}")
+    assert path.stat().st_size < 2048
+    with pytest.raises(error, match=rf"{hostile}\{suffix}{message}"):
+        load(path)
+    assert torch_never_loads == []
+
+
+def test_a_task_with_such_a_controlnet_fails_with_that_message(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """The worker fails a task with the message of the EngineError the engine raises."""
+    controlnet = huge_archive(tmp_path / "control_hostile.pth")
+    models = {
+        "a" * 64: installed(tiny_checkpoint, ModelKind.CHECKPOINT, "a" * 64),
+        "c" * 64: installed(controlnet, ModelKind.CONTROLNET, "c" * 64),
+    }
+    engine = DiffusersEngine(
+        Settings(data_dir=tmp_path / "data", device="cpu", dtype="float32")  # type: ignore[call-arg]
+    )
+    spec = ControlNetSpec("ring", "none", ModelRef("c" * 64, "control_hostile"))
+    request = GenerationRequest(
+        "a fox", "", 1, "Euler", 2, 7.0, 64, 64, model=ModelRef("a" * 64, "tiny")
+    )
+    image = Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8))
+    with pytest.raises(ControlNetError, match=r"control_hostile\.pth: storage '0' declares"):
+        engine.txt2img(replace(request, control_net=spec), models, lambda d, t: None, image)
+
+
+# --- and holds what it loaded to its kind's shapes --------------------------------------------
+
+
+def wrapped(loader: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``tensors`` in the layout the loader reads before it looks at shapes."""
+    if loader == "blip":
+        return {"model": tensors}
+    if loader == "deepdanbooru":
+        return {**tensors, "tags": ["a"]}
+    return tensors
+
+
+# Embeddings hold their vectors to their own bounds; a LoRA is read as a checkpoint is.
+SHAPED = [name for name in LOADERS if name not in ("embedding", "lora")]
+WHAT = {
+    "controlnet": "a ControlNet",
+    "upscaler": "an upscaler",
+    "openpose body": "the OpenPose body model",
+    "blip": "a BLIP checkpoint",
+    "clip ranker": "an OpenAI CLIP model",
+    "deepdanbooru": "a DeepDanbooru tagger",
+    "checkpoint": r"an SD 1\.x or SDXL checkpoint, LoRA or VAE",
+}
+
+
+@pytest.mark.parametrize("loader", SHAPED)
+def test_a_tensor_of_absurd_rank_is_refused(tmp_path: Path, loader: str) -> None:
+    load, error, suffix = LOADERS[loader]
+    path = tmp_path / f"deep{suffix}"
+    torch.save(wrapped(loader, {"deep": torch.zeros((1,) * 9)}), path)
+    with pytest.raises(
+        error,
+        match=rf"deep\{suffix}: tensor '.*deep' has 9 dimensions .*no "
+        rf"tensor of {WHAT[loader]} has more than",
+    ):
+        load(path)
+
+
+@pytest.mark.parametrize("loader", SHAPED)
+def test_a_view_repeating_one_stored_value_is_refused(tmp_path: Path, loader: str) -> None:
+    """One stored float passing for 4 GiB of them: torch.save keeps such a view as it is, and
+    copying it (to the model's dtype or device) would allocate all of it."""
+    load, error, suffix = LOADERS[loader]
+    path = tmp_path / f"repeated{suffix}"
+    view = torch.zeros(1).expand(1 << 15, 1 << 15)
+    torch.save(wrapped(loader, {"repeated": view}), path)
+    assert path.stat().st_size < 4096
+    with pytest.raises(
+        error,
+        match=rf"repeated\{suffix}: tensor '.*repeated' of shape \[32768, "
+        rf"32768\] is a view of 4 stored bytes passing for {math.prod(view.shape) * 4}",
+    ):
+        load(path)
