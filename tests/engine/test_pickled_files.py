@@ -39,7 +39,7 @@ from dan.engine.interrogation.deepdanbooru import UnsupportedTagger, read_tagger
 from dan.engine.loading.checkpoint import read_state_dict
 from dan.engine.loading.embeddings import read_embedding
 from dan.engine.loading.lora.files import LoraError, read_lora
-from dan.engine.loading.shapes import check_pickle, load_pickle
+from dan.engine.loading.pickles import check_pickle, load_pickle
 from dan.engine.upscaling.upscale_models import UnsupportedUpscaler, load_upscaler
 from dan.errors import EngineError, UnsupportedCheckpoint
 from tests.fixtures.tiny_clip import write_torchscript

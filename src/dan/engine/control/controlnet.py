@@ -35,7 +35,8 @@ from dan.engine.control.layout import (
     to_diffusers_names,
 )
 from dan.engine.loading.checkpoint import load_module
-from dan.engine.loading.shapes import Limits, check_tensors, load_pickle
+from dan.engine.loading.pickles import load_pickle
+from dan.engine.loading.shapes import Limits, check_tensors
 
 __all__ = [
     "ControlNetCache",
@@ -56,9 +57,8 @@ def read_controlnet_state_dict(path: Path) -> StateDict:
     """The ControlNet's tensors of ``path`` under diffusers' names, on the CPU.
 
     Raises ControlNetError, naming the file, for an unknown suffix, a file that cannot be read,
-    one declaring more than it holds or shapes no ControlNet has (see
-    :mod:`dan.engine.loading.shapes`), and a file that holds no ControlNet (an SD checkpoint, a
-    LoRA, ...).
+    one declaring more than it holds (see :mod:`dan.engine.loading.pickles`) or shapes no
+    ControlNet has, and a file that holds no ControlNet (an SD checkpoint, a LoRA, ...).
     """
     tensors = _tensors_of(_read(path), path)
     check_tensors(path.name, tensors, CONTROLNET_LIMITS, ControlNetError)

@@ -39,7 +39,8 @@ from dan.engine.control.openpose_decode import (
     resized_maps,
 )
 from dan.engine.control.preprocess import Keypoints
-from dan.engine.loading.shapes import Limits, check_tensors, load_pickle
+from dan.engine.loading.pickles import load_pickle
+from dan.engine.loading.shapes import Limits, check_tensors
 from dan.errors import EngineError
 
 BOXSIZE = 368  # network input height at scale 1.0, in pixels
@@ -160,7 +161,7 @@ class OpenPoseBody:
         """The model in ``weights`` (``body_pose_model.pth``, unchanged) on ``device`` in ``dtype``.
 
         The file is read with ``weights_only=True``. Raises EngineError naming the file when it
-        cannot be read, declares more than it holds (see :mod:`dan.engine.loading.shapes`), is
+        cannot be read, declares more than it holds (see :mod:`dan.engine.loading.pickles`), is
         not a state dict, lacks or adds tensors, or has a tensor of the wrong shape; and for a
         scale that is not a positive number.
         """

@@ -29,7 +29,8 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 
-from dan.engine.loading.shapes import Limits, check_tensors, load_pickle
+from dan.engine.loading.pickles import load_pickle
+from dan.engine.loading.shapes import Limits, check_tensors
 from dan.errors import EngineError
 
 StateDict = dict[str, torch.Tensor]
@@ -116,9 +117,9 @@ def read_blip_state(path: Path) -> StateDict:
     """The ``model`` state dict of an original BLIP checkpoint, on the CPU.
 
     Read with ``weights_only=True``: tensors and plain containers only, no code runs. Raises
-    EngineError naming the file when it cannot be read, declares more than it holds, is not a
-    dict whose ``model`` entry maps names to tensors, or has shapes no BLIP model has (see
-    :mod:`dan.engine.loading.shapes`).
+    EngineError naming the file when it cannot be read, declares more than it holds (see
+    :mod:`dan.engine.loading.pickles`), is not a dict whose ``model`` entry maps names to
+    tensors, or has shapes no BLIP model has.
     """
     # Salesforce's file should need nothing more: at 896,081,425 bytes it is the ~224M fp32
     # weights alone (no optimizer state). Not checked against the real file: it is not offline.

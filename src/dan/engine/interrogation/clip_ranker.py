@@ -48,7 +48,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.functional import normalize
 
-from dan.engine.loading.shapes import Limits, check_pickle, check_tensors
+from dan.engine.loading.pickles import check_pickle
+from dan.engine.loading.shapes import Limits, check_tensors
 from dan.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
     """The tensors of an OpenAI CLIP file: a TorchScript archive (what OpenAI publishes) or a
     plain state dict read with ``weights_only=True``, either once what it declares is checked.
     Raises :class:`EngineError` naming the file if it is missing or neither, declares more than
-    it holds, or has shapes no CLIP model has (see :mod:`dan.engine.loading.shapes`)."""
+    it holds (see :mod:`dan.engine.loading.pickles`), or has shapes no CLIP model has."""
     if not weights.is_file():
         raise EngineError(f"CLIP weights not found: {weights}")
     tensors = _tensors(_read(weights), weights)

@@ -31,7 +31,8 @@ from torch import nn
 
 from dan.domain import ResizeMode
 from dan.engine.generation.masks import fit_image
-from dan.engine.loading.shapes import Limits, check_tensors, load_pickle
+from dan.engine.loading.pickles import load_pickle
+from dan.engine.loading.shapes import Limits, check_tensors
 from dan.errors import EngineError
 
 INPUT_SIZE = 512  # A1111 fits every image into 512 x 512 before tagging
@@ -172,9 +173,9 @@ def read_tagger_file(path: Path) -> tuple[dict[str, torch.Tensor], tuple[str, ..
     """The tensors and the tag names of a ``model-resnet_custom_v3.pt``-style file.
 
     Read with ``weights_only=True`` (tensors and plain containers, no code runs). Raises
-    UnsupportedTagger, naming the file, when it cannot be read, declares more than it holds, is
-    not a state dict, has no ``tags`` list of strings, or has shapes no tagger has (see
-    :mod:`dan.engine.loading.shapes`).
+    UnsupportedTagger, naming the file, when it cannot be read, declares more than it holds (see
+    :mod:`dan.engine.loading.pickles`), is not a state dict, has no ``tags`` list of strings,
+    or has shapes no tagger has.
     """
     try:
         state = load_pickle(path, UnsupportedTagger)

@@ -28,13 +28,8 @@ from dan.engine.loading.architecture.sd15 import (
     clip_prefix,
     read_sd1_architecture,
 )
-from dan.engine.loading.shapes import (
-    Limits,
-    check_pickle,
-    check_shapes,
-    check_tensors,
-    safetensors_shapes,
-)
+from dan.engine.loading.pickles import check_pickle
+from dan.engine.loading.shapes import Limits, check_shapes, check_tensors, safetensors_shapes
 from dan.engine.loading.tokenizer import EOS, ensure_tokenizer
 from dan.errors import EngineError, UnsupportedCheckpoint
 
@@ -63,12 +58,12 @@ def read_state_dict(path: Path, *, allow_ckpt: bool) -> StateDict:
     """The tensors of a ``.safetensors`` file, or of a pickled ``.ckpt``/``.pt`` if allowed.
 
     ``{"state_dict": ...}`` wrappers are unwrapped and non-tensor entries dropped. A
-    ``.safetensors`` file's header is checked before any tensor is loaded, a pickled file's
-    storages before it is unpickled and its shapes before any tensor is copied (see
-    :mod:`dan.engine.loading.shapes`). Raises UnsupportedCheckpoint, naming the file, for a
-    pickled file when ``allow_ckpt`` is false, an unknown suffix, a file that cannot be read
-    (truncated, corrupt, not a state dict) and one declaring more than it holds or shapes no
-    Stable Diffusion checkpoint has.
+    ``.safetensors`` file's header is checked before any tensor is loaded (see
+    :mod:`dan.engine.loading.shapes`), a pickled file's storages before it is unpickled (see
+    :mod:`dan.engine.loading.pickles`), and its shapes before any tensor is copied. Raises
+    UnsupportedCheckpoint, naming the file, for a pickled file when ``allow_ckpt`` is false, an
+    unknown suffix, a file that cannot be read (truncated, corrupt, not a state dict) and one
+    declaring more than it holds or shapes no Stable Diffusion checkpoint has.
     """
     suffix = path.suffix.lower()
     if suffix == ".safetensors":

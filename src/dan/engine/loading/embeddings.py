@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from dan.domain import InstalledModel
-from dan.engine.loading.shapes import load_pickle, safetensors_shapes
+from dan.engine.loading.pickles import load_pickle
+from dan.engine.loading.shapes import safetensors_shapes
 from dan.errors import EngineError
 
 # Which vectors of a file go to which text encoder: (vectors key, pipeline attribute).
@@ -43,7 +44,7 @@ def read_embedding(model: InstalledModel, widths: Mapping[str, int]) -> dict[str
     Shapes are checked before any vector is copied: a ``.safetensors`` file's in its header
     (only the vectors are then loaded), a ``.pt`` file's once torch has unpickled it (after
     its storages were held to what the file holds: see
-    :func:`dan.engine.loading.shapes.check_pickle`). Raises EngineError naming the file when it
+    :func:`dan.engine.loading.pickles.check_pickle`). Raises EngineError naming the file when it
     declares more than it holds, is not an embedding, has no vectors for one of the encoders
     (another family's), or declares vectors no embedding has: not 1-d or 2-d, more than
     :data:`MAX_VECTORS`, another width than the encoder's, or different counts per encoder.

@@ -31,7 +31,8 @@ from spandrel import (  # type: ignore[import-untyped]
 )
 
 from dan.domain import InstalledModel, ProgressCallback
-from dan.engine.loading.shapes import Limits, check_tensors, load_pickle, named_tensors
+from dan.engine.loading.pickles import load_pickle
+from dan.engine.loading.shapes import Limits, check_tensors, named_tensors
 from dan.errors import EngineError
 
 # Convolutions and attention tables; some architectures spandrel reads have 3-d convolutions.
@@ -50,7 +51,7 @@ def read_upscaler_state(path: Path) -> dict[str, Any]:
 
     Pickled files are read with ``weights_only=True``: tensors and plain containers only, no
     code runs. Raises UnsupportedUpscaler for a file that cannot be read, declares more than it
-    holds or holds shapes no upscaler has (see :mod:`dan.engine.loading.shapes`).
+    holds (see :mod:`dan.engine.loading.pickles`) or holds shapes no upscaler has.
     """
     state: object
     try:
