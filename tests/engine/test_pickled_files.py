@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import tracemalloc
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -155,6 +156,15 @@ def lying_archive(path: Path) -> Path:
     return declare_entry_size(path, "archive/data/0", 2 * GIB)
 
 
+def shadowed_archive(path: Path) -> Path:
+    """A sound archive with a second, deflated record of the storage, its name differing in
+    case only: torch's zip reader finds records whatever their case, so either may be read."""
+    write_archive(path, honest_state(), {"0": FOUR.numpy().tobytes()})
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("archive/DATA/0", bytes(1 << 20), compress_type=zipfile.ZIP_DEFLATED)
+    return path
+
+
 def huge_legacy(path: Path) -> Path:
     """A legacy file declaring an 8 GiB storage, followed by its 16 bytes."""
     state = {"weight": Tensor(Storage("0", 2 * GIB), (2, 2))}
@@ -184,6 +194,7 @@ HOSTILE: dict[str, tuple[Callable[[Path], Path], str]] = {
         r": zip entry 'archive/data/0' is compressed \(\d+ bytes declaring 4294967292\)",
     ),
     "lying-archive": (lying_archive, r": its zip entries declare more bytes than the \d+-byte"),
+    "shadowed-archive": (shadowed_archive, r": the zip archive holds 'archive/DATA/0' twice"),
     "huge-legacy": (
         huge_legacy,
         r": storage '0' declares 8589934592 bytes but the file holds 16 bytes for it",

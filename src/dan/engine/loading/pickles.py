@@ -102,15 +102,16 @@ def _check_archive(
     if not entries:
         raise ValueError("an empty zip archive")
     _check_entries(name, entries, size, error)
-    sizes = {entry.filename: entry.file_size for entry in entries}
-    folder = entries[0].filename.split("/", 1)[0]
+    by_name = {entry.filename.lower(): entry for entry in entries}  # torch's lookups ignore case
+    folder = _folder(entries)
     # data.pkl's storages are records in data/, a TorchScript archive's constants' in constants/.
     for records in ("data", "constants"):
-        pickled = f"{folder}/{records}.pkl"
-        if pickled not in sizes:
+        pickled = by_name.get(f"{folder}/{records}.pkl")
+        if pickled is None:
             continue
         for key, (nbytes, _) in _declared_storages(io.BytesIO(archive.read(pickled))).items():
-            held = sizes.get(f"{folder}/{records}/{key}", 0)
+            record = by_name.get(f"{folder}/{records}/{key}".lower())
+            held = 0 if record is None else record.file_size
             if nbytes > held:
                 raise error(
                     f"{name}: storage {key!r} declares {nbytes} bytes but the file holds "
@@ -123,15 +124,16 @@ def _check_entries(
 ) -> None:
     """Refuse an archive whose entries would make torch allocate more than the file holds: torch
     allocates an entry's declared (inflated) size before it reads the entry."""
-    folder = entries[0].filename.split("/", 1)[0]  # torch reads every record from this folder
+    folder = _folder(entries)
     weights = (f"{folder}/data", f"{folder}/constants")  # the pickles and their storages
     seen: set[str] = set()
     for entry in entries:
-        if entry.filename in seen:  # which of the two torch would read is not ours to guess
+        # Which of two entries torch would read (its lookups ignore case) is not ours to guess.
+        if entry.filename.lower() in seen:
             raise error(f"{name}: the zip archive holds {entry.filename!r} twice")
-        seen.add(entry.filename)
+        seen.add(entry.filename.lower())
         stored = entry.compress_type == zipfile.ZIP_STORED
-        if not stored and entry.filename.startswith(weights):
+        if not stored and entry.filename.lower().startswith(weights):
             raise error(
                 f"{name}: zip entry {entry.filename!r} is compressed ({entry.compress_size} "
                 f"bytes declaring {entry.file_size}); torch.save stores weights as they are, "
@@ -153,6 +155,11 @@ def _check_entries(
             f"{name}: its compressed zip entries declare {inflated} bytes once inflated; a "
             f"torch file compresses only TorchScript code, at most {MAX_INFLATED} bytes"
         )
+
+
+def _folder(entries: list[zipfile.ZipInfo]) -> str:
+    """The folder torch reads every record from (the first entry's), in lower case."""
+    return entries[0].filename.split("/", 1)[0].lower()
 
 
 def _check_legacy(name: str, file: _Bounded, size: int, error: type[EngineError]) -> None:
