@@ -8,7 +8,8 @@ whole SD checkpoint, which is ignored) and diffusers' layout (``controlnet_cond_
 test ControlNets load through the same code as real ones. SDXL ControlNets (``add_embedding``,
 2048-wide cross-attention) are loaded for the UNet they run with (see
 :func:`load_controlnet`); a ControlNet of another family than the checkpoint's is refused,
-naming both. Pickles load with ``weights_only=True`` only: a ControlNet file is data, never code.
+naming both. Pickles load with ``weights_only=True`` only, once what they declare is checked: a
+ControlNet file is data, never code.
 
 Running a ControlNet: :mod:`dan.engine.control.runs`.
 """
@@ -34,6 +35,8 @@ from dan.engine.control.layout import (
     to_diffusers_names,
 )
 from dan.engine.loading.checkpoint import load_module
+from dan.engine.loading.pickles import load_pickle
+from dan.engine.loading.shapes import Limits, check_tensors
 
 __all__ = [
     "ControlNetCache",
@@ -42,6 +45,9 @@ __all__ = [
     "read_controlnet_state_dict",
 ]
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+# A ControlNet is an SD UNet's encoder (the v1.0 files carry a whole SD checkpoint besides): the
+# checkpoints' bounds hold for it.
+CONTROLNET_LIMITS = Limits("a ControlNet", max_rank=4, max_side=1 << 17)
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -51,9 +57,11 @@ def read_controlnet_state_dict(path: Path) -> StateDict:
     """The ControlNet's tensors of ``path`` under diffusers' names, on the CPU.
 
     Raises ControlNetError, naming the file, for an unknown suffix, a file that cannot be read,
-    and a file that holds no ControlNet (an SD checkpoint, a LoRA, ...).
+    one declaring more than it holds (see :mod:`dan.engine.loading.pickles`) or shapes no
+    ControlNet has, and a file that holds no ControlNet (an SD checkpoint, a LoRA, ...).
     """
     tensors = _tensors_of(_read(path), path)
+    check_tensors(path.name, tensors, CONTROLNET_LIMITS, ControlNetError)
     try:
         return to_diffusers_names(tensors)
     except ControlNetError as exc:
@@ -68,7 +76,9 @@ def _read(path: Path) -> object:
 
             return load_file(path, device="cpu")
         if suffix in PICKLE_SUFFIXES:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return load_pickle(path, ControlNetError)
+    except ControlNetError:
+        raise
     except Exception as exc:  # safetensors and unpickling raise many types
         raise ControlNetError(f"{path.name} cannot be read (truncated or corrupt?): {exc}") from exc
     raise ControlNetError(f"{path.name}: unknown ControlNet format {suffix!r}; use .safetensors")

@@ -39,6 +39,8 @@ from dan.engine.control.openpose_decode import (
     resized_maps,
 )
 from dan.engine.control.preprocess import Keypoints
+from dan.engine.loading.pickles import load_pickle
+from dan.engine.loading.shapes import Limits, check_tensors
 from dan.errors import EngineError
 
 BOXSIZE = 368  # network input height at scale 1.0, in pixels
@@ -46,6 +48,8 @@ STRIDE = 8  # the network's output is 1/STRIDE of its input
 PAD_VALUE = 128
 ANNOTATOR_SCALES: tuple[float, ...] = (0.5,)
 CMU_SCALES: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+# VGG-style convolutions; the file's shapes are then held to the network's own.
+BODY_LIMITS = Limits("the OpenPose body model", max_rank=4, max_side=1 << 17)
 
 # --- the network -------------------------------------------------------------------------------
 
@@ -157,8 +161,9 @@ class OpenPoseBody:
         """The model in ``weights`` (``body_pose_model.pth``, unchanged) on ``device`` in ``dtype``.
 
         The file is read with ``weights_only=True``. Raises EngineError naming the file when it
-        cannot be read, is not a state dict, lacks or adds tensors, or has a tensor of the wrong
-        shape; and for a scale that is not a positive number.
+        cannot be read, declares more than it holds (see :mod:`dan.engine.loading.pickles`), is
+        not a state dict, lacks or adds tensors, or has a tensor of the wrong shape; and for a
+        scale that is not a positive number.
         """
         state = _read_state(weights)
         with torch.device("meta"):  # no random init: every parameter comes from the file
@@ -208,7 +213,9 @@ class OpenPoseBody:
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_pickle(path, EngineError)
+    except EngineError:
+        raise
     except Exception as exc:  # missing, truncated, not a pickle: all mean the same here
         raise EngineError(
             f"cannot read OpenPose body weights {path.name}: {type(exc).__name__}: {exc}"
@@ -217,6 +224,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise EngineError(f"{path.name} is not a state dict of tensors (body_pose_model.pth is)")
+    check_tensors(path.name, state, BODY_LIMITS, EngineError)
     return state
 
 

@@ -28,7 +28,7 @@ import torch
 from PIL.Image import Image
 
 from dan.domain import GenerationRequest, HiresFix, ModelFiles, ProgressCallback, hires_size
-from dan.engine.control.runs import ControlUnit
+from dan.engine.control.runs import ControlUnit, PlainTask
 from dan.engine.families import family_of_pipeline
 from dan.engine.generation.preview import LatentsSink, step_callback
 from dan.engine.generation.prompts import PromptEmbeds
@@ -125,10 +125,10 @@ def hires_fix(
     latent = is_latent_upscaler(hires.upscaler.name)
     with torch.inference_mode():
         # 2. First pass at the requested size: latents for latent modes, else the image.
-        pipeline = _txt2img_pipeline(base, new_scheduler(), unit)
+        pipeline = _pipeline("txt2img", base, new_scheduler(), unit)
         first = pipeline(
             **_common_arguments(request, embeds, new_generators()),
-            **_conditioning(unit, (request.width, request.height), "image"),
+            **_conditioning(unit, "txt2img", (request.width, request.height)),
             width=request.width,
             height=request.height,
             num_inference_steps=request.steps,
@@ -142,9 +142,9 @@ def hires_fix(
         if not second_steps:
             return decode_latents(pipeline, init) if isinstance(init, torch.Tensor) else init
         # 4. Second pass: img2img of the upscaled latents or image, noise from the same seed.
-        images = _img2img_pipeline(base, new_scheduler(), unit)(
+        images = _pipeline("img2img", base, new_scheduler(), unit)(
             **_common_arguments(request, embeds, new_generators()),
-            **_conditioning(unit, target, "control_image"),
+            **_conditioning(unit, "img2img", target),
             image=init,
             strength=hires.denoising_strength,
             num_inference_steps=second_steps,
@@ -193,30 +193,20 @@ def _hires_of(request: GenerationRequest) -> HiresFix:
     return request.hires
 
 
-def _txt2img_pipeline(base: Any, scheduler: Any, unit: ControlUnit | None = None) -> Any:
-    """A txt2img pipeline of ``base``'s family sharing its weights, with its own ``scheduler``
-    (and ControlNet when there is a ``unit``)."""
-    family = family_of_pipeline(base)
-    if unit is None:
-        return family.pipeline("txt2img", base, scheduler)
-    return family.pipeline("controlnet_txt2img", base, scheduler, controlnet=unit.model)
+def _pipeline(task: PlainTask, base: Any, scheduler: Any, unit: ControlUnit | None) -> Any:
+    """A ``task`` pipeline of ``base``'s family sharing its weights, with its own
+    ``scheduler``: the unit's ControlNet twin of it when there is a ``unit``."""
+    if unit is not None:
+        return unit.pipeline(task, base, scheduler)
+    return family_of_pipeline(base).pipeline(task, base, scheduler)
 
 
-def _img2img_pipeline(base: Any, scheduler: Any, unit: ControlUnit | None = None) -> Any:
-    """An img2img pipeline of ``base``'s family sharing its weights, with its own
-    ``scheduler`` (and ControlNet when there is a ``unit``)."""
-    family = family_of_pipeline(base)
-    if unit is None:
-        return family.pipeline("img2img", base, scheduler)
-    return family.pipeline("controlnet_img2img", base, scheduler, controlnet=unit.model)
-
-
-def _conditioning(unit: ControlUnit | None, size: tuple[int, int], key: str) -> dict[str, Any]:
-    """The ControlNet arguments of one pass: the control image fitted to ``size`` under ``key``
-    (the pipelines name it differently), and the unit's weight, window and guess mode."""
-    if unit is None:
-        return {}
-    return {key: unit.fitted(*size), **unit.call_kwargs()}
+def _conditioning(
+    unit: ControlUnit | None, task: PlainTask, size: tuple[int, int]
+) -> dict[str, Any]:
+    """The ControlNet arguments of one pass: the control image fitted to ``size``, and the
+    unit's weight, window and guess mode (none without a ``unit``)."""
+    return {} if unit is None else unit.conditioning(task, unit.fitted(*size))
 
 
 def _common_arguments(

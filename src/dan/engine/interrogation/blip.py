@@ -29,6 +29,8 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 
+from dan.engine.loading.pickles import load_pickle
+from dan.engine.loading.shapes import Limits, check_tensors
 from dan.errors import EngineError
 
 StateDict = dict[str, torch.Tensor]
@@ -42,6 +44,9 @@ HEAD_DIM = 64  # BLIP's ViT-B/16 and its BERT-base decoder both use 64-wide atte
 VISION_LAYER_NORM_EPS = 1e-6  # BLIP's ViT; transformers' BlipVisionConfig default is 1e-5
 TEXT_LAYER_NORM_EPS = 1e-12  # BERT's
 DECODER_BOS, ENCODER_TOKEN = "[DEC]", "[ENC]"  # the tokens BLIP's init_tokenizer adds, in order
+
+# A ViT and a BERT: at most 4-d (the patch embedding), no side near the bound.
+BLIP_LIMITS = Limits("a BLIP checkpoint", max_rank=4, max_side=1 << 17)
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 # Keys BLIP's checkpoint carries that the captioner does not load: BERT's position_ids buffer,
@@ -112,13 +117,16 @@ def read_blip_state(path: Path) -> StateDict:
     """The ``model`` state dict of an original BLIP checkpoint, on the CPU.
 
     Read with ``weights_only=True``: tensors and plain containers only, no code runs. Raises
-    EngineError naming the file when it cannot be read or is not a dict whose ``model`` entry
-    maps names to tensors.
+    EngineError naming the file when it cannot be read, declares more than it holds (see
+    :mod:`dan.engine.loading.pickles`), is not a dict whose ``model`` entry maps names to
+    tensors, or has shapes no BLIP model has.
     """
     # Salesforce's file should need nothing more: at 896,081,425 bytes it is the ~224M fp32
     # weights alone (no optimizer state). Not checked against the real file: it is not offline.
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_pickle(path, EngineError)
+    except EngineError:
+        raise
     except Exception as exc:  # missing, truncated, not a pickle, or pickled objects: one verdict
         raise EngineError(f"cannot read BLIP checkpoint {path.name}: {_summary(exc)}") from exc
     state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
@@ -129,6 +137,7 @@ def read_blip_state(path: Path) -> StateDict:
             f"{path.name} is not an original BLIP checkpoint: expected a dict whose 'model' "
             "entry is a state dict of tensors"
         )
+    check_tensors(path.name, state, BLIP_LIMITS, EngineError)
     return state
 
 

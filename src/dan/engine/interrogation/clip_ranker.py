@@ -48,6 +48,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.functional import normalize
 
+from dan.engine.loading.pickles import check_pickle
+from dan.engine.loading.shapes import Limits, check_tensors
 from dan.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ LOGIT_SCALE = 100.0  # A1111 (and OpenAI's zero-shot recipe) scale cosines by 10
 _CACHE_FORMAT = 1  # bump when the cached embeddings change meaning
 _EMBEDDINGS_KEY = "embeddings"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# A ViT and a text transformer: at most 4-d (the patch embedding), no side near the bound.
+CLIP_LIMITS = Limits("an OpenAI CLIP model", max_rank=4, max_side=1 << 17)
 # (file stem, top count, prefix) of each category, in A1111's order.
 _PACKAGED = (("artists", 1, "by "), ("flavors", 1, ""), ("mediums", 1, ""), ("movements", 1, ""))
 
@@ -132,23 +136,38 @@ def packaged_term_lists(limit: int | None = A1111_DICT_LIMIT) -> tuple[TermList,
 
 def read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
     """The tensors of an OpenAI CLIP file: a TorchScript archive (what OpenAI publishes) or a
-    plain state dict read with ``weights_only=True``. Raises :class:`EngineError` naming the file
-    if it is missing or neither."""
+    plain state dict read with ``weights_only=True``, either once what it declares is checked.
+    Raises :class:`EngineError` naming the file if it is missing or neither, declares more than
+    it holds (see :mod:`dan.engine.loading.pickles`), or has shapes no CLIP model has."""
     if not weights.is_file():
         raise EngineError(f"CLIP weights not found: {weights}")
+    tensors = _tensors(_read(weights), weights)
+    check_tensors(weights.name, tensors, CLIP_LIMITS, EngineError)
+    return tensors
+
+
+def _read(weights: Path) -> object:
+    try:
+        check_pickle(weights, EngineError)  # a TorchScript archive's records too
+        archive = _torchscript(weights)
+        if archive is not None:
+            return dict(archive.state_dict())
+        return torch.load(weights, map_location="cpu", weights_only=True)
+    except EngineError:
+        raise
+    except Exception as exc:  # torch raises a zoo of types for a bad file; all mean "unreadable"
+        raise EngineError(f"cannot read CLIP weights {weights}: {exc}") from exc
+
+
+def _torchscript(weights: Path) -> Any | None:
+    """The TorchScript archive in ``weights``, or None for a file that is not one."""
     try:
         with warnings.catch_warnings():
             # torch deprecates TorchScript, yet OpenAI ships its CLIP weights only as archives.
             warnings.simplefilter("ignore", FutureWarning)
-            archive = torch.jit.load(str(weights), map_location="cpu")  # type: ignore[no-untyped-call]
-        return dict(archive.state_dict())
+            return torch.jit.load(str(weights), map_location="cpu")  # type: ignore[no-untyped-call]
     except RuntimeError:
-        pass  # not a TorchScript archive: try a plain state dict
-    try:
-        loaded = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises a zoo of types for a bad file; all mean "unreadable"
-        raise EngineError(f"cannot read CLIP weights {weights}: {exc}") from exc
-    return _tensors(loaded, weights)
+        return None  # not a TorchScript archive: a plain state dict, perhaps
 
 
 def _tensors(loaded: Any, weights: Path) -> dict[str, torch.Tensor]:

@@ -31,12 +31,16 @@ from torch import nn
 
 from dan.domain import ResizeMode
 from dan.engine.generation.masks import fit_image
+from dan.engine.loading.pickles import load_pickle
+from dan.engine.loading.shapes import Limits, check_tensors
 from dan.errors import EngineError
 
 INPUT_SIZE = 512  # A1111 fits every image into 512 x 512 before tagging
 TAGS_KEY = "tags"
 STEM_WIDTH = 64  # the real file's first convolution: 64 output channels
 RATING_PREFIX = "rating:"  # A1111 never puts rating tags into a caption
+# A ResNet: 4-d convolutions, a last layer as wide as the tag list (9,176 in the real file).
+TAGGER_LIMITS = Limits("a DeepDanbooru tagger", max_rank=4, max_side=1 << 17)
 _SPECIAL = re.compile(r"([\\()])")  # what A1111 escapes so prompts read them as literal text
 
 
@@ -169,11 +173,14 @@ def read_tagger_file(path: Path) -> tuple[dict[str, torch.Tensor], tuple[str, ..
     """The tensors and the tag names of a ``model-resnet_custom_v3.pt``-style file.
 
     Read with ``weights_only=True`` (tensors and plain containers, no code runs). Raises
-    UnsupportedTagger, naming the file, when it cannot be read, is not a state dict, or has no
-    ``tags`` list of strings.
+    UnsupportedTagger, naming the file, when it cannot be read, declares more than it holds (see
+    :mod:`dan.engine.loading.pickles`), is not a state dict, has no ``tags`` list of strings,
+    or has shapes no tagger has.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_pickle(path, UnsupportedTagger)
+    except UnsupportedTagger:
+        raise
     except Exception as exc:  # missing, truncated, not a torch file: all mean the same here
         raise UnsupportedTagger(
             f"cannot read tagger file {path.name}: it is not a readable torch state dict "
@@ -191,6 +198,7 @@ def read_tagger_file(path: Path) -> tuple[dict[str, torch.Tensor], tuple[str, ..
     others = [str(key) for key, value in tensors.items() if not isinstance(value, torch.Tensor)]
     if others:
         raise UnsupportedTagger(f"{path.name} has entries that are not tensors: {_few(others)}")
+    check_tensors(path.name, tensors, TAGGER_LIMITS, UnsupportedTagger)
     return tensors, tuple(tags)
 
 

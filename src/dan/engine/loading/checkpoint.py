@@ -28,7 +28,8 @@ from dan.engine.loading.architecture.sd15 import (
     clip_prefix,
     read_sd1_architecture,
 )
-from dan.engine.loading.shapes import Limits, check_shapes, safetensors_shapes
+from dan.engine.loading.pickles import check_pickle
+from dan.engine.loading.shapes import Limits, check_shapes, check_tensors, safetensors_shapes
 from dan.engine.loading.tokenizer import EOS, ensure_tokenizer
 from dan.errors import EngineError, UnsupportedCheckpoint
 
@@ -58,10 +59,11 @@ def read_state_dict(path: Path, *, allow_ckpt: bool) -> StateDict:
 
     ``{"state_dict": ...}`` wrappers are unwrapped and non-tensor entries dropped. A
     ``.safetensors`` file's header is checked before any tensor is loaded (see
-    :mod:`dan.engine.loading.shapes`), an unpickled file's shapes before any is copied. Raises
-    UnsupportedCheckpoint, naming the file, for a pickled file when ``allow_ckpt`` is false,
-    an unknown suffix, a file that cannot be read (truncated, corrupt, not a state dict) and
-    one declaring shapes no Stable Diffusion checkpoint has.
+    :mod:`dan.engine.loading.shapes`), a pickled file's storages before it is unpickled (see
+    :mod:`dan.engine.loading.pickles`), and its shapes before any tensor is copied. Raises
+    UnsupportedCheckpoint, naming the file, for a pickled file when ``allow_ckpt`` is false, an
+    unknown suffix, a file that cannot be read (truncated, corrupt, not a state dict) and one
+    declaring more than it holds or shapes no Stable Diffusion checkpoint has.
     """
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
@@ -78,8 +80,7 @@ def read_state_dict(path: Path, *, allow_ckpt: bool) -> StateDict:
             f"{path.name}: unknown checkpoint format {suffix!r}; use .safetensors (or .ckpt)"
         )
     tensors = _tensors_of(raw, path)
-    shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
-    check_shapes(path.name, shapes, CHECKPOINT_LIMITS, UnsupportedCheckpoint)
+    check_tensors(path.name, tensors, CHECKPOINT_LIMITS, UnsupportedCheckpoint)
     return tensors
 
 
@@ -99,7 +100,14 @@ def _read_safetensors(path: Path) -> StateDict:
 
 
 def _read_pickle(path: Path) -> object:
-    """Unpickle, ``weights_only`` first; the caller has already chosen to trust the file."""
+    """Unpickle, ``weights_only`` first; the caller has already chosen to trust the file, but
+    not to let a broken one declare more than it holds (see :func:`check_pickle`)."""
+    try:
+        check_pickle(path, UnsupportedCheckpoint)
+    except (ValueError, OSError) as exc:
+        raise UnsupportedCheckpoint(
+            f"{path.name} cannot be unpickled (truncated or corrupt?): {exc}"
+        ) from exc
     error: Exception | None = None
     # Training checkpoints often pickle objects that weights_only refuses (Lightning callbacks,
     # numpy scalars), so its failure is not yet a verdict on the file.

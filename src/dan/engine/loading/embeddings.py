@@ -19,13 +19,13 @@ import contextlib
 import copy
 import functools
 import re
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from dan.domain import InstalledModel
+from dan.engine.loading.pickles import load_pickle
 from dan.engine.loading.shapes import safetensors_shapes
 from dan.errors import EngineError
 
@@ -42,12 +42,12 @@ def read_embedding(model: InstalledModel, widths: Mapping[str, int]) -> dict[str
     and ``clip_g`` for SDXL), whose value is that encoder's width.
 
     Shapes are checked before any vector is copied: a ``.safetensors`` file's in its header
-    (only the vectors are then loaded), a ``.pt`` file's once torch has unpickled it (its
-    storages sized by the zip's records; legacy pre-zip files, whose storages torch allocates
-    as declared, are refused). Raises EngineError naming the file when it is not an
-    embedding, has no vectors for one of the encoders (another family's), or declares vectors
-    no embedding has: not 1-d or 2-d, more than :data:`MAX_VECTORS`, another width than the
-    encoder's, or different counts per encoder.
+    (only the vectors are then loaded), a ``.pt`` file's once torch has unpickled it (after
+    its storages were held to what the file holds: see
+    :func:`dan.engine.loading.pickles.check_pickle`). Raises EngineError naming the file when it
+    declares more than it holds, is not an embedding, has no vectors for one of the encoders
+    (another family's), or declares vectors no embedding has: not 1-d or 2-d, more than
+    :data:`MAX_VECTORS`, another width than the encoder's, or different counts per encoder.
     """
     if model.path.suffix.lower() == ".safetensors":
         shapes = safetensors_shapes(model.path, EngineError)
@@ -137,16 +137,10 @@ def _load_safetensors(model: InstalledModel, names: Iterable[str]) -> dict[str, 
 
 def _read_pickle(model: InstalledModel) -> dict[str, Any]:
     name = model.path.name
-    # torch allocates a legacy file's storages at the sizes its pickle declares before reading
-    # them; a zip archive's are checked against its records first.
-    if not zipfile.is_zipfile(model.path):
-        raise EngineError(
-            f"embedding {name} is not a PyTorch zip archive (a legacy pre-1.6 file, whose "
-            "sizes cannot be checked before they are allocated, or not a .pt file at all); "
-            "save it again with a current torch.save or convert it to .safetensors"
-        )
     try:
-        data = torch.load(model.path, map_location="cpu", weights_only=True)
+        data = load_pickle(model.path, EngineError)
+    except EngineError as exc:
+        raise EngineError(f"embedding {exc.message}") from exc
     except Exception as exc:  # pickle and torch raise many kinds
         raise EngineError(f"embedding {name} cannot be read: {exc}") from exc
     if not isinstance(data, dict):

@@ -9,10 +9,14 @@ matrix belongs). So what a file declares is checked first:
 - :func:`safetensors_shapes` reads a ``.safetensors`` header only: every tensor's shape times
   its element size must be exactly the bytes its offsets span, inside the file (Python integers,
   so no product overflows). Loading such a file then allocates no more than the file holds.
+  A pickled file's storages are held to what it holds by :mod:`dan.engine.loading.pickles`.
 - :func:`check_shapes` holds shapes to what files of a kind ever have: at most so many
   dimensions, no side longer than a limit. It runs on a header's shapes before loading, and on
   an unpickled file's tensors (whose storages torch has sized by the file's records) before any
   of them is copied.
+- :func:`check_tensors` does so for loaded tensors, and refuses one with more elements than its
+  storage holds (a broadcast view: one stored float passing for a billion, until something
+  copies it).
 
 Every refusal raises the caller's error type (UnsupportedCheckpoint, EngineError: the worker
 fails the task with its message) naming the file and the tensor.
@@ -21,10 +25,12 @@ fails the task with its message) naming the file and the tensor.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
+
+import torch
 
 from dan.errors import EngineError
 from dan.models.families import safetensors_header
@@ -125,3 +131,47 @@ def check_shapes(
                 f"{file_name}: tensor {name!r} has shape {list(shape)}; no tensor of "
                 f"{limits.what} has a side longer than {limits.max_side}"
             )
+
+
+def check_tensors(
+    file_name: str,
+    tensors: Mapping[str, torch.Tensor],
+    limits: Limits,
+    error: type[EngineError],
+) -> None:
+    """:func:`check_shapes` on loaded ``tensors``, and refuse one that has more elements than
+    its storage holds: a view that repeats stored values (a stride of 0) costs nothing until it
+    is copied, and then as much as its shape says. Raises ``error`` naming the file and the
+    tensor."""
+    check_shapes(file_name, {name: tuple(t.shape) for name, t in tensors.items()}, limits, error)
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > tensor.untyped_storage().nbytes():
+            raise error(
+                f"{file_name}: tensor {name!r} of shape {list(tensor.shape)} is a view of "
+                f"{tensor.untyped_storage().nbytes()} stored bytes passing for {nbytes}; no "
+                f"tensor of {limits.what} repeats its values"
+            )
+
+
+def named_tensors(loaded: object) -> dict[str, torch.Tensor]:
+    """Every tensor in what ``torch.load`` returned, by its path through the dicts, lists and
+    tuples that hold it (``params_ema.conv_first.weight``)."""
+    found: dict[str, torch.Tensor] = {}
+    pending: list[tuple[str, object]] = [("", loaded)]
+    seen: set[int] = set()  # a pickle may nest a container in itself
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, torch.Tensor):
+            found[path] = value
+            continue
+        if isinstance(value, Mapping):
+            items: Iterable[tuple[object, object]] = value.items()
+        elif isinstance(value, list | tuple):
+            items = enumerate(value)
+        else:
+            continue
+        if id(value) not in seen:
+            seen.add(id(value))
+            pending.extend((f"{path}.{key}" if path else str(key), item) for key, item in items)
+    return found

@@ -31,7 +31,12 @@ from spandrel import (  # type: ignore[import-untyped]
 )
 
 from dan.domain import InstalledModel, ProgressCallback
+from dan.engine.loading.pickles import load_pickle
+from dan.engine.loading.shapes import Limits, check_tensors, named_tensors
 from dan.errors import EngineError
+
+# Convolutions and attention tables; some architectures spandrel reads have 3-d convolutions.
+UPSCALER_LIMITS = Limits("an upscaler", max_rank=5, max_side=1 << 17)
 
 
 class UnsupportedUpscaler(EngineError):
@@ -45,14 +50,17 @@ def read_upscaler_state(path: Path) -> dict[str, Any]:
     """The state dict in an upscaler file (``.safetensors``, or ``.pth``/``.pt``/``.ckpt``).
 
     Pickled files are read with ``weights_only=True``: tensors and plain containers only, no
-    code runs. Raises UnsupportedUpscaler for a file that cannot be read.
+    code runs. Raises UnsupportedUpscaler for a file that cannot be read, declares more than it
+    holds (see :mod:`dan.engine.loading.pickles`) or holds shapes no upscaler has.
     """
     state: object
     try:
         if path.suffix.lower() == ".safetensors":
             state = load_file(path, device="cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_pickle(path, UnsupportedUpscaler)
+    except UnsupportedUpscaler:
+        raise
     except Exception as exc:  # truncated, corrupt or not a tensor file: all mean the same here
         raise UnsupportedUpscaler(
             f"cannot read upscaler file {path.name}: it is not a readable .pth or .safetensors "
@@ -60,6 +68,8 @@ def read_upscaler_state(path: Path) -> dict[str, Any]:
         ) from exc
     if not isinstance(state, dict):
         raise UnsupportedUpscaler(f"{path.name} holds a {type(state).__name__}, not a state dict")
+    # Nested: spandrel unwraps training files' "params_ema" and the like itself.
+    check_tensors(path.name, named_tensors(state), UPSCALER_LIMITS, UnsupportedUpscaler)
     return state
 
 
