@@ -9,7 +9,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine, MetaData, select
 
 from dan.db import create_db_engine, migrate
-from dan.db.tables import metadata, node_files, task_files
+from dan.db.tables import honor_escrow, honor_grants, metadata, node_files, task_files
 
 
 def test_migrations_match_the_table_definitions(db: Engine) -> None:
@@ -91,3 +91,62 @@ def test_0003_moves_the_installed_and_required_lists_into_rows(db_url: str) -> N
     engine.dispose()
     assert sorted(files) == [("n1", "a" * 64), ("n1", "b" * 64)]
     assert needs == [("pending", "a" * 64)]  # a finished task will never be claimed again
+
+
+def test_0009_pays_what_trusted_nodes_had_in_escrow(db_url: str) -> None:
+    # An admin's node was never checked, so its escrowed task honor was held for good.
+    migrate(db_url, "0008")
+    engine = create_db_engine(db_url)
+    old = MetaData()
+    old.reflect(engine)
+    owners = {"admin-node": "root", "local-node": "local", "donor-node": "donor"}
+    with engine.begin() as conn:
+        for account, is_admin in (("root", True), ("donor", False)):
+            conn.execute(
+                old.tables["accounts"]
+                .insert()
+                .values(
+                    id=account,
+                    nickname=account,
+                    is_admin=is_admin,
+                    can_run_nodes=True,
+                    created_at=0.0,
+                )
+            )
+        for node_id, account in owners.items():
+            conn.execute(
+                old.tables["nodes"]
+                .insert()
+                .values(
+                    id=node_id,
+                    account=account,
+                    name=node_id,
+                    capabilities={},
+                    loaded=[],
+                    pull=[],
+                    tasks_done=0,
+                    registered_at=0.0,
+                    last_seen_at=0.0,
+                    rewarded_until=0.0,
+                )
+            )
+            conn.execute(
+                old.tables["honor_escrow"]
+                .insert()
+                .values(
+                    node_id=node_id,
+                    account=account,
+                    amount=2.5,
+                    task_id=f"t-{node_id}",
+                    created_at=7.0,
+                )
+            )
+    migrate(db_url)
+    with engine.connect() as conn:
+        grants = conn.execute(
+            select(honor_grants.c.node_id, honor_grants.c.amount, honor_grants.c.reason)
+        ).all()
+        escrow = conn.execute(select(honor_escrow.c.node_id)).scalars().all()
+    engine.dispose()
+    assert sorted(grants) == [("admin-node", 2.5, "task"), ("local-node", 2.5, "task")]
+    assert escrow == ["donor-node"]  # still on probation: its results are checked
