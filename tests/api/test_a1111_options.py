@@ -132,3 +132,23 @@ def test_an_endless_clip_skip_is_a_400_not_a_500(facade: Facade) -> None:
         )
         assert reply.status_code == 400, reply.text
         assert reply.json()["detail"].startswith("Invalid CLIP_stop_at_last_layers: must be an")
+
+
+def test_a_chosen_vae_deleted_since_is_named_as_the_option_not_as_an_override(
+    facade: Facade,
+) -> None:
+    key = facade.key("alice")
+    api = facade.api(key)
+    api.set_options({"sd_vae": "clear.safetensors"})
+    facade.services.registry.resolve(ModelKind.VAE, "clear").path.unlink()
+    facade.services.registry.scan()
+    reply = facade.http.post("/sdapi/v1/txt2img", json=SMALL, auth=basic(key))
+    assert reply.status_code == 400, reply.text
+    detail = reply.json()["detail"]
+    assert detail.startswith("Invalid sd_vae:"), detail
+    assert detail.endswith("(the option chosen with POST /sdapi/v1/options)"), detail
+    # A request's own override is still named as the override.
+    body = {**SMALL, "override_settings": {"sd_vae": "clear.safetensors"}}
+    reply = facade.http.post("/sdapi/v1/txt2img", json=body, auth=basic(key))
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["detail"].startswith("Invalid override_settings.sd_vae:"), reply.text

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import html
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -73,12 +73,15 @@ async def run(ctx: ApiContext, account: Account, queue: Queue) -> TaskRecord:
     return await finish(ctx, await submit(ctx, account, queue))
 
 
-async def submit(ctx: ApiContext, account: Account, queue: Queue) -> TaskRecord:
-    """Queue the task; refusals name A1111's fields."""
+async def submit(
+    ctx: ApiContext, account: Account, queue: Queue, overridden: Collection[str] | None = None
+) -> TaskRecord:
+    """Queue the task; refusals name A1111's fields (``overridden``: the request's
+    ``override_settings`` keys, see a1111_field_names)."""
     try:
         return await asyncio.to_thread(queue, ctx.services.tasks, account.id)
     except DanError as exc:
-        renamed = a1111_field_names(exc)
+        renamed = a1111_field_names(exc, overridden)
         if renamed is exc:
             raise
         raise renamed from exc
@@ -111,7 +114,9 @@ async def generated(ctx: ApiContext, record: TaskRecord) -> list[bytes]:
 async def txt2img(body: Txt2ImgRequest, request: Request) -> dict[str, Any]:
     ctx, who = context(request), await asyncio.to_thread(identify, request)
     order = txt2img_order(body, who.chosen)
-    record = await submit(ctx, who.account, lambda tasks, a: tasks.submit_txt2img(a, order))
+    record = await submit(
+        ctx, who.account, lambda tasks, a: tasks.submit_txt2img(a, order), body.override_settings
+    )
     await keep_override(ctx, who, body, record)
     record = await finish(ctx, record)
     pngs = await generated(ctx, record)
@@ -122,7 +127,9 @@ async def txt2img(body: Txt2ImgRequest, request: Request) -> dict[str, Any]:
 async def img2img(body: Img2ImgRequest, request: Request) -> dict[str, Any]:
     ctx, who = context(request), await asyncio.to_thread(identify, request)
     order = img2img_order(body, who.chosen)
-    record = await submit(ctx, who.account, lambda tasks, a: tasks.submit_img2img(a, order))
+    record = await submit(
+        ctx, who.account, lambda tasks, a: tasks.submit_img2img(a, order), body.override_settings
+    )
     await keep_override(ctx, who, body, record)
     record = await finish(ctx, record)
     pngs = await generated(ctx, record)

@@ -9,6 +9,7 @@ names DAN's fields; :func:`a1111_field_names` renames them.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Any
 
 from dan.accounts.options import ChosenOptions
@@ -335,9 +336,11 @@ DAN_FIELDS = {
 INVALID_FIELD = re.compile(r"^Invalid (?P<field>[\w.]+):")
 
 
-def a1111_field_names(exc: DanError) -> DanError:
+def a1111_field_names(exc: DanError, overridden: Collection[str] | None = None) -> DanError:
     """``exc`` with DAN's field name in its message replaced by A1111's; ``exc`` itself when
-    there is nothing to rename."""
+    there is nothing to rename. ``overridden``: the request's ``override_settings`` keys
+    (None: it has none to name); a setting it did not override came from the caller's
+    options (``POST /options``), and is named as that option."""
     match = INVALID_FIELD.match(exc.message)
     if match is None:
         return exc
@@ -345,4 +348,8 @@ def a1111_field_names(exc: DanError) -> DanError:
     renamed = DAN_FIELDS.get(field) or re.sub(r"^control_net\.0", CONTROLNET_ARGS, field)
     if renamed == field:
         return exc
-    return type(exc)(f"Invalid {renamed}:{exc.message[match.end() :]}", **exc.data)
+    rest = exc.message[match.end() :]
+    option = renamed.removeprefix("override_settings.")
+    if overridden is not None and option != renamed and option not in overridden:
+        renamed, rest = option, f"{rest} (the option chosen with POST /sdapi/v1/options)"
+    return type(exc)(f"Invalid {renamed}:{rest}", **exc.data)
