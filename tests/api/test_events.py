@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -19,13 +18,12 @@ import pytest
 
 from dan.api.app import create_app
 from dan.domain import ModelKind
-from dan.engine.fake import FakeEngine
 from dan.services import Services, build_services
-from dan.workers.loop import Worker
 from tests.api.conftest import install_dummy_checkpoint, make_settings
 from tests.fixtures.live import serving
 from tests.fixtures.postgres import schema_url
 from tests.fixtures.scripted_node import ScriptedNode, png
+from tests.fixtures.working import working
 from tests.store.conftest import POSTGRES_URL
 
 SMALL = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64}
@@ -62,30 +60,6 @@ def live(tmp_path: Path, **overrides: Any) -> Iterator[Live]:
         services.close()
 
 
-@contextmanager
-def working(services: Services, step_s: float) -> Iterator[None]:
-    """A worker thread on the FakeEngine that draws a preview at every step."""
-    worker = Worker(
-        services.store,
-        FakeEngine(step_s=step_s),
-        services.registry,
-        services.blobs,
-        worker_id="w",
-        lease_s=30,
-        idle_sleep_s=0.01,
-        beat_s=0.02,
-        preview_s=0.0,
-    )
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(10)
-
-
 def events(
     client: httpx.Client, task_id: str, key: str, *, last_id: int | None = None, take: int = 0
 ) -> list[dict[str, Any]]:
@@ -114,7 +88,7 @@ def events(
 
 
 def test_a_task_streams_its_state_in_order_then_its_result(tmp_path: Path) -> None:
-    with live(tmp_path) as net, working(net.services, step_s=0.05):
+    with live(tmp_path) as net, working(net.services, step_s=0.05, previews=True):
         key = net.key("user")
         task_id = net.submit(key, steps=12)
         stream = events(net.client, task_id, key)
@@ -135,7 +109,7 @@ def test_a_task_streams_its_state_in_order_then_its_result(tmp_path: Path) -> No
 
 
 def test_a_stream_resumes_after_the_last_event_id(tmp_path: Path) -> None:
-    with live(tmp_path) as net, working(net.services, step_s=0.05):
+    with live(tmp_path) as net, working(net.services, step_s=0.05, previews=True):
         key = net.key("user")
         task_id = net.submit(key, steps=16)
         first = events(net.client, task_id, key, take=2)

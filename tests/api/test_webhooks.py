@@ -10,7 +10,6 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -26,11 +25,11 @@ from dan.db.tables import webhooks
 from dan.engine.fake import FakeEngine
 from dan.services import Services, build_services
 from dan.webhooks.store import new_webhook
-from dan.workers.loop import Worker
 from tests.api.conftest import install_dummy_checkpoint, make_settings
 from tests.fixtures.live import serving
 from tests.fixtures.postgres import schema_url
 from tests.fixtures.webhook_receiver import Received, receiving
+from tests.fixtures.working import working
 from tests.store.conftest import POSTGRES_URL
 
 SMALL = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64}
@@ -106,28 +105,6 @@ def live(tmp_path: Path, database: str | None = None, **overrides: Any) -> Itera
             yield Live(client, services, key)
     finally:
         services.close()
-
-
-@contextmanager
-def working(services: Services) -> Iterator[None]:
-    """A worker thread on the FakeEngine serving the queue."""
-    worker = Worker(
-        services.store,
-        FakeEngine(),
-        services.registry,
-        services.blobs,
-        worker_id="w",
-        lease_s=30,
-        idle_sleep_s=0.01,
-    )
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 def signed_by(secret: str, hook: Received) -> bool:
