@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dan.engine.generation.packages import Packages, UNetSource
+from dan.engine.generation.packages import Packages, UNetSource, fingerprint
 
 # A stand-in worker: starts the real compiling child, says its pid, and waits to be killed.
 WORKER = """
@@ -74,3 +74,20 @@ def test_partial_packages_of_gone_compiles_are_removed_at_load(tmp_path: Path) -
     assert list(Packages(source, tmp_path / "fastpath").kept()) == []
     assert not abandoned.exists()
     assert being_written.exists()
+
+
+def test_packages_kept_for_another_cpu_or_torch_are_not_loaded(tmp_path: Path) -> None:
+    # A data dir moved to a CPU without the instruction set a package was compiled for (AMX
+    # and AVX512 CPUs both report "AVX512" to get_cpu_capability) would die on it.
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    source = UNetSource(tmp_path / "m.safetensors", "d" * 64, torch.float32, False, tmp_path)
+    folder = tmp_path / "fastpath" / source.sha256
+    folder.mkdir(parents=True)
+    here = fingerprint()
+    assert str(pick_vec_isa()) in here
+    for name, printed in (("here", here), ("elsewhere", here.replace("cpu ", "cpu other "))):
+        (folder / f"{name}.pt2").write_bytes(b"a package")
+        note = {"key": name, "fingerprint": printed}
+        (folder / f"{name}.json").write_text(json.dumps(note))
+    assert [key for key, _ in Packages(source, tmp_path / "fastpath").kept()] == ["here"]

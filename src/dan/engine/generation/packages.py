@@ -36,7 +36,7 @@ from dan.engine.generation.export_unet import call_arguments
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # of the packages and their notes: bumped when either changes meaning
+FORMAT = 2  # of the packages and their notes: bumped when either changes meaning
 BUILD_TIMEOUT_S = 3600.0
 
 
@@ -52,9 +52,13 @@ class UNetSource:
 
 
 def fingerprint() -> str:
-    """What a package compiled here depends on besides its checkpoint and shapes."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    return f"format {FORMAT}, torch {torch.__version__}, cpu {capability}"
+    """What a package compiled here depends on besides its checkpoint and shapes: the vector
+    instruction set inductor compiles its kernels for (``avx512 avx512_vnni amx_tile`` on an
+    AMX Xeon; torch's own ``get_cpu_capability`` says ``AVX512`` there and on CPUs without AMX,
+    where such a package would die on an illegal instruction)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return f"format {FORMAT}, torch {torch.__version__}, cpu {pick_vec_isa()}"
 
 
 class Packages:
