@@ -36,6 +36,7 @@ from dan.metrics.families import Metrics
 from dan.metrics.processes import forget_process
 from dan.models.registry import ModelRegistry
 from dan.nodes.store import NodeStore, Session, node_id_for, session_worker_id
+from dan.pids import alive
 from dan.services import Stores, open_stores
 from dan.tasks.base import Heartbeat, Offer, Reward, TaskStore
 from dan.workers.capabilities import (
@@ -76,19 +77,9 @@ def orphaned(sessions: Iterable[Session]) -> list[Session]:
     for session in sessions:
         owner_host, _, rest = session.id.partition(":")
         pid = rest.partition(":")[0]
-        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+        if owner_host == host and pid.isdigit() and not alive(int(pid)):
             found.append(session)
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 class ParentWatch:

@@ -33,6 +33,7 @@ import torch
 
 from dan.engine.generation.compiled import Compiled, ShapeKey, UNetCall
 from dan.engine.generation.export_unet import call_arguments
+from dan.pids import alive
 
 log = logging.getLogger(__name__)
 
@@ -152,18 +153,8 @@ def _remove_abandoned(directory: Path) -> None:
     """Delete partial packages whose compiling process is gone (killed as it wrote them)."""
     for partial in directory.glob("*.partial.pt2"):
         pid = partial.name.split(".")[-3]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             partial.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _saved(call: UNetCall) -> dict[str, object]:
