@@ -169,7 +169,7 @@ class Worker:
             log.critical("engine failure on task %s: %s", task.id, exc.message)
             raise
         except Exception as exc:
-            self._fail_all([task], exc)
+            self._fail(task, exc)
             return
         self._finish(task, lease, result, started)
 
@@ -239,18 +239,17 @@ class Worker:
         )
         log.info("task %s cancelled", task.id)
 
-    def _fail_all(self, tasks: list[ClaimedTask], exc: Exception) -> None:
-        """Fail ``tasks`` with the message of ``exc`` (a DanError's own; anything else, a
+    def _fail(self, task: ClaimedTask, exc: Exception) -> None:
+        """Fail ``task`` with the message of ``exc`` (a DanError's own; anything else, a
         MemoryError included, is a crash in the worker); the worker goes on."""
         if isinstance(exc, DanError):
             message = exc.message
-            log.warning("task(s) %s failed: %s", [t.id for t in tasks], message)
+            log.warning("task %s failed: %s", task.id, message)
         else:
-            log.error("task(s) %s crashed", [t.id for t in tasks], exc_info=exc)
+            log.error("task %s crashed", task.id, exc_info=exc)
             message = f"internal error in the worker: {exc!r}"
-        for task in tasks:
-            send = functools.partial(self._store.fail, task.id, self.worker_id, message)
-            self._report(task, "fail", send)
+        send = functools.partial(self._store.fail, task.id, self.worker_id, message)
+        self._report(task, "fail", send)
 
     def _finish(self, task: ClaimedTask, lease: Lease, result: TaskResult, started: float) -> None:
         """Complete ``task`` with ``result`` unless its lease was lost (the result is dropped)."""
